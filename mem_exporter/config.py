@@ -1,0 +1,325 @@
+"""The one configuration schema shared by every command, validated with pydantic.
+
+`load_config(path)` returns a `Config` or raises `ConfigError`, whose `problems`
+are one-line messages naming the file, the key path and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, WithJsonSchema, field_validator, model_validator)
+
+from .units import parse_duration, parse_ratio, parse_size
+
+DEFAULT_PORT = 9713
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"bad regular expression {value!r}: {e}") from None
+    return value
+
+
+def _size_or_ratio(value: Any) -> float | int:
+    """`10%` or a float below 1 is a ratio of total memory; anything else is a size in bytes."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return parse_ratio(value)
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    return parse_size(value)
+
+
+def _signal_name(value: str) -> str:
+    name = str(value).upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if not isinstance(getattr(signal, name, None), signal.Signals):
+        raise ValueError(f"unknown signal {value!r}")
+    return name
+
+
+def _listen(value: str) -> str:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (example: 127.0.0.1:{DEFAULT_PORT})")
+    return value
+
+
+_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"}],
+                "description": "bytes, or a number with a unit: 800MB, 1.5GiB"}
+_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*(ms|s|m|min|h)?\s*$"}],
+                    "description": "seconds, or a number with a unit: 500ms, 2s, 1m"}
+_RATIO_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*%\s*$"}],
+                 "description": "a ratio 0..1 or a percentage: 0.1, 10%"}
+
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
+Ratio = Annotated[float, BeforeValidator(parse_ratio), WithJsonSchema(_RATIO_SCHEMA)]
+SizeOrRatio = Annotated[float, BeforeValidator(_size_or_ratio),
+                        WithJsonSchema({"anyOf": [_SIZE_SCHEMA, _RATIO_SCHEMA],
+                                        "description": "a size (800MB) or a share of total memory (10%)"})]
+Regex = Annotated[str, AfterValidator(_regex)]
+SignalName = Annotated[str, AfterValidator(_signal_name)]
+Listen = Annotated[str, AfterValidator(_listen)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Matcher(_Strict):
+    """Regexes (searched, not anchored) that must all match one process."""
+
+    comm: Regex | None = Field(None, description="regex on the process name (/proc/PID/comm)")
+    exe: Regex | None = Field(None, description="regex on the executable path")
+    cmdline: Regex | None = Field(None, description="regex on the command line, arguments joined by spaces")
+    user: Regex | None = Field(None, description="regex on the user name (or numeric uid)")
+    _compiled: dict = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, __context: Any) -> None:
+        self._compiled.update({k: re.compile(v) for k in ("comm", "exe", "cmdline", "user")
+                               if (v := getattr(self, k)) is not None})
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._compiled
+
+    @property
+    def needs_exe(self) -> bool:
+        return "exe" in self._compiled
+
+    def matches(self, comm: str, cmdline: str = "", exe: str | None = None, user: str = "") -> bool:
+        values = {"comm": comm, "cmdline": cmdline, "exe": exe or "", "user": user}
+        return all(rx.search(values[k]) for k, rx in self._compiled.items())
+
+
+class NamedGroup(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$", description="the group label; letters, digits, _ . : -")
+    match: Matcher
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == "other":
+            raise ValueError("'other' is reserved for the groups beyond max_groups")
+        return v
+
+    @model_validator(mode="after")
+    def _match_not_empty(self):
+        if self.match.is_empty:
+            raise ValueError("match needs at least one of comm, exe, cmdline, user")
+        return self
+
+
+class Groups(_Strict):
+    by: Literal["pgid", "cgroup"] = Field("pgid", description="what makes a group: process group id or cgroup")
+    named: list[NamedGroup] = Field(default_factory=list, description="named groups by regex; first match wins")
+    max_groups: int = Field(50, ge=1, le=10000, description="most group series exported; the rest sum into group=\"other\"")
+    min_memory: Size = Field(parse_size("10MB"), description="smaller groups are summed into group=\"other\"")
+    top_processes: int = Field(5, ge=1, le=1000, description="largest members kept per group for logs and events")
+    cmdline_label: bool = Field(False, description="add a `cmdline` label to group_info (command lines may hold secrets)")
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [g.name for g in self.named]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"named group names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class Gpu(_Strict):
+    backend: str = Field("auto", pattern=r"^(auto|nvml|none|fake:.+)$",
+                         description="auto | nvml | none | fake:FILE (a YAML scenario)")
+    retry_max: Duration = Field(60.0, gt=0, description="longest wait between retries after a GPU error")
+
+
+class RuleMatch(Matcher):
+    group: Regex | None = Field(None, description="regex on the group label")
+    all_members: bool = Field(False, description="require every member (not any member) to match comm/exe/cmdline/user")
+
+
+class Rule(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
+    match: RuleMatch = Field(default_factory=RuleMatch, description="which groups the rule watches; empty: every group")
+    max_rss: Size | None = Field(None, description="kill a group whose summed RSS exceeds this")
+    max_pss: Size | None = Field(None, description="kill a group whose summed PSS exceeds this (needs memory: pss)")
+    max_gpu_memory: Size | None = Field(None, description="kill a group whose summed GPU memory exceeds this")
+    gpu_memory_above: Ratio | None = Field(None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user")
+    system_available_below: SizeOrRatio | None = Field(
+        None, description="when system available memory is below this, kill the largest selected group")
+    for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
+    grace: Duration = Field(5.0, description="wait between the first and the last signal")
+    signals: list[SignalName] = Field(["SIGTERM", "SIGKILL"], min_length=1, description="signals in order; the last is sent after the grace period")
+    cooldown: Duration = Field(30.0, description="no second kill by this rule within this time")
+    hard_ceiling: Ratio = Field(0.10, description="during the grace period, a group this far over its limit is killed at once")
+    other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
+
+    CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above", "system_available_below")
+
+    @property
+    def condition(self) -> str:
+        return next(c for c in self.CONDITIONS if getattr(self, c) is not None)
+
+    @model_validator(mode="after")
+    def _one_condition(self):
+        given = [c for c in self.CONDITIONS if getattr(self, c) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a rule needs exactly one condition of {', '.join(self.CONDITIONS)}; "
+                             f"got {', '.join(given) if given else 'none'}")
+        return self
+
+
+class Notify(_Strict):
+    alertmanager_url: str | None = Field(None, description="POST kill events to this Alertmanager (base URL)")
+    webhook_url: str | None = Field(None, description="POST kill events as JSON to this URL")
+    desktop: bool = Field(False, description="show a desktop notification (notify-send / osascript)")
+
+
+class Enforcer(_Strict):
+    enabled: bool = Field(False, description="run the enforcer inside `serve`; `enforce` always runs it")
+    dry_run: bool = Field(False, description="log what would be killed, kill nothing")
+    event_log: str | None = Field(None, description="append one JSON line per action to this file")
+    protect: list[Matcher] = Field(default_factory=list, description="never signal processes matching these (added to the built-in list)")
+    rules: list[Rule] = Field(default_factory=list)
+    notify: Notify = Field(default_factory=Notify)
+
+    @model_validator(mode="after")
+    def _unique_rules(self):
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class Paths(_Strict):
+    procfs: str = Field("/proc", description="procfs mount point (like node_exporter's --path.procfs)")
+    cgroupfs: str = Field("/sys/fs/cgroup", description="cgroup filesystem mount point")
+
+
+class Config(_Strict):
+    interval: Duration = Field(2.0, gt=0, le=3600, description="normal sampling interval")
+    memory: Literal["rss", "pss"] = Field("rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)")
+    listen: Listen = Field(DEFAULT_LISTEN, description="HOST:PORT the HTTP server binds")
+    groups: Groups = Field(default_factory=Groups)
+    gpu: Gpu = Field(default_factory=Gpu)
+    enforcer: Enforcer = Field(default_factory=Enforcer)
+    paths: Paths = Field(default_factory=Paths)
+
+    @model_validator(mode="after")
+    def _pss_rules_need_pss(self):
+        for i, rule in enumerate(self.enforcer.rules):
+            if rule.max_pss is not None and self.memory != "pss":
+                raise ValueError(f"enforcer.rules[{i}].max_pss: needs `memory: pss`")
+        return self
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "constrained-")):  # pydantic's names for validator wrappers
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _problem_text(err: dict) -> str:
+    kind = err.get("type")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err.get("msg", "invalid")
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _problem_line(source: str, err: dict) -> str:
+    text = _problem_text(err)
+    if not err["loc"] and _KEYED_MESSAGE.match(text):  # a cross-key check names its own key
+        return f"{source}: {text}"
+    return f"{source}: {_key_path(err['loc'])}: {text}"
+
+
+_KEYED_MESSAGE = re.compile(r"^[a-z_]+(\.[a-z_]+|\[\d+\])*: ")
+
+
+def validate_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: (top level): must be a mapping of keys, got {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_problem_line(source, err) for err in e.errors()]) from None
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
+    """Command-line values, keyed by dotted path (`paths.procfs`), win over the file."""
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """The validated config in `path` (the defaults when `path` is None), with `overrides` applied."""
+    if path is None:
+        return validate_config(_apply_overrides({}, overrides), "<defaults>")
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{source}: {where}YAML syntax error: {problem}"]) from None
+    if isinstance(data, dict):
+        data = _apply_overrides(data, overrides)
+    return validate_config(data, source)
+
+
+def json_schema() -> dict:
+    schema = Config.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mem-exporter configuration"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"

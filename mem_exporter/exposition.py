@@ -1,0 +1,252 @@
+"""Prometheus exposition: a Collector that renders the latest Sample, and the HTTP server.
+
+A scrape renders what the sampler last produced; it never reads /proc.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+from .config import Groups
+from .grouping import cap_groups
+from .sample import Sample
+
+log = logging.getLogger(__name__)
+P = "mem_exporter_"
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = (), unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(P + name, doc, labels=list(labels), unit=unit)
+
+
+class SampleCollector:
+    """Yields fresh metric families from `get_sample()` on every scrape."""
+
+    def __init__(self, get_sample: Callable[[], Sample | None], get_groups_config: Callable[[], Groups]):
+        self.get_sample = get_sample
+        self.get_groups_config = get_groups_config
+
+    def describe(self) -> list:
+        return []  # families depend on the sample; nothing to pre-register
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.get_sample()
+        if s is None:
+            return
+        yield from self._system(s)
+        yield from self._groups(s)
+        yield from self._gpus(s)
+        yield from self._self(s)
+
+    def _system(self, s: Sample) -> Iterable[Metric]:
+        m = s.system
+        for name, doc, value in (
+            ("system_memory_total_bytes", "Total usable RAM.", m.total_bytes),
+            ("system_memory_available_bytes", "RAM available for new work without swapping (MemAvailable).", m.available_bytes),
+            ("system_memory_used_bytes", "RAM in use: total minus available.", m.used_bytes),
+            ("system_memory_free_bytes", "RAM not used at all (MemFree).", m.free_bytes),
+            ("system_swap_total_bytes", "Total swap space.", m.swap_total_bytes),
+            ("system_swap_used_bytes", "Swap space in use.", m.swap_used_bytes),
+            ("processes", "Processes counted in the last sample (kernel threads and zombies excluded).", s.process_count),
+        ):
+            g = _gauge(name, doc)
+            g.add_metric([], value)
+            yield g
+        if s.cpu_usage_ratio is not None:
+            g = _gauge("system_cpu_usage_ratio", "Share of all CPUs busy since the previous sample (0..1).")
+            g.add_metric([], s.cpu_usage_ratio)
+            yield g
+        g = _gauge("skipped_processes", "Processes left out of the last sample, by reason.", ["reason"])
+        for reason in ("vanished", "zombie", "kernel_thread", "permission"):
+            g.add_metric([reason], s.skipped.get(reason, 0))
+        yield g
+        if s.phase:
+            g = _gauge("phase_info", "The current phase of the run, as set by `mem-exporter phase`.", ["phase"])
+            g.add_metric([s.phase], 1)
+            yield g
+
+    def _groups(self, s: Sample) -> Iterable[Metric]:
+        cfg = self.get_groups_config()
+        groups = cap_groups(s.groups, cfg.max_groups, cfg.min_memory, s.memtype)
+        mem = _gauge("group_memory_bytes", "Memory summed over a group's processes, by memory type.", ["group", "memtype"])
+        count = _gauge("group_processes", "Processes in a group.", ["group"])
+        info_labels = ["group", "kind", "pgid", "leader"] + (["cmdline"] if cfg.cmdline_label else [])
+        info = _gauge("group_info", "A group's identity: kind (pgid, named, cgroup, other), PGID and leader command.", info_labels)
+        vram = _gauge("group_gpu_memory_bytes", "GPU memory used by a group's processes, per card.", ["group", "gpu"])
+        for g in groups:
+            mem.add_metric([g.label, "rss"], g.rss_bytes)
+            if g.pss_bytes is not None:
+                mem.add_metric([g.label, "pss"], g.pss_bytes)
+            if g.swap_bytes is not None:
+                mem.add_metric([g.label, "swap"], g.swap_bytes)
+            count.add_metric([g.label], g.processes)
+            leader = next((p for p in g.members if p.pid == g.pgid), g.members[0]) if g.members else None
+            values = [g.label, g.kind, str(g.pgid or ""), leader.comm if leader else ""]
+            if cfg.cmdline_label:
+                values.append(leader.cmdline[:200] if leader else "")
+            info.add_metric(values, 1)
+            for idx, used in sorted(g.gpu_memory_bytes.items()):
+                vram.add_metric([g.label, str(idx)], used)
+        yield from (mem, count, info, vram)
+
+    def _gpus(self, s: Sample) -> Iterable[Metric]:
+        if not s.gpus:
+            return
+        info = _gauge("gpu_info", "A GPU's identity; always 1.", ["gpu", "uuid", "name", "driver_version"])
+        fields = (
+            ("gpu_memory_total_bytes", "Total GPU memory.", "memory_total_bytes"),
+            ("gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
+            ("gpu_memory_free_bytes", "GPU memory free.", "memory_free_bytes"),
+            ("gpu_memory_reserved_bytes", "GPU memory reserved by the driver.", "memory_reserved_bytes"),
+            ("gpu_utilization_ratio", "Share of time a kernel ran on the GPU over the last sample period (0..1).", "utilization_ratio"),
+            ("gpu_memory_utilization_ratio", "Share of time GPU memory was read or written (0..1).", "memory_utilization_ratio"),
+            ("gpu_temperature_celsius", "GPU core temperature.", "temperature_celsius"),
+            ("gpu_power_watts", "GPU power draw.", "power_watts"),
+            ("gpu_power_limit_watts", "Enforced GPU power limit.", "power_limit_watts"),
+        )
+        families = {attr: _gauge(name, doc, ["gpu"]) for name, doc, attr in fields}
+        energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU since the driver loaded.", labels=["gpu"])
+        clock = _gauge("gpu_clock_hertz", "Current GPU clock.", ["gpu", "clock"])
+        clock_max = _gauge("gpu_clock_max_hertz", "Highest GPU clock the card supports.", ["gpu", "clock"])
+        procs = _gauge("gpu_processes", "Processes using a GPU.", ["gpu"])
+        for card in s.gpus:
+            idx = str(card.index)
+            info.add_metric([idx, card.uuid, card.name, card.driver_version], 1)
+            for attr, fam in families.items():
+                value = getattr(card, attr)
+                if value is not None:
+                    fam.add_metric([idx], value)
+            if card.energy_joules is not None:
+                energy.add_metric([idx], card.energy_joules)
+            for name, cur, top in (("sm", card.clock_sm_hertz, card.clock_sm_max_hertz),
+                                   ("memory", card.clock_memory_hertz, card.clock_memory_max_hertz)):
+                if cur is not None:
+                    clock.add_metric([idx, name], cur)
+                if top is not None:
+                    clock_max.add_metric([idx, name], top)
+            procs.add_metric([idx], len(card.processes))
+        yield info
+        yield from (f for f in families.values() if f.samples)
+        yield from (f for f in (energy, clock, clock_max) if f.samples)
+        yield procs
+
+    def _self(self, s: Sample) -> Iterable[Metric]:
+        g = _gauge("sample_duration_seconds", "How long the last sample took.")
+        g.add_metric([], s.duration_seconds)
+        yield g
+        g = _gauge("last_sample_timestamp_seconds", "Unix time of the last sample.")
+        g.add_metric([], s.timestamp)
+        yield g
+        g = _gauge("source_up", "Whether a data source worked in the last sample (1) or not (0).", ["source"])
+        for source, up in sorted(s.sources_up.items()):
+            g.add_metric([source], 1 if up else 0)
+        yield g
+        c = CounterMetricFamily(P + "sample_errors", "Failed reads of a data source since start.", labels=["source"])
+        for source in sorted(set(s.sources_up) | set(s.errors_total)):
+            c.add_metric([source], s.errors_total.get(source, 0))
+        yield c
+
+
+def build_registry(*collectors) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        registry.register(c)
+    registry.register(ProcessCollector(registry=None))
+    registry.register(_BuildInfo())
+    return registry
+
+
+class _BuildInfo:
+    def collect(self):
+        m = InfoMetricFamily(P + "build", "mem-exporter version.")
+        m.add_metric([], {"version": __version__})
+        yield m
+
+
+LANDING = """<!doctype html><html><head><title>mem-exporter</title></head><body>
+<h1>mem-exporter {version}</h1>
+<p>Per-process-group memory, system RAM and GPU gauges for Prometheus.</p>
+<ul><li><a href="/metrics">/metrics</a> - the latest sample</li>
+<li><a href="/healthz">/healthz</a> - 200 while samples are fresh</li></ul>
+<p>{status}</p></body></html>
+"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "MetricsServer"
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, content_type, encoder(self.server.registry))
+        elif path in ("/healthz", "/-/healthy"):
+            ok, text = self.server.health()
+            self._send(200 if ok else 503, "text/plain; charset=utf-8", (text + "\n").encode())
+        elif path == "/":
+            _, text = self.server.health()
+            body = LANDING.format(version=__version__, status=html.escape(text))
+            self._send(200, "text/html; charset=utf-8", body.encode())
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args) -> None:  # keep access logs out of the daemon's log
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, listen: str, registry: CollectorRegistry, health: Callable[[], tuple[bool, str]]):
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, int(port)), _Handler)
+        self.registry = registry
+        self.health = health
+        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def sample_health(get_sample: Callable[[], Sample | None], interval: Callable[[], float]) -> Callable[[], tuple[bool, str]]:
+    def health() -> tuple[bool, str]:
+        s = get_sample()
+        if s is None:
+            return False, "no sample yet"
+        age = time.time() - s.timestamp
+        fresh = age <= max(3 * interval(), 10.0)
+        state = "ok" if fresh else "stale"
+        return fresh, f"{state}: last sample {age:.1f}s ago, {s.process_count} processes, {len(s.groups)} groups"
+    return health

@@ -1,0 +1,110 @@
+"""From processes to groups: named groups first (first match wins), then PGID or cgroup."""
+from __future__ import annotations
+
+import pwd
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+from .config import Groups
+from .sample import GpuCard, GroupSample, ProcessInfo
+
+OTHER = "other"
+
+
+@lru_cache(maxsize=4096)
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
+
+def group_key(proc: ProcessInfo, cfg: Groups) -> tuple[str, str]:
+    """(key, kind) of the group a process belongs to."""
+    for named in cfg.named:
+        if named.match.matches(proc.comm, proc.cmdline, proc.exe, user_name(proc.uid)):
+            return f"named:{named.name}", "named"
+    if cfg.by == "cgroup" and proc.cgroup is not None:
+        return f"cgroup:{proc.cgroup}", "cgroup"
+    return f"pgid:{proc.pgid}", "pgid"
+
+
+def _sum_optional(values: Iterable[int | None]) -> int | None:
+    total, seen = 0, False
+    for v in values:
+        if v is not None:
+            total += v
+            seen = True
+    return total if seen else None
+
+
+def make_group(key: str, kind: str, members: list[ProcessInfo], memtype: str = "rss",
+               gpu_memory: dict[int, int] | None = None) -> GroupSample:
+    members.sort(key=lambda p: (p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes),
+                 reverse=True)
+    pgid = None
+    if kind == "pgid":
+        pgid = int(key[5:])
+        leader = next((p for p in members if p.pid == pgid), None) or min(members, key=lambda p: p.pid)
+        label = f"{leader.comm}-{pgid}"
+    elif kind == "named":
+        label = key[6:]
+    else:
+        label = key[7:] or "/"
+    return GroupSample(key=key, label=label, kind=kind, rss_bytes=sum(p.rss_bytes for p in members),
+                       processes=len(members), members=tuple(members),
+                       pss_bytes=_sum_optional(p.pss_bytes for p in members),
+                       swap_bytes=_sum_optional(p.swap_bytes for p in members),
+                       pgid=pgid, gpu_memory_bytes=gpu_memory or {})
+
+
+def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "rss",
+                    gpus: Sequence[GpuCard] = ()) -> tuple[GroupSample, ...]:
+    """Every group, largest first by `memtype`."""
+    buckets: dict[str, tuple[str, list[ProcessInfo]]] = {}
+    key_of_pid: dict[int, str] = {}
+    for p in procs:
+        key, kind = group_key(p, cfg)
+        bucket = buckets.get(key)
+        if bucket is None:
+            buckets[key] = bucket = (kind, [])
+        bucket[1].append(p)
+        key_of_pid[p.pid] = key
+    gpu_by_key: dict[str, dict[int, int]] = {}
+    for card in gpus:
+        for gp in card.processes:
+            key = key_of_pid.get(gp.pid)
+            if key is not None and gp.gpu_memory_bytes is not None:
+                per_card = gpu_by_key.setdefault(key, {})
+                per_card[card.index] = per_card.get(card.index, 0) + gp.gpu_memory_bytes
+    groups = [make_group(key, kind, members, memtype, gpu_by_key.get(key)) for key, (kind, members) in buckets.items()]
+    groups.sort(key=lambda g: g.memory_bytes(memtype), reverse=True)
+    return tuple(groups)
+
+
+def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
+               memtype: str = "rss") -> list[GroupSample]:
+    """The groups that get their own series; the rest summed into one `other` group.
+
+    Named groups are always kept (the config asked for them by name). Groups using
+    the most GPU memory are kept too, so a VRAM hog never hides in `other`.
+    """
+    keep: list[GroupSample] = []
+    rest: list[GroupSample] = []
+    gpu_ranked = {g.key for g in sorted((g for g in groups if g.gpu_memory_bytes), key=lambda g: g.gpu_memory_total_bytes,
+                                        reverse=True)[:max_groups]}
+    for g in groups:  # already largest first
+        if g.kind == "named" or g.key in gpu_ranked or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory):
+            keep.append(g)
+        else:
+            rest.append(g)
+    if rest:
+        gpu: dict[int, int] = {}
+        for g in rest:
+            for idx, b in g.gpu_memory_bytes.items():
+                gpu[idx] = gpu.get(idx, 0) + b
+        keep.append(GroupSample(key=OTHER, label=OTHER, kind=OTHER, rss_bytes=sum(g.rss_bytes for g in rest),
+                                processes=sum(g.processes for g in rest), members=(),
+                                pss_bytes=_sum_optional(g.pss_bytes for g in rest),
+                                swap_bytes=_sum_optional(g.swap_bytes for g in rest), gpu_memory_bytes=gpu))
+    return keep

@@ -1,0 +1,174 @@
+"""Linux fast path: processes and system memory read straight from procfs.
+
+The root is a parameter (`--path.procfs`), so tests point it at a fixture tree.
+What never changes for a process (uid, cmdline, exe, cgroup) is cached by
+(pid, start time, comm): comm changes on exec, which also changes the cmdline.
+Only stat and statm (and smaps_rollup when PSS is on) are read every tick.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Iterable
+
+from .sample import ProcessInfo, SystemMemory
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+_GONE = (FileNotFoundError, ProcessLookupError)
+
+
+class ProcessGone(Exception):
+    pass
+
+
+def read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
+def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
+    """comm and the fields after it (fields[0] is state, field N of proc(5) is fields[N-3])."""
+    open_paren = data.find(b"(")
+    close_paren = data.rfind(b")")
+    return data[open_paren + 1:close_paren].decode(errors="replace"), data[close_paren + 2:].split()
+
+
+def parse_meminfo(data: bytes) -> dict[str, int]:
+    out = {}
+    for line in data.splitlines():
+        key, _, rest = line.partition(b":")
+        parts = rest.split()
+        if parts:
+            value = int(parts[0])
+            out[key.decode()] = value * 1024 if len(parts) > 1 and parts[1] == b"kB" else value
+    return out
+
+
+def parse_smaps_rollup(data: bytes) -> tuple[int | None, int | None]:
+    """(pss, swap) in bytes."""
+    pss = swap = None
+    for line in data.splitlines():
+        if line.startswith(b"Pss:"):
+            pss = int(line.split()[1]) * 1024
+        elif line.startswith(b"Swap:"):
+            swap = int(line.split()[1]) * 1024
+    return pss, swap
+
+
+def parse_cgroup(data: bytes) -> str | None:
+    """The process's cgroup path: the v2 unified entry, else (hybrid or v1 hosts) the memory controller's."""
+    unified = v1_memory = None
+    for line in data.decode(errors="replace").splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        elif "memory" in controllers.split(","):
+            v1_memory = path
+    if unified not in (None, "/") or v1_memory is None:
+        return unified
+    return v1_memory
+
+
+class ProcfsReader:
+    def __init__(self, root: str = "/proc", pss: bool = False, exe: bool = False, cgroup: bool = False):
+        self.root = root.rstrip("/") or "/"
+        self.pss = pss
+        self.exe = exe
+        self.cgroup = cgroup
+        # pid -> (start_time, comm, uid, cmdline, exe, cgroup)
+        self._static: dict[int, tuple] = {}
+        self._prefix = self.root + "/"
+
+    # --- system -------------------------------------------------------------
+    def read_system(self) -> SystemMemory:
+        m = parse_meminfo(read_file(self._prefix + "meminfo"))
+        total = m.get("MemTotal", 0)
+        available = m.get("MemAvailable")
+        if available is None:  # kernels before 3.14
+            available = m.get("MemFree", 0) + m.get("Buffers", 0) + m.get("Cached", 0)
+        swap_total = m.get("SwapTotal", 0)
+        return SystemMemory(total_bytes=total, available_bytes=available, free_bytes=m.get("MemFree", 0),
+                            swap_total_bytes=swap_total, swap_used_bytes=swap_total - m.get("SwapFree", 0))
+
+    def read_cpu_times(self) -> tuple[float, float]:
+        """(busy, total) jiffies summed over all CPUs."""
+        first = read_file(self._prefix + "stat").split(b"\n", 1)[0].split()[1:]
+        values = [int(v) for v in first[:8]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        total = sum(values)
+        return total - idle, total
+
+    # --- processes ----------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+
+    def read_process(self, pid: int) -> ProcessInfo | str:
+        """The process, or the reason it was skipped: vanished | zombie | kernel_thread | permission."""
+        base = f"{self._prefix}{pid}/"
+        try:
+            comm, f = parse_stat(read_file(base + "stat"))
+            state = f[0].decode()
+            if state in ("Z", "X"):
+                return "zombie"
+            if int(f[6]) & PF_KTHREAD:
+                return "kernel_thread"
+            resident = int(read_file(base + "statm").split()[1]) * PAGE_SIZE
+            start_time = int(f[19])
+            static = self._static.get(pid)
+            if static is None or static[0] != start_time or static[1] != comm:
+                static = self._read_static(base, start_time, comm)
+                self._static[pid] = static
+            pss = swap = None
+            if self.pss:
+                pss, swap = parse_smaps_rollup(read_file(base + "smaps_rollup"))
+        except _GONE:
+            return "vanished"
+        except PermissionError:
+            return "permission"
+        except (IndexError, ValueError):
+            return "vanished"  # a truncated read of an exiting process
+        return ProcessInfo(pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]), uid=static[2], comm=comm,
+                           cmdline=static[3], start_time=start_time, state=state, rss_bytes=resident,
+                           pss_bytes=pss, swap_bytes=swap, exe=static[4], cgroup=static[5])
+
+    def _read_static(self, base: str, start_time: int, comm: str) -> tuple:
+        uid = os.stat(base).st_uid
+        try:
+            cmdline = read_file(base + "cmdline").rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except PermissionError:
+            cmdline = ""
+        exe = cgroup = None
+        if self.exe:
+            try:
+                exe = os.readlink(base + "exe")
+            except PermissionError:
+                exe = None
+            except OSError as e:  # ENOENT for exited or exe-less processes
+                if isinstance(e, _GONE) and not os.path.exists(base):
+                    raise
+        if self.cgroup:
+            cgroup = parse_cgroup(read_file(base + "cgroup"))
+        return (start_time, comm, uid, cmdline, exe, cgroup)
+
+    def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]:
+        full_walk = pids is None
+        if pids is None:
+            pids = self.pids()
+        procs: list[ProcessInfo] = []
+        skipped: Counter = Counter()
+        for pid in pids:
+            result = self.read_process(pid)
+            if isinstance(result, str):
+                skipped[result] += 1
+            else:
+                procs.append(result)
+        if full_walk:  # forget processes that are gone, so the cache stays as big as the process table
+            live = {p.pid for p in procs}
+            for pid in [p for p in self._static if p not in live]:
+                del self._static[pid]
+        return procs, skipped

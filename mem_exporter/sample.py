@@ -1,0 +1,137 @@
+"""The immutable data every consumer reads: one `Sample` per sampler tick.
+
+Everything is plain data in base units (bytes, seconds, watts, hertz, celsius,
+ratios 0..1). `None` means "not measured" (not supported, not configured),
+never zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    uid: int
+    comm: str
+    cmdline: str
+    start_time: int  # clock ticks after boot (/proc/PID/stat field 22): with pid, the identity
+    state: str
+    rss_bytes: int
+    pss_bytes: int | None = None
+    swap_bytes: int | None = None
+    cgroup: str | None = None
+    exe: str | None = None
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return (self.pid, self.start_time)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemMemory:
+    total_bytes: int
+    available_bytes: int
+    free_bytes: int
+    swap_total_bytes: int
+    swap_used_bytes: int
+
+    @property
+    def used_bytes(self) -> int:
+        return self.total_bytes - self.available_bytes
+
+    @property
+    def available_ratio(self) -> float:
+        return self.available_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int
+    gpu_memory_bytes: int | None  # None where the driver does not report it
+    kind: str = "compute"  # compute | graphics
+
+
+@dataclass(frozen=True, slots=True)
+class GpuCard:
+    index: int
+    uuid: str
+    name: str
+    driver_version: str
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+    power_limit_watts: float | None = None
+    energy_joules: float | None = None
+    clock_sm_hertz: float | None = None
+    clock_memory_hertz: float | None = None
+    clock_sm_max_hertz: float | None = None
+    clock_memory_max_hertz: float | None = None
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def memory_used_ratio(self) -> float | None:
+        if self.memory_used_bytes is None or not self.memory_total_bytes:
+            return None
+        return self.memory_used_bytes / self.memory_total_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSample:
+    """Processes that share a group key, with their summed memory."""
+
+    key: str  # stable identity: "pgid:1234", "named:ollama", "cgroup:/x", "other"
+    label: str  # the `group` label value: "python3-1234", "ollama", "other"
+    kind: str  # pgid | named | cgroup | other
+    rss_bytes: int
+    processes: int
+    members: tuple[ProcessInfo, ...]  # largest first; empty for "other"
+    pss_bytes: int | None = None
+    swap_bytes: int | None = None
+    pgid: int | None = None
+    gpu_memory_bytes: Mapping[int, int] = field(default_factory=dict)  # gpu index -> bytes
+
+    def memory_bytes(self, memtype: str = "rss") -> int:
+        if memtype == "pss" and self.pss_bytes is not None:
+            return self.pss_bytes
+        return self.rss_bytes
+
+    @property
+    def gpu_memory_total_bytes(self) -> int:
+        return sum(self.gpu_memory_bytes.values())
+
+    def top(self, n: int = 5) -> tuple[ProcessInfo, ...]:
+        return self.members[:n]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    timestamp: float  # unix seconds
+    monotonic: float
+    duration_seconds: float
+    system: SystemMemory
+    cpu_usage_ratio: float | None  # share of all CPUs busy since the previous tick
+    process_count: int
+    groups: tuple[GroupSample, ...]  # every group, largest first (labels get capped at exposition)
+    processes: tuple[ProcessInfo, ...] = ()
+    gpus: tuple[GpuCard, ...] = ()
+    memtype: str = "rss"
+    sources_up: Mapping[str, bool] = field(default_factory=dict)
+    skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> processes skipped this tick
+    errors_total: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads since start
+    phase: str | None = None
+
+    def group(self, key: str) -> GroupSample | None:
+        for g in self.groups:
+            if g.key == key:
+                return g
+        return None

@@ -1,0 +1,147 @@
+"""One sampling code path for every consumer: `Sampler.tick()` -> `Sample`.
+
+`SamplingLoop` runs ticks on their own schedule in a thread and hands each
+Sample to its consumers (exposition, enforcer, logs); a scrape only ever reads
+the latest Sample and never waits on /proc.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+from .config import Config
+from .grouping import group_processes
+from .sample import GroupSample, Sample, SystemMemory
+
+log = logging.getLogger(__name__)
+
+_EMPTY_SYSTEM = SystemMemory(0, 0, 0, 0, 0)
+
+
+def make_reader(config: Config):
+    needs_exe = any(g.match.needs_exe for g in config.groups.named) or any(
+        r.match.needs_exe for r in config.enforcer.rules) or any(m.needs_exe for m in config.enforcer.protect)
+    options = dict(pss=config.memory == "pss", exe=needs_exe, cgroup=config.groups.by == "cgroup")
+    if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or config.paths.procfs != "/proc":
+        from .procfs import ProcfsReader
+        return "procfs", ProcfsReader(config.paths.procfs, **options)
+    from .psutil_source import PsutilReader
+    return "psutil", PsutilReader(**options)
+
+
+class Sampler:
+    def __init__(self, config: Config, gpu=None):
+        self.gpu = gpu
+        self.errors_total: Counter = Counter()
+        self._cpu_prev: tuple[float, float] | None = None
+        self._last_system = _EMPTY_SYSTEM
+        self.phase: str | None = None
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+        self.source_name, self.reader = make_reader(config)
+
+    def tick(self) -> Sample:
+        start = time.perf_counter()
+        cfg = self.config
+        up: dict[str, bool] = {}
+        try:
+            system = self.reader.read_system()
+            procs, skipped = self.reader.read_processes()
+            cpu = self._cpu_usage()
+            up[self.source_name] = True
+            self._last_system = system
+        except OSError as e:
+            log.error("reading %s failed: %s", self.source_name, e)
+            self.errors_total[self.source_name] += 1
+            system, procs, skipped, cpu = self._last_system, [], Counter(), None
+            up[self.source_name] = False
+        gpus = ()
+        if self.gpu is not None and self.gpu.name != "none":
+            reading = self.gpu.read(time.monotonic())
+            up["gpu"] = reading.up
+            if reading.error:
+                self.errors_total["gpu"] += 1
+            gpus = reading.cards
+        groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
+        return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=time.perf_counter() - start,
+                      system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
+                      processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
+                      skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase)
+
+    def refresh_group(self, group: GroupSample) -> GroupSample | None:
+        """Re-read just this group's known members (the fast lane near a limit); None when all are gone.
+
+        Members forked since the last full walk are picked up by the next one.
+        """
+        from .grouping import make_group
+        procs, _ = self.reader.read_processes(p.pid for p in group.members)
+        known = {p.identity for p in group.members}
+        procs = [p for p in procs if p.identity in known]  # a reused PID is someone else
+        if not procs:
+            return None
+        return make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
+
+    def _cpu_usage(self) -> float | None:
+        busy, total = self.reader.read_cpu_times()
+        prev, self._cpu_prev = self._cpu_prev, (busy, total)
+        if prev is None or total <= prev[1]:
+            return None
+        return max(0.0, min(1.0, (busy - prev[0]) / (total - prev[1])))
+
+
+class SamplingLoop:
+    """Ticks every `config.interval` in a daemon thread; `latest` is the newest Sample."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.latest: Sample | None = None
+        self.consumers: list[Callable[[Sample], None]] = []
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._first = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def start(self) -> "SamplingLoop":
+        self._thread.start()
+        return self
+
+    def wait_first(self, timeout: float = 10.0) -> Sample | None:
+        self._first.wait(timeout)
+        return self.latest
+
+    def wake(self) -> None:
+        """Sample now instead of at the next interval (after a reload, say)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                sample = self.sampler.tick()
+            except Exception:  # a bug in one tick must not stop monitoring
+                log.exception("sample failed")
+                self.sampler.errors_total["sampler"] += 1
+                sample = None
+            if sample is not None:
+                self.latest = sample
+                self._first.set()
+                for consume in list(self.consumers):
+                    try:
+                        consume(sample)
+                    except Exception:
+                        log.exception("consumer %r failed", consume)
+            delay = max(0.0, self.sampler.config.interval - (time.monotonic() - began))
+            self._wake.wait(delay)
+            self._wake.clear()

@@ -1,0 +1,85 @@
+"""The long-running daemon behind `serve` and `enforce`: sampler, consumers, HTTP, signals, reload."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .exposition import MetricsServer, SampleCollector, build_registry, sample_health
+from .sampler import Sampler, SamplingLoop
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config_path: str | None, overrides: dict[str, Any] | None = None, enforce: bool = False):
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.config: Config = load_config(config_path, self.overrides)  # ConfigError goes to the caller
+        self.enforce = enforce
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        from .gpu import open_gpu_source
+        self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log)
+        self.sampler = Sampler(self.config, gpu=self.gpu)
+        self.loop = SamplingLoop(self.sampler)
+        collectors: list = [SampleCollector(lambda: self.loop.latest, lambda: self.config.groups)]
+        self.enforcer = None
+        if enforce or self.config.enforcer.enabled:
+            from .enforcer import Enforcer
+            self.enforcer = Enforcer(self.config, self.sampler, dry_run=self.config.enforcer.dry_run)
+            self.loop.consumers.append(self.enforcer.on_sample)
+            collectors.append(self.enforcer.collector)
+        self.registry = build_registry(*collectors)
+        self.server = MetricsServer(self.config.listen, self.registry,
+                                    sample_health(lambda: self.loop.latest, lambda: self.config.interval))
+
+    def start(self) -> "Service":
+        self.loop.start()
+        self.server.start()
+        log.info("serving %s/metrics (interval %.3gs, groups by %s%s)", self.server.url, self.config.interval,
+                 self.config.groups.by, ", enforcer on" if self.enforcer else "")
+        return self
+
+    def reload(self) -> bool:
+        """Re-read the config; a bad one is reported and the running one stays in force."""
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload rejected, keeping the running config: %s", problem)
+            return False
+        if new.listen != self.config.listen:
+            log.warning("listen address changes need a restart; still serving %s", self.config.listen)
+        if new.gpu != self.config.gpu:
+            log.warning("gpu settings change on restart only")
+        self.config = new
+        self.sampler.configure(new)
+        if self.enforcer is not None:
+            self.enforcer.configure(new)
+        self.loop.wake()
+        log.info("config reloaded from %s", self.config_path or "defaults")
+        return True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def run_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(0.2)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        self.stop()
+
+    def stop(self) -> None:
+        log.info("stopping")
+        if self.enforcer is not None:
+            self.enforcer.stop()  # waits for a kill in progress to finish
+        self.loop.stop()
+        self.server.stop()
+        self.gpu.close()

@@ -1,0 +1,77 @@
+"""Sizes, durations and ratios written the way people write them: `800MB`, `1.5GiB`, `2s`, `10%`."""
+from __future__ import annotations
+
+import re
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3, "ti": 1024**4, "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
+
+
+def parse_size(value: int | float | str, bare_unit: int = 1) -> int:
+    """Bytes from `800MB`, `1.5GiB`, `1024`. A bare number counts in `bare_unit` bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number or a string such as '800MB'")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = _NUMBER_UNIT.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a size (examples: 800MB, 1.5GiB, 1048576)")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"{value!r}: unknown size unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    factor = _SIZE_UNITS[unit] if unit else bare_unit
+    if number < 0:
+        raise ValueError(f"{value!r}: a size cannot be negative")
+    return int(round(number * factor))
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from `2s`, `500ms`, `1.5m`, `1h`, or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string such as '2s'")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = _NUMBER_UNIT.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (examples: 2s, 500ms, 1m)")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _DURATION_UNITS:
+        raise ValueError(f"{value!r}: unknown duration unit {unit!r} (use ms, s, m, h)")
+    return number * _DURATION_UNITS[unit]
+
+
+def parse_ratio(value: int | float | str) -> float:
+    """A ratio 0..1 from `10%` or `0.1`."""
+    if isinstance(value, bool):
+        raise ValueError("a ratio must be a number such as 0.1 or a string such as '10%'")
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            ratio = float(value.strip()[:-1]) / 100.0
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage") from None
+    else:
+        try:
+            ratio = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a ratio (examples: 0.1, '10%')") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{value!r} is outside 0..1 (0%..100%)")
+    return ratio
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

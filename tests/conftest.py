@@ -1,0 +1,174 @@
+"""Shared test helpers: process groups the test itself starts (and always cleans up), free ports."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HOG = str(Path(__file__).with_name("hog.py"))
+MB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def is_hog(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return HOG.encode() in f.read()
+    except OSError:
+        return False
+
+
+class Spawned:
+    """A process group this test started: leader pid == pgid."""
+
+    def __init__(self, proc: subprocess.Popen, ready: Path | None):
+        self.proc = proc
+        self.pid = self.pgid = proc.pid
+        self.ready = ready
+
+    def wait_ready(self, timeout: float = 30.0) -> list[int]:
+        wait_for(lambda: self.ready.exists() or self.proc.poll() is not None, timeout, what=f"{self.ready}")
+        assert self.proc.poll() is None, f"hog exited early with {self.proc.returncode}"
+        text = self.ready.read_text().split()
+        return [int(x) for x in text]
+
+    def kill(self) -> None:
+        """Clean up only what this test started: the group, and pids it reported."""
+        pids = []
+        if self.ready and self.ready.exists():
+            pids = [int(x) for x in self.ready.read_text().split()]
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:  # children that left the group; only if the pid is still one of our hogs
+            if is_hog(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture
+def spawn_group(tmp_path):
+    """spawn_group(*hog_args) starts tests/hog.py as the leader of a new session and process group."""
+    started: list[Spawned] = []
+
+    def spawn(*args: str, ready: bool = True) -> Spawned:
+        ready_file = tmp_path / f"ready-{len(started)}" if ready else None
+        cmd = [sys.executable, HOG, *args] + (["--ready", str(ready_file)] if ready_file else [])
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        s = Spawned(proc, ready_file)
+        started.append(s)
+        return s
+
+    yield spawn
+    for s in started:
+        s.kill()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Daemon:
+    """`python -m mem_exporter ARGS --listen 127.0.0.1:PORT` as a child, stopped at the end of the test."""
+
+    def __init__(self, *args: str, cwd=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(cwd or ".") / f"daemon-{self.port}.log", "w+") if cwd else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", *args, "--listen", f"127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 15.0) -> "Daemon":
+        def healthy():
+            assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}: {self.output()}"
+            try:
+                return http_get(self.url + "/healthz", timeout=1)[0] == 200
+            except OSError:
+                return False
+        wait_for(healthy, timeout, what="the daemon's /healthz")
+        return self
+
+    def metrics(self) -> str:
+        status, body = http_get(self.url + "/metrics")
+        assert status == 200
+        return body
+
+    def output(self) -> str:
+        if self.log is subprocess.DEVNULL:
+            return ""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started: list[Daemon] = []
+
+    def start(*args: str) -> Daemon:
+        d = Daemon(*args, cwd=tmp_path)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def metric_value(text: str, name: str, **labels) -> float | None:
+    """The value of one series in an exposition text, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
