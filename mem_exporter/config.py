@@ -160,7 +160,7 @@ class Rule(_Strict):
     for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
     grace: Duration = Field(5.0, description="wait between the first and the last signal")
     signals: list[SignalName] = Field(["SIGTERM", "SIGKILL"], min_length=1, description="signals in order; the last is sent after the grace period")
-    cooldown: Duration = Field(30.0, description="no second kill by this rule within this time")
+    cooldown: Duration = Field(30.0, description="no second kill by this rule within this time (per group for max_rss, max_pss, max_gpu_memory; per card for gpu_memory_above)")
     hard_ceiling: Ratio = Field(0.10, description="during the grace period, a group this far over its limit is killed at once")
     other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
 

@@ -66,7 +66,7 @@ class SampleCollector:
             g = _gauge("system_cpu_usage_ratio", "Share of all CPUs busy since the previous sample (0..1).")
             g.add_metric([], s.cpu_usage_ratio)
             yield g
-        g = _gauge("skipped_processes", "Processes left out of the last sample, by reason.", ["reason"])
+        g = _gauge("skipped_processes", "Processes left out of the last sample (or, for permission, read in part), by reason.", ["reason"])
         for reason in ("vanished", "zombie", "kernel_thread", "permission"):
             g.add_metric([reason], s.skipped.get(reason, 0))
         yield g
@@ -173,6 +173,37 @@ class _BuildInfo:
         yield m
 
 
+class Exposition:
+    """The registry's rendered text, cached until the next sample.
+
+    Rendering happens once per sample in the sampler's thread (`refresh`), so a
+    scrape only copies bytes: a flood of scrapes costs no sampling time.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self._cache: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def refresh(self, *_ignored) -> None:
+        fresh = {}
+        encoder, content_type = choose_encoder("")
+        fresh[content_type] = encoder(self.registry)
+        self._cache = fresh
+
+    def invalidate(self) -> None:
+        self._cache = {}
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        body = self._cache.get(content_type)
+        if body is None:
+            with self._lock:
+                body = encoder(self.registry)
+            self._cache = {**self._cache, content_type: body}
+        return body, content_type
+
+
 LANDING = """<!doctype html><html><head><title>mem-exporter</title></head><body>
 <h1>mem-exporter {version}</h1>
 <p>Per-process-group memory, system RAM and GPU gauges for Prometheus.</p>
@@ -189,8 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._send(200, content_type, encoder(self.server.registry))
+            body, content_type = self.server.exposition.render(self.headers.get("Accept", ""))
+            self._send(200, content_type, body)
         elif path in ("/healthz", "/-/healthy"):
             ok, text = self.server.health()
             self._send(200 if ok else 503, "text/plain; charset=utf-8", (text + "\n").encode())
@@ -216,13 +247,13 @@ class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, listen: str, registry: CollectorRegistry, health: Callable[[], tuple[bool, str]]):
+    def __init__(self, listen: str, exposition: Exposition, health: Callable[[], tuple[bool, str]]):
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, int(port)), _Handler)
-        self.registry = registry
+        self.exposition = exposition
         self.health = health
         self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
 

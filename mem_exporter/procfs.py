@@ -16,6 +16,7 @@ from .sample import ProcessInfo, SystemMemory
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
 _GONE = (FileNotFoundError, ProcessLookupError)
+_STATES = {s.encode(): s for s in "RSDTtWPIZX"}
 
 
 class ProcessGone(Exception):
@@ -31,10 +32,10 @@ def read_file(path: str) -> bytes:
 
 
 def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
-    """comm and the fields after it (fields[0] is state, field N of proc(5) is fields[N-3])."""
+    """comm and the fields after it up to starttime (fields[0] is state; field N of proc(5) is fields[N-3])."""
     open_paren = data.find(b"(")
     close_paren = data.rfind(b")")
-    return data[open_paren + 1:close_paren].decode(errors="replace"), data[close_paren + 2:].split()
+    return data[open_paren + 1:close_paren].decode(errors="replace"), data[close_paren + 2:].split(None, 20)
 
 
 def parse_meminfo(data: bytes) -> dict[str, int]:
@@ -80,7 +81,7 @@ class ProcfsReader:
         self.pss = pss
         self.exe = exe
         self.cgroup = cgroup
-        # pid -> (start_time, comm, uid, cmdline, exe, cgroup)
+        # pid -> (start_time, raw comm, uid, cmdline, exe, cgroup, comm)
         self._static: dict[int, tuple] = {}
         self._prefix = self.root + "/"
 
@@ -107,36 +108,56 @@ class ProcfsReader:
     def pids(self) -> list[int]:
         return [int(name) for name in os.listdir(self.root) if name.isdigit()]
 
-    def read_process(self, pid: int) -> ProcessInfo | str:
-        """The process, or the reason it was skipped: vanished | zombie | kernel_thread | permission."""
+    def read_process(self, pid: int) -> tuple[ProcessInfo | None, str | None]:
+        """(process, None), or (None, why it was skipped), or (process, why it is incomplete).
+
+        Reasons: vanished | zombie | kernel_thread | permission.
+        """
         base = f"{self._prefix}{pid}/"
         try:
-            comm, f = parse_stat(read_file(base + "stat"))
-            state = f[0].decode()
-            if state in ("Z", "X"):
-                return "zombie"
+            # the hot loop: inlined reads and parsing, about 1000 times per tick
+            fd = os.open(base + "stat", os.O_RDONLY)
+            try:
+                data = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+            close_paren = data.rfind(b")")
+            f = data[close_paren + 2:].split(None, 20)
+            state = f[0]
+            if state == b"Z" or state == b"X":
+                return None, "zombie"
             if int(f[6]) & PF_KTHREAD:
-                return "kernel_thread"
-            resident = int(read_file(base + "statm").split()[1]) * PAGE_SIZE
+                return None, "kernel_thread"
+            fd = os.open(base + "statm", os.O_RDONLY)
+            try:
+                resident = int(os.read(fd, 4096).split(None, 2)[1]) * PAGE_SIZE
+            finally:
+                os.close(fd)
             start_time = int(f[19])
+            raw_comm = data[data.find(b"(") + 1:close_paren]
             static = self._static.get(pid)
-            if static is None or static[0] != start_time or static[1] != comm:
-                static = self._read_static(base, start_time, comm)
+            if static is None or static[0] != start_time or static[1] != raw_comm:
+                static = self._read_static(base, start_time, raw_comm)
                 self._static[pid] = static
-            pss = swap = None
-            if self.pss:
-                pss, swap = parse_smaps_rollup(read_file(base + "smaps_rollup"))
         except _GONE:
-            return "vanished"
+            return None, "vanished"
         except PermissionError:
-            return "permission"
+            return None, "permission"
         except (IndexError, ValueError):
-            return "vanished"  # a truncated read of an exiting process
-        return ProcessInfo(pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]), uid=static[2], comm=comm,
-                           cmdline=static[3], start_time=start_time, state=state, rss_bytes=resident,
-                           pss_bytes=pss, swap_bytes=swap, exe=static[4], cgroup=static[5])
+            return None, "vanished"  # a truncated read of an exiting process
+        pss = swap = None
+        incomplete = None
+        if self.pss:  # smaps_rollup needs ptrace access: without it the process still counts, by RSS
+            try:
+                pss, swap = parse_smaps_rollup(read_file(base + "smaps_rollup"))
+            except PermissionError:
+                incomplete = "permission"
+            except OSError:
+                pass  # gone since, or a kernel before 4.14
+        return ProcessInfo(pid, int(f[1]), int(f[2]), int(f[3]), static[2], static[6], static[3], start_time,
+                           _STATES.get(state) or state.decode(), resident, pss, swap, static[5], static[4]), incomplete
 
-    def _read_static(self, base: str, start_time: int, comm: str) -> tuple:
+    def _read_static(self, base: str, start_time: int, raw_comm: bytes) -> tuple:
         uid = os.stat(base).st_uid
         try:
             cmdline = read_file(base + "cmdline").rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
@@ -153,7 +174,7 @@ class ProcfsReader:
                     raise
         if self.cgroup:
             cgroup = parse_cgroup(read_file(base + "cgroup"))
-        return (start_time, comm, uid, cmdline, exe, cgroup)
+        return (start_time, raw_comm, uid, cmdline, exe, cgroup, raw_comm.decode(errors="replace"))
 
     def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]:
         full_walk = pids is None
@@ -162,11 +183,11 @@ class ProcfsReader:
         procs: list[ProcessInfo] = []
         skipped: Counter = Counter()
         for pid in pids:
-            result = self.read_process(pid)
-            if isinstance(result, str):
-                skipped[result] += 1
-            else:
-                procs.append(result)
+            proc, reason = self.read_process(pid)
+            if reason:
+                skipped[reason] += 1
+            if proc:
+                procs.append(proc)
         if full_walk:  # forget processes that are gone, so the cache stays as big as the process table
             live = {p.pid for p in procs}
             for pid in [p for p in self._static if p not in live]:

@@ -7,11 +7,12 @@ never zero.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessInfo:
+class ProcessInfo(NamedTuple):
+    """One process. A NamedTuple, not a dataclass: thousands are built per tick and this is 4x cheaper."""
+
     pid: int
     ppid: int
     pgid: int

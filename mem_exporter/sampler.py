@@ -11,11 +11,11 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Collection, Sequence
 
 from .config import Config
 from .grouping import group_processes
-from .sample import GroupSample, Sample, SystemMemory
+from .sample import GroupSample, ProcessInfo, Sample, SystemMemory
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,26 @@ class Sampler:
                       processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
                       skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase)
 
-    def refresh_group(self, group: GroupSample) -> GroupSample | None:
+    def refresh_group(self, group: GroupSample, newcomers: Sequence[ProcessInfo] = ()) -> GroupSample | None:
         """Re-read just this group's known members (the fast lane near a limit); None when all are gone.
 
-        Members forked since the last full walk are picked up by the next one.
+        `newcomers` (from `new_processes`) that belong to the group join it; without them,
+        members forked since the last full walk are picked up by the next one.
         """
-        from .grouping import make_group
+        from .grouping import group_key, make_group
         procs, _ = self.reader.read_processes(p.pid for p in group.members)
         known = {p.identity for p in group.members}
         procs = [p for p in procs if p.identity in known]  # a reused PID is someone else
+        seen = {p.pid for p in procs}
+        procs += [p for p in newcomers if p.pid not in seen and group_key(p, self.config.groups)[0] == group.key]
         if not procs:
             return None
         return make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
+
+    def new_processes(self, known_pids: Collection[int]) -> list[ProcessInfo]:
+        """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files."""
+        fresh = [pid for pid in self.reader.pids() if pid not in known_pids]
+        return self.reader.read_processes(fresh)[0] if fresh else []
 
     def _cpu_usage(self) -> float | None:
         busy, total = self.reader.read_cpu_times()

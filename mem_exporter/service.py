@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from .config import Config, ConfigError, load_config
-from .exposition import MetricsServer, SampleCollector, build_registry, sample_health
+from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
 from .sampler import Sampler, SamplingLoop
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ class Service:
             self.enforcer = Enforcer(self.config, self.sampler, dry_run=self.config.enforcer.dry_run)
             self.loop.consumers.append(self.enforcer.on_sample)
             collectors.append(self.enforcer.collector)
-        self.registry = build_registry(*collectors)
-        self.server = MetricsServer(self.config.listen, self.registry,
+        self.exposition = Exposition(build_registry(*collectors))
+        self.loop.consumers.append(self.exposition.refresh)  # last: after the enforcer has acted on the sample
+        self.server = MetricsServer(self.config.listen, self.exposition,
                                     sample_health(lambda: self.loop.latest, lambda: self.config.interval))
 
     def start(self) -> "Service":

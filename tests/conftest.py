@@ -67,6 +67,12 @@ class Spawned:
         pids = []
         if self.ready and self.ready.exists():
             pids = [int(x) for x in self.ready.read_text().split()]
+        if self.ready:  # grandchildren (--setsid-grandchild) are listed in their parent's ready file
+            for extra in self.ready.parent.glob(self.ready.name + ".*"):
+                try:
+                    pids += [int(x) for x in extra.read_text().split()]
+                except (OSError, ValueError):
+                    pass
         try:
             os.killpg(self.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -32,13 +32,29 @@ def main() -> None:
     p.add_argument("--ready", help="write this file once everything is allocated")
     p.add_argument("--exit", type=int, default=None, help="exit with this status after --sleep seconds")
     p.add_argument("--sleep", type=float, default=3600)
+    p.add_argument("--tag", default=None, help="ignored: a marker for rules to select only this test's hogs")
+    p.add_argument("--setsid-grandchild", action="store_true", help="the first child starts a child in its own session")
+    p.add_argument("--comm", default=None, help="set the process name (/proc/PID/comm) to this")
+    p.add_argument("--grow-on-signal", action="store_true", help="start growing only once SIGUSR1 arrives (after --ready)")
+    p.add_argument("--oom-score-adj", type=int, default=None, help="write this to /proc/self/oom_score_adj")
     a = p.parse_args()
+    if a.oom_score_adj is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(a.oom_score_adj))
+    if a.grow_on_signal:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    if a.comm:
+        import ctypes
+        ctypes.CDLL(None).prctl(15, a.comm.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     for name in a.ignore:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     kids = []
     child_args = [sys.executable, __file__, "--mb", str(a.child_mb)] + sum((["--ignore", n] for n in a.ignore), [])
+    if a.tag:
+        child_args += ["--tag", a.tag]
     for i in range(a.children):
-        kids.append(subprocess.Popen(child_args + ["--ready", f"{a.ready}.child{i}"] if a.ready else child_args))
+        args = child_args + (["--setsid-child"] if i == 0 and a.setsid_grandchild else [])
+        kids.append(subprocess.Popen(args + ["--ready", f"{a.ready}.child{i}"] if a.ready else args))
     if a.setsid_child:
         kids.append(subprocess.Popen(child_args + (["--ready", f"{a.ready}.setsid"] if a.ready else []),
                                      start_new_session=True))
@@ -51,6 +67,8 @@ def main() -> None:
         with open(a.ready + ".tmp", "w") as f:
             f.write(" ".join(str(k.pid) for k in kids))
         os.replace(a.ready + ".tmp", a.ready)
+    if a.grow_on_signal:
+        signal.sigwait({signal.SIGUSR1})
     total = a.mb
     end = time.time() + a.sleep
     while time.time() < end:

@@ -1,0 +1,179 @@
+"""Full-sample cost at about 200, 1000 and 3000 live processes, side by side in one run.
+
+    python bench/bench_sampler.py [--sizes 200,1000,3000] [--rounds 15]
+
+Columns: this project's full sample (warm, the steady state), the same with
+`memory: pss`, a plain psutil loop, a minimal C walk of stat+statm (the floor),
+Debian's prometheus-process-exporter scrape (if installed), and for the
+exporter daemon the /metrics scrape p50/p99 and its RSS. The processes are
+`sleep`s in one process group that the bench starts and kills itself.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mem_exporter.config import validate_config  # noqa: E402
+from mem_exporter.sampler import Sampler  # noqa: E402
+
+
+def live_processes() -> int:
+    return sum(1 for n in os.listdir("/proc") if n.isdigit())
+
+
+class Population:
+    """`count` sleeping processes in one process group owned by the bench."""
+
+    def __init__(self, count: int):
+        self.leader = subprocess.Popen(["sleep", "3600"], preexec_fn=os.setpgrp)  # a group in our session, so others can join
+        self.pgid = self.leader.pid
+        self.procs = [self.leader] + [
+            subprocess.Popen(["sleep", "3600"], preexec_fn=lambda: os.setpgid(0, self.pgid)) for _ in range(count - 1)]
+
+    def close(self) -> None:
+        os.killpg(self.pgid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+
+def median_ms(fn, rounds: int) -> float:
+    fn()  # warm-up: caches, imports, page cache
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def psutil_loop() -> None:
+    import psutil
+    for p in psutil.process_iter(["pid", "ppid", "name", "memory_info"]):
+        p.info
+
+
+def c_walk_ms(binary: str, rounds: int) -> float:
+    out = subprocess.run([binary, str(rounds + 1)], capture_output=True, text=True, check=True).stdout.split("\n")
+    return statistics.median(float(line.split()[0]) for line in out[1:] if line)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def scrape_ms(url: str, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        urllib.request.urlopen(url, timeout=30).read()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def process_exporter_ms(rounds: int) -> float | None:
+    binary = shutil.which("prometheus-process-exporter")
+    if not binary:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+        f.write("process_names:\n  - name: '{{.Comm}}'\n    cmdline: ['.+']\n")
+    port = free_port()
+    proc = subprocess.Popen([binary, "-config.path", f.name, "-web.listen-address", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_http(url)
+        return statistics.median(scrape_ms(url, max(3, rounds // 3)))
+    finally:
+        proc.terminate()
+        proc.wait()
+        os.unlink(f.name)
+
+
+def exporter_scrape(rounds: int) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, RSS MiB) of `mem-exporter serve` at the current population."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", "serve", "--gpu-backend", "none", "--interval", "1s",
+                             "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_http(url)
+        time.sleep(2.5)  # a few full samples at this population
+        times = sorted(scrape_ms(url, 200))
+        rss_kb = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmRSS"))
+        return statistics.median(times), times[int(len(times) * 0.99) - 1], rss_kb / 1024
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="200,1000,3000")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+
+    build = Path(tempfile.mkdtemp(prefix="memexp-bench-"))
+    cwalk = build / "cwalk"
+    subprocess.run(["cc", "-O2", "-o", str(cwalk), str(Path(__file__).with_name("cwalk.c"))], check=True)
+
+    rows = []
+    base = live_processes()
+    for size in (int(s) for s in args.sizes.split(",")):
+        pop = Population(max(1, size - base))
+        try:
+            time.sleep(0.5)
+            n = live_processes()
+            rss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}}))
+            pss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "memory": "pss"}))
+            ours = median_ms(rss_sampler.tick, args.rounds)
+            pss = median_ms(pss_sampler.tick, max(3, args.rounds // 3))
+            ps = median_ms(psutil_loop, args.rounds)
+            floor = c_walk_ms(str(cwalk), args.rounds)
+            pe = process_exporter_ms(args.rounds)
+            p50, p99, rss = exporter_scrape(args.rounds)
+            rows.append((n, ours, pss, ps, floor, pe, p50, p99, rss))
+            print(f"measured {n} processes", file=sys.stderr)
+        finally:
+            pop.close()
+    shutil.rmtree(build)
+
+    print(f"\nFull sample, median ms (host: {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
+    print("| processes | mem-exporter | with pss | psutil loop | C floor | process-exporter | ours / C | "
+          "process-exporter / ours | scrape p50 | scrape p99 | exporter RSS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, ours, pss, ps, floor, pe, p50, p99, rss in rows:
+        pe_text = f"{pe:.1f}" if pe is not None else "n/a"
+        ratio = f"{pe / ours:.1f}x" if pe is not None else "n/a"
+        print(f"| {n} | {ours:.1f} | {pss:.1f} | {ps:.1f} | {floor:.1f} | {pe_text} | {ours / floor:.2f}x | {ratio} | "
+              f"{p50:.2f} | {p99:.2f} | {rss:.1f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

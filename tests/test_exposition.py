@@ -1,0 +1,67 @@
+"""/metrics content: a golden file from a fixture /proc tree, and promtool on real scrapes."""
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from mem_exporter.config import validate_config
+from mem_exporter.exposition import SampleCollector
+from mem_exporter.sampler import Sampler
+from procfs_builder import FakeProc
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+
+
+def promtool_check(text: str) -> str:
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return (r.stdout + r.stderr).strip()
+
+
+def render(sample, config) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SampleCollector(lambda: sample, lambda: config.groups))
+    return generate_latest(registry).decode()
+
+
+def fixture_tree(root: Path) -> None:
+    fp = FakeProc(root, total_kb=8_000_000, available_kb=2_000_000)
+    fp.add(1, "systemd", rss_kb=12_000)
+    fp.add(2, "kthreadd", flags=0x00208040)
+    fp.add(400, "bun", cmdline="bun test", rss_kb=300_000, pss_kb=250_000, swap_kb=1000)
+    fp.add(401, "ollama", ppid=400, pgid=400, cmdline="ollama serve", rss_kb=2_000_000, pss_kb=1_900_000, swap_kb=0)
+    fp.add(402, "bun", ppid=400, pgid=400, state="Z")
+    fp.add(500, "postgres", rss_kb=150_000, pss_kb=60_000)
+    fp.add(501, "postgres", ppid=500, pgid=500, rss_kb=150_000, pss_kb=60_000)
+    for pid in range(600, 606):
+        fp.add(pid, "sleep", rss_kb=1_000, pss_kb=800)
+
+
+def golden_sample(tmp_path, **config):
+    fixture_tree(tmp_path)
+    cfg = validate_config({"paths": {"procfs": str(tmp_path)}, "gpu": {"backend": "none"}, **config})
+    sample = Sampler(cfg).tick()
+    return cfg, dataclasses.replace(sample, timestamp=1_700_000_000.0, duration_seconds=0.0125, cpu_usage_ratio=0.25)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("rss", {"groups": {"max_groups": 3, "min_memory": "5MB"}}),
+    ("pss-named", {"memory": "pss", "groups": {"named": [{"name": "db", "match": {"comm": "^postgres$"}}],
+                                               "max_groups": 2, "cmdline_label": True}}),
+])
+def test_golden_metrics(tmp_path, name, config):
+    cfg, sample = golden_sample(tmp_path, **config)
+    text = render(sample, cfg)
+    golden = GOLDEN / f"metrics-{name}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"/metrics changed; if intended, rerun with UPDATE_GOLDEN=1 and review {golden}"
+    assert promtool_check(text) == ""
+
+
+def test_a_real_scrape_passes_promtool(daemon):
+    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
+    assert promtool_check(d.metrics()) == ""
