@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mem_exporter.config import validate_config  # noqa: E402
-from mem_exporter.sampler import Sampler  # noqa: E402
+from mem_exporter.sampler import Sampler, quiet_gc  # noqa: E402
 
 
 def live_processes() -> int:
@@ -145,6 +145,7 @@ def main() -> None:
 
     rows = []
     base = live_processes()
+    quiet_gc()  # as the daemon does at start
     for size in (int(s) for s in args.sizes.split(",")):
         pop = Population(max(1, size - base))
         try:

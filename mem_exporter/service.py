@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
-from .sampler import Sampler, SamplingLoop
+from .sampler import Sampler, SamplingLoop, quiet_gc
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Service:
                                     sample_health(lambda: self.loop.latest, lambda: self.config.interval))
 
     def start(self) -> "Service":
+        quiet_gc()
         self.loop.start()
         self.server.start()
         log.info("serving %s/metrics (interval %.3gs, groups by %s%s)", self.server.url, self.config.interval,
