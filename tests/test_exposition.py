@@ -9,10 +9,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from mem_exporter.config import validate_config
 from mem_exporter.exposition import SampleCollector
+from mem_exporter.gpu import open_gpu_source
 from mem_exporter.sampler import Sampler
 from procfs_builder import FakeProc
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+GPU_SCENARIO = Path(__file__).parent / "fixtures" / "gpu" / "golden-2cards.yaml"
 
 
 def promtool_check(text: str) -> str:
@@ -43,7 +45,7 @@ def fixture_tree(root: Path) -> None:
 def golden_sample(tmp_path, **config):
     fixture_tree(tmp_path)
     cfg = validate_config({"paths": {"procfs": str(tmp_path)}, "gpu": {"backend": "none"}, **config})
-    sample = Sampler(cfg).tick()
+    sample = Sampler(cfg, gpu=open_gpu_source(cfg.gpu.backend)).tick()
     return cfg, dataclasses.replace(sample, timestamp=1_700_000_000.0, duration_seconds=0.0125, cpu_usage_ratio=0.25)
 
 
@@ -62,6 +64,27 @@ def test_golden_metrics(tmp_path, name, config):
     assert promtool_check(text) == ""
 
 
-def test_a_real_scrape_passes_promtool(daemon):
-    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
-    assert promtool_check(d.metrics()) == ""
+def test_golden_metrics_with_two_fake_gpus(tmp_path):
+    cfg, sample = golden_sample(tmp_path, gpu={"backend": f"fake:{GPU_SCENARIO}"})
+    text = render(sample, cfg)
+    golden = GOLDEN / "metrics-gpu.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"/metrics changed; if intended, rerun with UPDATE_GOLDEN=1 and review {golden}"
+    assert promtool_check(text) == ""
+    assert 'mem_exporter_group_gpu_memory_bytes{gpu="0",group="bun-400"} 8.05306368e+09' in text
+    assert 'mem_exporter_gpu_power_watts{gpu="1"}' not in text  # not reported by that card: absent, not 0
+    assert 'mem_exporter_gpu_temperature_celsius{gpu="1"} 35.0' in text
+
+
+@pytest.mark.parametrize("backend", ["none", "auto", f"fake:{GPU_SCENARIO}"])
+def test_a_real_scrape_passes_promtool(daemon, backend):
+    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", backend).wait_healthy()
+    text = d.metrics()
+    assert promtool_check(text) == ""
+    if backend == "auto":  # no NVIDIA driver on this machine: the GPU source is down, and says so
+        from conftest import metric_value
+        assert metric_value(text, "mem_exporter_source_up", source="gpu") == 0
+        assert "mem_exporter_gpu_info" not in text
+    if backend.startswith("fake:"):
+        assert 'mem_exporter_gpu_info{driver_version="550.54.15",gpu="1",name="Tesla T4"' in text
