@@ -11,11 +11,10 @@ import signal
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       ValidationError, WithJsonSchema, field_validator, model_validator)
 
-from .units import parse_duration, parse_ratio, parse_size
+from .units import parse_duration, parse_ratio, parse_size, read_yaml
 
 DEFAULT_PORT = 9713
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
@@ -297,21 +296,13 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     """The validated config in `path` (the defaults when `path` is None), with `overrides` applied."""
     if path is None:
         return validate_config(_apply_overrides({}, overrides), "<defaults>")
-    source = str(path)
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError([f"{source}: {where}YAML syntax error: {problem}"]) from None
+        data = read_yaml(path)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
     if isinstance(data, dict):
         data = _apply_overrides(data, overrides)
-    return validate_config(data, source)
+    return validate_config(data, str(path))
 
 
 def json_schema() -> dict:

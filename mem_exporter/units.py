@@ -12,17 +12,24 @@ _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 
 
+_HERTZ_UNITS = {"": 1.0, "hz": 1.0, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
+
+
+def _number_and_unit(value: int | float | str, what: str, examples: str) -> tuple[float, str]:
+    """(number, lower-case unit) from `1.5GiB`; a bare number has unit ''."""
+    if isinstance(value, bool):
+        raise ValueError(f"a {what} must be a number or a string such as {examples.split(',')[0]!r}")
+    if isinstance(value, (int, float)):
+        return float(value), ""
+    m = _NUMBER_UNIT.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a {what} (examples: {examples})")
+    return float(m.group(1)), m.group(2).lower()
+
+
 def parse_size(value: int | float | str, bare_unit: int = 1) -> int:
     """Bytes from `800MB`, `1.5GiB`, `1024`. A bare number counts in `bare_unit` bytes."""
-    if isinstance(value, bool):
-        raise ValueError("a size must be a number or a string such as '800MB'")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        m = _NUMBER_UNIT.match(str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a size (examples: 800MB, 1.5GiB, 1048576)")
-        number, unit = float(m.group(1)), m.group(2).lower()
+    number, unit = _number_and_unit(value, "size", "800MB, 1.5GiB, 1048576")
     if unit not in _SIZE_UNITS:
         raise ValueError(f"{value!r}: unknown size unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     factor = _SIZE_UNITS[unit] if unit else bare_unit
@@ -33,18 +40,18 @@ def parse_size(value: int | float | str, bare_unit: int = 1) -> int:
 
 def parse_duration(value: int | float | str) -> float:
     """Seconds from `2s`, `500ms`, `1.5m`, `1h`, or a bare number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration must be a number of seconds or a string such as '2s'")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        m = _NUMBER_UNIT.match(str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a duration (examples: 2s, 500ms, 1m)")
-        number, unit = float(m.group(1)), m.group(2).lower()
+    number, unit = _number_and_unit(value, "duration", "2s, 500ms, 1m")
     if unit not in _DURATION_UNITS:
         raise ValueError(f"{value!r}: unknown duration unit {unit!r} (use ms, s, m, h)")
     return number * _DURATION_UNITS[unit]
+
+
+def parse_hertz(value: int | float | str) -> float:
+    """Hertz from `1980MHz`, `1.98GHz` or a bare number of hertz."""
+    number, unit = _number_and_unit(value, "frequency", "1980MHz, 1.98GHz")
+    if unit not in _HERTZ_UNITS:
+        raise ValueError(f"{value!r}: unknown frequency unit {unit!r} (use Hz, kHz, MHz, GHz)")
+    return number * _HERTZ_UNITS[unit]
 
 
 def parse_ratio(value: int | float | str) -> float:
@@ -64,6 +71,24 @@ def parse_ratio(value: int | float | str) -> float:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{value!r} is outside 0..1 (0%..100%)")
     return ratio
+
+
+def read_yaml(path) -> object:
+    """The parsed YAML in `path`, or ValueError with one line: `file: [line L column C: ]problem`."""
+    import yaml
+    source = str(path)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{source}: {where}YAML syntax error: {problem}") from None
 
 
 def format_bytes(n: int | float | None) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mem_exporter.gpu import NoGpuSource, open_gpu_source
-from mem_exporter.gpu.fake import FakeGpuSource, load_scenario, parse_hertz
+from mem_exporter.gpu.fake import FakeGpuSource, load_scenario
+from mem_exporter.units import parse_hertz
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 PACKAGED = Path(__file__).resolve().parents[1] / "mem_exporter" / "gpu" / "scenarios"

@@ -22,37 +22,15 @@ import bisect
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ..sample import GpuCard, GpuProcess
-from ..units import parse_duration, parse_ratio, parse_size
+from ..units import parse_duration, parse_hertz, parse_ratio, parse_size, read_yaml
 from . import GpuReading
-
-_HERTZ_UNITS = {"": 1.0, "hz": 1.0, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 class ScenarioError(ValueError):
     """A bad scenario: `str(e)` is one line, `file: key: problem`."""
-
-
-def parse_hertz(value: Any) -> float:
-    """Hertz from `1980MHz`, `1.98GHz` or a bare number of hertz."""
-    if isinstance(value, bool):
-        raise ValueError("a frequency must be a number of hertz or a string such as '1980MHz'")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        m = _NUMBER_UNIT.match(str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a frequency (examples: 1980MHz, 1.98GHz)")
-        number, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _HERTZ_UNITS:
-        raise ValueError(f"{value!r}: unknown frequency unit {unit!r} (use Hz, kHz, MHz, GHz)")
-    return number * _HERTZ_UNITS[unit]
 
 
 def _number(value: Any) -> float:
@@ -169,19 +147,11 @@ class Scenario:
 
 
 def load_scenario(path: str | os.PathLike) -> Scenario:
-    source = str(path)
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ScenarioError(f"{source}: cannot read: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ScenarioError(f"{source}: {where}YAML syntax error: {problem}") from None
-    return parse_scenario(data, source)
+        data = read_yaml(path)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    return parse_scenario(data, str(path))
 
 
 def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
