@@ -9,21 +9,26 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
 from .sampler import Sampler, SamplingLoop, quiet_gc
+from .webconfig import load_web_config
 
 log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config_path: str | None, overrides: dict[str, Any] | None = None, enforce: bool = False):
+    def __init__(self, config_path: str | None, overrides: dict[str, Any] | None = None, enforce: bool = False,
+                 phase_file: str | None = None, session_log=None):
         self.config_path = config_path
         self.overrides = overrides or {}
         self.config: Config = load_config(config_path, self.overrides)  # ConfigError goes to the caller
+        web = load_web_config(self.config.web.config_file)  # so does WebConfigError (a ConfigError)
         self.enforce = enforce
         self._stop = threading.Event()
         self._reload = threading.Event()
         from .gpu import open_gpu_source
         self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log)
         self.sampler = Sampler(self.config, gpu=self.gpu)
+        from .phase import PhaseWatcher
+        self.sampler.phase_watcher = PhaseWatcher(phase_file)  # `mem-exporter phase NAME` reaches this daemon
         self.loop = SamplingLoop(self.sampler)
         collectors: list = [SampleCollector(lambda: self.loop.latest, lambda: self.config.groups)]
         self.enforcer = None
@@ -32,10 +37,19 @@ class Service:
             self.enforcer = Enforcer(self.config, self.sampler, dry_run=self.config.enforcer.dry_run)
             self.loop.consumers.append(self.enforcer.on_sample)
             collectors.append(self.enforcer.collector)
+        self.session_log = session_log  # a sessionlog.SessionLog, or None
+        if session_log is not None:
+            session_log.groups_config = lambda: self.config.groups
+            if self.enforcer is not None:
+                session_log.limits = lambda: self.enforcer.limit_series
+            self.loop.consumers.append(session_log.on_sample)
         self.exposition = Exposition(build_registry(*collectors))
         self.loop.consumers.append(self.exposition.refresh)  # last: after the enforcer has acted on the sample
+        if self.enforcer is not None:  # a kill between samples shows in the next scrape, not one interval later
+            self.enforcer.listeners.append(lambda _event: self.exposition.invalidate())
         self.server = MetricsServer(self.config.listen, self.exposition,
-                                    sample_health(lambda: self.loop.latest, lambda: self.config.interval))
+                                    sample_health(lambda: self.loop.latest, lambda: self.config.interval),
+                                    web, self.config.web.max_connections, self.config.web.timeout)
 
     def start(self) -> "Service":
         quiet_gc()
@@ -52,7 +66,12 @@ class Service:
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
+            self.reload_web(self.config.web.config_file)
             return False
+        self.reload_web(new.web.config_file)
+        self.server.client_timeout = new.web.timeout
+        if new.web.max_connections != self.config.web.max_connections:
+            log.warning("web.max_connections changes on restart only")
         if new.listen != self.config.listen:
             log.warning("listen address changes need a restart; still serving %s", self.config.listen)
         if new.gpu != self.config.gpu:
@@ -63,6 +82,17 @@ class Service:
             self.enforcer.configure(new)
         self.loop.wake()
         log.info("config reloaded from %s", self.config_path or "defaults")
+        return True
+
+    def reload_web(self, path: str | None) -> bool:
+        """Re-read the web config (certificates, users); a bad one is reported and the running one stays."""
+        try:
+            web = load_web_config(path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("web config rejected, keeping the running one: %s", problem)
+            return False
+        self.server.web = web
         return True
 
     def install_signal_handlers(self) -> None:
@@ -83,5 +113,7 @@ class Service:
         if self.enforcer is not None:
             self.enforcer.stop()  # waits for a kill in progress to finish
         self.loop.stop()
+        if self.session_log is not None:
+            self.session_log.close()
         self.server.stop()
         self.gpu.close()

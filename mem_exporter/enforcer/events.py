@@ -1,0 +1,195 @@
+"""Events: one JSON line per action, and notifications sent from a worker thread.
+
+A notification never blocks the kill path: `Notifier.send()` only queues; a daemon
+thread posts with short timeouts and drops what it cannot deliver (logged).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from ..sample import ProcessInfo
+from .policy import Action
+
+log = logging.getLogger(__name__)
+
+ALERTNAME = "MemExporterEnforcerKill"
+TIMEOUT = 3.0
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def member(p: ProcessInfo, memtype: str = "rss") -> dict:
+    mem = p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes
+    return {"pid": p.pid, "comm": p.comm, "command": p.cmdline[:300], "uid": p.uid, "memory_bytes": mem}
+
+
+def make_event(action: Action, timestamp: float, top: int = 5, memtype: str = "rss", **extra: Any) -> dict:
+    """The JSON-ready event for an action; `extra` (outcome, signals, time_to_death_seconds...) is merged in."""
+    g = action.group
+    ev: dict[str, Any] = {
+        "timestamp": iso(timestamp),
+        "rule": action.rule.name,
+        "condition": action.condition,
+        "action": action.kind,
+        "group": g.label if g else None,
+        "group_key": g.key if g else None,
+        "pgid": g.pgid if g else None,
+        "memory_bytes": g.memory_bytes(memtype) if g else None,
+        "processes": g.processes if g else 0,
+        "value": action.value,
+        "limit": action.limit,
+        "members": [member(p, memtype) for p in (g.top(top) if g else ())],
+    }
+    if action.gpu is not None:
+        ev["gpu"] = action.gpu
+        ev["gpu_memory_bytes"] = g.gpu_memory_bytes.get(action.gpu) if g else None
+    if action.reason:
+        ev["reason"] = action.reason
+    if action.kind == "dry_run":
+        ev["would_signal"] = [{"pid": p.pid, "comm": p.comm} for p in action.targets]
+        ev["signals"] = list(action.rule.signals)
+        ev["outcome"] = "not_killed"
+    ev.update(extra)
+    return ev
+
+
+class EventLog:
+    """Appends one JSON line per event and flushes it; also logs a one-line summary."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, event: dict) -> None:
+        level = logging.INFO if event["action"] in ("skipped_protected", "skipped_other_user", "no_victim") else logging.WARNING
+        log.log(level, "enforcer %s: rule=%s group=%s pgid=%s memory=%s outcome=%s%s", event["action"], event["rule"],
+                event.get("group"), event.get("pgid"), event.get("memory_bytes"), event.get("outcome"),
+                f" reason={event['reason']}" if event.get("reason") else
+                f" would_signal={[p['pid'] for p in event['would_signal']]}" if "would_signal" in event else "")
+        if not self.path:
+            return
+        line = json.dumps(event, sort_keys=False, default=str) + "\n"
+        with self._lock:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                log.error("cannot write event log %s: %s", self.path, e)
+
+
+def alertmanager_payload(event: dict, instance: str) -> list[dict]:
+    starts = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+    mib = (event.get("memory_bytes") or 0) / 2**20
+    return [{
+        "labels": {"alertname": ALERTNAME, "rule": event["rule"], "group": event.get("group") or "",
+                   "instance": instance, "severity": "critical"},
+        "annotations": {
+            "summary": f"mem-exporter enforcer killed {event.get('group')} (rule {event['rule']})",
+            "description": (f"{event['condition']}: {event.get('value')} over limit {event.get('limit')}; group held "
+                            f"{mib:.0f} MiB in {event.get('processes')} processes; outcome {event.get('outcome')}"),
+        },
+        "startsAt": starts.isoformat(),
+        "endsAt": (starts + timedelta(minutes=5)).isoformat(),
+    }]
+
+
+def _post_json(url: str, body: Any) -> None:
+    req = urllib.request.Request(url, data=json.dumps(body, default=str).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        r.read()
+
+
+class Notifier:
+    def __init__(self, notify, instance: str | None = None):
+        self.notify = notify
+        self.instance = instance or socket.gethostname()
+        self._q: queue.Queue = queue.Queue(maxsize=100)
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+        self.failed = 0
+
+    @property
+    def enabled(self) -> bool:
+        n = self.notify
+        return bool(n.alertmanager_url or n.webhook_url or n.desktop)
+
+    def send(self, event: dict) -> None:
+        """Queue a kill (or dry-run) event; returns at once."""
+        if not self.enabled:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="enforcer-notify", daemon=True)
+            self._thread.start()
+        try:
+            self._q.put_nowait((self.notify, event))
+        except queue.Full:
+            log.warning("notification queue full; dropped the event for %s", event.get("group"))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for queued notifications: used when stopping."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        try:
+            self._q.put((None, done), timeout=timeout)
+        except queue.Full:
+            return
+        done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            notify, event = self._q.get()
+            if notify is None:
+                event.set()
+                continue
+            for name, fn in (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop)):
+                try:
+                    if fn(notify, event):
+                        self.sent += 1
+                except Exception as e:  # never let a notification failure reach the enforcer
+                    self.failed += 1
+                    log.warning("%s notification failed: %s", name, e)
+
+    def _alertmanager(self, notify, event: dict) -> bool:
+        if not notify.alertmanager_url or event["action"] == "dry_run":
+            return False
+        _post_json(notify.alertmanager_url.rstrip("/") + "/api/v2/alerts", alertmanager_payload(event, self.instance))
+        return True
+
+    def _webhook(self, notify, event: dict) -> bool:
+        if not notify.webhook_url:
+            return False
+        _post_json(notify.webhook_url, event)
+        return True
+
+    def _desktop(self, notify, event: dict) -> bool:
+        if not notify.desktop:
+            return False
+        verb = "would kill" if event["action"] == "dry_run" else "killed"
+        title = f"mem-exporter {verb} {event.get('group')}"
+        body = f"rule {event['rule']}: {(event.get('memory_bytes') or 0) / 2**20:.0f} MiB, outcome {event.get('outcome')}"
+        if sys.platform == "darwin" and shutil.which("osascript"):
+            script = f'display notification {json.dumps(body)} with title {json.dumps(title)}'
+            cmd = ["osascript", "-e", script]
+        elif shutil.which("notify-send"):
+            cmd = ["notify-send", "-u", "critical", "-a", "mem-exporter", title, body]
+        else:
+            return False
+        subprocess.run(cmd, timeout=TIMEOUT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        return True

@@ -1,0 +1,328 @@
+"""Pure decisions: a Sample, the rules and their state in; actions out.
+
+Nothing here touches the OS. `decide()` is called on every full sample and, for the
+groups in the fast lane, on partial samples holding just those groups re-read
+(`full=False`: only the per-group limit conditions are evaluated then).
+
+Cooldown keys: a group-limit rule (max_rss, max_pss, max_gpu_memory) cools down per
+group, so a second runaway under the same rule is still stopped at once;
+`gpu_memory_above` per card; `system_available_below` per rule (memory freed by a kill
+takes a moment to show, and a second victim must not follow on stale numbers).
+"""
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from ..config import Matcher, Rule, RuleMatch
+from ..grouping import user_name as _user_name
+from ..sample import GroupSample, ProcessInfo, Sample
+
+GROUP_MEMORY = ("max_rss", "max_pss")
+GROUP_LIMITS = GROUP_MEMORY + ("max_gpu_memory",)
+LIMIT_MEMTYPE = {"max_rss": "rss", "max_pss": "pss", "max_gpu_memory": "gpu"}
+
+# Processes never signalled whatever the config says (added to enforcer.protect).
+BUILTIN_PROTECT: tuple[Matcher, ...] = (
+    Matcher(comm=r"^(init|systemd|systemd-[a-z-]+|launchd|sshd|sshd-session|containerd|containerd-shim.*|dockerd|"
+                 r"docker-proxy|docker-init|runc|crun|conmon|podman|crio|kubelet|kube-proxy|tini|dumb-init|"
+                 r"mem-exporter)$"),
+    # the exporter / enforcer itself, however it was started
+    Matcher(cmdline=r"(^|\s)(\S*/)?mem-exporter(\s|$)|(^|\s)-m\s+mem_exporter(\s|$)"),
+)
+
+# Fast lane: how quickly a group might grow when we have no evidence, the regular shortest
+# re-read period, the most groups re-read fast at once, and the predicted-crossing read.
+FLOOR_RATE = 100 * 1024 * 1024  # bytes/s
+MIN_PERIOD = 0.05
+MAX_LANE = 32
+PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s of sustained growth before crossings are predicted
+PREDICT_LAG = 0.005
+MIN_SPACING = 0.01
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who the enforcer is, and what it must never touch."""
+
+    uid: int
+    pid: int
+    pgid: int
+    ancestors: frozenset[int] = frozenset()
+    protect: tuple[Matcher, ...] = ()
+    dry_run: bool = False
+    user_name: Callable[[int], str] = _user_name
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # kill | dry_run | skipped_protected | skipped_other_user | no_victim
+    rule: Rule
+    group: GroupSample | None
+    condition: str
+    value: float  # what was measured: bytes, or a ratio for gpu_memory_above
+    limit: float  # the limit, same unit
+    at: float  # monotonic time of the decision
+    targets: tuple[ProcessInfo, ...] = ()  # members and descendants that left the group, all to be signalled
+    reason: str = ""
+    gpu: int | None = None
+    ceiling: float | None = None  # the hard ceiling in the same unit (None: none applies)
+
+    @property
+    def group_key(self) -> str | None:
+        return self.group.key if self.group else None
+
+
+@dataclass
+class RuleState:
+    since: dict[str, float] = field(default_factory=dict)  # condition key -> when it began to hold
+    last_action: dict[str, float] = field(default_factory=dict)  # cooldown key -> last kill or dry run
+    noted: dict[tuple[str, str], float] = field(default_factory=dict)  # (key, kind) -> last skip reported
+
+
+@dataclass
+class PolicyState:
+    rules: dict[str, RuleState] = field(default_factory=dict)
+    busy: set[str] = field(default_factory=set)  # group keys with a kill in progress
+
+    def for_rule(self, name: str) -> RuleState:
+        rs = self.rules.get(name)
+        if rs is None:
+            rs = self.rules[name] = RuleState()
+        return rs
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        names = set(names)
+        for n in [n for n in self.rules if n not in names]:
+            del self.rules[n]
+
+
+# --- selection and limits ---------------------------------------------------------------------
+
+_MEMO: "weakref.WeakKeyDictionary[RuleMatch, dict]" = weakref.WeakKeyDictionary()
+_MEMO_MAX = 100_000
+
+
+def _memo(match: RuleMatch) -> dict:
+    memo = _MEMO.get(match)
+    if memo is None or len(memo) > _MEMO_MAX:
+        memo = _MEMO[match] = {}
+    return memo
+
+
+def selects(match: RuleMatch, group: GroupSample, user_name: Callable[[int], str] = _user_name) -> bool:
+    """Whether a rule's `match` selects the group. Per-process regex results are memoized by
+    (pid, start time, comm, uid): what they read never changes for a process (an exec changes comm)."""
+    if group.kind == "other" or not group.members:
+        return False
+    if match.group is not None and not re.search(match.group, group.label):
+        return False
+    if match.is_empty:
+        return True
+    memo = _memo(match)
+
+    def test(p: ProcessInfo) -> bool:
+        key = (p.pid, p.start_time, p.comm, p.uid)
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = match.matches(p.comm, p.cmdline, p.exe, user_name(p.uid))
+        return hit
+    return all(map(test, group.members)) if match.all_members else any(map(test, group.members))
+
+
+def group_value(rule: Rule, group: GroupSample) -> int:
+    if rule.max_pss is not None:
+        return group.pss_bytes if group.pss_bytes is not None else group.rss_bytes
+    if rule.max_gpu_memory is not None:
+        return group.gpu_memory_total_bytes
+    return group.rss_bytes
+
+
+def group_limit(rule: Rule) -> int:
+    return int(getattr(rule, rule.condition))
+
+
+def system_threshold(rule: Rule, total_bytes: int) -> float:
+    t = rule.system_available_below
+    return t * total_bytes if t < 1 else t
+
+
+def limits(sample: Sample, rules: Sequence[Rule], user_name: Callable[[int], str] = _user_name
+           ) -> list[tuple[Rule, GroupSample, int]]:
+    """(rule, group, limit) for every group a group-limit rule watches."""
+    out = []
+    for rule in rules:
+        if rule.condition in GROUP_LIMITS:
+            lim = group_limit(rule)
+            out.extend((rule, g, lim) for g in sample.groups if selects(rule.match, g, user_name))
+    return out
+
+
+# --- safety -----------------------------------------------------------------------------------
+
+def protection(p: ProcessInfo, ctx: Context) -> str | None:
+    """Why this process must never be signalled, or None."""
+    if p.pid == 1:
+        return "pid 1"
+    if p.pid == 2 or p.ppid == 2 or p.pid <= 0:
+        return "kernel thread"
+    if p.pid == ctx.pid:
+        return "the enforcer itself"
+    if p.pid in ctx.ancestors:
+        return "an ancestor of the enforcer"
+    if p.pgid == ctx.pgid:
+        return "the enforcer's process group"
+    for m in BUILTIN_PROTECT:
+        if m.matches(p.comm, p.cmdline, p.exe, ""):
+            return "built-in protected"
+    for m in ctx.protect:
+        if m.matches(p.comm, p.cmdline, p.exe, ctx.user_name(p.uid)):
+            return "protected by config"
+    return None
+
+
+def descendants(sample: Sample, group: GroupSample) -> list[ProcessInfo]:
+    """Processes outside the group that descend from one of its members (setsid children, say)."""
+    children: dict[int, list[ProcessInfo]] = {}
+    for p in sample.processes:
+        children.setdefault(p.ppid, []).append(p)
+    inside = {p.pid for p in group.members}
+    out, stack, seen = [], [p.pid for p in group.members], set(inside)
+    while stack:
+        for c in children.get(stack.pop(), ()):
+            if c.pid not in seen:
+                seen.add(c.pid)
+                stack.append(c.pid)
+                out.append(c)
+    return out
+
+
+def victim(rule: Rule, group: GroupSample, sample: Sample, ctx: Context, condition: str, value: float,
+           limit: float, now: float, gpu: int | None = None, ceiling: float | None = None) -> Action:
+    """The action for one would-be victim: kill / dry_run, or why it is skipped."""
+    def act(kind: str, targets=(), reason: str = "") -> Action:
+        return Action(kind, rule, group, condition, value, limit, now, tuple(targets), reason, gpu, ceiling)
+    for p in group.members:
+        why = protection(p, ctx)
+        if why:
+            return act("skipped_protected", reason=f"{p.comm}[{p.pid}]: {why}")
+    if not rule.other_users:
+        for p in group.members:
+            if p.uid != ctx.uid:
+                return act("skipped_other_user", reason=f"{p.comm}[{p.pid}] belongs to uid {p.uid}")
+    extra = [p for p in descendants(sample, group)
+             if protection(p, ctx) is None and (rule.other_users or p.uid == ctx.uid)]
+    return act("dry_run" if ctx.dry_run else "kill", targets=(*group.members, *extra))
+
+
+# --- the decision -----------------------------------------------------------------------------
+
+def _cooling(rule: Rule, rs: RuleState, key: str, now: float) -> bool:
+    last = rs.last_action.get(key)
+    return last is not None and now - last < rule.cooldown
+
+
+def _held(rule: Rule, rs: RuleState, key: str, now: float) -> bool:
+    return now - rs.since.setdefault(key, now) >= rule.for_
+
+
+def _emit(rule: Rule, rs: RuleState, action: Action, cooldown_key: str, out: list[Action]) -> bool:
+    """Record `action`; True when it acts (kill / dry_run). Skips are reported once per cooldown."""
+    if action.kind in ("kill", "dry_run"):
+        rs.last_action[cooldown_key] = action.at
+        out.append(action)
+        return True
+    note = (action.group_key or cooldown_key, action.kind)
+    last = rs.noted.get(note)
+    if last is None or action.at - last >= max(rule.cooldown, 1.0):
+        rs.noted[note] = action.at
+        out.append(action)
+    return False
+
+
+def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Context, full: bool = True) -> list[Action]:
+    """Actions for this sample. `full=False`: a partial sample from the fast lane (group limits only)."""
+    now = sample.monotonic
+    out: list[Action] = []
+    busy = set(state.busy)  # groups being killed, and those acted on earlier in this pass (first rule wins)
+    for rule in rules:
+        rs = state.for_rule(rule.name)
+        cond = rule.condition
+        if cond in GROUP_LIMITS:
+            lim = group_limit(rule)
+            seen = set()
+            for g in sample.groups:
+                if not selects(rule.match, g, ctx.user_name):
+                    continue
+                seen.add(g.key)
+                value = group_value(rule, g)
+                if value <= lim:
+                    rs.since.pop(g.key, None)
+                    continue
+                if not _held(rule, rs, g.key, now) or g.key in busy or _cooling(rule, rs, g.key, now):
+                    continue
+                ceiling = lim * (1 + rule.hard_ceiling) if cond in GROUP_MEMORY else None
+                if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, lim, now, ceiling=ceiling), g.key, out):
+                    busy.add(g.key)
+            if full:
+                for key in [k for k in rs.since if k not in seen]:
+                    del rs.since[key]
+        elif not full:
+            continue
+        elif cond == "system_available_below":
+            threshold = system_threshold(rule, sample.system.total_bytes)
+            avail = sample.system.available_bytes
+            if not sample.system.total_bytes or avail >= threshold:
+                rs.since.pop("system", None)
+                continue
+            if not _held(rule, rs, "system", now) or _cooling(rule, rs, "system", now):
+                continue
+            ceiling = threshold * (1 - rule.hard_ceiling)
+            candidates = sorted((g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
+                                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling)
+        elif cond == "gpu_memory_above":
+            for card in sample.gpus:
+                key = f"gpu:{card.index}"
+                ratio = card.memory_used_ratio
+                if ratio is None or ratio <= rule.gpu_memory_above:
+                    rs.since.pop(key, None)
+                    continue
+                if not _held(rule, rs, key, now) or _cooling(rule, rs, key, now):
+                    continue
+                candidates = sorted((g for g in sample.groups if g.gpu_memory_bytes.get(card.index, 0) > 0
+                                     and g.key not in busy and selects(rule.match, g, ctx.user_name)),
+                                    key=lambda g: g.gpu_memory_bytes[card.index], reverse=True)
+                _choose(rule, rs, candidates, sample, ctx, cond, ratio, rule.gpu_memory_above, now, key, out, busy,
+                        gpu=card.index)
+    return out
+
+
+def _choose(rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out, busy, gpu=None, ceiling=None) -> None:
+    """Victim-choosing conditions: the first eligible candidate, largest first."""
+    for g in candidates:
+        if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling), key, out):
+            busy.add(g.key)
+            return
+    _emit(rule, rs, Action("no_victim", rule, None, cond, value, limit, now, reason="no eligible group", gpu=gpu),
+          key, out)
+
+
+# --- the fast lane ----------------------------------------------------------------------------
+
+def poll_period(headroom: float, rate: float, interval: float) -> float:
+    """Seconds until a group should be re-read: its headroom at twice its recent growth rate
+    (at least FLOOR_RATE), clamped to [MIN_PERIOD, interval], like earlyoom's adaptive poll.
+
+    A group growing steadily (at least PREDICT_MIN_RATE) that is predicted to cross its limit
+    before that gets one more read just after the predicted crossing (PREDICT_LAG later, never
+    sooner than MIN_SPACING): the kill then follows the crossing by milliseconds, not by up to a period.
+    """
+    if headroom <= 0:
+        return MIN_PERIOD
+    period = max(MIN_PERIOD, min(interval, headroom / max(2 * rate, FLOOR_RATE)))
+    if rate >= PREDICT_MIN_RATE:
+        period = min(period, max(MIN_SPACING, headroom / rate + PREDICT_LAG))
+    return period
