@@ -120,7 +120,9 @@ class NamedGroup(_Strict):
 
 
 class Groups(_Strict):
-    by: Literal["pgid", "cgroup"] = Field("pgid", description="what makes a group: process group id or cgroup")
+    by: Literal["pgid", "cgroup", "container"] = Field(
+        "pgid", description="what makes a group: process group id, cgroup path, or container (container, pod or "
+                            "systemd service; other processes keep their PGID group)")
     named: list[NamedGroup] = Field(default_factory=list, description="named groups by regex; first match wins")
     max_groups: int = Field(50, ge=1, le=10000, description="most group series exported; the rest sum into group=\"other\"")
     min_memory: Size = Field(parse_size("10MB"), description="smaller groups are summed into group=\"other\"")
@@ -206,6 +208,13 @@ class Paths(_Strict):
     cgroupfs: str = Field("/sys/fs/cgroup", description="cgroup filesystem mount point")
 
 
+class Web(_Strict):
+    config_file: str | None = Field(None, description="exporter-toolkit web config (TLS, basic auth) for every endpoint; "
+                                                      "--web.config.file overrides it")
+    max_connections: int = Field(100, ge=1, le=10000, description="open HTTP connections at most; beyond, answered 503")
+    timeout: Duration = Field(10.0, gt=0, description="a client idle this long in the middle of a request is dropped")
+
+
 class Config(_Strict):
     interval: Duration = Field(2.0, gt=0, le=3600, description="normal sampling interval")
     memory: Literal["rss", "pss"] = Field("rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)")
@@ -214,6 +223,7 @@ class Config(_Strict):
     gpu: Gpu = Field(default_factory=Gpu)
     enforcer: Enforcer = Field(default_factory=Enforcer)
     paths: Paths = Field(default_factory=Paths)
+    web: Web = Field(default_factory=Web)
 
     @model_validator(mode="after")
     def _pss_rules_need_pss(self):

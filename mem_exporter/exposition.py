@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import logging
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,8 +19,10 @@ from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from .config import Groups
+from .containers import group_ids
 from .grouping import cap_groups
 from .sample import Sample
+from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 P = "mem_exporter_"
@@ -80,8 +83,11 @@ class SampleCollector:
         groups = cap_groups(s.groups, cfg.max_groups, cfg.min_memory, s.memtype)
         mem = _gauge("group_memory_bytes", "Memory summed over a group's processes, by memory type.", ["group", "memtype"])
         count = _gauge("group_processes", "Processes in a group.", ["group"])
-        info_labels = ["group", "kind", "pgid", "leader"] + (["cmdline"] if cfg.cmdline_label else [])
-        info = _gauge("group_info", "A group's identity: kind (pgid, named, cgroup, other), PGID and leader command.", info_labels)
+        by_container = cfg.by == "container"  # only then: the other layouts keep their label sets
+        info_labels = (["group", "kind", "pgid", "leader"] + (["container", "pod"] if by_container else [])
+                       + (["cmdline"] if cfg.cmdline_label else []))
+        info = _gauge("group_info", "A group's identity: kind (pgid, named, cgroup, container, unit, other), PGID, "
+                      "leader command, and with groups.by=container the short container ID and pod UID.", info_labels)
         vram = _gauge("group_gpu_memory_bytes", "GPU memory used by a group's processes, per card.", ["group", "gpu"])
         for g in groups:
             mem.add_metric([g.label, "rss"], g.rss_bytes)
@@ -92,6 +98,8 @@ class SampleCollector:
             count.add_metric([g.label], g.processes)
             leader = next((p for p in g.members if p.pid == g.pgid), g.members[0]) if g.members else None
             values = [g.label, g.kind, str(g.pgid or ""), leader.comm if leader else ""]
+            if by_container:
+                values += group_ids(leader.cgroup) if leader and g.kind == "container" else ["", ""]
             if cfg.cmdline_label:
                 values.append(leader.cmdline[:200] if leader else "")
             info.add_metric(values, 1)
@@ -216,8 +224,18 @@ LANDING = """<!doctype html><html><head><title>mem-exporter</title></head><body>
 class _Handler(BaseHTTPRequestHandler):
     server: "MetricsServer"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: without this, +40 ms per keep-alive scrape
+
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # a slow or idle client is dropped, never waited on for ever
+        self.web = self.server.web  # one web config for the whole connection, even across a reload
+        super().setup()
 
     def do_GET(self) -> None:
+        if not self.web.authorized(self.headers.get("Authorization")):
+            self._send(401, "text/plain; charset=utf-8", b"Unauthorized\n",
+                       {"WWW-Authenticate": 'Basic realm="mem-exporter"'})
+            return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             body, content_type = self.server.exposition.render(self.headers.get("Accept", ""))
@@ -232,10 +250,12 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
 
-    def _send(self, code: int, content_type: str, body: bytes) -> None:
+    def _send(self, code: int, content_type: str, body: bytes, extra: dict[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in {**self.web.headers, **(extra or {})}.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -243,11 +263,24 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
 
-class MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 17\r\n"
+         b"Connection: close\r\nRetry-After: 1\r\n\r\ntoo many clients\n")
+_NOT_TLS = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            b"Client sent an HTTP request to an HTTPS server.\n")
 
-    def __init__(self, listen: str, exposition: Exposition, health: Callable[[], tuple[bool, str]]):
+
+class MetricsServer(ThreadingHTTPServer):
+    """One thread per connection, apart from sampling and enforcement: a flood or a slow client costs
+    those nothing. Open connections are capped (`max_connections`; the rest get 503 at once) and
+    each is dropped after `client_timeout` seconds of silence. TLS and basic auth come from `web`,
+    which a reload may replace; the TLS handshake runs in the connection's thread, not the accept loop."""
+
+    daemon_threads = True  # stopping never waits for a client, however slow
+    allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: 50 scrapers connecting at once must not wait for SYN retries
+
+    def __init__(self, listen: str, exposition: Exposition, health: Callable[[], tuple[bool, str]],
+                 web: WebConfig | None = None, max_connections: int = 100, client_timeout: float = 10.0):
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         if ":" in host:
@@ -255,12 +288,18 @@ class MetricsServer(ThreadingHTTPServer):
         super().__init__((host, int(port)), _Handler)
         self.exposition = exposition
         self.health = health
+        self.web = web or WebConfig()
+        self.client_timeout = client_timeout
+        self.max_connections = max_connections
+        self.refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._last_refusal_log = 0.0
         self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.web.tls else 'http'}://{host}:{port}"
 
     def start(self) -> "MetricsServer":
         self._thread.start()
@@ -269,6 +308,61 @@ class MetricsServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    # --- connections (the accept loop runs process_request; a thread per connection the rest) ---
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request, client_address) -> None:
+        ctx = self.web.ssl_context
+        if ctx is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(self.client_timeout)
+        try:
+            first = request.recv(1, socket.MSG_PEEK)
+            if first and first != b"\x16":  # not a TLS handshake record: say so, as Go's servers do
+                request.sendall(_NOT_TLS)
+                return
+            conn = ctx.wrap_socket(request, server_side=True)  # the handshake, under the timeout
+        except (OSError, ssl.SSLError) as e:
+            log.debug("TLS handshake with %s failed: %s", client_address[0], e)
+            return
+        try:
+            self.RequestHandlerClass(conn, client_address, self)
+        finally:
+            conn.close()
+
+    def _refuse(self, request) -> None:
+        """Beyond max_connections: a 503 without blocking the accept loop (TLS clients just see a close)."""
+        self.refused += 1
+        if not self.web.tls:
+            try:
+                request.send(_BUSY, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self.shutdown_request(request)
+        now = time.monotonic()
+        if now - self._last_refusal_log > 60:
+            self._last_refusal_log = now
+            log.warning("HTTP: %d open connections, the most allowed (web.max_connections); refusing more "
+                        "(%d refused so far)", self.max_connections, self.refused)
+
+    def handle_error(self, request, client_address) -> None:  # a client gone mid-response is no error of ours
+        log.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
 
 
 def sample_health(get_sample: Callable[[], Sample | None], interval: Callable[[], float]) -> Callable[[], tuple[bool, str]]:

@@ -1,4 +1,4 @@
-"""From processes to groups: named groups first (first match wins), then PGID or cgroup."""
+"""From processes to groups: named groups first (first match wins), then PGID, cgroup or container."""
 from __future__ import annotations
 
 import pwd
@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 from .config import Groups
+from .containers import parse_container
 from .sample import GpuCard, GroupSample, ProcessInfo
 
 OTHER = "other"
@@ -26,6 +27,8 @@ def group_key(proc: ProcessInfo, cfg: Groups) -> tuple[str, str]:
             return f"named:{named.name}", "named"
     if cfg.by == "cgroup" and proc.cgroup is not None:
         return f"cgroup:{proc.cgroup}", "cgroup"
+    if cfg.by == "container" and (owner := parse_container(proc.cgroup)) is not None:
+        return f"{owner.kind}:{owner.label}", owner.kind  # the key holds the label: both are one per owner
     return f"pgid:{proc.pgid}", "pgid"
 
 
@@ -47,8 +50,8 @@ def make_group(key: str, kind: str, members: list[ProcessInfo], memtype: str = "
         pgid = int(key[5:])
         leader = next((p for p in members if p.pid == pgid), None) or min(members, key=lambda p: p.pid)
         label = f"{leader.comm}-{pgid}"
-    elif kind == "named":
-        label = key[6:]
+    elif kind in ("named", "container", "unit"):
+        label = key.partition(":")[2]
     else:
         label = key[7:] or "/"
     return GroupSample(key=key, label=label, kind=kind, rss_bytes=sum(p.rss_bytes for p in members),

@@ -35,7 +35,7 @@ def quiet_gc() -> None:
 def make_reader(config: Config):
     needs_exe = any(g.match.needs_exe for g in config.groups.named) or any(
         r.match.needs_exe for r in config.enforcer.rules) or any(m.needs_exe for m in config.enforcer.protect)
-    options = dict(pss=config.memory == "pss", exe=needs_exe, cgroup=config.groups.by == "cgroup")
+    options = dict(pss=config.memory == "pss", exe=needs_exe, cgroup=config.groups.by in ("cgroup", "container"))
     if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or config.paths.procfs != "/proc":
         from .procfs import ProcfsReader
         return "procfs", ProcfsReader(config.paths.procfs, **options)
@@ -50,6 +50,7 @@ class Sampler:
         self._cpu_prev: tuple[float, float] | None = None
         self._last_system = _EMPTY_SYSTEM
         self.phase: str | None = None
+        self.phase_watcher = None  # a phase.PhaseWatcher: the phase is then re-read each tick
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -79,6 +80,8 @@ class Sampler:
                 self.errors_total["gpu"] += 1
             gpus = reading.cards
         groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
+        if self.phase_watcher is not None:
+            self.phase = self.phase_watcher.read()
         return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=time.perf_counter() - start,
                       system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
                       processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,

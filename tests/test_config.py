@@ -41,7 +41,7 @@ BAD = [
     ("memory: uss\n", "memory: Input should be 'rss' or 'pss' (got 'uss')"),
     ("listen: 9713\n", "listen: Input should be a valid string (got 9713)"),
     ("listen: localhost\n", "listen: 'localhost' is not HOST:PORT (example: 127.0.0.1:9713)"),
-    ("groups: {by: container}\n", "groups.by: Input should be 'pgid' or 'cgroup' (got 'container')"),
+    ("groups: {by: pod}\n", "groups.by: Input should be 'pgid', 'cgroup' or 'container' (got 'pod')"),
     ("groups: {max_groups: 0}\n", "groups.max_groups: Input should be greater than or equal to 1 (got 0)"),
     ("groups: {min_memory: 10XB}\n", "groups.min_memory: '10XB': unknown size unit 'xb' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
     ("groups: {named: [{name: a, match: {comm: '(unclosed'}}]}\n",
