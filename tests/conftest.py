@@ -15,6 +15,12 @@ HOG = str(Path(__file__).with_name("hog.py"))
 MB = 1024 * 1024
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_phase_file(tmp_path_factory):
+    """A phase someone set on this machine must not leak into the daemons the tests start."""
+    os.environ["MEM_EXPORTER_PHASE_FILE"] = str(tmp_path_factory.mktemp("phase") / "phase")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,103 @@
+"""PNG charts for a report, drawn with matplotlib's Agg backend (no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .analysis import CAUTION_FROM, CRITICAL_FROM, Analysis
+from .model import Series
+
+GIB = 2**30
+ZONE_COLOURS = (("#2ca02c", 0.0, CAUTION_FROM), ("#ffbf00", CAUTION_FROM, CRITICAL_FROM), ("#d62728", CRITICAL_FROM, 1.0))
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _axis(a: Analysis):
+    """x values as elapsed minutes for long runs, seconds for short ones."""
+    t0, span = a.run.start, a.run.end - a.run.start
+    scale, label = (60.0, "elapsed (min)") if span > 600 else (1.0, "elapsed (s)")
+    return (lambda times: [(t - t0) / scale for t in times]), label, scale
+
+
+def _decorate(ax, a: Analysis, x, capacity: float | None) -> None:
+    if capacity:
+        for colour, lo, hi in ZONE_COLOURS:
+            ax.axhspan(lo * capacity / GIB, hi * capacity / GIB, color=colour, alpha=0.08, linewidth=0)
+        ax.axhline(capacity / GIB, color="black", linewidth=0.8, linestyle=":")
+        ax.set_ylim(0, capacity / GIB * 1.05)
+    else:
+        ax.set_ylim(bottom=0)
+    for seg in a.segments:
+        if seg.phase:
+            start = x([seg.start])[0]
+            ax.axvline(start, color="grey", linewidth=0.6, linestyle="--")
+            ax.text(start, 1.0, f" {seg.phase}", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
+                    rotation=90, color="dimgrey")
+    ax.set_ylabel("GiB")
+    ax.grid(True, linewidth=0.3)
+
+
+def _plot(ax, series: Series, x, **kw) -> None:
+    ax.plot(x(series.times), [v / GIB for v in series.values], linewidth=1.2, **kw)
+
+
+def draw(a: Analysis, directory: Path, stem: str) -> dict[str, Path]:
+    """Writes the charts next to the report; returns {"system"|"gpus"|"groups": path} for those drawn."""
+    plt = _pyplot()
+    x, xlabel, _ = _axis(a)
+    out: dict[str, Path] = {}
+
+    def save(fig, key: str) -> None:
+        path = directory / f"{stem}-{key}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out[key] = path
+
+    run = a.run
+    if run.system.values:
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        _plot(ax, run.system, x, label="RAM used", color="#1f77b4")
+        if run.swap.values and max(run.swap.values) > 0:
+            _plot(ax, run.swap, x, label="swap used", color="#9467bd")
+        _decorate(ax, a, x, run.system.capacity)
+        ax.set_title("System memory")
+        ax.set_xlabel(xlabel)
+        ax.legend(loc="best", fontsize=8)
+        save(fig, "system")
+    gpus = [run.gpus[k] for k in sorted(run.gpus) if run.gpus[k].values]
+    if gpus:
+        fig, axes = plt.subplots(len(gpus), 1, figsize=(10, 2.8 * len(gpus)), sharex=True, squeeze=False)
+        for ax, series in zip(axes[:, 0], gpus):
+            _plot(ax, series, x, color="#76b900")
+            _decorate(ax, a, x, series.capacity)
+            ax.set_title(f"{series.name}: memory used", fontsize=10)
+        axes[-1, 0].set_xlabel(xlabel)
+        save(fig, "gpus")
+    groups = [run.groups[st.name] for st in a.groups if run.groups[st.name].values]
+    if groups:
+        fig, ax = plt.subplots(figsize=(10, 4))
+        for series in groups:
+            _plot(ax, series, x, label=series.name)
+            if series.limits:
+                ax.axhline(min(series.limits.values()) / GIB, linewidth=0.8, linestyle="--",
+                           color=ax.lines[-1].get_color())
+        _decorate(ax, a, x, None)
+        ax.set_title(f"Largest groups ({run.memtype}; dashed: limits)")
+        ax.set_xlabel(xlabel)
+        ax.legend(loc="upper left", fontsize=7, ncol=2)
+        save(fig, "groups")
+    return out

@@ -1,0 +1,157 @@
+"""Reading session logs into a `Run`: this project's JSONL and CSV, and the enforcer's event log.
+
+A directory stands for every log file in it, rotated ones (`NAME.1`, ...) included.
+Records are recognised by shape, not by file name, so event lines may sit in any file.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from .model import Run
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+_LOG_SUFFIXES = (".jsonl", ".json", ".csv", ".ndjson")
+
+
+def is_log_file(path: Path) -> bool:
+    name = path.name
+    while name.rsplit(".", 1)[-1].isdigit() and "." in name:  # a rotated NAME.jsonl.3
+        name = name.rsplit(".", 1)[0]
+    return path.is_file() and name.endswith(_LOG_SUFFIXES)
+
+
+def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if is_log_file(f))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return out
+
+
+def _time(value: Any) -> float | None:
+    """Unix seconds from a number or an ISO 8601 string ("...Z" included)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def _num(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def add_sample(run: Run, rec: dict[str, Any]) -> None:
+    """A `type: sample` record (docs/report.md)."""
+    t = _time(rec["t"])
+    if not run.new_sample(t, rec.get("phase")):
+        return
+    memtype = rec.get("memtype") or run.memtype
+    run.memtype = memtype
+    s = rec.get("system") or {}
+    if s.get("total_bytes"):
+        run.system.capacity = float(s["total_bytes"])
+        used = s.get("used_bytes")
+        run.system.add(t, used if used is not None else s["total_bytes"] - s["available_bytes"])
+    if s.get("swap_total_bytes") is not None:
+        run.swap.capacity = float(s["swap_total_bytes"]) or None
+        run.swap.add(t, s.get("swap_used_bytes"))
+    for g in rec.get("groups") or ():
+        series = run.group(g["group"])
+        value = g.get("pss_bytes") if memtype == "pss" and g.get("pss_bytes") is not None else g.get("rss_bytes")
+        series.add(t, value)
+        for rule, limit in (g.get("limits") or {}).items():
+            series.limits[rule] = float(limit)
+        series.gpu_bytes = max(series.gpu_bytes, float(sum((g.get("gpu_memory_bytes") or {}).values())))
+    for c in rec.get("gpus") or ():
+        run.gpu(str(c["gpu"]), c.get("name"), c.get("memory_total_bytes")).add(t, c.get("memory_used_bytes"))
+
+
+def add_event(run: Run, rec: dict[str, Any]) -> None:
+    ev = dict(rec)
+    ev["t"] = _time(rec.get("t", rec.get("timestamp"))) or 0.0
+    run.events.append(ev)
+
+
+def add_record(run: Run, rec: dict[str, Any]) -> None:
+    """One JSON line of any of this project's logs: a session log, a `run` log, an event log."""
+    kind = rec.get("type")
+    if kind == "sample":
+        add_sample(run, rec)
+    elif kind == "session":
+        run.sessions.append(rec)
+        run.memtype = rec.get("memtype") or run.memtype
+    elif kind == "event" or ("action" in rec and "rule" in rec):  # the enforcer's event lines carry no type
+        add_event(run, rec)
+
+
+def read_jsonl(path: Path, run: Run, progress: Progress) -> None:
+    bad = 0
+    with open(path, "rb") as f:
+        for line in f:
+            progress.update(len(line))
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    add_record(run, rec)
+            except (ValueError, KeyError, TypeError):
+                bad += 1  # a line cut short by a crash, say
+    if bad:
+        log.warning("%s: skipped %d unreadable lines", path, bad)
+
+
+def read_csv(path: Path, run: Run, progress: Progress) -> None:
+    """The memory CSV (system and group rows) or the GPU CSV, told apart by their columns."""
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f)
+        fields = rows.fieldnames or []
+        keep = False  # whether the current timestamp is new (the same file read twice adds nothing)
+        for row in rows:
+            progress.update(sum(len(v or "") + 1 for v in row.values()))
+            t = _time(row["timestamp"])
+            if "gpu" in fields:
+                run.gpu(row["gpu"], row.get("name"), _num(row.get("memory_total_bytes"))).add(
+                    t, _num(row.get("memory_used_bytes")))
+            elif row["kind"] == "system":
+                keep = run.new_sample(t, row.get("phase"))
+                if keep:
+                    run.system.capacity = _num(row["total_bytes"])
+                    run.system.add(t, _num(row["memory_bytes"]))
+                    run.swap.capacity = _num(row["swap_total_bytes"]) or None
+                    run.swap.add(t, _num(row["swap_used_bytes"]))
+            elif keep:
+                series = run.group(row["name"])
+                series.add(t, _num(row["memory_bytes"]))
+                if row.get("limit_rule"):
+                    series.limits[row["limit_rule"]] = float(row["limit_bytes"])
+                series.gpu_bytes = max(series.gpu_bytes, _num(row.get("gpu_memory_bytes")) or 0.0)
+
+
+def read_logs(paths: Iterable[str | os.PathLike], run: Run | None = None, progress: bool | None = None) -> Run:
+    files = expand(paths)
+    run = run or Run()
+    bar = Progress(sum(f.stat().st_size for f in files), "reading logs", progress)
+    for f in files:
+        run.sources.append(str(f))
+        (read_csv if ".csv" in f.name else read_jsonl)(f, run, bar)
+    bar.close()
+    return run.finish()

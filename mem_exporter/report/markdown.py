@@ -1,0 +1,155 @@
+"""The Markdown text of a report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..units import format_bytes
+from .analysis import (CAUTION_FROM, CRITICAL_FROM, LEAK_MIN_GROWTH_BYTES, LEAK_MIN_GROWTH_RATIO, LEAK_MIN_R2,
+                       LEAK_MIN_SAMPLES, LEAK_MIN_SHARE_OF_RUN, NEAR_MISS, ZONES, Analysis, Stats, format_rate, format_seconds)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _zones(st: Stats) -> list[str]:
+    if not st.zones:
+        return ["-"] * len(ZONES)
+    total = sum(st.zones.values()) or 1.0
+    return [f"{st.zones[z] / total:.0%}" for z in ZONES]
+
+
+def _stats_row(st: Stats) -> list[str]:
+    share = f"{st.peak_ratio:.0%}" if st.peak_ratio is not None else "-"
+    return [st.name, format_bytes(st.capacity), format_bytes(st.peak), share, format_bytes(st.mean),
+            format_bytes(st.p95), *_zones(st)]
+
+
+STATS_HEADER = ["Resource", "Capacity", "Peak", "Peak share", "Mean", "p95", "Safe", "Caution", "Critical"]
+
+
+def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
+    run = a.run
+    names = sorted({s.get("session") for s in run.sessions if s.get("session")})
+    hosts = sorted({s.get("host") for s in run.sessions if s.get("host")})
+    lines = [f"# Memory report{': ' + ', '.join(names) if names else ''}", ""]
+    if not run.times:
+        return "\n".join(lines + ["No samples found in: " + ", ".join(run.sources), ""])
+    facts = [["Sources", "<br>".join(f"`{s}`" for s in run.sources)],
+             ["From", _when(run.start)], ["To", _when(run.end)],
+             ["Duration", format_seconds(run.end - run.start)], ["Samples", str(len(run.times))],
+             ["Memory measure", run.memtype]]
+    if hosts:
+        facts.append(["Host", ", ".join(hosts)])
+    lines += _table(["", ""], facts)
+    if note:
+        lines += [note, ""]
+
+    lines += ["## Summary", ""]
+    rows = [_stats_row(st) for st in [a.system, a.swap, *a.gpus] if st]
+    lines += _table(STATS_HEADER, rows)
+    for key, title in (("system", "System memory"), ("gpus", "GPU memory")):
+        if key in charts:
+            lines += [f"![{title}]({charts[key].name})", ""]
+
+    lines += ["## Largest groups", ""]
+    if a.groups:
+        rows = []
+        for st in a.groups:
+            limits = run.groups[st.name].limits
+            row = _stats_row(st)
+            row[1] = (f"{format_bytes(min(limits.values()))} (limit)" if limits
+                      else f"{format_bytes(st.capacity)} (RAM)" if st.capacity else "-")
+            rows.append(row)
+        lines += _table(["Group", "Measured against", *STATS_HEADER[2:]], rows)
+        if "groups" in charts:
+            lines += [f"![Largest groups]({charts['groups'].name})", ""]
+    else:
+        lines += ["No groups were logged.", ""]
+
+    lines += ["## Phases", ""]
+    if any(row["phase"] for row in a.phases):
+        gpu_keys = sorted(run.gpus)
+        header = ["Phase", "Time", "RAM peak", "RAM mean"]
+        for k in gpu_keys:
+            header += [f"GPU {k} peak", f"GPU {k} mean"]
+        header.append("Largest group (peak)")
+        rows = []
+        for row in a.phases:
+            cells = [row["phase"] or "(none)", format_seconds(row["seconds"])]
+            st = row["system"]
+            cells += [format_bytes(st.peak), format_bytes(st.mean)] if st else ["-", "-"]
+            for k in gpu_keys:
+                g = row["gpus"].get(k)
+                cells += [format_bytes(g.peak), format_bytes(g.mean)] if g else ["-", "-"]
+            top = row["top_group"]
+            cells.append(f"{top.name} ({format_bytes(top.peak)})" if top else "-")
+            rows.append(cells)
+        lines += _table(header, rows)
+        lines += ["### Memory released between phases", "",
+                  "At each change of phase: what the earlier phase gained (its last value minus its first), the value "
+                  "at its end, the lowest value in the next phase, and the difference (released; negative: grew).", ""]
+        rows = [[format_seconds(tr.at - run.start), f"{tr.before or '(none)'} → {tr.after or '(none)'}", tr.resource,
+                 format_bytes(tr.gained), format_bytes(tr.end_before), format_bytes(tr.low_after),
+                 format_bytes(tr.released)] for tr in a.transitions]
+        lines += _table(["At", "Change", "Resource", "Gained before", "At the end", "Lowest after", "Released"], rows)
+    else:
+        lines += ["No phases were set (`mem-exporter phase NAME` marks them).", ""]
+
+    lines += ["## Leak check", "",
+              f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
+              f"R² ≥ {LEAK_MIN_R2} and rises by at least {format_bytes(LEAK_MIN_GROWTH_BYTES)} and "
+              f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.", ""]
+    shown = [lk for lk in a.leaks if lk.flagged or lk.group in {st.name for st in a.groups}]  # leaks, and the top groups
+    if shown:
+        rows = [[lk.group, format_rate(lk.slope), f"{lk.r2:.2f}", format_bytes(lk.growth), format_seconds(lk.seconds),
+                 "**leak**" if lk.flagged else "no"] for lk in shown]
+        lines += _table(["Group", "Slope", "R²", "Growth", "Over", "Leak?"], rows)
+    else:
+        lines += ["No group had enough samples to check.", ""]
+
+    lines += ["## Kills and near misses", ""]
+    if a.kills:
+        rows = [[_when(e["t"]), str(e.get("rule", "")), str(e.get("group") or "-"),
+                 format_bytes(e.get("memory_bytes")), _limit(e), str(e.get("outcome") or e.get("action"))]
+                for e in a.kills]
+        lines += _table(["Time", "Rule", "Group", "Memory", "Limit", "Outcome"], rows)
+    else:
+        lines += ["No kills.", ""]
+    if a.dry_runs:
+        lines += [f"The enforcer was in dry-run mode and would have killed {len(a.dry_runs)} time(s): "
+                  + ", ".join(sorted({str(e.get('group')) for e in a.dry_runs})) + ".", ""]
+    if a.near_misses:
+        rows = [[nm.what, format_bytes(nm.peak), format_bytes(nm.limit), f"{nm.ratio:.0%}",
+                 f"`{nm.rule}`" if nm.rule else "its capacity"] for nm in a.near_misses]
+        lines += [f"Near misses: peaks at {NEAR_MISS:.0%} or more of a limit, without a kill.", ""]
+        lines += _table(["What", "Peak", "Limit", "Share", "Limit from"], rows)
+    else:
+        lines += [f"No near misses (no peak reached {NEAR_MISS:.0%} of a limit or of a card).", ""]
+
+    lines += ["## Recommendations", ""]
+    lines += [f"{i}. {text}" for i, text in enumerate(a.recommendations, 1)] + [""]
+    lines += ["---", "",
+              f"Zones are shares of the capacity: safe below {CAUTION_FROM:.0%}, caution {CAUTION_FROM:.0%} to "
+              f"{CRITICAL_FROM:.0%}, critical above {CRITICAL_FROM:.0%}; their columns are shares of the time. A "
+              "group is measured against its tightest enforcer limit, else the host's RAM. Mean and p95 are over "
+              "samples. Details: docs/report.md.", ""]
+    return "\n".join(lines)
+
+
+def _limit(e: dict) -> str:
+    limit = e.get("limit")
+    if limit is None:
+        return "-"
+    if str(e.get("condition", "")) == "gpu_memory_above":
+        return f"{float(limit):.0%} of the card"
+    if str(e.get("condition", "")) == "system_available_below":
+        return f"{format_bytes(limit)} available"
+    return format_bytes(limit)
