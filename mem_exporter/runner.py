@@ -1,0 +1,627 @@
+"""`mem-exporter run`: start a command, watch its whole process tree, kill the tree at the limit.
+
+The tree is every process whose ppid chain reaches the wrapper: the command and everything it
+starts, in its process group or not (a `setsid` grandchild such as `ollama serve`). The wrapper
+is a child subreaper (Linux), so a descendant orphaned on the way reparents to the wrapper instead
+of init and stays in the tree; members are remembered by (pid, start time), so a reused pid is
+never mistaken for one. The tree's summed RSS is what the threshold limits.
+
+One loop on the main thread: reap children, read the tree, log, check the limit. Reading is the
+Sampler's full /proc walk every interval; in between, only the tree's members and pids new since
+the walk (a few files): at least every 0.5 s, and every 50 to 100 ms near the limit, as the
+enforcer's fast lane does. Killing goes through the enforcer's Actuator:
+identity-checked signals to every member, then killpg on the command's group; first signal,
+grace with re-reads (past the hard ceiling: SIGKILL at once), SIGKILL, confirmed death.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .config import Groups, Notify, Rule, load_config
+from .enforcer.actuator import Actuator
+from .enforcer.events import Notifier, make_event
+from .enforcer.policy import Action, Context, poll_period, protection
+from .phase import PhaseWatcher
+from .runlog import MB, SCHEMA, RunLog, iso, mb, resolve_path, sample_record
+from .sample import GroupSample, ProcessInfo, Sample
+from .sampler import Sampler
+from .units import parse_duration, parse_size
+
+log = logging.getLogger(__name__)
+
+EXIT_SETUP = 2  # bad option or environment variable, unwritable log, busy port: the command never ran
+EXIT_MEMORY = 137  # killed for memory: 128 + SIGKILL, what a shell shows for a SIGKILL death
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+RULE = "run"  # the rule label of the limit metric and of the events
+HARD_CEILING = 0.10  # during the grace period, this far over the limit gets SIGKILL at once
+DEATH_TIMEOUT = 10.0
+SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by itself before SIGTERM
+TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
+FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
+TTY_STATUS_EVERY = 0.2
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ZONES = ((0.67, "32"), (0.83, "33"), (float("inf"), "31"))  # safe green, caution yellow, critical red
+PR_SET_CHILD_SUBREAPER = 36
+
+ENV_THRESHOLD = "MEM_EXPORTER_THRESHOLD"
+ENV_INTERVAL = "MEM_EXPORTER_INTERVAL"
+ENV_LOG = "MEM_EXPORTER_LOG"
+ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
+
+CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
+
+
+class SetupError(Exception):
+    """A problem found before the command starts: one line on stderr, exit 2."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    command: tuple[str, ...]
+    threshold: int = 800 * MB
+    interval: float = 2.0
+    grace: float = 5.0
+    log: str | None = None
+    verbose: bool = False
+    notify: bool = False
+    listen: str | None = None
+
+
+def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
+    """Flags first, then MEM_EXPORTER_* environment variables, then defaults; SetupError names the culprit."""
+    command = list(args.command or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise SetupError("no command to run (usage: mem-exporter run [-t 800] -- CMD [ARGS...])")
+
+    def pick(flag, option: str, env: str, parse, default):
+        if flag is not None:
+            raw, where = flag, option
+        elif environ.get(env, "").strip():
+            raw, where = environ[env], env
+        else:
+            return default
+        try:
+            value = parse(raw)
+        except ValueError as e:
+            raise SetupError(f"{where}: {e}") from None
+        if not value > 0:
+            raise SetupError(f"{where}: must be more than 0 (got {raw!r})")
+        return value
+
+    threshold = pick(args.threshold, "--threshold", ENV_THRESHOLD, lambda v: parse_size(v, bare_unit=MB), 800 * MB)
+    interval = pick(args.interval, "--interval", ENV_INTERVAL, parse_duration, 2.0)
+    if interval > 3600:
+        raise SetupError(f"--interval: at most 1h (got {interval:g}s)")
+    grace = 5.0
+    if args.grace is not None:
+        try:
+            grace = parse_duration(args.grace)
+        except ValueError as e:
+            raise SetupError(f"--grace: {e}") from None
+    _, sep, port = (args.listen or "").rpartition(":")
+    if args.listen and not (sep and port.isdigit() and int(port) <= 65535):
+        raise SetupError(f"--listen: {args.listen!r} is not HOST:PORT (example: 127.0.0.1:9715)")
+    verbose = bool(args.verbose) or environ.get(ENV_VERBOSE, "").strip().lower() in ("1", "true", "yes", "on")
+    return RunOptions(command=tuple(command), threshold=threshold, interval=interval, grace=grace,
+                      log=args.log or environ.get(ENV_LOG) or None, verbose=verbose, notify=bool(args.notify),
+                      listen=args.listen)
+
+
+def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo], root: int) -> dict[int, ProcessInfo]:
+    """The tree among fresh readings: known members (same pid and start time) and every process
+    whose ppid chain reaches the root or a member."""
+    procs = list(procs)
+    known = {p.identity for p in previous.values()}
+    out = {p.pid: p for p in procs if p.identity in known and p.pid != root}
+    children: dict[int, list[ProcessInfo]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    stack = [root, *out]
+    while stack:
+        for c in children.get(stack.pop(), ()):
+            if c.pid not in out and c.pid != root:
+                out[c.pid] = c
+                stack.append(c.pid)
+    return out
+
+
+def processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + N for a death by signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def become_subreaper() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def foreground_tty() -> int | None:
+    """Our controlling terminal, when we hold its foreground: the command is then given the terminal."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _set_foreground(tty: int, pgid: int) -> None:
+    try:
+        os.tcsetpgrp(tty, pgid)
+    except OSError:
+        pass
+
+
+def _take_terminal(tty: int) -> None:
+    """In the child, before exec: its own process group, in the foreground of our terminal."""
+    os.setpgid(0, 0)
+    _set_foreground(tty, os.getpgrp())  # SIGTTOU is ignored here, as in the parent
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
+
+
+class RunCollector:
+    """The run's limit and kills under the enforcer's metric names."""
+
+    def __init__(self, runner: "Runner"):
+        self.runner = runner
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        r = self.runner
+        g = GaugeMetricFamily("mem_exporter_enforcer_limit_bytes", "The limit a rule holds an exported group to.",
+                              labels=["rule", "group"])
+        g.add_metric([RULE, r.name], r.opts.threshold)
+        yield g
+        c = CounterMetricFamily("mem_exporter_enforcer_kills", "Process groups killed (a signal delivered), by rule.",
+                                labels=["rule"])
+        c.add_metric([RULE], r.kills)
+        yield c
+
+
+class Runner:
+    def __init__(self, opts: RunOptions, environ: Mapping[str, str] = os.environ):
+        self.opts = opts
+        self.name = os.path.basename(opts.command[0]) or opts.command[0]
+        self.started = time.time()
+        self.log_path = resolve_path(opts.log, opts.command[0], self.started, os.getpid(), environ)
+        self.config = load_config(None, {"interval": opts.interval})
+        self.sampler = Sampler(self.config)
+        self.sampler.phase_watcher = PhaseWatcher()  # `mem-exporter phase NAME` marks the run's samples
+        self.actuator = Actuator(self.config.paths.procfs)
+        self.ctx = Context(uid=os.geteuid(), pid=os.getpid(), pgid=os.getpgrp())
+        self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
+        self.members: dict[int, ProcessInfo] = {}
+        self.group: GroupSample | None = None
+        self.breach: GroupSample | None = None
+        self.system = None
+        self.latest: Sample | None = None
+        self.peak = 0
+        self.kills = 0
+        self.proc: subprocess.Popen | None = None
+        self.cmd_pid = 0
+        self.cmd_status: int | None = None
+        self.signalled: int | None = None
+        self.stopping = False
+        self.hurry = False
+        self.tty: int | None = None
+        self.log: RunLog | None = None
+        self.server = self.exposition = None
+        self._seen: set[int] = set()
+        self._rate = 0.0
+        self._last: tuple[float, int] | None = None
+        self._last_logged = self._last_status = 0.0
+        self._status_line = False
+        self._serving = False
+        self.subreaper = False
+        self._wake_r = -1
+
+    # --- the whole run ----------------------------------------------------------------------
+    def run(self) -> int:
+        self._open_outputs()  # SetupError: nothing has started yet
+        self.subreaper = become_subreaper()
+        self._install_signals()
+        try:
+            self._spawn()
+        except OSError as e:
+            if self.tty is not None:  # the child may have taken the terminal before its exec failed
+                _set_foreground(self.tty, os.getpgrp())
+            status = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+            print(f"mem-exporter: {self.opts.command[0]}: {e.strerror or e}", file=sys.stderr)
+            self._write_header()
+            self._finish_log("not_started", status, None)
+            return status
+        self._write_header()
+        if self.server is not None:
+            self.server.start()
+            self._serving = True
+        cause = "error"
+        try:
+            cause = self._watch()
+        finally:  # whatever happened, no process of the tree outlives the wrapper
+            first = self.signalled if cause == "signal" else signal.SIGTERM
+            event = self._terminate(first, cause)
+            self._reap()
+            if self.tty is not None:
+                _set_foreground(self.tty, os.getpgrp())
+            status = self._exit_status(cause)
+            self._report(cause, event, status)
+            self._finish_log(cause, status, event)
+        return status
+
+    def _exit_status(self, cause: str) -> int:
+        if cause == "memory":
+            return EXIT_MEMORY
+        if cause == "signal":
+            return 128 + self.signalled
+        if self.cmd_status is None:
+            return 1
+        return self.cmd_status
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _open_outputs(self) -> None:
+        if self.opts.listen:  # first: a busy port must not leave an empty log behind
+            from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
+            groups = Groups(min_memory=0)  # the tree is the one group: never folded into "other"
+            self.exposition = Exposition(build_registry(SampleCollector(lambda: self.latest, lambda: groups),
+                                                        RunCollector(self)))
+            try:
+                self.server = MetricsServer(self.opts.listen, self.exposition,
+                                            sample_health(lambda: self.latest, lambda: self.opts.interval))
+            except (OSError, ValueError) as e:
+                raise SetupError(f"cannot listen on {self.opts.listen}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            self.log = RunLog(self.log_path)
+        except OSError as e:
+            if self.server is not None:
+                self.server.server_close()
+            raise SetupError(f"cannot write the log {self.log_path}: {e.strerror or e}") from None
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe()  # the loop sleeps in select() on r; any signal writes to w and wakes it
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake_r = r
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in FORWARDED:
+            if signal.getsignal(sig) != signal.SIG_IGN:  # started with it ignored (nohup): the command inherits that
+                signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so a child's exit wakes the loop too
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self.stopping or self.signalled:
+            self.hurry = True  # a second Ctrl-C, or a signal while stopping: SIGKILL without waiting
+        else:
+            self.signalled = signum
+
+    def _spawn(self) -> None:
+        self.tty = foreground_tty()
+        if self.tty is not None:  # keep the terminal: own group in our session, in the foreground
+            # from now on the wrapper may be in the background: it must not be stopped for taking
+            # the terminal or writing to it (whichever of parent and child runs first)
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            self.proc = subprocess.Popen(list(self.opts.command), preexec_fn=functools.partial(_take_terminal, self.tty))
+            try:
+                os.setpgid(self.proc.pid, self.proc.pid)  # as the child does: whichever runs first wins the race
+            except OSError:
+                pass
+            _set_foreground(self.tty, self.proc.pid)
+        else:  # no terminal to share: a session of its own
+            self.proc = subprocess.Popen(list(self.opts.command), start_new_session=True)
+        self.cmd_pid = self.proc.pid
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # only now: the command's SIGTTOU stays default
+
+    def _write_header(self) -> None:
+        self.log.write({"type": "session", "schema": SCHEMA, "session": self.name, "command": list(self.opts.command),
+                        "started": iso(self.started), "t": round(self.started, 3), "host": socket.gethostname(),
+                        "pid": os.getpid(), "command_pid": self.cmd_pid or None, "threshold_bytes": self.opts.threshold,
+                        "threshold_mb": mb(self.opts.threshold), "interval": self.opts.interval,
+                        "grace": self.opts.grace, "memtype": "rss", "terminal": self.tty is not None,
+                        "subreaper": self.subreaper})
+        self.log.flush()
+
+    # --- watching ---------------------------------------------------------------------------
+    def _watch(self) -> str:
+        next_full = 0.0
+        while True:
+            self._reap()
+            if self.signalled:
+                return "signal"
+            if self.cmd_status is not None:
+                return "exited"
+            now = time.monotonic()
+            full = now >= next_full
+            if full:
+                next_full = now + self.opts.interval
+            group = self._read(full)
+            if group.rss_bytes > self.opts.threshold:
+                self.breach = group
+                return "memory"
+            period = min(TREE_EVERY, poll_period(self.opts.threshold - group.rss_bytes, self._rate, self.opts.interval))
+            self._sleep(min(next_full, time.monotonic() + period) - time.monotonic())
+
+    def _read(self, full: bool, record: bool = True) -> GroupSample:
+        """Re-read the tree: a full sample, or (fast lane) the members plus pids new since the last one."""
+        sample = None
+        if full:
+            sample = self.sampler.tick()
+            if all(sample.sources_up.values()):  # a failed walk reads as an empty tree: keep the last one
+                self.system = sample.system
+                self._seen = {p.pid for p in sample.processes}
+                self.members = tree_members(sample.processes, self.members, os.getpid())
+        else:
+            reader = self.sampler.reader
+            try:
+                procs, _ = reader.read_processes(list(self.members))
+                fresh = [pid for pid in reader.pids() if pid not in self._seen and pid not in self.members]
+                self._seen.update(fresh)  # read once: one outside the tree now never joins it
+                if fresh:
+                    procs += reader.read_processes(fresh)[0]
+                self.members = tree_members(procs, self.members, os.getpid())
+            except OSError as e:
+                log.debug("fast read failed: %s", e)
+        members = sorted(self.members.values(), key=lambda p: p.rss_bytes, reverse=True)
+        group = GroupSample(key=f"tree:{self.cmd_pid}", label=self.name, kind="tree",
+                            rss_bytes=sum(p.rss_bytes for p in members), processes=len(members),
+                            members=tuple(members), pgid=self.cmd_pid)
+        self.group = group
+        self.peak = max(self.peak, group.rss_bytes)
+        self._observe(group.rss_bytes)
+        if record:
+            self._record(group, sample)
+        return group
+
+    def _observe(self, value: int) -> None:
+        """The tree's recent growth rate (bytes/s): a rise counts at once, a slow-down halves it per reading."""
+        now = time.monotonic()
+        if self._last is not None:
+            t0, v0 = self._last
+            if now - t0 < 0.02:
+                return
+            inst = max(0.0, (value - v0) / (now - t0))
+            self._rate = inst if inst >= self._rate else 0.5 * self._rate + 0.5 * inst
+        self._last = (now, value)
+
+    def _record(self, group: GroupSample, sample: Sample | None) -> None:
+        now = time.monotonic()
+        share = group.rss_bytes / self.opts.threshold
+        # a line per full sample; from the caution zone on, fast readings too (every one past the limit)
+        if sample is not None or share > 1 or (share >= ZONES[0][0] and now - self._last_logged >= FAST_LOG_EVERY):
+            self._last_logged = now
+            self.log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=sample is None,
+                                         phase=self.sampler.phase))
+        if sample is not None:
+            self.log.flush()  # once per interval: `tail -f` shows the run as it goes
+            if self.exposition is not None:
+                self.latest = dataclasses.replace(sample, groups=(group,))
+                self.exposition.refresh()
+        self._status(group, full=sample is not None)
+
+    def _status(self, group: GroupSample, full: bool) -> None:
+        if not self.opts.verbose:
+            return
+        tty = sys.stderr.isatty()
+        now = time.monotonic()
+        if not full and (not tty or now - self._last_status < TTY_STATUS_EVERY):
+            return
+        self._last_status = now
+        share = group.rss_bytes / self.opts.threshold
+        text = (f"mem-exporter: {group.rss_bytes / MB:.1f} MB of {self.opts.threshold / MB:g} MB ({share:.0%}), "
+                f"peak {self.peak / MB:.1f} MB, {processes(group.processes)}")
+        try:
+            if tty:
+                if not os.environ.get("NO_COLOR"):
+                    colour = next(c for limit, c in ZONES if share < limit)
+                    text = f"\x1b[{colour}m{text}\x1b[0m"
+                sys.stderr.write("\r" + text + "\x1b[K")
+                self._status_line = True
+            else:
+                sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            select.select([self._wake_r], [], [], seconds)
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        """Collect every exited child: the command (its status kept) and the tree's reparented orphans."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid != self.cmd_pid:
+                continue
+            if os.WIFSTOPPED(status):
+                self._suspend()
+                continue
+            self.cmd_status = exit_code(status)
+            self.proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+
+    def _suspend(self) -> None:
+        """The command stopped (Ctrl-Z): stop the wrapper too, so the shell sees its job stopped; resume both."""
+        if self.tty is None:
+            return
+        _set_foreground(self.tty, os.getpgrp())
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us (fg or bg)
+        try:
+            if os.tcgetpgrp(self.tty) == os.getpgrp():  # `fg`: hand the terminal back; `bg`: leave it to the shell
+                _set_foreground(self.tty, self.cmd_pid)
+        except OSError:
+            pass
+        try:
+            os.killpg(self.cmd_pid, signal.SIGCONT)
+        except OSError:
+            pass
+
+    # --- stopping the tree --------------------------------------------------------------------
+    def _terminate(self, first: int, cause: str) -> dict | None:
+        """First signal to the whole tree, the grace period with re-reads, SIGKILL to whoever is left,
+        confirmed death. The event, or None when nothing of the tree was left to stop."""
+        self.stopping = True
+        group = self.breach or self._read(False, record=False)  # forks since the last reading count too
+        act = self.actuator
+        targets: dict[tuple[int, int], ProcessInfo] = {}
+
+        def take(procs: Iterable[ProcessInfo]) -> None:
+            for p in procs:
+                if p.identity not in targets and protection(p, self.ctx) is None:
+                    targets[p.identity] = p
+
+        take(self.members.values())
+        if targets and cause == "exited":  # processes already on their way out (Ctrl-C reached the whole group)
+            act.wait_gone(list(targets.values()), SETTLE)
+            self._reap()
+            targets = {k: p for k, p in targets.items() if act.alive(p)}
+        if not targets:
+            return None
+        t0 = time.monotonic()
+        sent: list[dict] = []
+
+        def deliver(sig: int) -> None:
+            live = [p for p in targets.values() if act.alive(p)]
+            # killpg reaches forks not read yet; never when the group holds a process we must not signal
+            spare = any(p.pgid == self.cmd_pid and protection(p, self.ctx) for p in self.members.values())
+            d = act.signal_all(live, sig, pgid=None if spare else self.cmd_pid)
+            sent.append({"signal": signal.Signals(sig).name, "at_seconds": round(time.monotonic() - t0, 3),
+                         "sent": len(d.sent), "mismatch": len(d.mismatch), "denied": len(d.denied), "group": d.group})
+
+        deliver(first)
+        ceiling = self.opts.threshold * (1 + HARD_CEILING)
+        hard = False
+        deadline = t0 + self.opts.grace
+        while not self.hurry and (left := deadline - time.monotonic()) > 0:
+            self._sleep(min(0.05, left))
+            self._reap()
+            current = self._read(False)
+            take(self.members.values())
+            if not any(act.alive(p) for p in targets.values()):
+                break
+            if cause == "memory" and current.rss_bytes > ceiling:
+                hard = True
+                break
+        for _ in range(3):
+            if not any(act.alive(p) for p in targets.values()):
+                break
+            deliver(signal.SIGKILL)
+            act.wait_gone(list(targets.values()), DEATH_TIMEOUT)
+            self._reap()
+            self._read(False, record=False)
+            take(self.members.values())  # forked between the signals
+        survivors = [p for p in targets.values() if act.alive(p)]
+        gone_at = time.monotonic()
+        sent_any = any(s["sent"] for s in sent)
+        if sent_any and cause == "memory":
+            self.kills += 1
+        last = next((s["signal"] for s in reversed(sent) if s["sent"]), None)
+        action = Action(kind=last[3:].lower() if last else "skipped_gone", rule=self.rule, group=group,
+                        condition=CONDITIONS[cause], value=group.rss_bytes, limit=self.opts.threshold, at=t0,
+                        targets=tuple(targets.values()), ceiling=ceiling if cause == "memory" else None)
+        return make_event(action, time.time(), 5, "rss", type="event", cause=cause,
+                          signal=signal.Signals(first).name,
+                          outcome="survived" if survivors else ("dead" if sent_any else "gone"),
+                          signals_sent=[s for s in sent if s["sent"] or s["mismatch"] or s["denied"]],
+                          hard_ceiling=hard, ceiling=ceiling if cause == "memory" else None, peak_bytes=self.peak,
+                          signalled=[{"pid": p.pid, "comm": p.comm} for p in targets.values()][:50],
+                          survivors=[p.pid for p in survivors],
+                          time_to_death_seconds=round(gone_at - t0, 3) if sent_any and not survivors else None)
+
+    # --- the end ------------------------------------------------------------------------------
+    def _report(self, cause: str, event: dict | None, status: int) -> None:
+        lines = []
+        limit = f"{self.opts.threshold / MB:g} MB"
+        command = " ".join(self.opts.command)
+        if cause == "memory":
+            g = self.breach
+            lines.append(f"killed `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
+                         f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}")
+            top = ", ".join(f"{p.comm}[{p.pid}] {p.rss_bytes / MB:.1f} MB" for p in g.top(5))
+            lines.append(f"largest: {top}")
+        elif cause == "signal" and event:
+            lines.append(f"got {signal.Signals(self.signalled).name}: stopped `{command}` "
+                         f"({processes(len(event['signalled']))})")
+        elif cause == "exited" and event:
+            lines.append(f"`{command}` exited; stopped {processes(len(event['signalled']))} it left running")
+        if event and event["survivors"]:
+            lines.append(f"warning: still alive after SIGKILL: {' '.join(map(str, event['survivors']))}")
+        if lines or self.opts.verbose:
+            if cause != "memory":
+                lines.append(f"peak {self.peak / MB:.1f} MB of {limit}")
+            lines.append(f"log: {self.log_path}")
+        try:
+            if self._status_line:
+                sys.stderr.write("\n")
+            for line in lines:
+                sys.stderr.write(f"mem-exporter: {line}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+        if event and cause == "memory" and self.opts.notify:
+            notifier = Notifier(Notify(desktop=True))
+            notifier.send(event)
+            notifier.flush(3.0)
+
+    def _finish_log(self, cause: str, status: int, event: dict | None) -> None:
+        if event is not None:
+            self.log.write(event)
+        now = time.time()
+        self.log.write({"type": "exit", "timestamp": iso(now), "t": round(now, 3), "cause": cause,
+                        "exit_status": status, "command_status": self.cmd_status, "peak_bytes": self.peak,
+                        "peak_mb": mb(self.peak), "threshold_bytes": self.opts.threshold,
+                        "duration_seconds": round(now - self.started, 3)})
+        self.log.close()
+        if self._serving:
+            self.server.stop()
+        elif self.server is not None:
+            self.server.server_close()
+
+
+def main(args, environ: Mapping[str, str] = os.environ) -> int:
+    try:
+        runner = Runner(options_from(args, environ), environ)
+        return runner.run()
+    except SetupError as e:
+        print(f"mem-exporter run: {e}", file=sys.stderr)
+        return EXIT_SETUP
