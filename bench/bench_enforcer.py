@@ -291,19 +291,24 @@ def main() -> int:
     print(f"limit {a.limit_mib} MiB, {a.repeat} trials per cell, medians; enforcer at default settings "
           f"(interval 2s, grace 5s, hard ceiling 10%); earlyoom {(lambda r: (r.stdout + r.stderr).strip())(subprocess.run([EARLYOOM, '-v'], capture_output=True, text=True)) if os.path.exists(EARLYOOM) else 'absent'}")
     print()
-    print("| rate MiB/s | enforcer overshoot MiB | earlyoom overshoot MiB | ratio | enforcer crossing->death s | earlyoom crossing->death s | target (<= 1/3) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
-    worst_ok = True
+    # Overshoot is the peak above the limit for both. earlyoom watches MemAvailable, which does not
+    # fall one-for-one with the hog's RSS, so its trigger lands past the limit; its overshoot above
+    # its own trigger point (its reaction lag alone) is shown too, as the stricter comparison.
+    print("| rate MiB/s | enforcer overshoot MiB | earlyoom overshoot MiB | ratio | target (<= 1/3) "
+          "| earlyoom past its own trigger MiB | ratio to that | enforcer crossing->death s | earlyoom trigger->death s |")
+    print("| ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: |")
     for rate in rates:
         e = results.get(("enforcer", rate), [])
         o = results.get(("earlyoom", rate), [])
-        eo_, oo_ = med([x.get("overshoot_mib") for x in e]), med([x.get("overshoot_mib") for x in o])
+        eo_ = med([x.get("overshoot_mib") for x in e])
+        vs_limit, vs_trigger = med([x.get("peak_vs_limit_mib") for x in o]), med([x.get("overshoot_mib") for x in o])
         et, ot = med([x.get("cross_to_death_s") for x in e]), med([x.get("cross_to_death_s") for x in o])
-        ratio = (max(eo_, 0) / oo_) if eo_ is not None and oo_ else None
+        ratio = (max(eo_, 0) / vs_limit) if eo_ is not None and vs_limit else None
+        strict = (max(eo_, 0) / vs_trigger) if eo_ is not None and vs_trigger else None
         ok = ratio is not None and ratio <= 1 / 3
-        worst_ok &= ok
         print(f"| {rate:.0f} | {fmt(eo_)} (max {fmt(max((x.get('overshoot_mib') or 0 for x in e), default=None))}) | "
-              f"{fmt(oo_)} | {fmt(ratio, '.2f')} | {fmt(et, '.2f')} | {fmt(ot, '.2f')} | {'yes' if ok else 'no'} |")
+              f"{fmt(vs_limit)} | {fmt(ratio, '.2f')} | {'yes' if ok else 'no'} | {fmt(vs_trigger)} | "
+              f"{fmt(strict, '.2f')} | {fmt(et, '.2f')} | {fmt(ot, '.2f')} |")
     print()
     print(f"SIGTERM-ignoring hog at 200 MiB/s (enforcer): peak {fmt(ignore.get('peak_mib'))} MiB = "
           f"limit + {fmt(ignore.get('overshoot_mib'))} MiB (hard ceiling at +{a.limit_mib * 0.1:.0f} MiB), "
@@ -311,10 +316,6 @@ def main() -> int:
     print(f"enforcer CPU at interval 2s with {cpu['procs']} extra processes: {cpu['cpu_share'] * 100:.2f} % of one core "
           f"over {cpu['seconds']:.0f} s (target < 2 %: {'yes' if cpu['cpu_share'] < 0.02 else 'no'}); of which the shared "
           f"/proc walk (last sample {cpu['walk_seconds'] * 1000:.0f} ms per 2 s) is about {cpu['walk_share'] * 100:.2f} %")
-    eo_vs_limit = {rate: med([x.get("peak_vs_limit_mib") for x in results.get(("earlyoom", rate), [])]) for rate in rates}
-    if any(v is not None for v in eo_vs_limit.values()):
-        print("earlyoom peak above the RSS limit (its MemAvailable trigger drifts with other memory use), medians: "
-              + ", ".join(f"{rate:.0f} MiB/s: {fmt(v)} MiB" for rate, v in eo_vs_limit.items()))
     kills = [e for e in events if e["action"] in ("term", "kill")]
     print(f"enforcer events: {len(kills)} kills, hard ceiling used in {sum(1 for e in kills if e.get('hard_ceiling'))}; "
           f"bench took {time.monotonic() - began:.0f} s")

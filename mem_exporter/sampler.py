@@ -54,8 +54,11 @@ class Sampler:
         self.configure(config)
 
     def configure(self, config: Config) -> None:
+        old = getattr(self, "reader", None)
         self.config = config
         self.source_name, self.reader = make_reader(config)
+        if hasattr(old, "close"):
+            old.close()
 
     def tick(self) -> Sample:
         start = time.perf_counter()

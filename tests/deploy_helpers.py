@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -57,12 +56,6 @@ and or unless bool offset
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a tool from the repository root and capture its output as text."""
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_yaml(path: Path):

@@ -11,7 +11,8 @@ import urllib.request
 import pytest
 import yaml
 
-from deploy_helpers import DEPLOY, free_port, run
+from conftest import free_port
+from deploy_helpers import DEPLOY, run
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from alertmanager_helpers import Alertmanager, WebhookReceiver
-from conftest import Daemon, pid_alive, wait_for
-from deploy_helpers import DEPLOY, dashboard_queries, free_port
+from conftest import Daemon, free_port, pid_alive, wait_for
+from deploy_helpers import DEPLOY, dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_GPU = ROOT / "mem_exporter" / "gpu" / "scenarios" / "demo-12gb.yaml"

@@ -73,7 +73,7 @@ def test_sighup_reloads_and_a_bad_reload_keeps_the_last_good_config(daemon, tmp_
     d = daemon("serve", "--config", str(cfg)).wait_healthy()
     wait_for(lambda: group_label_for_pgid(d.metrics(), hog.pgid), what="the hog's pgid group")
 
-    named = f"interval: 0.3s\ngpu: {{backend: none}}\ngroups: {{named: [{{name: the-hog, match: {{cmdline: 'hog.py --mb 20 '}}}}]}}\n"
+    named = "interval: 0.3s\ngpu: {backend: none}\ngroups: {named: [{name: the-hog, match: {cmdline: 'hog.py --mb 20 '}}]}\n"
     cfg.write_text(named)
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: metric_value(d.metrics(), "mem_exporter_group_processes", group="the-hog") == 1,
