@@ -6,6 +6,7 @@ the latest Sample and never waits on /proc.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -30,6 +31,23 @@ def quiet_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
+    trim_heap()
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hand the heap freed after start-up (config models, imports) back to the system."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def make_reader(config: Config):

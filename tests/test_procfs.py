@@ -122,3 +122,31 @@ def test_reads_the_live_proc():
     procs, _ = ProcfsReader("/proc").read_processes()
     me = next(p for p in procs if p.pid == os.getpid())
     assert me.pgid == os.getpgid(0) and me.rss_bytes > 1_000_000
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_kept_descriptors_follow_processes_and_close_when_they_exit(spawn_group):
+    hog = spawn_group("--mb", "1")
+    hog.wait_ready()
+    reader = ProcfsReader("/proc")
+    before = open_fds()
+    procs, _ = reader.read_processes()
+    assert hog.pid in {p.pid for p in procs} and hog.pid in reader._fds
+    hog.kill()  # exited and reaped: its kept descriptors now fail with ESRCH
+    procs, _ = reader.read_processes()
+    assert hog.pid not in {p.pid for p in procs} and hog.pid not in reader._fds
+    assert open_fds() == before + 2 * len(reader._fds)
+    reader.close()
+    assert open_fds() == before
+
+
+def test_partial_reads_keep_nothing_open_and_the_budget_is_a_fallback_not_a_limit():
+    reader = ProcfsReader("/proc")
+    reader.read_processes([os.getpid()])
+    assert reader._fds == {}
+    reader._fd_budget = 0
+    procs, _ = reader.read_processes()
+    assert any(p.pid == os.getpid() for p in procs) and reader._fds == {}
