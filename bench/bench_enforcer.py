@@ -37,10 +37,10 @@ import time
 import uuid
 from pathlib import Path
 
+from benchlib import MIB, free_port, rss
+
 ROOT = Path(__file__).resolve().parents[1]
 HOG = ROOT / "tests" / "hog.py"
-MIB = 1024 * 1024
-PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 EARLYOOM = "/usr/bin/earlyoom"
 
@@ -58,25 +58,10 @@ def mem_total_kib() -> int:
         return int(f.readline().split()[1])
 
 
-def rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Trial:

@@ -33,26 +33,11 @@ import time
 import uuid
 from pathlib import Path
 
+from benchlib import MIB, free_port, rss
+
 ROOT = Path(__file__).resolve().parents[1]
 HOG = ROOT / "tests" / "hog.py"
-MIB = 1024 * 1024
-PAGE = os.sysconf("SC_PAGE_SIZE")
 _TIMESTAMP = re.compile(rb"^mem_exporter_last_sample_timestamp_seconds (\S+)$", re.M)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _killpg(proc: subprocess.Popen) -> None:

@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from benchlib import free_port, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,23 +69,6 @@ def psutil_loop() -> None:
 def c_walk_ms(binary: str, rounds: int) -> float:
     out = subprocess.run([binary, str(rounds + 1)], capture_output=True, text=True, check=True).stdout.split("\n")
     return statistics.median(float(line.split()[0]) for line in out[1:] if line)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def scrape_ms(url: str, rounds: int) -> list[float]:
