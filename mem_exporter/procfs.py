@@ -8,6 +8,7 @@ Only stat and statm (and smaps_rollup when PSS is on) are read every tick.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from typing import Iterable
 
@@ -108,6 +109,8 @@ class ProcfsReader:
         # fails with ESRCH even if the pid is reused: it can never read a stranger.
         self._fds: dict[int, tuple[int, int]] = {}
         self._fd_budget = _fd_budget()
+        self._last: dict[int, ProcessInfo] = {}  # what the last full walk read
+        self._ints: dict[int, int] = {}  # one object per PGID/PPID/SID value, shared by the processes
 
     def close(self) -> None:
         for fds in self._fds.values():
@@ -204,8 +207,17 @@ class ProcfsReader:
                 incomplete = "permission"
             except OSError:
                 pass  # gone since, or a kernel before 4.14
-        return ProcessInfo(pid, int(f[1]), int(f[2]), int(f[3]), static[2], static[6], static[3], start_time,
-                           _STATES.get(state) or state.decode(), resident, pss, swap, static[5], static[4]), incomplete
+        ints = self._ints
+        ppid, pgid, sid = int(f[1]), int(f[2]), int(f[3])
+        proc = ProcessInfo(pid, ints.setdefault(ppid, ppid), ints.setdefault(pgid, pgid), ints.setdefault(sid, sid),
+                           static[2], static[6], static[3], static[0],
+                           _STATES.get(state) or state.decode(), resident, pss, swap, static[5], static[4])
+        last = self._last.get(pid)
+        if last is not None and last == proc:
+            proc = last  # unchanged since the last tick: share it, so two samples cost one record
+        if keep_open:
+            self._last[pid] = proc
+        return proc, incomplete
 
     def _read_static(self, base: str, start_time: int, raw_comm: bytes) -> tuple:
         uid = os.stat(base).st_uid
@@ -224,7 +236,8 @@ class ProcfsReader:
                     raise
         if self.cgroup:
             cgroup = parse_cgroup(read_file(base + "cgroup"))
-        return (start_time, raw_comm, uid, cmdline, exe, cgroup, raw_comm.decode(errors="replace"))
+        # interned: thousands of workers share one name and command line
+        return (start_time, raw_comm, uid, sys.intern(cmdline), exe, cgroup, sys.intern(raw_comm.decode(errors="replace")))
 
     def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]:
         full_walk = pids is None
@@ -240,9 +253,10 @@ class ProcfsReader:
                 procs.append(proc)
         if full_walk:  # forget processes that are gone, so the caches stay as big as the process table
             listed = set(pids)
-            live = {p.pid for p in procs}
-            for pid in [p for p in self._static if p not in live]:
-                del self._static[pid]
+            for cache in (self._static, self._last):
+                for pid in [p for p in cache if p not in listed]:
+                    del cache[pid]
             for pid in [p for p in self._fds if p not in listed]:
                 self._forget(pid)
+            self._ints = {}  # rebuilt from the live processes' values next walk
         return procs, skipped
