@@ -35,6 +35,15 @@ def _fd_budget() -> int:
     return max(0, (min(soft, 65536) - 512) // 2)
 
 
+def _open_pair(base: str) -> tuple[int, int]:
+    stat_fd = os.open(base + "stat", os.O_RDONLY)
+    try:
+        return stat_fd, os.open(base + "statm", os.O_RDONLY)
+    except OSError:
+        os.close(stat_fd)
+        raise
+
+
 def _close(fds: tuple[int, int]) -> None:
     for fd in fds:
         try:
@@ -95,47 +104,68 @@ def parse_cgroup(data: bytes) -> str | None:
     return v1_memory
 
 
+class _Known:
+    """What the reader keeps about one process between walks."""
+
+    # slots, not a dict or tuples: thousands of these live as long as their processes
+    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "stat_fd", "statm_fd", "last")
+
+    def __init__(self, start_time=None, comm="", uid=-1, cmdline="", exe=None, cgroup=None):
+        self.start_time, self.comm, self.uid = start_time, comm, uid
+        self.cmdline, self.exe, self.cgroup = cmdline, exe, cgroup
+        self.stat_fd: int | None = None  # open stat and statm, re-read with pread
+        self.statm_fd: int | None = None
+        self.last: ProcessInfo | None = None  # the record the last full walk made
+
+    def close(self) -> bool:
+        """Close the descriptors; True if there were any."""
+        if self.stat_fd is None:
+            return False
+        _close((self.stat_fd, self.statm_fd))
+        self.stat_fd = self.statm_fd = None
+        return True
+
+
 class ProcfsReader:
     def __init__(self, root: str = "/proc", pss: bool = False, exe: bool = False, cgroup: bool = False):
         self.root = root.rstrip("/") or "/"
         self.pss = pss
         self.exe = exe
         self.cgroup = cgroup
-        # pid -> (start_time, raw comm, uid, cmdline, exe, cgroup, comm)
-        self._static: dict[int, tuple] = {}
         self._prefix = self.root + "/"
-        # pid -> open (stat, statm) descriptors, re-read with pread: a third of the cost of
-        # open+read+close. A descriptor stays bound to its process, so after the process exits it
-        # fails with ESRCH even if the pid is reused: it can never read a stranger.
-        self._fds: dict[int, tuple[int, int]] = {}
+        # pid -> what never changes for a process (cached by start time and comm, which changes on
+        # exec), its open descriptors and its last record. Re-reading open stat and statm with
+        # pread costs a third of open+read+close; a descriptor stays bound to its process, so
+        # after the process exits it fails with ESRCH even if the pid is reused: it can never
+        # read a stranger.
+        self._known: dict[int, _Known] = {}
+        self._open_count = 0
         self._fd_budget = _fd_budget()
-        self._last: dict[int, ProcessInfo] = {}  # what the last full walk read
         self._ints: dict[int, int] = {}  # one object per PGID/PPID/SID value, shared by the processes
 
     def close(self) -> None:
-        for fds in self._fds.values():
-            _close(fds)
-        self._fds.clear()
+        for known in self._known.values():
+            known.close()
+        self._open_count = 0
 
     def __del__(self) -> None:
         self.close()
 
-    def _open(self, pid: int, base: str) -> tuple[int, int] | None:
-        if len(self._fds) >= self._fd_budget:
-            return None
-        stat_fd = os.open(base + "stat", os.O_RDONLY)
-        try:
-            fds = (stat_fd, os.open(base + "statm", os.O_RDONLY))
-        except OSError:
-            os.close(stat_fd)
-            raise
-        self._fds[pid] = fds
-        return fds
+    def keeps_open(self, pid: int) -> bool:
+        known = self._known.get(pid)
+        return known is not None and known.stat_fd is not None
 
     def _forget(self, pid: int) -> None:
-        fds = self._fds.pop(pid, None)
-        if fds:
-            _close(fds)
+        known = self._known.pop(pid, None)
+        if known is not None and known.close():
+            self._open_count -= 1
+
+    def _keep(self, pid: int, known: _Known | None, fds: tuple[int, int]) -> _Known:
+        if known is None:
+            known = self._known[pid] = _Known()
+        known.stat_fd, known.statm_fd = fds
+        self._open_count += 1
+        return known
 
     # --- system -------------------------------------------------------------
     def read_system(self) -> SystemMemory:
@@ -164,31 +194,43 @@ class ProcfsReader:
         """(process, None), or (None, why it was skipped), or (process, why it is incomplete).
 
         Reasons: vanished | zombie | kernel_thread | permission. `keep_open` keeps the process's
-        descriptors for the next read (full walks do; their pruning closes what is gone).
+        descriptors and record for the next read (full walks do; their pruning forgets the gone).
         """
         base = f"{self._prefix}{pid}/"
+        known = self._known.get(pid)
+        opened = None
         try:
             # the hot loop: inlined reads and parsing, about 1000 times per tick
-            fds = self._fds.get(pid) or (self._open(pid, base) if keep_open else None)
-            if fds is not None:
-                data = os.pread(fds[0], 4096, 0)
-                statm = os.pread(fds[1], 4096, 0)
+            if known is not None and known.stat_fd is not None:
+                data = os.pread(known.stat_fd, 4096, 0)
+                statm = os.pread(known.statm_fd, 4096, 0)
+            elif keep_open and self._open_count < self._fd_budget:
+                opened = _open_pair(base)
+                data = os.pread(opened[0], 4096, 0)
+                statm = os.pread(opened[1], 4096, 0)
             else:  # partial reads, or over the descriptor budget: open, read, close
                 data, statm = read_file(base + "stat"), read_file(base + "statm")
             close_paren = data.rfind(b")")
             f = data[close_paren + 2:].split(None, 20)
             state = f[0]
             if state == b"Z" or state == b"X":
-                return None, "zombie"
+                return None, "zombie"  # `opened` is closed below: a zombie is not worth keeping
             if int(f[6]) & PF_KTHREAD:
+                if opened:
+                    self._keep(pid, known, opened)
+                    opened = None
                 return None, "kernel_thread"
             resident = int(statm.split(None, 2)[1]) * PAGE_SIZE
             start_time = int(f[19])
-            raw_comm = data[data.find(b"(") + 1:close_paren]
-            static = self._static.get(pid)
-            if static is None or static[0] != start_time or static[1] != raw_comm:
-                static = self._read_static(base, start_time, raw_comm)
-                self._static[pid] = static
+            comm = data[data.find(b"(") + 1:close_paren].decode(errors="replace")
+            if known is None or known.start_time != start_time or known.comm != comm:
+                fresh = self._read_static(base, start_time, comm)
+                if known is not None:  # the same process after exec: its descriptors still hold
+                    fresh.stat_fd, fresh.statm_fd = known.stat_fd, known.statm_fd
+                known = self._known[pid] = fresh
+            if opened:
+                self._keep(pid, known, opened)
+                opened = None
         except _GONE:
             self._forget(pid)
             return None, "vanished"
@@ -198,6 +240,9 @@ class ProcfsReader:
         except (IndexError, ValueError):
             self._forget(pid)
             return None, "vanished"  # a truncated read of an exiting process
+        finally:
+            if opened:
+                _close(opened)
         pss = swap = None
         incomplete = None
         if self.pss:  # smaps_rollup needs ptrace access: without it the process still counts, by RSS
@@ -210,16 +255,15 @@ class ProcfsReader:
         ints = self._ints
         ppid, pgid, sid = int(f[1]), int(f[2]), int(f[3])
         proc = ProcessInfo(pid, ints.setdefault(ppid, ppid), ints.setdefault(pgid, pgid), ints.setdefault(sid, sid),
-                           static[2], static[6], static[3], static[0],
-                           _STATES.get(state) or state.decode(), resident, pss, swap, static[5], static[4])
-        last = self._last.get(pid)
-        if last is not None and last == proc:
-            proc = last  # unchanged since the last tick: share it, so two samples cost one record
-        if keep_open:
-            self._last[pid] = proc
+                           known.uid, known.comm, known.cmdline, known.start_time,
+                           _STATES.get(state) or state.decode(), resident, pss, swap, known.cgroup, known.exe)
+        if known.last == proc:
+            proc = known.last  # unchanged since the last walk: share it, so two samples cost one record
+        elif keep_open:
+            known.last = proc
         return proc, incomplete
 
-    def _read_static(self, base: str, start_time: int, raw_comm: bytes) -> tuple:
+    def _read_static(self, base: str, start_time: int, comm: str) -> _Known:
         uid = os.stat(base).st_uid
         try:
             cmdline = read_file(base + "cmdline").rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
@@ -237,7 +281,7 @@ class ProcfsReader:
         if self.cgroup:
             cgroup = parse_cgroup(read_file(base + "cgroup"))
         # interned: thousands of workers share one name and command line
-        return (start_time, raw_comm, uid, sys.intern(cmdline), exe, cgroup, sys.intern(raw_comm.decode(errors="replace")))
+        return _Known(start_time, sys.intern(comm), uid, sys.intern(cmdline), exe, cgroup)
 
     def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]:
         full_walk = pids is None
@@ -251,12 +295,9 @@ class ProcfsReader:
                 skipped[reason] += 1
             if proc:
                 procs.append(proc)
-        if full_walk:  # forget processes that are gone, so the caches stay as big as the process table
+        if full_walk:  # forget processes that are gone, so the cache stays as big as the process table
             listed = set(pids)
-            for cache in (self._static, self._last):
-                for pid in [p for p in cache if p not in listed]:
-                    del cache[pid]
-            for pid in [p for p in self._fds if p not in listed]:
+            for pid in [p for p in self._known if p not in listed]:
                 self._forget(pid)
             self._ints = {}  # rebuilt from the live processes' values next walk
         return procs, skipped

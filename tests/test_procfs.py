@@ -134,11 +134,11 @@ def test_kept_descriptors_follow_processes_and_close_when_they_exit(spawn_group)
     reader = ProcfsReader("/proc")
     before = open_fds()
     procs, _ = reader.read_processes()
-    assert hog.pid in {p.pid for p in procs} and hog.pid in reader._fds
+    assert hog.pid in {p.pid for p in procs} and reader.keeps_open(hog.pid)
     hog.kill()  # exited and reaped: its kept descriptors now fail with ESRCH
     procs, _ = reader.read_processes()
-    assert hog.pid not in {p.pid for p in procs} and hog.pid not in reader._fds
-    assert open_fds() == before + 2 * len(reader._fds)
+    assert hog.pid not in {p.pid for p in procs} and not reader.keeps_open(hog.pid)
+    assert open_fds() == before + 2 * reader._open_count
     reader.close()
     assert open_fds() == before
 
@@ -146,7 +146,7 @@ def test_kept_descriptors_follow_processes_and_close_when_they_exit(spawn_group)
 def test_partial_reads_keep_nothing_open_and_the_budget_is_a_fallback_not_a_limit():
     reader = ProcfsReader("/proc")
     reader.read_processes([os.getpid()])
-    assert reader._fds == {}
+    assert reader._open_count == 0
     reader._fd_budget = 0
     procs, _ = reader.read_processes()
-    assert any(p.pid == os.getpid() for p in procs) and reader._fds == {}
+    assert any(p.pid == os.getpid() for p in procs) and reader._open_count == 0
