@@ -11,19 +11,16 @@ import json
 import os
 import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from .sample import GroupSample, SystemMemory
+from .units import iso_utc as iso
 
 SCHEMA = 1
 MB = 1000**2  # the run command's MB: powers of 1000, like every size in this project
 TOP_MEMBERS = 20  # processes listed per sample line, largest first (the count covers all)
 
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def mb(n: float) -> float:

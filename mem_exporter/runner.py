@@ -36,10 +36,10 @@ from .enforcer.actuator import Actuator
 from .enforcer.events import Notifier, make_event
 from .enforcer.policy import Action, Context, poll_period, protection
 from .phase import PhaseWatcher
-from .runlog import MB, SCHEMA, RunLog, iso, mb, resolve_path, sample_record
+from .runlog import MB, SCHEMA, RunLog, mb, resolve_path, sample_record
 from .sample import GroupSample, ProcessInfo, Sample
 from .sampler import Sampler
-from .units import parse_duration, parse_size
+from .units import iso_utc as iso, parse_duration, parse_size
 
 log = logging.getLogger(__name__)
 

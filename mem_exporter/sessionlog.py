@@ -18,12 +18,12 @@ import re
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .grouping import cap_groups
 from .sample import Sample
+from .units import iso_utc as iso
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ GPU_CSV_COLUMNS = ("timestamp", "phase", "gpu", "uuid", "name", "memory_total_by
 
 Limits = Sequence[tuple]  # (rule, group label, ..., limit bytes): the enforcer's limit_series rows
 
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def safe_session(name: str) -> str:

@@ -91,6 +91,12 @@ def read_yaml(path) -> object:
         raise ValueError(f"{source}: {where}YAML syntax error: {problem}") from None
 
 
+def iso_utc(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds, as every log and event of the project writes time."""
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def format_bytes(n: int | float | None) -> str:
     if n is None:
         return "-"

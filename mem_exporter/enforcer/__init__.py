@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..config import Config
 from ..grouping import cap_groups
+from ..procfs import parse_stat
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import Sampler
 from .actuator import Actuator, PidfdWatch
@@ -48,8 +49,7 @@ def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
     while pid > 1 and pid not in out:
         try:
             with open(f"{procfs}/{pid}/stat", "rb") as f:
-                data = f.read()
-            ppid = int(data[data.rfind(b")") + 2:].split()[1])
+                ppid = int(parse_stat(f.read())[1][1])
         except (OSError, ValueError, IndexError):
             break
         if ppid <= 0:

@@ -15,20 +15,18 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..sample import ProcessInfo
 from .policy import Action
+from ..units import iso_utc as iso
 
 log = logging.getLogger(__name__)
 
 ALERTNAME = "MemExporterEnforcerKill"
 TIMEOUT = 3.0
 
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def member(p: ProcessInfo, memtype: str = "rss") -> dict:
