@@ -130,9 +130,3 @@ class Sample:
     skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> processes skipped this tick
     errors_total: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads since start
     phase: str | None = None
-
-    def group(self, key: str) -> GroupSample | None:
-        for g in self.groups:
-            if g.key == key:
-                return g
-        return None

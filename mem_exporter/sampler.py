@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Callable, Collection, Sequence
 
 from .config import Config
-from .grouping import group_processes
+from .grouping import group_key, group_processes, make_group
 from .sample import GroupSample, ProcessInfo, Sample, SystemMemory
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,6 @@ class Sampler:
         `newcomers` (from `new_processes`) that belong to the group join it; without them,
         members forked since the last full walk are picked up by the next one.
         """
-        from .grouping import group_key, make_group
         procs, _ = self.reader.read_processes(p.pid for p in group.members)
         known = {p.identity for p in group.members}
         procs = [p for p in procs if p.identity in known]  # a reused PID is someone else
@@ -146,16 +145,11 @@ class SamplingLoop:
         self.consumers: list[Callable[[Sample], None]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
     def start(self) -> "SamplingLoop":
         self._thread.start()
         return self
-
-    def wait_first(self, timeout: float = 10.0) -> Sample | None:
-        self._first.wait(timeout)
-        return self.latest
 
     def wake(self) -> None:
         """Sample now instead of at the next interval (after a reload, say)."""
@@ -178,7 +172,6 @@ class SamplingLoop:
                 sample = None
             if sample is not None:
                 self.latest = sample
-                self._first.set()
                 for consume in list(self.consumers):
                     try:
                         consume(sample)
