@@ -186,7 +186,7 @@ class Notify(_Strict):
     desktop: bool = Field(False, description="show a desktop notification (notify-send / osascript)")
 
 
-class Enforcer(_Strict):
+class EnforcerConfig(_Strict):
     enabled: bool = Field(False, description="run the enforcer inside `serve`; `enforce` always runs it")
     dry_run: bool = Field(False, description="log what would be killed, kill nothing")
     event_log: str | None = Field(None, description="append one JSON line per action to this file")
@@ -221,7 +221,7 @@ class Config(_Strict):
     listen: Listen = Field(DEFAULT_LISTEN, description="HOST:PORT the HTTP server binds")
     groups: Groups = Field(default_factory=Groups)
     gpu: Gpu = Field(default_factory=Gpu)
-    enforcer: Enforcer = Field(default_factory=Enforcer)
+    enforcer: EnforcerConfig = Field(default_factory=EnforcerConfig)
     paths: Paths = Field(default_factory=Paths)
     web: Web = Field(default_factory=Web)
 
