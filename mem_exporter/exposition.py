@@ -20,7 +20,6 @@ from prometheus_client.exposition import choose_encoder
 from . import __version__
 from .config import Groups
 from .containers import group_ids
-from .grouping import cap_groups
 from .sample import Sample
 from .webconfig import WebConfig
 
@@ -80,7 +79,7 @@ class SampleCollector:
 
     def _groups(self, s: Sample) -> Iterable[Metric]:
         cfg = self.get_groups_config()
-        groups = cap_groups(s.groups, cfg.max_groups, cfg.min_memory, s.memtype)
+        groups = s.exported  # capped once per sample, by the sampler
         mem = _gauge("group_memory_bytes", "Memory summed over a group's processes, by memory type.", ["group", "memtype"])
         count = _gauge("group_processes", "Processes in a group.", ["group"])
         by_container = cfg.by == "container"  # only then: the other layouts keep their label sets

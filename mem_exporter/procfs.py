@@ -7,6 +7,7 @@ Only stat and statm (and smaps_rollup when PSS is on) are read every tick.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections import Counter
@@ -20,19 +21,70 @@ _GONE = (FileNotFoundError, ProcessLookupError)
 _STATES = {s.encode(): s for s in "RSDTtWPIZX"}
 
 
-def _fd_budget() -> int:
-    """How many processes may keep two descriptors open: half the soft limit, less a reserve for
-    sockets and files. The soft limit is raised towards the hard one first (to 65536 at most)."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+class DescriptorBudget:
+    """How many processes may keep their two descriptors open, for the whole process (every
+    reader draws on it: the full walk, the fast lane, kills): half the soft limit, less a reserve
+    of FD_RESERVE for sockets, log files, pidfds and kills. The soft limit is raised towards the
+    hard one first (to 65536 at most)."""
+
+    FD_RESERVE = 512
+
+    def __init__(self) -> None:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError):
+                pass
+        self.pairs = max(0, (min(soft, 65536) - self.FD_RESERVE) // 2)
+        self.used = 0  # updated under the GIL by single += / -=; a pair too many is harmless
+
+    def take(self) -> bool:
+        if self.used >= self.pairs:
+            return False
+        self.used += 1
+        return True
+
+    def give(self, n: int = 1) -> None:
+        self.used = max(0, self.used - n)
+
+
+_BUDGET: DescriptorBudget | None = None
+
+
+def descriptor_budget() -> DescriptorBudget:
+    global _BUDGET
+    if _BUDGET is None:
+        _BUDGET = DescriptorBudget()
+    return _BUDGET
+
+
+def task_alive(base: str, pid: int) -> bool:
+    """Whether a thread other than the (zombie) leader still runs: after pthread_exit() in main,
+    /proc/PID/stat says Z while worker threads hold the process's memory."""
+    return live_task(base, pid) is not None
+
+
+def live_task(base: str, pid: int) -> str | None:
+    """The /proc/PID/task/TID/ directory of a live thread other than the leader, or None."""
+    try:
+        tids = os.listdir(base + "task")
+    except OSError:
+        return None
+    for tid in tids:
+        if tid == str(pid):
+            continue
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            pass
-    return max(0, (min(soft, 65536) - 512) // 2)
+            data = read_file(f"{base}task/{tid}/stat")
+        except OSError:
+            continue
+        state = data[data.rfind(b")") + 2:data.rfind(b")") + 3]
+        if state not in (b"Z", b"X"):
+            return f"{base}task/{tid}/"
+    return None
 
 
 def _open_pair(base: str) -> tuple[int, int]:
@@ -140,12 +192,13 @@ class ProcfsReader:
         # read a stranger.
         self._known: dict[int, _Known] = {}
         self._open_count = 0
-        self._fd_budget = _fd_budget()
+        self._budget = descriptor_budget()
         self._ints: dict[int, int] = {}  # one object per PGID/PPID/SID value, shared by the processes
 
     def close(self) -> None:
         for known in self._known.values():
             known.close()
+        self._budget.give(self._open_count)
         self._open_count = 0
 
     def __del__(self) -> None:
@@ -159,6 +212,24 @@ class ProcfsReader:
         known = self._known.pop(pid, None)
         if known is not None and known.close():
             self._open_count -= 1
+            self._budget.give()
+
+    def forget_except(self, live: Iterable[int]) -> None:
+        """Drop what is kept about processes not in `live` (a listing of the procfs root): readers
+        that never walk fully (the fast lane, kills) call this so their cache cannot grow without bound."""
+        live = set(live)
+        for pid in [p for p in self._known if p not in live]:
+            self._forget(pid)
+
+    def _open_kept(self, base: str) -> tuple[int, int] | None:
+        """A pair to keep (the budget already taken), or None (budget handed back) when none is left."""
+        try:
+            return _open_pair(base)
+        except OSError as e:
+            self._budget.give()
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                return None
+            raise
 
     def _keep(self, pid: int, known: _Known | None, fds: tuple[int, int]) -> _Known:
         if known is None:
@@ -204,8 +275,7 @@ class ProcfsReader:
             if known is not None and known.stat_fd is not None:
                 data = os.pread(known.stat_fd, 4096, 0)
                 statm = os.pread(known.statm_fd, 4096, 0)
-            elif keep_open and self._open_count < self._fd_budget:
-                opened = _open_pair(base)
+            elif keep_open and self._budget.take() and (opened := self._open_kept(base)):
                 data = os.pread(opened[0], 4096, 0)
                 statm = os.pread(opened[1], 4096, 0)
             else:  # partial reads, or over the descriptor budget: open, read, close
@@ -214,7 +284,18 @@ class ProcfsReader:
             f = data[close_paren + 2:].split(None, 20)
             state = f[0]
             if state == b"Z" or state == b"X":
-                return None, "zombie"  # `opened` is closed below: a zombie is not worth keeping
+                task = live_task(base, pid) if state == b"Z" and int(f[17]) > 1 else None
+                if task is None:
+                    return None, "zombie"  # `opened` is closed below: a zombie is not worth keeping
+                # the leader exited, its threads run on: their memory is read through a live thread
+                statm, state = read_file(task + "statm"), b"S"
+                if opened:
+                    self._budget.give()
+                    _close(opened)
+                    opened = None
+                if known is not None:
+                    self._forget(pid)
+                    known = None
             if int(f[6]) & PF_KTHREAD:
                 if opened:
                     self._keep(pid, known, opened)
@@ -240,9 +321,14 @@ class ProcfsReader:
         except (IndexError, ValueError):
             self._forget(pid)
             return None, "vanished"  # a truncated read of an exiting process
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):  # the process ran out: skipped, counted, not fatal
+                return None, "no_descriptor"
+            raise
         finally:
-            if opened:
+            if opened:  # opened but not kept
                 _close(opened)
+                self._budget.give()
         pss = swap = None
         incomplete = None
         if self.pss:  # smaps_rollup needs ptrace access: without it the process still counts, by RSS

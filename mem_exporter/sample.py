@@ -122,7 +122,7 @@ class Sample:
     system: SystemMemory
     cpu_usage_ratio: float | None  # share of all CPUs busy since the previous tick
     process_count: int
-    groups: tuple[GroupSample, ...]  # every group, largest first (labels get capped at exposition)
+    groups: tuple[GroupSample, ...]  # every group, largest first
     processes: tuple[ProcessInfo, ...] = ()
     gpus: tuple[GpuCard, ...] = ()
     memtype: str = "rss"
@@ -130,3 +130,4 @@ class Sample:
     skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> processes skipped this tick
     errors_total: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads since start
     phase: str | None = None
+    exported: tuple[GroupSample, ...] = ()  # the groups with series of their own, the rest summed in "other"

@@ -13,10 +13,10 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Iterable, Protocol, Sequence
 
 from .config import Config
-from .grouping import group_key, group_processes, make_group
+from .grouping import cap_groups, group_key, group_processes, make_group
 from .sample import GroupSample, ProcessInfo, Sample, SystemMemory
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,19 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def make_reader(config: Config):
+class Reader(Protocol):
+    """What a source gives: the procfs reader (Linux) and the psutil reader (elsewhere) both do."""
+
+    def read_system(self) -> SystemMemory: ...
+
+    def read_cpu_times(self) -> tuple[float, float]: ...
+
+    def pids(self) -> list[int]: ...
+
+    def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]: ...
+
+
+def make_reader(config: Config) -> tuple[str, Reader]:
     needs_exe = any(g.match.needs_exe for g in config.groups.named) or any(
         r.match.needs_exe for r in config.enforcer.rules) or any(m.needs_exe for m in config.enforcer.protect)
     options = dict(pss=config.memory == "pss", exe=needs_exe, cgroup=config.groups.by in ("cgroup", "container"))
@@ -62,23 +74,29 @@ def make_reader(config: Config):
 
 
 class Sampler:
-    def __init__(self, config: Config, gpu=None):
+    def __init__(self, config: Config, gpu=None, phase_watcher=None):
         self.gpu = gpu
         self.errors_total: Counter = Counter()
         self._cpu_prev: tuple[float, float] | None = None
         self._last_system = _EMPTY_SYSTEM
         self.phase: str | None = None
-        self.phase_watcher = None  # a phase.PhaseWatcher: the phase is then re-read each tick
+        self.phase_watcher = phase_watcher  # a phase.PhaseWatcher: the phase is then re-read each tick
+        self._lock = threading.Lock()  # a reload must not close descriptors a tick is reading
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        old = getattr(self, "reader", None)
-        self.config = config
-        self.source_name, self.reader = make_reader(config)
+        source_name, reader = make_reader(config)
+        with self._lock:
+            old = getattr(self, "reader", None)
+            self.config, self.source_name, self.reader = config, source_name, reader
         if hasattr(old, "close"):
             old.close()
 
     def tick(self) -> Sample:
+        with self._lock:
+            return self._tick()
+
+    def _tick(self) -> Sample:
         start = time.perf_counter()
         cfg = self.config
         up: dict[str, bool] = {}
@@ -101,15 +119,36 @@ class Sampler:
                 self.errors_total["gpu"] += 1
             gpus = reading.cards
         groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
+        exported = tuple(cap_groups(groups, cfg.groups.max_groups, cfg.groups.min_memory, cfg.memory))
         if self.phase_watcher is not None:
             self.phase = self.phase_watcher.read()
         return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=time.perf_counter() - start,
                       system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
                       processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
-                      skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase)
+                      skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase,
+                      exported=exported)
+
+    def _cpu_usage(self) -> float | None:
+        busy, total = self.reader.read_cpu_times()
+        prev, self._cpu_prev = self._cpu_prev, (busy, total)
+        if prev is None or total <= prev[1]:
+            return None
+        return max(0.0, min(1.0, (busy - prev[0]) / (total - prev[1])))
+
+
+class GroupReader:
+    """Reads between full walks: single groups near a limit, processes new since a listing, system
+    memory. Each thread that reads has its own (a reader's caches are not thread-safe)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        _, self.reader = make_reader(config)
+
+    def read_system(self) -> SystemMemory:
+        return self.reader.read_system()
 
     def refresh_group(self, group: GroupSample, newcomers: Sequence[ProcessInfo] = ()) -> GroupSample | None:
-        """Re-read just this group's known members (the fast lane near a limit); None when all are gone.
+        """Re-read just this group's known members; None when all are gone.
 
         `newcomers` (from `new_processes`) that belong to the group join it; without them,
         members forked since the last full walk are picked up by the next one.
@@ -124,16 +163,19 @@ class Sampler:
         return make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
 
     def new_processes(self, known_pids: Collection[int]) -> list[ProcessInfo]:
-        """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files."""
-        fresh = [pid for pid in self.reader.pids() if pid not in known_pids]
+        """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files.
+        What the reader kept about processes gone since is dropped here (it never walks fully)."""
+        listing = self.reader.pids()
+        forget = getattr(self.reader, "forget_except", None)
+        if forget is not None:
+            forget(listing)
+        fresh = [pid for pid in listing if pid not in known_pids]
         return self.reader.read_processes(fresh)[0] if fresh else []
 
-    def _cpu_usage(self) -> float | None:
-        busy, total = self.reader.read_cpu_times()
-        prev, self._cpu_prev = self._cpu_prev, (busy, total)
-        if prev is None or total <= prev[1]:
-            return None
-        return max(0.0, min(1.0, (busy - prev[0]) / (total - prev[1])))
+    def close(self) -> None:
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
 
 
 class SamplingLoop:

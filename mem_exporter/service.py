@@ -26,15 +26,16 @@ class Service:
         self._reload = threading.Event()
         from .gpu import open_gpu_source
         self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log)
-        self.sampler = Sampler(self.config, gpu=self.gpu)
         from .phase import PhaseWatcher
-        self.sampler.phase_watcher = PhaseWatcher(phase_file)  # `mem-exporter phase NAME` reaches this daemon
+        # `mem-exporter phase NAME` reaches this daemon
+        self.sampler = Sampler(self.config, gpu=self.gpu, phase_watcher=PhaseWatcher(phase_file))
         self.loop = SamplingLoop(self.sampler)
         collectors: list = [SampleCollector(lambda: self.loop.latest, lambda: self.config.groups)]
         self.enforcer = None
         if enforce or self.config.enforcer.enabled:
             from .enforcer import Enforcer
-            self.enforcer = Enforcer(self.config, self.sampler, dry_run=self.config.enforcer.dry_run)
+            # only `--dry-run` holds across reloads; the file's `dry_run` follows the file
+            self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")))
             self.loop.consumers.append(self.enforcer.on_sample)
             collectors.append(self.enforcer.collector)
         self.session_log = session_log  # a sessionlog.SessionLog, or None

@@ -72,8 +72,7 @@ def run_top(config: Config, phase_file: str | None = None) -> int:
     from .sampler import Sampler
     logging.getLogger().setLevel(logging.ERROR)  # log lines would scribble over the screen
     gpu = open_gpu_source(config.gpu.backend, config.gpu.retry_max)
-    sampler = Sampler(config, gpu=gpu)
-    sampler.phase_watcher = PhaseWatcher(phase_file)
+    sampler = Sampler(config, gpu=gpu, phase_watcher=PhaseWatcher(phase_file))
     try:
         return curses.wrapper(_loop, sampler, config.interval)
     except KeyboardInterrupt:

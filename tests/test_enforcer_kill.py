@@ -29,7 +29,7 @@ def enforcer(tmp_path):
                                "enforcer": {"event_log": str(tmp_path / "events.jsonl"), "protect": list(protect),
                                             "rules": rules}})
         loop = SamplingLoop(Sampler(cfg))
-        enf = Enforcer(cfg, loop.sampler, dry_run=dry_run)
+        enf = Enforcer(cfg, dry_run=dry_run)
         loop.consumers.append(enf.on_sample)
         loop.start()
         started.append((loop, enf))
@@ -64,7 +64,7 @@ def test_a_group_growing_past_its_limit_dies_completely(enforcer, spawn_group, t
     assert grandchild in {p["pid"] for p in ev["signalled"]}
     assert ev["time_to_death_seconds"] is not None
     wait_for(lambda: not any(pid_alive(p) for p in everyone), 10, what="every process of the group gone")
-    assert enf.kills_total["grow"] == 1
+    assert enf.tally.kills["grow"] == 1
     lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert any(x["pgid"] == hog.pgid and x["action"] == "term" for x in lines)
 
@@ -82,7 +82,7 @@ def test_under_the_limit_and_protected_groups_survive(enforcer, spawn_group, tag
     time.sleep(1.0)  # a few more full samples (and fast-lane reads, if any)
     assert not any(event_for(enf, g.pgid) for g in (small, shielded))
     assert pid_alive(small.pid) and pid_alive(shielded.pid)
-    assert enf.kills_total["cap"] == 0 and seen >= 0
+    assert enf.tally.kills["cap"] == 0 and seen >= 0
 
 
 def test_a_member_ignoring_sigterm_gets_sigkill_after_the_grace_period(enforcer, spawn_group, tag):
@@ -117,7 +117,7 @@ def test_dry_run_kills_nothing_and_logs_the_would_be_victim(enforcer, spawn_grou
     assert ev["signals"] == ["SIGTERM", "SIGKILL"] and ev["outcome"] == "not_killed"
     time.sleep(1.5)  # longer than the grace period would have been
     assert pid_alive(hog.pid) and all(pid_alive(k) for k in kids)
-    assert enf.kills_total["dry"] == 0
+    assert enf.tally.kills["dry"] == 0
     lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [x["action"] for x in lines if x["pgid"] == hog.pgid] == ["dry_run"]  # once, then the cooldown
 

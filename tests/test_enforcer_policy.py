@@ -10,12 +10,25 @@ from mem_exporter.sample import GpuCard, ProcessInfo, Sample, SystemMemory
 MB = 1024 * 1024
 GB = 1024 * MB
 UID = 1000
-ME = Context(uid=UID, pid=500, pgid=500, ancestors=frozenset({400, 300}), protect=(Matcher(comm="^precious$"),))
+UNREADABLE = "?"  # an executable this enforcer may not inspect (another user's process, no privilege)
 
 
-def proc(pid, pgid=None, rss=10 * MB, comm="python3", cmdline="python3 job.py", uid=UID, ppid=300, start=None):
+def inspect_exe(p):
+    """The executable inspector at its seam: root owns /usr and /sbin here, users own /home."""
+    if p.exe == UNREADABLE:
+        return None, None
+    return p.exe, bool(p.exe) and p.exe.startswith(("/usr/", "/sbin/"))
+
+
+ME = Context(uid=UID, pid=500, pgid=500, ancestors=frozenset({400, 300}), protect=(Matcher(comm="^precious$"),),
+             inspect_exe=inspect_exe)
+SSHD = "/usr/sbin/sshd"
+
+
+def proc(pid, pgid=None, rss=10 * MB, comm="python3", cmdline="python3 job.py", uid=UID, ppid=300, start=None,
+         exe="/usr/bin/python3.11"):
     return ProcessInfo(pid=pid, ppid=ppid, pgid=pgid or pid, sid=pgid or pid, uid=uid, comm=comm, cmdline=cmdline,
-                       start_time=start if start is not None else pid * 10, state="S", rss_bytes=rss)
+                       start_time=start if start is not None else pid * 10, state="S", rss_bytes=rss, exe=exe)
 
 
 def group(*members, gpu=None):
@@ -129,14 +142,14 @@ def test_system_available_below_kills_the_largest_selected_group_once_per_cooldo
 
 
 def test_system_rule_passes_over_a_protected_group_to_the_next():
-    sshd = group(proc(1000, rss=6 * GB, comm="sshd"))
+    sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD))
     job = group(proc(2000, rss=2 * GB))
     actions = decide(sample(sshd, job, avail=GB), [rule(system_available_below="10%")], PolicyState(), ME)
     assert kinds(actions) == [("skipped_protected", "r", "sshd-1000"), ("kill", "r", "python3-2000")]
 
 
 def test_system_rule_with_no_eligible_group_says_so():
-    sshd = group(proc(1000, rss=6 * GB, comm="sshd"))
+    sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD))
     actions = decide(sample(sshd, avail=GB), [rule(system_available_below="10%", match={"comm": "sshd"})], PolicyState(), ME)
     assert [a.kind for a in actions] == ["skipped_protected", "no_victim"]
 
@@ -185,12 +198,22 @@ SAFETY = [
     ("the enforcer's own group", proc(7000, pgid=500), "skipped_protected"),
     ("the enforcer itself", proc(500, pgid=7000), "skipped_protected"),
     ("an ancestor of the enforcer", proc(400, pgid=7000, comm="bash"), "skipped_protected"),
-    ("sshd (built in)", proc(7000, comm="sshd"), "skipped_protected"),
-    ("containerd-shim (built in)", proc(7000, comm="containerd-shim"), "skipped_protected"),
-    ("kubelet (built in)", proc(7000, comm="kubelet"), "skipped_protected"),
-    ("systemd (built in)", proc(7000, comm="systemd"), "skipped_protected"),
-    ("the exporter (built in)", proc(7000, cmdline="/usr/bin/python3 -m mem_exporter serve"), "skipped_protected"),
-    ("mem-exporter binary (built in)", proc(7000, cmdline="/usr/local/bin/mem-exporter enforce -c x"), "skipped_protected"),
+    ("sshd (built in)", proc(7000, comm="sshd", exe=SSHD), "skipped_protected"),
+    ("containerd-shim (built in)", proc(7000, comm="containerd-shim", exe="/usr/bin/containerd-shim-runc-v2"),
+     "skipped_protected"),
+    ("kubelet (built in)", proc(7000, comm="kubelet", exe="/usr/bin/kubelet"), "skipped_protected"),
+    ("systemd (built in)", proc(7000, comm="systemd", exe="/usr/lib/systemd/systemd"), "skipped_protected"),
+    ("the exporter run by root (built in)", proc(7000, uid=0, cmdline="/usr/bin/python3 -m mem_exporter serve"),
+     "skipped_protected"),
+    ("mem-exporter binary run by root (built in)", proc(7000, uid=0, cmdline="/usr/local/bin/mem-exporter enforce"),
+     "skipped_protected"),
+    ("another user's sshd that cannot be inspected", proc(7000, uid=0, comm="sshd", exe=UNREADABLE),
+     "skipped_protected"),
+    ("a hog run through a symlink named sshd", proc(7000, comm="sshd", exe="/usr/bin/python3.11"), "kill"),
+    ("a copy of a program named sshd in a user's directory", proc(7000, comm="sshd", exe="/home/u/sshd"), "kill"),
+    ("a deleted or unresolvable executable named sshd", proc(7000, comm="sshd", exe=None), "kill"),
+    ("our own process named sshd that hides its executable", proc(7000, comm="sshd", exe=UNREADABLE), "kill"),
+    ("mem-exporter in a user's arguments", proc(7000, cmdline="python3 hog.py -m mem_exporter mem-exporter"), "kill"),
     ("protect: in the config", proc(7000, comm="precious"), "skipped_protected"),
     ("another user's process", proc(7000, uid=0), "skipped_other_user"),
     ("a plain job", proc(7000), "kill"),
@@ -214,7 +237,7 @@ def test_other_users_true_allows_another_uid():
 
 
 def test_skips_are_reported_once_per_cooldown():
-    g = group(proc(7000, comm="sshd", rss=3 * GB))
+    g = group(proc(7000, comm="sshd", rss=3 * GB, exe=SSHD))
     r = [rule(max_rss="1GiB", cooldown="30s")]
     st = PolicyState()
     assert [a.kind for a in decide(sample(g, t=0), r, st, ME)] == ["skipped_protected"]

@@ -147,6 +147,8 @@ def test_partial_reads_keep_nothing_open_and_the_budget_is_a_fallback_not_a_limi
     reader = ProcfsReader("/proc")
     reader.read_processes([os.getpid()])
     assert reader._open_count == 0
-    reader._fd_budget = 0
+    from mem_exporter.procfs import DescriptorBudget
+    reader._budget = DescriptorBudget()
+    reader._budget.pairs = 0
     procs, _ = reader.read_processes()
     assert any(p.pid == os.getpid() for p in procs) and reader._open_count == 0

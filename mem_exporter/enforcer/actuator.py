@@ -7,6 +7,11 @@ Without pidfds (old kernels, macOS) the check is the same and the window is tiny
 
 `killpg` is used on top (it reaches members forked since the last read) only right after
 a member still in that group was verified: while a member lives, the PGID cannot be reused.
+
+A kill never fails for want of a descriptor: a few are held in reserve from the start and
+released when an open fails with EMFILE/ENFILE; without a pidfd the signal goes through
+kill() behind the same start-time check. Waiting uses poll(), which takes any descriptor
+number (select() refuses those above 1023, which a busy host reaches quickly).
 """
 from __future__ import annotations
 
@@ -14,17 +19,119 @@ import errno
 import logging
 import os
 import select
+import threading
 import signal
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ..procfs import parse_stat
+from ..procfs import parse_stat, task_alive
 from ..sample import ProcessInfo
+from .policy import Context
 
 log = logging.getLogger(__name__)
 
 HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+_NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)
+
+
+class DescriptorReserve:
+    """A few descriptors held from the start (on /dev/null) and handed back when an open fails for
+    want of one, so the identity check and the signal that follow a kill decision can always open."""
+
+    def __init__(self, count: int = 8):
+        self._fds: list[int] = []
+        self._lock = threading.Lock()
+        self.count = count
+        self.refill()
+
+    def refill(self) -> None:
+        with self._lock:
+            while len(self._fds) < self.count:
+                try:
+                    self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError:
+                    return
+
+    def release(self) -> bool:
+        with self._lock:
+            if not self._fds:
+                return False
+            os.close(self._fds.pop())
+            return True
+
+    def call(self, fn, *args):
+        """fn(*args), retried with a reserve descriptor released whenever it fails with EMFILE/ENFILE."""
+        while True:
+            try:
+                return fn(*args)
+            except OSError as e:
+                if e.errno not in _NO_DESCRIPTOR or not self.release():
+                    raise
+
+
+RESERVE = DescriptorReserve()  # one for the whole process
+
+
+# --- who the signalling process is, and what it may not touch ----------------------------------
+
+def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
+    out: set[int] = set()
+    while pid > 1 and pid not in out:
+        try:
+            with open(f"{procfs}/{pid}/stat", "rb") as f:
+                ppid = int(parse_stat(f.read())[1][1])
+        except (OSError, ValueError, IndexError):
+            break
+        if ppid <= 0:
+            break
+        out.add(ppid)
+        pid = ppid
+    return frozenset(out)
+
+
+def own_context(procfs: str = "/proc", protect: tuple = (), dry_run: bool = False, builtin: bool = True) -> Context:
+    """This process's identity (uid, pid, process group, ancestors), the protect list, and the
+    executable inspector that built-in protection rests on."""
+    return Context(uid=os.geteuid(), pid=os.getpid(), pgid=os.getpgrp(), ancestors=ancestors(os.getpid(), procfs),
+                   protect=protect, dry_run=dry_run, builtin=builtin, inspect_exe=ExeInspector(procfs))
+
+
+class ExeInspector:
+    """(resolved executable, trusted) of a process. Trusted: the file and every directory above it
+    belong to root and no one else may write them, seen from the process's own root (so a
+    containerised process is judged by its container's files). (exe, None) when it cannot be
+    inspected (another user's process without privilege)."""
+
+    def __init__(self, procfs: str = "/proc"):
+        self.procfs = procfs.rstrip("/") or "/"
+
+    def __call__(self, p: ProcessInfo) -> tuple[str | None, bool | None]:
+        base = f"{self.procfs}/{p.pid}"
+        try:
+            exe = os.readlink(f"{base}/exe")
+        except PermissionError:
+            return None, None
+        except OSError:
+            return None, False  # gone, or no executable (kernel thread)
+        if not exe.startswith("/") or exe.endswith(" (deleted)"):
+            return exe, False
+        try:
+            return exe, _root_owned(f"{base}/root", exe)
+        except PermissionError:
+            return exe, None
+        except OSError:
+            return exe, False
+
+
+def _root_owned(root: str, path: str) -> bool:
+    """The file and every directory above it owned by root and not writable by group or others."""
+    parts = path.strip("/").split("/")
+    for i in range(len(parts), -1, -1):
+        st = os.stat(root + "/" + "/".join(parts[:i]), follow_symlinks=i == len(parts))
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+    return True
 
 
 @dataclass
@@ -53,12 +160,22 @@ class Actuator:
             return False
 
     # --- reading ----------------------------------------------------------------------------
-    def _stat(self, pid: int) -> tuple[str, int, int] | None:
-        """(state, pgid, start time) of a live pid, None when gone."""
+    def _read_stat(self, pid: int) -> bytes:
+        fd = os.open(f"{self.procfs}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with open(f"{self.procfs}/{pid}/stat", "rb") as f:
-                _, fields = parse_stat(f.read())
-            return fields[0].decode(), int(fields[2]), int(fields[19])
+            return os.read(fd, 4096)
+        finally:
+            os.close(fd)
+
+    def _stat(self, pid: int) -> tuple[str, int, int] | None:
+        """(state, pgid, start time) of a live pid, None when gone. A leader that exited while its
+        threads run on reads as a zombie but is alive (the thread group still holds the memory)."""
+        try:
+            _, fields = parse_stat(RESERVE.call(self._read_stat, pid))
+            state = fields[0].decode()
+            if state == "Z" and int(fields[17]) > 1 and task_alive(f"{self.procfs}/{pid}/", pid):
+                state = "S"
+            return state, int(fields[2]), int(fields[19])
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             return None
 
@@ -81,7 +198,7 @@ class Actuator:
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     return "gone", None
-                fd = None
+                fd = None  # no descriptor left (or no pidfd support): kill() behind the same check
         try:
             st = self._stat(proc.pid)  # read after the pidfd is open: a match means the pidfd is this process
             if st is None or st[0] in ("Z", "X"):
@@ -171,24 +288,32 @@ class Actuator:
 
 
 class PidfdWatch:
-    """Sleep until one of the watched processes exits (pidfds become readable), or a timeout."""
+    """Sleep until one of the watched processes exits (its pidfd becomes readable), or a timeout.
+
+    poll(), not select(): pidfds opened on a busy host are numbered far above 1023. A process
+    whose pidfd could not be opened (no descriptor left) is simply not watched: callers re-check
+    liveness after every wait, so they lose at most the early wake-up."""
 
     def __init__(self, actuator: Actuator):
         self.actuator = actuator
-        self.fds: dict[int, int] = {}
+        self.fds: dict[int, int] = {}  # fd -> pid
+        self._poll = select.poll()
 
     def add(self, procs: Iterable[ProcessInfo]) -> None:
         if not self.actuator.use_pidfd:
             return
+        watched = set(self.fds.values())
         for p in procs:
-            if p.pid in self.fds:
+            if p.pid in watched:
                 continue
             try:
                 fd = os.pidfd_open(p.pid)
             except OSError:
                 continue
             if self.actuator.alive(p):
-                self.fds[p.pid] = fd
+                self.fds[fd] = p.pid
+                watched.add(p.pid)
+                self._poll.register(fd, select.POLLIN)
             else:
                 os.close(fd)
 
@@ -196,13 +321,13 @@ class PidfdWatch:
         if not self.fds or timeout <= 0:
             time.sleep(max(0.0, timeout))
             return
-        readable, _, _ = select.select(list(self.fds.values()), [], [], timeout)
-        for fd in readable:
-            pid = next(k for k, v in self.fds.items() if v == fd)
-            del self.fds[pid]
+        for fd, _ in self._poll.poll(timeout * 1000):
+            self._poll.unregister(fd)
+            del self.fds[fd]
             os.close(fd)
 
     def close(self) -> None:
-        for fd in self.fds.values():
+        for fd in self.fds:
+            self._poll.unregister(fd)
             os.close(fd)
         self.fds.clear()

@@ -24,14 +24,18 @@ GROUP_MEMORY = ("max_rss", "max_pss")
 GROUP_LIMITS = GROUP_MEMORY + ("max_gpu_memory",)
 LIMIT_MEMTYPE = {"max_rss": "rss", "max_pss": "pss", "max_gpu_memory": "gpu"}
 
-# Processes never signalled whatever the config says (added to enforcer.protect).
-BUILTIN_PROTECT: tuple[Matcher, ...] = (
-    Matcher(comm=r"^(init|systemd|systemd-[a-z-]+|launchd|sshd|sshd-session|containerd|containerd-shim.*|dockerd|"
-                 r"docker-proxy|docker-init|runc|crun|conmon|podman|crio|kubelet|kube-proxy|tini|dumb-init|"
-                 r"mem-exporter)$"),
-    # the exporter / enforcer itself, however it was started
-    Matcher(cmdline=r"(^|\s)(\S*/)?mem-exporter(\s|$)|(^|\s)-m\s+mem_exporter(\s|$)"),
-)
+# Programs never signalled whatever the config says, recognised by what a user cannot forge: the
+# name of the resolved executable, which must sit under root-owned directories nobody else can
+# write (a symlink or copy named `sshd` in a user's directory is not sshd). The exporter itself
+# is recognised by its command line only when root runs it from such an interpreter.
+PROTECTED_EXE = re.compile(r"^(init|systemd|systemd-[a-z-]+|launchd|sshd|sshd-session|containerd|containerd-shim.*|"
+                           r"dockerd|docker-proxy|docker-init|runc|crun|conmon|podman|crio|kubelet|kube-proxy|tini|"
+                           r"dumb-init|mem-exporter)$")
+EXPORTER_CMDLINE = re.compile(r"(^|\s)(\S*/)?mem-exporter(\s|$)|(^|\s)-m\s+mem_exporter(\s|$)")
+
+
+def _nothing_trusted(p: ProcessInfo) -> tuple[str | None, bool | None]:
+    return p.exe, False
 
 # Fast lane: how quickly a group might grow when we have no evidence, the regular shortest
 # re-read period, the most groups re-read fast at once, and the predicted-crossing read.
@@ -54,6 +58,9 @@ class Context:
     protect: tuple[Matcher, ...] = ()
     dry_run: bool = False
     user_name: Callable[[int], str] = _user_name
+    builtin: bool = True  # False for `run`: its tree is the user's own command, nothing in it is exempt
+    # (resolved executable, trusted) of a process; trusted None: it could not be inspected
+    inspect_exe: Callable[[ProcessInfo], tuple[str | None, bool | None]] = _nothing_trusted
 
 
 @dataclass(frozen=True)
@@ -174,13 +181,36 @@ def protection(p: ProcessInfo, ctx: Context) -> str | None:
         return "an ancestor of the enforcer"
     if p.pgid == ctx.pgid:
         return "the enforcer's process group"
-    for m in BUILTIN_PROTECT:
-        if m.matches(p.comm, p.cmdline, p.exe, ""):
-            return "built-in protected"
+    if ctx.builtin:
+        why = builtin_protection(p, ctx)
+        if why:
+            return why
     for m in ctx.protect:
         if m.matches(p.comm, p.cmdline, p.exe, ctx.user_name(p.uid)):
             return "protected by config"
     return None
+
+
+def builtin_protection(p: ProcessInfo, ctx: Context) -> str | None:
+    exe, trusted = ctx.inspect_exe(p)
+    if trusted is None:
+        # not ours to inspect (another user's, no privilege): a protected name is believed, since we
+        # could not signal such a process through a rule that did not ask for other users anyway
+        if p.uid != ctx.uid and PROTECTED_EXE.match(p.comm):
+            return "built-in protected (unverified)"
+        return None
+    if not trusted or not exe:
+        return None
+    if PROTECTED_EXE.match(exe.rsplit("/", 1)[-1]):
+        return "built-in protected"
+    if p.uid == 0 and EXPORTER_CMDLINE.search(p.cmdline):
+        return "the exporter"
+    return None
+
+
+def eligible(p: ProcessInfo, rule: Rule, ctx: Context) -> bool:
+    """Whether a process that joined a group being killed may be signalled too."""
+    return (rule.other_users or p.uid == ctx.uid) and protection(p, ctx) is None
 
 
 def descendants(sample: Sample, group: GroupSample) -> list[ProcessInfo]:

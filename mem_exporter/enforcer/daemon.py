@@ -1,0 +1,332 @@
+"""The Enforcer: its own thread runs the policy on each full sample and on the fast lane's re-reads.
+
+    enforcer = Enforcer(config, dry_run=False)
+    loop.consumers.append(enforcer.on_sample)    # called from the sampler thread; returns at once
+    registry.register(enforcer.collector)        # kills_total, actions_total, limit_bytes, ...
+    enforcer.configure(new_config)               # SIGHUP: new rules, state kept by rule name
+    enforcer.stop()                              # waits for a kill in progress
+    enforcer.listeners.append(fn)                # fn(event) after each event (a cached /metrics can refresh)
+
+Threads: the sampler thread only hands samples over. The enforcer's thread decides under its
+lock and acts outside it: each kill runs in a thread of its own (kill.execute), so one slow
+kill never delays the next decision, and event records are written (fsync) outside the lock,
+so a slow disk delays neither decisions nor scrapes. Every thread that reads /proc has its
+own reader (the readers' caches are not thread-safe).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+from ..config import Config
+from ..sample import GroupSample, ProcessInfo, Sample
+from ..sampler import GroupReader
+from .actuator import Actuator, own_context
+from .events import EventLog, Notifier, make_event
+from .kill import KillOrder, execute
+from .lane import FastLane, Growth, first_sight_rate
+from .metrics import EnforcerCollector, EnforcerState, Tally
+from .policy import GROUP_MEMORY, LIMIT_MEMTYPE, Action, PolicyState, decide, eligible, group_value, limits
+
+__all__ = ["Enforcer"]
+
+log = logging.getLogger(__name__)
+
+QUIET_ACTIONS = ("skipped_protected", "skipped_other_user", "no_victim")  # logged at INFO, not notified
+
+
+class Enforcer:
+    def __init__(self, config: Config, dry_run: bool = False, actuator: Actuator | None = None,
+                 start_thread: Callable[[threading.Thread], None] = threading.Thread.start):
+        self._force_dry_run = dry_run  # `--dry-run` holds across reloads
+        self.state = PolicyState()
+        self.tally = Tally()
+        self.events: deque = deque(maxlen=200)
+        self.latest: Sample | None = None
+        self.limit_series: list[tuple[str, str, str, int]] = []  # (rule, group label, memtype, limit)
+        self.lane = FastLane()
+        self.growth = Growth()
+        self.fast_reads = 0
+        self._known: set[int] = set()
+        self._ignored: set[int] = set()
+        self._pending: Sample | None = None
+        self._outbox: list[dict] = []  # events decided under the lock, written after it
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._jobs: set[threading.Thread] = set()
+        self._jobs_lock = threading.Lock()
+        self._start_thread = start_thread
+        self._actuator = actuator
+        self.notifier: Notifier | None = None
+        self.collector = EnforcerCollector(self.snapshot)
+        self.listeners: list = []  # called with each event after it is recorded (e.g. Exposition.invalidate)
+        self.configure(config)
+        self._thread = threading.Thread(target=self._run, name="enforcer", daemon=True)
+        self._thread.start()
+
+    # --- public -----------------------------------------------------------------------------
+    def configure(self, config: Config) -> None:
+        """Take new rules (already validated); per-rule state is kept by rule name."""
+        reader = GroupReader(config)  # the fast lane's own reader
+        with self._lock:
+            self.config = config
+            self.rules = list(config.enforcer.rules)
+            self.dry_run = self._force_dry_run or config.enforcer.dry_run
+            self.ctx = own_context(config.paths.procfs, tuple(config.enforcer.protect), self.dry_run)
+            self.event_log = EventLog(config.enforcer.event_log)
+            if self.notifier is None:
+                self.notifier = Notifier(config.enforcer.notify)
+            else:
+                self.notifier.notify = config.enforcer.notify
+            self.actuator = self._actuator or Actuator(config.paths.procfs, config.paths.cgroupfs)
+            old, self._reader = getattr(self, "_reader", None), reader
+            self.state.keep_only(r.name for r in self.rules)
+            self.lane.clear()
+        if old is not None:
+            old.close()  # under no lock: the enforcer thread holds the lock whenever it reads
+        log.info("enforcer: %d rule(s)%s", len(self.rules), " (dry run: nothing is killed)" if self.dry_run else "")
+        self._wake.set()
+
+    def on_sample(self, sample: Sample) -> None:
+        """A full sample from the sampler thread: handed to the enforcer thread, never blocks."""
+        self._pending = sample
+        self._wake.set()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop deciding; wait for kills in progress to finish (never stops in the middle of one)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for job in list(self._jobs):
+            job.join(max(0.0, deadline - time.monotonic()))
+        if self.notifier is not None:
+            self.notifier.flush(3.0)
+
+    def kills_in_progress(self) -> int:
+        return len(self._jobs)
+
+    def snapshot(self) -> EnforcerState:
+        with self._lock:
+            t = self.tally
+            return EnforcerState(rules=tuple(r.name for r in self.rules), kills=dict(t.kills), actions=dict(t.actions),
+                                 limits=tuple(self.limit_series), dry_run=self.dry_run, fast_lane_groups=len(self.lane),
+                                 kills_in_progress=self.kills_in_progress(), last_kill=dict(t.last_kill),
+                                 last_time_to_death=dict(t.last_time_to_death))
+
+    # --- the enforcer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                due = self.lane.next_due()
+            timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
+            if timeout > 0:
+                self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            kills: list[tuple[Action, Sample]] = []
+            try:
+                with self._lock:
+                    sample, self._pending = self._pending, None
+                    if sample is not None:
+                        kills += self._on_full(sample)
+                    kills += self._fast_lane()
+                    events, self._outbox = self._outbox, []
+                for action, at in kills:
+                    self._start_kill(action, at)
+                self._publish(events)
+            except Exception:  # a bug in one pass must not stop enforcement
+                log.exception("enforcer pass failed")
+                time.sleep(0.05)
+
+    def _on_full(self, sample: Sample) -> list[tuple[Action, Sample]]:
+        self.latest = sample
+        self._known = {p.pid for p in sample.processes}
+        self._ignored.clear()
+        kills = self._dispatch(decide(sample, self.rules, self.state, self.ctx, full=True), sample)
+        watched = limits(sample, self.rules, self.ctx.user_name)
+        exported = {x.label for x in sample.exported if x.kind != "other"}
+        self.limit_series = [(r.name, grp.label, LIMIT_MEMTYPE[r.condition], lim)
+                             for r, grp, lim in watched if grp.label in exported]
+        uptime = self._uptime()
+        keys = set()
+        for rule, grp, lim in watched:
+            if rule.condition not in GROUP_MEMORY:
+                continue
+            keys.add(grp.key)
+            value = group_value(rule, grp)
+            rate = self.growth.observe(grp.key, value, sample.monotonic, first_sight_rate(value, grp.members, uptime))
+            self._schedule(rule.name, grp, lim, value, rate, sample.monotonic)
+        self.growth.keep_only(keys)
+        self.lane.keep_only(keys - self.state.busy)
+        return kills
+
+    def _schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float) -> None:
+        if group.key in self.state.busy:
+            self.lane.drop_group(group.key)
+        else:
+            self.lane.schedule(rule, group, limit, value, rate, now, self.config.interval)
+
+    def _fast_lane(self) -> list[tuple[Action, Sample]]:
+        now = time.monotonic()
+        due = self.lane.due(now)
+        if not due or self.latest is None:
+            return []
+        try:
+            newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored)
+        except OSError:
+            newcomers = []
+        refreshed: dict[str, GroupSample | None] = {}
+        for e in due:
+            if e.group.key not in refreshed:
+                try:
+                    refreshed[e.group.key] = self._reader.refresh_group(e.group, newcomers)
+                except OSError:
+                    refreshed[e.group.key] = e.group
+                self.fast_reads += 1
+        claimed = {p.pid for g in refreshed.values() if g for p in g.members}
+        self._ignored.update(p.pid for p in newcomers if p.pid not in claimed)
+        now = time.monotonic()
+        by_rule = {r.name: r for r in self.rules}
+        for e in due:
+            g = refreshed[e.group.key]
+            rule = by_rule.get(e.rule)
+            if g is None or rule is None:
+                self.lane.entries.pop((e.rule, e.group.key), None)
+                continue
+            value = group_value(rule, g)
+            rate = self.growth.observe(g.key, value, now)
+            e.group, e.due = g, now  # _schedule below sets the next due time
+            self._schedule(e.rule, g, e.limit, value, rate, now)
+        groups = tuple(g for g in refreshed.values() if g is not None)
+        if not groups:
+            return []
+        partial = dataclasses.replace(self.latest, groups=groups, monotonic=now, timestamp=time.time(),
+                                      processes=self.latest.processes + tuple(newcomers))
+        return self._dispatch(decide(partial, self.rules, self.state, self.ctx, full=False), partial)
+
+    def _uptime(self) -> float | None:
+        try:
+            with open(f"{self.config.paths.procfs}/uptime") as f:
+                return float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    # --- acting -----------------------------------------------------------------------------
+    def _dispatch(self, actions: Iterable[Action], sample: Sample) -> list[tuple[Action, Sample]]:
+        """Kills to start (their groups marked busy); every other action becomes an event now."""
+        kills = []
+        for a in actions:
+            if a.kind == "kill":
+                self.state.busy.add(a.group.key)
+                self.lane.drop_group(a.group.key)
+                kills.append((a, sample))
+            else:
+                self._count(make_event(a, sample.timestamp, self.config.groups.top_processes, sample.memtype))
+        return kills
+
+    def _count(self, event: dict) -> None:
+        """Under the lock: the event counts at once; it is written and sent after the lock is released."""
+        self.tally.count(event, time.time())
+        self.events.append(event)
+        self._outbox.append(event)
+
+    def _publish(self, events: list[dict]) -> None:
+        for event in events:
+            self.event_log.write(event)
+            if event["action"] not in QUIET_ACTIONS and self.notifier is not None:
+                self.notifier.send(event)
+            for listener in list(self.listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("event listener %r failed", listener)
+
+    def _start_kill(self, action: Action, sample: Sample) -> None:
+        job = threading.Thread(target=self._kill_job, args=(action, sample), name=f"kill-{action.group.label}",
+                               daemon=True)
+        with self._jobs_lock:
+            self._jobs.add(job)
+        try:
+            self._start_thread(job)
+        except RuntimeError as e:  # no thread to be had: the kill still happens, on this thread
+            log.error("cannot start a kill thread (%s): killing %s on the enforcer thread", e, action.group.label)
+            self._kill_job(action, sample, job)
+
+    def _kill_job(self, action: Action, sample: Sample, job: threading.Thread | None = None) -> None:
+        job = job or threading.current_thread()
+        try:
+            event = self._kill(action, sample)
+        except Exception as e:
+            log.exception("kill of %s failed", action.group.label)
+            a = dataclasses.replace(action, kind="failed", reason=f"{type(e).__name__}: {e}")
+            event = make_event(a, time.time(), self.config.groups.top_processes, sample.memtype)
+        finally:
+            with self._lock:
+                self.state.busy.discard(action.group.key)
+            with self._jobs_lock:
+                self._jobs.discard(job)
+        with self._lock:
+            self._count(event)
+            events, self._outbox = self._outbox, []
+        self._publish(events)
+
+    def _kill(self, action: Action, sample: Sample) -> dict:
+        """Stop the group through the kill engine: members, descendants and newcomers, hard ceiling."""
+        rule, group = action.rule, action.group
+        reader = GroupReader(self.config)  # this thread's own reader
+        known = {p.pid for p in sample.processes}
+        current: GroupSample | None = group
+        peak = action.value
+        targets: dict[int, ProcessInfo] = {p.pid: p for p in action.targets}
+
+        def refresh() -> tuple[list[ProcessInfo], bool]:
+            nonlocal current, peak
+            if current is None:
+                return [], False
+            try:
+                newcomers = reader.new_processes(known | set(targets))
+                g = reader.refresh_group(current, newcomers)
+            except OSError:
+                return [], False
+            current = g
+            if g is not None and action.condition in GROUP_MEMORY:
+                peak = max(peak, group_value(rule, g))
+            # new members, and new children of any target (a fork that left the group)
+            joined = [p for p in list(g.members if g else ()) + [n for n in newcomers if n.ppid in targets]
+                      if eligible(p, rule, self.ctx)]
+            targets.update((p.pid, p) for p in joined)
+            return joined, self._over_ceiling(action, g, reader)
+
+        order = KillOrder(signals=[signal.Signals[name] for name in rule.signals], grace=rule.grace,
+                          targets=action.targets, pgid=group.pgid if group.kind == "pgid" else None,
+                          cgroup=group.key[7:] if group.kind == "cgroup" else None)
+        try:
+            report = execute(self.actuator, order, refresh)
+        finally:
+            reader.close()
+        a = dataclasses.replace(action, kind=report.kind)
+        return make_event(a, time.time(), self.config.groups.top_processes, sample.memtype, **report.event_fields(),
+                          ceiling=action.ceiling, peak_bytes=peak if action.condition in GROUP_MEMORY else None,
+                          dry_run=False)
+
+    @staticmethod
+    def _over_ceiling(action: Action, group: GroupSample | None, reader: GroupReader) -> bool:
+        if action.ceiling is None:
+            return False
+        if action.condition in GROUP_MEMORY:
+            return group is not None and group_value(action.rule, group) > action.ceiling
+        if action.condition == "system_available_below":
+            try:
+                return reader.read_system().available_bytes < action.ceiling
+            except OSError:
+                return False
+        return False

@@ -1,0 +1,115 @@
+"""The fast lane: which groups are re-read between full samples, and how fast each one grows.
+
+`Growth` is the one growth-rate estimator (the enforcer's lane and `run` both use it): a rise
+counts at once, a slow-down halves the rate per reading. A group seen for the first time is
+credited with its average growth since its oldest member started, so a group born between two
+samples is not taken for a still one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Hashable, Iterable
+
+from ..sample import GroupSample, ProcessInfo
+from .policy import MAX_LANE, poll_period
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+YOUNG = 60.0  # seconds: older groups get no first-sight rate (their memory says nothing of recent growth)
+MIN_DT = 0.02  # readings closer than this do not update the rate
+
+
+def first_sight_rate(value: int, members: Iterable[ProcessInfo], uptime: float | None) -> float:
+    """Bytes/s averaged since the oldest member started, for a young group; 0 otherwise."""
+    if uptime is None:
+        return 0.0
+    starts = [p.start_time for p in members]
+    if not starts:
+        return 0.0
+    age = uptime - min(starts) / CLK_TCK
+    return value / max(age, 0.1) if age < YOUNG else 0.0
+
+
+class Growth:
+    """Recent growth rate (bytes/s) per key."""
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, tuple[float, int, float]] = {}  # key -> (monotonic, value, rate)
+
+    def observe(self, key: Hashable, value: int, now: float, first_rate: float = 0.0) -> float:
+        prev = self._last.get(key)
+        if prev is None:
+            rate = first_rate
+        else:
+            t0, v0, r0 = prev
+            dt = now - t0
+            if dt < MIN_DT:
+                return r0
+            inst = max(0.0, (value - v0) / dt)
+            rate = inst if inst >= r0 else 0.5 * r0 + 0.5 * inst
+        self._last[key] = (now, value, rate)
+        return rate
+
+    def rate(self, key: Hashable) -> float:
+        prev = self._last.get(key)
+        return prev[2] if prev else 0.0
+
+    def keep_only(self, keys: Iterable[Hashable]) -> None:
+        keys = set(keys)
+        for k in [k for k in self._last if k not in keys]:
+            del self._last[k]
+
+
+@dataclass
+class LaneEntry:
+    rule: str
+    group: GroupSample
+    limit: int
+    due: float
+
+
+class FastLane:
+    """Groups near a limit, each with the monotonic time of its next re-read."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], LaneEntry] = {}  # (rule, group key) -> entry
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def next_due(self) -> float | None:
+        return min((e.due for e in self.entries.values()), default=None)
+
+    def due(self, now: float) -> list[LaneEntry]:
+        return [e for e in self.entries.values() if e.due <= now]
+
+    def member_pids(self) -> set[int]:
+        return {p.pid for e in self.entries.values() for p in e.group.members}
+
+    def schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float,
+                 interval: float) -> None:
+        """Put the group in the lane when it may cross its limit before the next full sample."""
+        period = poll_period(limit - value, rate, interval)
+        if period >= interval:
+            self.entries.pop((rule, group.key), None)
+            return
+        entry = self.entries.get((rule, group.key))
+        if entry is None:
+            self.entries[(rule, group.key)] = LaneEntry(rule, group, limit, now + period)
+        else:
+            entry.group, entry.limit = group, limit
+            entry.due = min(entry.due, now + period) if entry.due > now else now + period
+
+    def drop_group(self, key: str) -> None:
+        for lk in [lk for lk in self.entries if lk[1] == key]:
+            del self.entries[lk]
+
+    def keep_only(self, keys: set[str]) -> None:
+        for lk in [lk for lk, e in self.entries.items() if e.group.key not in keys]:
+            del self.entries[lk]
+        if len(self.entries) > MAX_LANE:  # keep the groups due soonest
+            for lk, _ in sorted(self.entries.items(), key=lambda kv: kv[1].due)[MAX_LANE:]:
+                del self.entries[lk]
+
+    def clear(self) -> None:
+        self.entries.clear()
