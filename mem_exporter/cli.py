@@ -248,7 +248,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import main as run_main
+    from .run import main as run_main
     return run_main(args)
 
 

@@ -111,3 +111,20 @@ def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
                                 pss_bytes=_sum_optional(g.pss_bytes for g in rest),
                                 swap_bytes=_sum_optional(g.swap_bytes for g in rest), gpu_memory_bytes=gpu))
     return keep
+
+
+def descendants(procs: Iterable[ProcessInfo], roots: Iterable[int]) -> list[ProcessInfo]:
+    """Every process whose ppid chain reaches one of the root pids (the roots themselves excluded):
+    the one descendant walk, for the enforcer's targets and for `run`'s tree."""
+    children: dict[int, list[ProcessInfo]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    seen = set(roots)
+    stack, out = list(seen), []
+    while stack:
+        for c in children.get(stack.pop(), ()):
+            if c.pid not in seen:
+                seen.add(c.pid)
+                stack.append(c.pid)
+                out.append(c)
+    return out

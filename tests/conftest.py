@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,36 @@ def metric_value(text: str, name: str, **labels) -> float | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return None
+
+
+# --- an in-process enforcer on a real sampling loop ----------------------------------------------
+
+@pytest.fixture
+def tag():
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def enforcer(tmp_path):
+    """enforcer(rules, ...) starts a sampling loop and an Enforcer in this process; both stop at teardown."""
+    from mem_exporter.config import validate_config
+    from mem_exporter.enforcer import Enforcer
+    from mem_exporter.sampler import Sampler, SamplingLoop
+
+    started = []
+
+    def start(rules, dry_run=False, protect=(), interval="0.3s", **kwargs):
+        cfg = validate_config({"interval": interval, "gpu": {"backend": "none"},
+                               "enforcer": {"event_log": str(tmp_path / "events.jsonl"), "protect": list(protect),
+                                            "rules": rules}})
+        loop = SamplingLoop(Sampler(cfg))
+        enf = Enforcer(cfg, dry_run=dry_run, **kwargs)
+        loop.consumers.append(enf.on_sample)
+        loop.start()
+        started.append((loop, enf))
+        return enf
+
+    yield start
+    for loop, enf in started:
+        loop.stop()
+        enf.stop(timeout=30)

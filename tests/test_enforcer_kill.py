@@ -5,40 +5,11 @@ Every rule selects only this test's own hogs by a unique `--tag`, so nothing els
 import json
 import os
 import time
-import uuid
 
 import pytest
 
 from conftest import pid_alive, wait_for
 from mem_exporter.config import validate_config
-from mem_exporter.enforcer import Enforcer
-from mem_exporter.sampler import Sampler, SamplingLoop
-
-
-@pytest.fixture
-def tag():
-    return "t" + uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-def enforcer(tmp_path):
-    started = []
-
-    def start(rules, dry_run=False, protect=(), interval="0.3s"):
-        cfg = validate_config({"interval": interval, "gpu": {"backend": "none"},
-                               "enforcer": {"event_log": str(tmp_path / "events.jsonl"), "protect": list(protect),
-                                            "rules": rules}})
-        loop = SamplingLoop(Sampler(cfg))
-        enf = Enforcer(cfg, dry_run=dry_run)
-        loop.consumers.append(enf.on_sample)
-        loop.start()
-        started.append((loop, enf))
-        return enf
-
-    yield start
-    for loop, enf in started:
-        loop.stop()
-        enf.stop(timeout=30)
 
 
 def event_for(enf, pgid, actions=("term", "kill")):

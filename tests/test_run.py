@@ -274,7 +274,7 @@ def test_on_a_terminal_the_command_gets_the_foreground(wrap, tmp_path):
 # --- pure parts -------------------------------------------------------------------------------
 
 def test_tree_members_follow_ppid_links_and_identity():
-    from mem_exporter.runner import tree_members
+    from mem_exporter.run import tree_members
     from mem_exporter.sample import ProcessInfo
 
     def p(pid, ppid, start=1):
@@ -286,7 +286,7 @@ def test_tree_members_follow_ppid_links_and_identity():
 
 def test_options_flags_over_environment():
     import argparse
-    from mem_exporter.runner import SetupError, options_from
+    from mem_exporter.run import SetupError, options_from
 
     def args(**kw):
         base = dict(command=["--", "x"], threshold=None, interval=None, log=None, verbose=False, notify=False,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from ..config import Matcher, Rule, RuleMatch
+from ..grouping import descendants as descendants_of
 from ..grouping import user_name as _user_name
 from ..sample import GroupSample, ProcessInfo, Sample
 
@@ -215,18 +216,8 @@ def eligible(p: ProcessInfo, rule: Rule, ctx: Context) -> bool:
 
 def descendants(sample: Sample, group: GroupSample) -> list[ProcessInfo]:
     """Processes outside the group that descend from one of its members (setsid children, say)."""
-    children: dict[int, list[ProcessInfo]] = {}
-    for p in sample.processes:
-        children.setdefault(p.ppid, []).append(p)
     inside = {p.pid for p in group.members}
-    out, stack, seen = [], [p.pid for p in group.members], set(inside)
-    while stack:
-        for c in children.get(stack.pop(), ()):
-            if c.pid not in seen:
-                seen.add(c.pid)
-                stack.append(c.pid)
-                out.append(c)
-    return out
+    return [p for p in descendants_of(sample.processes, inside) if p.pid not in inside]
 
 
 def victim(rule: Rule, group: GroupSample, sample: Sample, ctx: Context, condition: str, value: float,

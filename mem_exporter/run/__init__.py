@@ -9,13 +9,15 @@ never mistaken for one. The tree's summed RSS is what the threshold limits.
 One loop on the main thread: reap children, read the tree, log, check the limit. Reading is the
 Sampler's full /proc walk every interval; in between, only the tree's members and pids new since
 the walk (a few files): at least every 0.5 s, and every 50 to 100 ms near the limit, as the
-enforcer's fast lane does. Killing goes through the enforcer's Actuator:
-identity-checked signals to every member, then killpg on the command's group; first signal,
-grace with re-reads (past the hard ceiling: SIGKILL at once), SIGKILL, confirmed death.
+enforcer's fast lane does. Stopping the tree goes through the enforcer's kill engine (kill.execute):
+identity-checked signals to every member and killpg on the command's group, grace with re-reads,
+the hard ceiling, SIGKILL, confirmed death. Nothing in the tree is exempt: it is the user's own command.
+
+    options.py     flags and environment variables
+    supervisor.py  subreaper, terminal, exit statuses
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import logging
@@ -26,103 +28,39 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ..config import Groups, Notify, Rule, load_config
+from ..enforcer.actuator import Actuator, own_context
+from ..enforcer.events import Notifier, make_event
+from ..enforcer.kill import KillOrder, execute
+from ..enforcer.lane import Growth
+from ..enforcer.metrics import EnforcerCollector, EnforcerState, Tally
+from ..enforcer.policy import Action, poll_period, protection
+from ..grouping import descendants
+from ..phase import PhaseWatcher
+from ..runlog import MB, SCHEMA, RunLog, mb, resolve_path, sample_record
+from ..sample import GroupSample, ProcessInfo, Sample
+from ..sampler import Sampler
+from ..units import iso_utc as iso
+from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
+                      options_from)
+from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
 
-from .config import Groups, Notify, Rule, load_config
-from .enforcer.actuator import Actuator
-from .enforcer.events import Notifier, make_event
-from .enforcer.policy import Action, Context, poll_period, protection
-from .phase import PhaseWatcher
-from .runlog import MB, SCHEMA, RunLog, mb, resolve_path, sample_record
-from .sample import GroupSample, ProcessInfo, Sample
-from .sampler import Sampler
-from .units import iso_utc as iso, parse_duration, parse_size
+__all__ = ["Runner", "RunOptions", "SetupError", "main", "options_from", "tree_members"]
 
 log = logging.getLogger(__name__)
 
-EXIT_SETUP = 2  # bad option or environment variable, unwritable log, busy port: the command never ran
-EXIT_MEMORY = 137  # killed for memory: 128 + SIGKILL, what a shell shows for a SIGKILL death
-EXIT_NOT_EXECUTABLE = 126
-EXIT_NOT_FOUND = 127
-
 RULE = "run"  # the rule label of the limit metric and of the events
 HARD_CEILING = 0.10  # during the grace period, this far over the limit gets SIGKILL at once
-DEATH_TIMEOUT = 10.0
 SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by itself before SIGTERM
 TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
 TTY_STATUS_EVERY = 0.2
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ZONES = ((0.67, "32"), (0.83, "33"), (float("inf"), "31"))  # safe green, caution yellow, critical red
-PR_SET_CHILD_SUBREAPER = 36
-
-ENV_THRESHOLD = "MEM_EXPORTER_THRESHOLD"
-ENV_INTERVAL = "MEM_EXPORTER_INTERVAL"
-ENV_LOG = "MEM_EXPORTER_LOG"
-ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
 
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
-
-
-class SetupError(Exception):
-    """A problem found before the command starts: one line on stderr, exit 2."""
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    command: tuple[str, ...]
-    threshold: int = 800 * MB
-    interval: float = 2.0
-    grace: float = 5.0
-    log: str | None = None
-    verbose: bool = False
-    notify: bool = False
-    listen: str | None = None
-
-
-def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
-    """Flags first, then MEM_EXPORTER_* environment variables, then defaults; SetupError names the culprit."""
-    command = list(args.command or [])
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if not command:
-        raise SetupError("no command to run (usage: mem-exporter run [-t 800] -- CMD [ARGS...])")
-
-    def pick(flag, option: str, env: str, parse, default):
-        if flag is not None:
-            raw, where = flag, option
-        elif environ.get(env, "").strip():
-            raw, where = environ[env], env
-        else:
-            return default
-        try:
-            value = parse(raw)
-        except ValueError as e:
-            raise SetupError(f"{where}: {e}") from None
-        if not value > 0:
-            raise SetupError(f"{where}: must be more than 0 (got {raw!r})")
-        return value
-
-    threshold = pick(args.threshold, "--threshold", ENV_THRESHOLD, lambda v: parse_size(v, bare_unit=MB), 800 * MB)
-    interval = pick(args.interval, "--interval", ENV_INTERVAL, parse_duration, 2.0)
-    if interval > 3600:
-        raise SetupError(f"--interval: at most 1h (got {interval:g}s)")
-    grace = 5.0
-    if args.grace is not None:
-        try:
-            grace = parse_duration(args.grace)
-        except ValueError as e:
-            raise SetupError(f"--grace: {e}") from None
-    _, sep, port = (args.listen or "").rpartition(":")
-    if args.listen and not (sep and port.isdigit() and int(port) <= 65535):
-        raise SetupError(f"--listen: {args.listen!r} is not HOST:PORT (example: 127.0.0.1:9715)")
-    verbose = bool(args.verbose) or environ.get(ENV_VERBOSE, "").strip().lower() in ("1", "true", "yes", "on")
-    return RunOptions(command=tuple(command), threshold=threshold, interval=interval, grace=grace,
-                      log=args.log or environ.get(ENV_LOG) or None, verbose=verbose, notify=bool(args.notify),
-                      listen=args.listen)
 
 
 def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo], root: int) -> dict[int, ProcessInfo]:
@@ -131,85 +69,12 @@ def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInf
     procs = list(procs)
     known = {p.identity for p in previous.values()}
     out = {p.pid: p for p in procs if p.identity in known and p.pid != root}
-    children: dict[int, list[ProcessInfo]] = {}
-    for p in procs:
-        children.setdefault(p.ppid, []).append(p)
-    stack = [root, *out]
-    while stack:
-        for c in children.get(stack.pop(), ()):
-            if c.pid not in out and c.pid != root:
-                out[c.pid] = c
-                stack.append(c.pid)
+    out.update((p.pid, p) for p in descendants(procs, [root, *out]))
     return out
 
 
 def processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
-
-
-def exit_code(status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128 + N for a death by signal N."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-def become_subreaper() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def foreground_tty() -> int | None:
-    """Our controlling terminal, when we hold its foreground: the command is then given the terminal."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if os.tcgetpgrp(fd) == os.getpgrp():
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
-def _set_foreground(tty: int, pgid: int) -> None:
-    try:
-        os.tcsetpgrp(tty, pgid)
-    except OSError:
-        pass
-
-
-def _take_terminal(tty: int) -> None:
-    """In the child, before exec: its own process group, in the foreground of our terminal."""
-    os.setpgid(0, 0)
-    _set_foreground(tty, os.getpgrp())  # SIGTTOU is ignored here, as in the parent
-    signal.signal(signal.SIGTTOU, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
-
-
-class RunCollector:
-    """The run's limit and kills under the enforcer's metric names."""
-
-    def __init__(self, runner: "Runner"):
-        self.runner = runner
-
-    def describe(self) -> list:
-        return []
-
-    def collect(self):
-        r = self.runner
-        g = GaugeMetricFamily("mem_exporter_enforcer_limit_bytes", "The limit a rule holds an exported group to.",
-                              labels=["rule", "group"])
-        g.add_metric([RULE, r.name], r.opts.threshold)
-        yield g
-        c = CounterMetricFamily("mem_exporter_enforcer_kills", "Process groups killed (a signal delivered), by rule.",
-                                labels=["rule"])
-        c.add_metric([RULE], r.kills)
-        yield c
 
 
 class Runner:
@@ -219,10 +84,9 @@ class Runner:
         self.started = time.time()
         self.log_path = resolve_path(opts.log, opts.command[0], self.started, os.getpid(), environ)
         self.config = load_config(None, {"interval": opts.interval})
-        self.sampler = Sampler(self.config)
-        self.sampler.phase_watcher = PhaseWatcher()  # `mem-exporter phase NAME` marks the run's samples
+        self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher())  # `mem-exporter phase NAME` marks samples
         self.actuator = Actuator(self.config.paths.procfs)
-        self.ctx = Context(uid=os.geteuid(), pid=os.getpid(), pgid=os.getpgrp())
+        self.ctx = own_context(self.config.paths.procfs, builtin=False)  # nothing in the user's own tree is exempt
         self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
         self.members: dict[int, ProcessInfo] = {}
         self.group: GroupSample | None = None
@@ -230,7 +94,7 @@ class Runner:
         self.system = None
         self.latest: Sample | None = None
         self.peak = 0
-        self.kills = 0
+        self.tally = Tally()
         self.proc: subprocess.Popen | None = None
         self.cmd_pid = 0
         self.cmd_status: int | None = None
@@ -241,8 +105,7 @@ class Runner:
         self.log: RunLog | None = None
         self.server = self.exposition = None
         self._seen: set[int] = set()
-        self._rate = 0.0
-        self._last: tuple[float, int] | None = None
+        self.growth = Growth()
         self._last_logged = self._last_status = 0.0
         self._status_line = False
         self._serving = False
@@ -277,14 +140,14 @@ class Runner:
             self._reap()
             if self.tty is not None:
                 _set_foreground(self.tty, os.getpgrp())
-            status = self._exit_status(cause)
+            status = self._exit_status(cause, event)
             self._report(cause, event, status)
             self._finish_log(cause, status, event)
         return status
 
-    def _exit_status(self, cause: str) -> int:
-        if cause == "memory":
-            return EXIT_MEMORY
+    def _exit_status(self, cause: str, event: dict | None) -> int:
+        if cause == "memory":  # 137 only for a kill that happened: the whole tree confirmed dead
+            return EXIT_MEMORY if event and event["outcome"] == "dead" else 1
         if cause == "signal":
             return 128 + self.signalled
         if self.cmd_status is None:
@@ -294,10 +157,10 @@ class Runner:
     # --- set-up -----------------------------------------------------------------------------
     def _open_outputs(self) -> None:
         if self.opts.listen:  # first: a busy port must not leave an empty log behind
-            from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
+            from ..exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
             groups = Groups(min_memory=0)  # the tree is the one group: never folded into "other"
             self.exposition = Exposition(build_registry(SampleCollector(lambda: self.latest, lambda: groups),
-                                                        RunCollector(self)))
+                                                        EnforcerCollector(self.snapshot)))
             try:
                 self.server = MetricsServer(self.opts.listen, self.exposition,
                                             sample_health(lambda: self.latest, lambda: self.opts.interval))
@@ -370,7 +233,8 @@ class Runner:
             if group.rss_bytes > self.opts.threshold:
                 self.breach = group
                 return "memory"
-            period = min(TREE_EVERY, poll_period(self.opts.threshold - group.rss_bytes, self._rate, self.opts.interval))
+            period = min(TREE_EVERY, poll_period(self.opts.threshold - group.rss_bytes, self.growth.rate(RULE),
+                                              self.opts.interval))
             self._sleep(min(next_full, time.monotonic() + period) - time.monotonic())
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
@@ -399,21 +263,10 @@ class Runner:
                             members=tuple(members), pgid=self.cmd_pid)
         self.group = group
         self.peak = max(self.peak, group.rss_bytes)
-        self._observe(group.rss_bytes)
+        self.growth.observe(RULE, group.rss_bytes, time.monotonic())
         if record:
             self._record(group, sample)
         return group
-
-    def _observe(self, value: int) -> None:
-        """The tree's recent growth rate (bytes/s): a rise counts at once, a slow-down halves it per reading."""
-        now = time.monotonic()
-        if self._last is not None:
-            t0, v0 = self._last
-            if now - t0 < 0.02:
-                return
-            inst = max(0.0, (value - v0) / (now - t0))
-            self._rate = inst if inst >= self._rate else 0.5 * self._rate + 0.5 * inst
-        self._last = (now, value)
 
     def _record(self, group: GroupSample, sample: Sample | None) -> None:
         now = time.monotonic()
@@ -426,7 +279,7 @@ class Runner:
         if sample is not None:
             self.log.flush()  # once per interval: `tail -f` shows the run as it goes
             if self.exposition is not None:
-                self.latest = dataclasses.replace(sample, groups=(group,))
+                self.latest = dataclasses.replace(sample, groups=(group,), exported=(group,))
                 self.exposition.refresh()
         self._status(group, full=sample is not None)
 
@@ -499,74 +352,49 @@ class Runner:
     # --- stopping the tree --------------------------------------------------------------------
     def _terminate(self, first: int, cause: str) -> dict | None:
         """First signal to the whole tree, the grace period with re-reads, SIGKILL to whoever is left,
-        confirmed death. The event, or None when nothing of the tree was left to stop."""
+        confirmed death (the kill engine). The event, or None when nothing of the tree was left to stop."""
         self.stopping = True
         group = self.breach or self._read(False, record=False)  # forks since the last reading count too
         act = self.actuator
-        targets: dict[tuple[int, int], ProcessInfo] = {}
 
-        def take(procs: Iterable[ProcessInfo]) -> None:
-            for p in procs:
-                if p.identity not in targets and protection(p, self.ctx) is None:
-                    targets[p.identity] = p
+        def signallable() -> list[ProcessInfo]:
+            return [p for p in self.members.values() if protection(p, self.ctx) is None]
 
-        take(self.members.values())
+        targets = signallable()
         if targets and cause == "exited":  # processes already on their way out (Ctrl-C reached the whole group)
-            act.wait_gone(list(targets.values()), SETTLE)
+            act.wait_gone(targets, SETTLE)
             self._reap()
-            targets = {k: p for k, p in targets.items() if act.alive(p)}
+            targets = [p for p in targets if act.alive(p)]
         if not targets:
             return None
-        t0 = time.monotonic()
-        sent: list[dict] = []
-
-        def deliver(sig: int) -> None:
-            live = [p for p in targets.values() if act.alive(p)]
-            # killpg reaches forks not read yet; never when the group holds a process we must not signal
-            spare = any(p.pgid == self.cmd_pid and protection(p, self.ctx) for p in self.members.values())
-            d = act.signal_all(live, sig, pgid=None if spare else self.cmd_pid)
-            sent.append({"signal": signal.Signals(sig).name, "at_seconds": round(time.monotonic() - t0, 3),
-                         "sent": len(d.sent), "mismatch": len(d.mismatch), "denied": len(d.denied), "group": d.group})
-
-        deliver(first)
         ceiling = self.opts.threshold * (1 + HARD_CEILING)
-        hard = False
-        deadline = t0 + self.opts.grace
-        while not self.hurry and (left := deadline - time.monotonic()) > 0:
-            self._sleep(min(0.05, left))
+
+        def refresh() -> tuple[list[ProcessInfo], bool]:
             self._reap()
             current = self._read(False)
-            take(self.members.values())
-            if not any(act.alive(p) for p in targets.values()):
-                break
-            if cause == "memory" and current.rss_bytes > ceiling:
-                hard = True
-                break
-        for _ in range(3):
-            if not any(act.alive(p) for p in targets.values()):
-                break
-            deliver(signal.SIGKILL)
-            act.wait_gone(list(targets.values()), DEATH_TIMEOUT)
-            self._reap()
-            self._read(False, record=False)
-            take(self.members.values())  # forked between the signals
-        survivors = [p for p in targets.values() if act.alive(p)]
-        gone_at = time.monotonic()
-        sent_any = any(s["sent"] for s in sent)
-        if sent_any and cause == "memory":
-            self.kills += 1
-        last = next((s["signal"] for s in reversed(sent) if s["sent"]), None)
-        action = Action(kind=last[3:].lower() if last else "skipped_gone", rule=self.rule, group=group,
-                        condition=CONDITIONS[cause], value=group.rss_bytes, limit=self.opts.threshold, at=t0,
-                        targets=tuple(targets.values()), ceiling=ceiling if cause == "memory" else None)
-        return make_event(action, time.time(), 5, "rss", type="event", cause=cause,
-                          signal=signal.Signals(first).name,
-                          outcome="survived" if survivors else ("dead" if sent_any else "gone"),
-                          signals_sent=[s for s in sent if s["sent"] or s["mismatch"] or s["denied"]],
-                          hard_ceiling=hard, ceiling=ceiling if cause == "memory" else None, peak_bytes=self.peak,
-                          signalled=[{"pid": p.pid, "comm": p.comm} for p in targets.values()][:50],
-                          survivors=[p.pid for p in survivors],
-                          time_to_death_seconds=round(gone_at - t0, 3) if sent_any and not survivors else None)
+            return signallable(), cause == "memory" and current.rss_bytes > ceiling
+
+        # killpg reaches forks not read yet; never when the group holds a process we must not signal
+        spare = any(p.pgid == self.cmd_pid and protection(p, self.ctx) for p in self.members.values())
+        order = KillOrder(signals=[first, signal.SIGKILL], grace=self.opts.grace, targets=targets,
+                          pgid=None if spare else self.cmd_pid)
+        report = execute(act, order, refresh, hurry=lambda: self.hurry)
+        self._reap()
+        action = Action(kind=report.kind, rule=self.rule, group=group, condition=CONDITIONS[cause],
+                        value=group.rss_bytes, limit=self.opts.threshold, at=report.started,
+                        targets=tuple(report.targets.values()), ceiling=ceiling if cause == "memory" else None)
+        event = make_event(action, time.time(), 5, "rss", type="event", cause=cause, signal=signal.Signals(first).name,
+                           **report.event_fields(), ceiling=ceiling if cause == "memory" else None,
+                           peak_bytes=self.peak)
+        if cause == "memory":
+            self.tally.count(event, time.time())
+        return event
+
+    def snapshot(self) -> EnforcerState:
+        """The run's limit and kills, under the enforcer's metric families."""
+        return EnforcerState(rules=(RULE,), kills=dict(self.tally.kills), actions=dict(self.tally.actions),
+                             limits=((RULE, self.name, "rss", self.opts.threshold),),
+                             last_kill=dict(self.tally.last_kill), last_time_to_death=dict(self.tally.last_time_to_death))
 
     # --- the end ------------------------------------------------------------------------------
     def _report(self, cause: str, event: dict | None, status: int) -> None:
@@ -575,7 +403,8 @@ class Runner:
         command = " ".join(self.opts.command)
         if cause == "memory":
             g = self.breach
-            lines.append(f"killed `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
+            verb = "killed" if event and event["outcome"] == "dead" else "could not kill"
+            lines.append(f"{verb} `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
                          f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}")
             top = ", ".join(f"{p.comm}[{p.pid}] {p.rss_bytes / MB:.1f} MB" for p in g.top(5))
             lines.append(f"largest: {top}")

@@ -1,0 +1,76 @@
+"""`mem-exporter run` options: flags first, then MEM_EXPORTER_* environment variables, then defaults."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..runlog import MB
+from ..units import parse_duration, parse_size
+
+EXIT_SETUP = 2  # bad option or environment variable, unwritable log, busy port: the command never ran
+EXIT_MEMORY = 137  # killed for memory: 128 + SIGKILL, what a shell shows for a SIGKILL death
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+ENV_THRESHOLD = "MEM_EXPORTER_THRESHOLD"
+ENV_INTERVAL = "MEM_EXPORTER_INTERVAL"
+ENV_LOG = "MEM_EXPORTER_LOG"
+ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
+
+class SetupError(Exception):
+    """A problem found before the command starts: one line on stderr, exit 2."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    command: tuple[str, ...]
+    threshold: int = 800 * MB
+    interval: float = 2.0
+    grace: float = 5.0
+    log: str | None = None
+    verbose: bool = False
+    notify: bool = False
+    listen: str | None = None
+
+
+def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
+    """Flags first, then MEM_EXPORTER_* environment variables, then defaults; SetupError names the culprit."""
+    command = list(args.command or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise SetupError("no command to run (usage: mem-exporter run [-t 800] -- CMD [ARGS...])")
+
+    def pick(flag, option: str, env: str, parse, default):
+        if flag is not None:
+            raw, where = flag, option
+        elif environ.get(env, "").strip():
+            raw, where = environ[env], env
+        else:
+            return default
+        try:
+            value = parse(raw)
+        except ValueError as e:
+            raise SetupError(f"{where}: {e}") from None
+        if not value > 0:
+            raise SetupError(f"{where}: must be more than 0 (got {raw!r})")
+        return value
+
+    threshold = pick(args.threshold, "--threshold", ENV_THRESHOLD, lambda v: parse_size(v, bare_unit=MB), 800 * MB)
+    interval = pick(args.interval, "--interval", ENV_INTERVAL, parse_duration, 2.0)
+    if interval > 3600:
+        raise SetupError(f"--interval: at most 1h (got {interval:g}s)")
+    grace = 5.0
+    if args.grace is not None:
+        try:
+            grace = parse_duration(args.grace)
+        except ValueError as e:
+            raise SetupError(f"--grace: {e}") from None
+    _, sep, port = (args.listen or "").rpartition(":")
+    if args.listen and not (sep and port.isdigit() and int(port) <= 65535):
+        raise SetupError(f"--listen: {args.listen!r} is not HOST:PORT (example: 127.0.0.1:9715)")
+    verbose = bool(args.verbose) or environ.get(ENV_VERBOSE, "").strip().lower() in ("1", "true", "yes", "on")
+    return RunOptions(command=tuple(command), threshold=threshold, interval=interval, grace=grace,
+                      log=args.log or environ.get(ENV_LOG) or None, verbose=verbose, notify=bool(args.notify),
+                      listen=args.listen)
