@@ -143,14 +143,18 @@ def run(workdir: Path, scrapers: int = 50, seconds: float = 20.0, interval: floa
         time.sleep(seconds / 3)
         grow_at = time.monotonic()
         hog.send_signal(signal.SIGUSR1)  # our own child; the rule selects nothing else
-        crossed_at = died_at = None
+        crossed_at = died_at = below_at = None
         while died_at is None and time.monotonic() < began + seconds:
             value = rss(hog.pid)
             if value is None or hog.poll() is not None:
                 died_at = time.monotonic()
             elif crossed_at is None and value > limit_mib * MIB:
                 crossed_at = time.monotonic()
+            elif crossed_at is None:
+                below_at = time.monotonic()
             time.sleep(0.005)
+        if died_at and crossed_at is None:  # killed between two readings: the crossing was after the last one below
+            crossed_at = below_at
         if not receive.poll(seconds + 30):
             raise RuntimeError("the scrapers did not report")
         flooded = receive.recv()
