@@ -24,20 +24,24 @@ from collections import deque
 from typing import Callable, Iterable
 
 from ..config import Config
+from ..grouping import group_key, make_group
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from .actuator import Actuator, own_context
 from .events import EventLog, Notifier, make_event
 from .kill import KillOrder, execute
-from .lane import FastLane, Growth, first_sight_rate
+from .lane import NEWCOMER_PERIOD, FastLane, Growth, first_sight_rate, system_period
 from .metrics import EnforcerCollector, EnforcerState, Tally
-from .policy import GROUP_MEMORY, LIMIT_MEMTYPE, Action, PolicyState, decide, eligible, group_value, limits
+from .policy import (GROUP_MEMORY, LIMIT_MEMTYPE, Action, PolicyState, decide, eligible, group_value, limits, selects,
+                     system_threshold)
 
 __all__ = ["Enforcer"]
 
 log = logging.getLogger(__name__)
 
 QUIET_ACTIONS = ("skipped_protected", "skipped_other_user", "no_victim")  # logged at INFO, not notified
+SYSTEM_CONDITIONS = ("system_available_below",)  # rules the system lane evaluates between full samples
+CANDIDATES = 8  # groups re-read for a fresh victim choice when the system lane fires
 
 
 class Enforcer:
@@ -52,6 +56,10 @@ class Enforcer:
         self.lane = FastLane()
         self.growth = Growth()
         self.fast_reads = 0
+        self.system_reads = 0
+        self.newcomer_scans = 0
+        self._next_scan = 0.0
+        self._next_system = 0.0
         self._known: set[int] = set()
         self._ignored: set[int] = set()
         self._pending: Sample | None = None
@@ -77,6 +85,8 @@ class Enforcer:
         with self._lock:
             self.config = config
             self.rules = list(config.enforcer.rules)
+            self.group_rules = [r for r in self.rules if r.condition in GROUP_MEMORY]
+            self.system_rules = [r for r in self.rules if r.condition in SYSTEM_CONDITIONS]
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
             self.ctx = own_context(config.paths.procfs, tuple(config.enforcer.protect), self.dry_run)
             self.event_log = EventLog(config.enforcer.event_log)
@@ -122,10 +132,21 @@ class Enforcer:
                                  last_time_to_death=dict(t.last_time_to_death))
 
     # --- the enforcer thread ----------------------------------------------------------------
+    def _next_wake(self) -> float | None:
+        """When the thread has work before the next full sample: a lane re-read, a newcomer scan, a
+        system-memory read. The last two run only while a rule needs them and a sample has been seen."""
+        times = [self.lane.next_due()]
+        if self.latest is not None:
+            if self.group_rules:
+                times.append(self._next_scan)
+            if self.system_rules:
+                times.append(self._next_system)
+        return min((t for t in times if t is not None), default=None)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                due = self.lane.next_due()
+                due = self._next_wake()
             timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
             if timeout > 0:
                 self._wake.wait(timeout)
@@ -138,6 +159,11 @@ class Enforcer:
                     sample, self._pending = self._pending, None
                     if sample is not None:
                         kills += self._on_full(sample)
+                    now = time.monotonic()
+                    if self.system_rules and self.latest is not None and now >= self._next_system:
+                        kills += self._system_lane(now)
+                    if self.group_rules and self.latest is not None and now >= self._next_scan:
+                        kills += self._newcomers(now)
                     kills += self._fast_lane()
                     events, self._outbox = self._outbox, []
                 for action, at in kills:
@@ -165,15 +191,108 @@ class Enforcer:
             value = group_value(rule, grp)
             rate = self.growth.observe(grp.key, value, sample.monotonic, first_sight_rate(value, grp.members, uptime))
             self._schedule(rule.name, grp, lim, value, rate, sample.monotonic)
-        self.growth.keep_only(keys)
+        self.growth.keep_only(keys | {"system"})
         self.lane.keep_only(keys - self.state.busy)
         return kills
 
-    def _schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float) -> None:
+    def _schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float,
+                  probe: bool = False) -> None:
         if group.key in self.state.busy:
             self.lane.drop_group(group.key)
         else:
-            self.lane.schedule(rule, group, limit, value, rate, now, self.config.interval)
+            self.lane.schedule(rule, group, limit, value, rate, now, self.config.interval, probe)
+
+    def _newcomers(self, now: float) -> list[tuple[Action, Sample]]:
+        """No blind spot between full samples: processes started since are read (only they), and a
+        group they start or join that a group-memory rule selects goes into the fast lane at once,
+        its growth estimated from its age, or is acted on now if it is already over its limit."""
+        self._next_scan = now + NEWCOMER_PERIOD
+        self.newcomer_scans += 1
+        latest = self.latest
+        try:
+            newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored)
+        except OSError:
+            return []
+        if not newcomers:
+            return []
+        cfg = self.config
+        by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
+        for p in newcomers:
+            key, kind = group_key(p, cfg.groups)
+            by_key.setdefault(key, (kind, []))[1].append(p)
+        known_groups = {g.key: g for g in latest.groups}
+        fresh: list[GroupSample] = []
+        for key, (kind, procs) in by_key.items():
+            if key in self.state.busy:
+                continue
+            try:
+                g = (self._reader.refresh_group(known_groups[key], procs) if key in known_groups
+                     else make_group(key, kind, procs, cfg.memory))
+            except OSError:
+                continue
+            if g is not None:
+                fresh.append(g)
+        now = time.monotonic()
+        uptime = self._uptime()
+        claimed: set[int] = set()
+        for rule in self.group_rules:
+            lim = int(getattr(rule, rule.condition))
+            for g in fresh:
+                if not selects(rule.match, g, self.ctx.user_name):
+                    continue
+                claimed.update(p.pid for p in g.members)
+                value = group_value(rule, g)
+                rate = self.growth.observe(g.key, value, now, first_sight_rate(value, g.members, uptime))
+                self._schedule(rule.name, g, lim, value, rate, now, probe=True)
+        self._known |= claimed
+        self._ignored.update(p.pid for p in newcomers if p.pid not in claimed)
+        if not claimed:
+            return []
+        partial = dataclasses.replace(latest, groups=tuple(fresh), monotonic=now, timestamp=time.time(),
+                                      processes=latest.processes + tuple(newcomers))
+        return self._dispatch(decide(partial, self.group_rules, self.state, self.ctx, full=False), partial)
+
+    def _system_lane(self, now: float) -> list[tuple[Action, Sample]]:
+        """System memory read adaptively, like earlyoom (sooner as the headroom shrinks and the faster
+        it falls); past a threshold, the victim is chosen from fresh readings of the largest candidates."""
+        try:
+            system = self._reader.read_system()
+        except OSError:
+            self._next_system = now + self.config.interval
+            return []
+        self.system_reads += 1
+        now = time.monotonic()
+        used_rate = self.growth.observe("system", system.used_bytes, now)
+        headroom = system.available_bytes - max(system_threshold(r, system.total_bytes) for r in self.system_rules)
+        self._next_system = now + system_period(headroom, used_rate, self.config.interval)
+        if headroom >= 0:
+            return []
+        latest = self.latest
+        try:
+            newcomers = self._reader.new_processes(self._known | self._ignored)
+        except OSError:
+            newcomers = []
+        candidates = [g for g in latest.groups if g.key not in self.state.busy and g.kind != "other"
+                      and any(selects(r.match, g, self.ctx.user_name) for r in self.system_rules)][:CANDIDATES]
+        by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
+        for p in newcomers:
+            key, kind = group_key(p, self.config.groups)
+            by_key.setdefault(key, (kind, []))[1].append(p)
+        fresh: dict[str, GroupSample] = {}
+        for g in candidates:
+            try:
+                r = self._reader.refresh_group(g, by_key.pop(g.key, (None, []))[1])
+            except OSError:
+                r = g
+            if r is not None:
+                fresh[r.key] = r
+        for key, (kind, procs) in by_key.items():  # groups born since the last full sample
+            if key not in fresh and key not in self.state.busy:
+                fresh[key] = make_group(key, kind, procs, self.config.memory)
+        groups = tuple(sorted(fresh.values(), key=lambda g: g.memory_bytes(latest.memtype), reverse=True))
+        partial = dataclasses.replace(latest, system=system, groups=groups, monotonic=now, timestamp=time.time(),
+                                      processes=latest.processes + tuple(newcomers))
+        return self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
 
     def _fast_lane(self) -> list[tuple[Action, Sample]]:
         now = time.monotonic()

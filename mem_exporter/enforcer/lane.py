@@ -15,6 +15,12 @@ from ..sample import GroupSample, ProcessInfo
 from .policy import MAX_LANE, poll_period
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+NEWCOMER_PERIOD = 0.1  # seconds between listings of the procfs root for processes born since the last sample
+NEW_PROBE = 0.1  # a group first seen between samples is re-read this soon, whatever its estimate, to learn its rate
+# System lane, like earlyoom's adaptive poll: the headroom at twice the rate memory is being used,
+# but never slower than its fastest fill rate seen (6000 KiB/ms), between 20 ms and the interval.
+SYSTEM_FLOOR_RATE = 6000 * 1024 * 1000  # bytes/s
+SYSTEM_MIN_PERIOD = 0.02
 YOUNG = 60.0  # seconds: older groups get no first-sight rate (their memory says nothing of recent growth)
 MIN_DT = 0.02  # readings closer than this do not update the rate
 
@@ -28,6 +34,13 @@ def first_sight_rate(value: int, members: Iterable[ProcessInfo], uptime: float |
         return 0.0
     age = uptime - min(starts) / CLK_TCK
     return value / max(age, 0.1) if age < YOUNG else 0.0
+
+
+def system_period(headroom: float, used_rate: float, interval: float) -> float:
+    """Seconds until system memory should be read again."""
+    if headroom <= 0:
+        return SYSTEM_MIN_PERIOD
+    return max(SYSTEM_MIN_PERIOD, min(interval, headroom / max(2 * used_rate, SYSTEM_FLOOR_RATE)))
 
 
 class Growth:
@@ -87,9 +100,12 @@ class FastLane:
         return {p.pid for e in self.entries.values() for p in e.group.members}
 
     def schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float,
-                 interval: float) -> None:
-        """Put the group in the lane when it may cross its limit before the next full sample."""
+                 interval: float, probe: bool = False) -> None:
+        """Put the group in the lane when it may cross its limit before the next full sample.
+        `probe`: first seen between samples, so re-read within NEW_PROBE to learn how fast it grows."""
         period = poll_period(limit - value, rate, interval)
+        if probe:
+            period = min(period, NEW_PROBE)
         if period >= interval:
             self.entries.pop((rule, group.key), None)
             return
