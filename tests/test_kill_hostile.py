@@ -201,3 +201,43 @@ def test_run_uses_the_hard_ceiling(tmp_path):
     (event,) = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event"]
     assert event["hard_ceiling"] is True and event["outcome"] == "dead"
     assert [s["signal"] for s in event["signals_sent"]] == ["SIGTERM", "SIGKILL"]
+
+
+def test_the_lane_readers_cache_stays_as_big_as_the_process_table():
+    """A reader that never walks fully (the fast lane, kills) must not keep every short-lived process."""
+    from mem_exporter.config import validate_config
+    from mem_exporter.sampler import GroupReader
+    reader = GroupReader(validate_config({}))
+    for _ in range(5):
+        procs = [subprocess.Popen(["/bin/sleep", "0.05"]) for _ in range(40)]
+        assert reader.new_processes(set())  # reads them, and everything else, as newcomers
+        for p in procs:
+            p.wait()
+    reader.new_processes(set())
+    live = len([d for d in os.listdir("/proc") if d.isdigit()])
+    assert len(reader.reader._known) <= live + 5  # the 200 short-lived ones are forgotten
+
+
+def test_a_reload_never_closes_descriptors_a_tick_is_reading():
+    import threading
+    from mem_exporter.config import validate_config
+    from mem_exporter.sampler import Sampler
+    sampler = Sampler(validate_config({"gpu": {"backend": "none"}}))
+    errors, stop = [], threading.Event()
+
+    def ticking():
+        while not stop.is_set():
+            s = sampler.tick()
+            if not all(s.sources_up.values()):
+                errors.append(s.errors_total)
+
+    t = threading.Thread(target=ticking)
+    t.start()
+    try:
+        for i in range(40):
+            sampler.configure(validate_config({"gpu": {"backend": "none"}, "interval": f"{1 + i % 2}s"}))
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join(10)
+    assert errors == [] and sampler.errors_total.get("procfs", 0) == 0
