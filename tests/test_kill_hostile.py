@@ -219,25 +219,24 @@ def test_the_lane_readers_cache_stays_as_big_as_the_process_table():
 
 
 def test_a_reload_never_closes_descriptors_a_tick_is_reading():
+    """SIGHUP's configure() swaps the reader and closes the old one: it must wait for a tick in progress."""
     import threading
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import Sampler
-    sampler = Sampler(validate_config({"gpu": {"backend": "none"}}))
-    errors, stop = [], threading.Event()
+    cfg = validate_config({"gpu": {"backend": "none"}})
+    sampler = Sampler(cfg)
+    reader = sampler.reader
+    read = reader.read_processes
+    waited = []
 
-    def ticking():
-        while not stop.is_set():
-            s = sampler.tick()
-            if not all(s.sources_up.values()):
-                errors.append(s.errors_total)
+    def read_during_a_reload(*args, **kwargs):
+        reload = threading.Thread(target=sampler.configure, args=(cfg,))
+        reload.start()
+        reload.join(0.3)
+        waited.append(reload.is_alive())  # still waiting for this tick: nothing closed under it
+        return read(*args, **kwargs)
 
-    t = threading.Thread(target=ticking)
-    t.start()
-    try:
-        for i in range(40):
-            sampler.configure(validate_config({"gpu": {"backend": "none"}, "interval": f"{1 + i % 2}s"}))
-            time.sleep(0.01)
-    finally:
-        stop.set()
-        t.join(10)
-    assert errors == [] and sampler.errors_total.get("procfs", 0) == 0
+    reader.read_processes = read_during_a_reload
+    sample = sampler.tick()
+    assert waited == [True] and all(sample.sources_up.values())
+    assert sampler.reader is not reader  # the reload went through once the tick was done
