@@ -227,10 +227,11 @@ def test_a_reload_never_closes_descriptors_a_tick_is_reading():
     sampler = Sampler(cfg)
     reader = sampler.reader
     read = reader.read_processes
-    waited = []
+    waited, reloads = [], []
 
     def read_during_a_reload(*args, **kwargs):
         reload = threading.Thread(target=sampler.configure, args=(cfg,))
+        reloads.append(reload)
         reload.start()
         reload.join(0.3)
         waited.append(reload.is_alive())  # still waiting for this tick: nothing closed under it
@@ -238,5 +239,6 @@ def test_a_reload_never_closes_descriptors_a_tick_is_reading():
 
     reader.read_processes = read_during_a_reload
     sample = sampler.tick()
+    reloads[0].join(10)
     assert waited == [True] and all(sample.sources_up.values())
     assert sampler.reader is not reader  # the reload went through once the tick was done
