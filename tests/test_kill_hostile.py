@@ -127,7 +127,7 @@ def test_a_process_whose_main_thread_exited_is_seen_and_killed(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     (event,) = [r for r in records if r.get("type") == "event"]
-    assert event["outcome"] == "dead" and event["memory_bytes"] > 150 * 2**20, event
+    assert event["outcome"] == "dead" and event["memory_bytes"] > event["limit"], event
     assert all(not pid_alive(p["pid"]) for p in event["signalled"])
 
 
