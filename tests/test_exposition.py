@@ -31,6 +31,7 @@ def render(sample, config) -> str:
 
 def fixture_tree(root: Path) -> None:
     fp = FakeProc(root, total_kb=8_000_000, available_kb=2_000_000)
+    fp.pressure(some=(12.5, 4.0, 1.25, 3_250_000), full=(2.0, 0.5, 0.0, 750_000))
     fp.add(1, "systemd", rss_kb=12_000)
     fp.add(2, "kthreadd", flags=0x00208040)
     fp.add(400, "bun", cmdline="bun test", rss_kb=300_000, pss_kb=250_000, swap_kb=1000)
