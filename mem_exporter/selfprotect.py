@@ -20,8 +20,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
-import resource
 import sys
 from dataclasses import dataclass, field
 
@@ -95,6 +93,7 @@ class SelfProtection:
         if not sys.platform.startswith("linux"):
             self._refuse("memory not locked: mlockall is used on Linux only")
             return
+        import resource  # Unix only
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if not has_capability(CAP_IPC_LOCK, self.procfs) and soft != resource.RLIM_INFINITY:
             self._refuse(f"memory not locked: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is {soft} bytes "
