@@ -196,8 +196,8 @@ class Rule(_Strict):
     hard_ceiling: Ratio = Field(0.10, description="during the grace period, a group this far over its limit is killed at once")
     other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
 
-    CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above", "system_available_below",
-                                             "memory_pressure_above")
+    CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above",
+                                             "system_available_below", "memory_pressure_above")
 
     @property
     def condition(self) -> str:

@@ -22,7 +22,7 @@ import psutil
 from .sample import ProcessInfo, SystemMemory
 
 # `uids` exists only where the OS has numeric users (not Windows): asking psutil for it there is an error.
-_ATTRS = ["pid", "ppid", "name", "cmdline", "create_time", "status", "memory_info", "exe"] + (
+_ATTRS = ["pid", "ppid", "name", "cmdline", "create_time", "status", "memory_info"] + (
     ["uids"] if hasattr(psutil.Process, "uids") else [])
 IS_WINDOWS = sys.platform == "win32"
 IS_LINUX = sys.platform.startswith("linux")
@@ -98,6 +98,7 @@ class PsutilReader:
                  is_host: Callable[[TreeRecord], bool] = is_tree_host):
         self.pss = pss  # memory_full_info: pss and swap on Linux; elsewhere uss is the closest
         self.exe = exe
+        self.attrs = _ATTRS + (["exe"] if exe else [])  # exe costs a readlink per process: only when a matcher needs it
         self.trees = (not hasattr(os, "getpgid")) if trees is None else trees  # groups as process trees
         self.is_host = is_host
         self._roots: dict[int, int] = {}  # pid -> tree root, from the last full read (trees only)
@@ -120,9 +121,9 @@ class PsutilReader:
     def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]:
         skipped: Counter = Counter()
         rows: list[tuple[psutil.Process, dict]] = []
-        candidates = psutil.process_iter(_ATTRS) if pids is None else _processes(pids, skipped)
+        candidates = psutil.process_iter(self.attrs) if pids is None else _processes(pids, skipped)
         for p in candidates:
-            info = getattr(p, "info", None) or _info(p, skipped)
+            info = getattr(p, "info", None) or _info(p, self.attrs, skipped)
             if info is None:
                 continue
             if info["pid"] == 0 or (IS_LINUX and 2 in (info["pid"], info["ppid"])):
@@ -184,9 +185,9 @@ def _processes(pids: Iterable[int], skipped: Counter):
             skipped["vanished"] += 1
 
 
-def _info(p: psutil.Process, skipped: Counter) -> dict | None:
+def _info(p: psutil.Process, attrs: list[str], skipped: Counter) -> dict | None:
     try:
-        return p.as_dict(_ATTRS)
+        return p.as_dict(attrs)
     except psutil.NoSuchProcess:
         skipped["vanished"] += 1
         return None

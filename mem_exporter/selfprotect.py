@@ -152,6 +152,7 @@ class SelfProtectionCollector:
         yield locked
         if p.oom_score_adj_now is not None:
             adj = GaugeMetricFamily("mem_exporter_enforcer_oom_score_adj",
-                                    "The enforcer's oom_score_adj (-1000..1000; lower: the kernel OOM killer spares it).")
+                                    "The enforcer's oom_score_adj (-1000..1000; lower: the kernel OOM killer "
+                                    "spares it).")
             adj.add_metric([], p.oom_score_adj_now)
             yield adj

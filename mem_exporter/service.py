@@ -39,7 +39,7 @@ class Service:
             self.loop.consumers.append(self.enforcer.on_sample)
             collectors.append(self.enforcer.collector)
             from .selfprotect import SelfProtection, SelfProtectionCollector
-            self.protection = SelfProtection.from_config(self.config.enforcer)  # applied in start(), never for plain serve
+            self.protection = SelfProtection.from_config(self.config.enforcer)  # applied in start(); never plain serve
             collectors.append(SelfProtectionCollector(self.protection))
         self.session_log = session_log  # a sessionlog.SessionLog, or None
         if session_log is not None:

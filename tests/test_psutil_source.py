@@ -1,6 +1,7 @@
 """The portable psutil path gives the same records as the procfs fast path (run here on Linux), once per
 source where a test reads through the Sampler; process trees (Windows' groups) from in-memory tables."""
 import os
+import sys
 import time
 
 import psutil
@@ -156,3 +157,9 @@ def test_tree_mode_on_linux_groups_a_spawned_tree_with_its_setsid_child(spawn_gr
     s.reader = reader
     (g,) = [g for g in s.tick().groups if g.key == f"pgid:{hog.pid}"]
     assert g.processes == 3 and g.rss_bytes >= 30 * MB
+
+
+def test_exe_is_read_only_when_asked():
+    (plain,), _ = PsutilReader().read_processes([os.getpid()])
+    (full,), _ = PsutilReader(exe=True).read_processes([os.getpid()])
+    assert plain.exe is None and full.exe == os.path.realpath(sys.executable)

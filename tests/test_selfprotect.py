@@ -26,7 +26,8 @@ reg = CollectorRegistry(auto_describe=False)
 reg.register(SelfProtectionCollector(p))
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"locked": p.memory_locked, "adj": p.oom_score_adj_now, "problems": p.problems,
-                  "vmlck_kb": int(status["VmLck"].split()[0]), "kernel_adj": int(open("/proc/self/oom_score_adj").read()),
+                  "vmlck_kb": int(status["VmLck"].split()[0]),
+                  "kernel_adj": int(open("/proc/self/oom_score_adj").read()),
                   "metrics": generate_latest(reg).decode()}))
 """
 
@@ -65,7 +66,8 @@ def test_lowering_oom_score_adj_applied_or_reported():
         assert metric_value(out["metrics"], "mem_exporter_enforcer_oom_score_adj") == 0
 
 
-@pytest.mark.skipif(not os.path.exists(SETPRIV) or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities")
+@pytest.mark.skipif(not os.path.exists(SETPRIV) or os.geteuid() != 0,
+                    reason="needs root and setpriv to drop capabilities")
 def test_reported_without_the_capabilities_and_with_memlock_zero():
     out = probe(-900, preexec=_capabilities_and_memlock_cut,
                 prefix=(SETPRIV, "--bounding-set=-ipc_lock,-sys_resource", "--inh-caps=-ipc_lock,-sys_resource"))

@@ -308,8 +308,8 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 continue
             if not _held(rule, rs, "pressure", now) or _cooling(rule, rs, "pressure", now):
                 continue
-            candidates = sorted((g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
-                                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
+            candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
             _choose(rule, rs, candidates, sample, ctx, cond, value, threshold, now, "pressure", out, busy)
         elif cond == "gpu_memory_above":
             for card in sample.gpus:

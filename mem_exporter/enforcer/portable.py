@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 NEVER = frozenset({0, 1, 4})
 IS_WINDOWS = sys.platform == "win32"
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def _owner(p: psutil.Process) -> int | str:
@@ -54,7 +55,7 @@ class PortableActuator:
         """The very process of the sample, when it still runs (not gone, not a zombie, not a reused pid)."""
         try:
             p = psutil.Process(proc.pid)
-            if start_ticks(p.create_time()) != proc.start_time or p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            if start_ticks(p.create_time()) != proc.start_time or p.status() in _GONE:
                 return None
             return p
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -81,7 +82,7 @@ class PortableActuator:
             return "denied", None
         try:
             p = psutil.Process(proc.pid)
-            if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            if p.status() in _GONE:
                 return "gone", None
             started = start_ticks(p.create_time())
             if started != proc.start_time:
