@@ -18,6 +18,7 @@ a descriptor above 1024 must not break the enforcer.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -26,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .sample import MemoryPressure, PressureLine
+from .sample import MemoryPressure, PressureLine, Sample
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +217,81 @@ class PressureWatch:
         if self._fd is not None:
             os.close(self._fd)
         self._fd = self._poll = None
+
+
+class PressureWatches:
+    """One `PressureWatch` per `memory_pressure_above` rule of a config, waited on together: the enforcer
+    thread's wake-up between full samples.
+
+        watches = PressureWatches.from_config(config)
+        if watches and watches.wait(0.5):                      # kernel triggers in one poll(), or reads
+            fresh = watches.refresh(latest_sample)             # the latest Sample with PSI read now
+            decide(fresh, [r for r in rules if r.condition == "memory_pressure_above"], state, ctx)
+
+    Pass only the pressure rules to `decide` with a refreshed sample: its groups are as old as the last walk.
+    """
+
+    def __init__(self, watches: list[PressureWatch], procfs: str = "/proc", cgroupfs: str = "/sys/fs/cgroup",
+                 cgroups: tuple[str, ...] = ()):
+        self.watches = watches
+        self.procfs, self.cgroupfs, self.cgroups = procfs, cgroupfs, cgroups
+        self._poll = select.poll()
+        for w in watches:
+            if w._fd is not None:
+                self._poll.register(w._fd, select.POLLPRI)
+
+    @classmethod
+    def from_config(cls, config, trigger: bool = True) -> "PressureWatches":
+        paths = config.paths
+        watches, cgroups = [], []
+        for rule in config.enforcer.rules:
+            c = rule.memory_pressure_above
+            if c is None:
+                continue
+            if c.cgroup is not None and c.cgroup not in cgroups:
+                cgroups.append(c.cgroup)
+            path = (host_pressure_path(paths.procfs) if c.cgroup is None
+                    else cgroup_pressure_path(c.cgroup, paths.cgroupfs))
+            if os.path.exists(path):
+                watches.append(PressureWatch(path, Threshold(c.kind, c.stall, c.window, c.avg10), trigger=trigger))
+        return cls(watches, paths.procfs, paths.cgroupfs, tuple(cgroups))
+
+    def __bool__(self) -> bool:
+        return bool(self.watches)
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout`; True as soon as any watch's threshold is crossed."""
+        reading = [w for w in self.watches if w.mode == "fallback"]
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(w.crossed() for w in reading):
+                return True
+            left = deadline - time.monotonic()
+            step = left if not reading else min(left, min(w.period for w in reading))
+            if step <= 0:
+                return False
+            if any(w.mode == "trigger" for w in self.watches):
+                for fd, ev in self._poll.poll(int(step * 1000)):
+                    if ev & select.POLLPRI:
+                        return True
+                    if ev & select.POLLERR:  # the cgroup went away: that watch reads from now on
+                        self._poll.unregister(fd)
+                        w = next(w for w in self.watches if w._fd == fd)
+                        w._drop_trigger("the trigger's file went away")
+                        reading.append(w)
+            else:
+                time.sleep(step)
+
+    def refresh(self, sample: Sample) -> Sample:
+        """`sample` with the host's and the watched cgroups' PSI read now, and now as its time."""
+        cgroups = {}
+        for key in self.cgroups:
+            reading = read_pressure(cgroup_pressure_path(key, self.cgroupfs))
+            if reading is not None:
+                cgroups[key] = reading
+        return dataclasses.replace(sample, monotonic=time.monotonic(), cgroup_pressure=cgroups,
+                                   pressure=read_pressure(host_pressure_path(self.procfs)))
+
+    def close(self) -> None:
+        for w in self.watches:
+            w.close()

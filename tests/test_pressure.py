@@ -216,3 +216,40 @@ def test_dry_run_and_protected_victims(tmp_path):
     skipped, a = decide(sample, s.config.enforcer.rules, PolicyState(), dataclasses.replace(ME, pgid=200))
     assert skipped.kind == "skipped_protected" and skipped.group.label == "big-200"  # the enforcer's own group
     assert a.kind == "kill" and a.group.label == "small-100"  # so the next largest
+
+
+def test_watches_from_a_config_wake_the_enforcer_and_refresh_the_sample(tmp_path):
+    """What the enforcer thread does between full samples: wait on every pressure rule's watch at once, then
+    judge the pressure rules on the latest sample with PSI read now."""
+    from mem_exporter.pressure import PressureWatches
+    fp = _tree(tmp_path)
+    fp.pressure(some=(0, 0, 0, 0))
+    cg = fp.pressure(some=(0, 0, 0, 2_000_000), path=tmp_path / "cg" / "job" / "memory.pressure")
+    s = _sampler(tmp_path, {"memory_pressure_above": {"stall": "100ms", "window": "1s", "cgroup": "job"}})
+    watches = PressureWatches.from_config(s.config, trigger=False)
+    assert [w.mode for w in watches.watches] == ["fallback"] and watches
+    latest = s.tick()
+    st = PolicyState()
+    assert decide(latest, s.config.enforcer.rules, st, ME) == []  # the first reading of the total
+    assert not watches.wait(0.3)
+
+    def stall_later():
+        time.sleep(0.1)
+        fp.pressure(some=(30, 5, 1, 2_400_000), path=cg)  # 400 ms of stall in the cgroup
+    t = threading.Thread(target=stall_later)
+    t.start()
+    try:
+        assert watches.wait(5.0)
+    finally:
+        t.join()
+        watches.close()
+    fresh = watches.refresh(latest)
+    assert fresh.cgroup_pressure["job"].some.total_seconds == 2.4 and fresh.monotonic > latest.monotonic
+    (a,) = decide(fresh, s.config.enforcer.rules, st, ME)
+    assert a.kind == "kill" and a.condition == "memory_pressure_above" and a.group.label == "big-200"
+
+
+def test_no_pressure_rules_no_watches(tmp_path):
+    from mem_exporter.pressure import PressureWatches
+    _tree(tmp_path)
+    assert not PressureWatches.from_config(_sampler(tmp_path, {"max_rss": "1GB"}).config)
