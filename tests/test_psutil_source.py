@@ -5,7 +5,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from mem_exporter.config import validate_config
 from mem_exporter.procfs import ProcfsReader
