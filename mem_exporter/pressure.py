@@ -235,7 +235,7 @@ class PressureWatches:
                  cgroups: tuple[str, ...] = ()):
         self.watches = watches
         self.procfs, self.cgroupfs, self.cgroups = procfs, cgroupfs, cgroups
-        self._poll = select.poll()
+        self._poll = select.poll() if any(w._fd is not None for w in watches) else None  # no poll() on Windows
         for w in watches:
             if w._fd is not None:
                 self._poll.register(w._fd, select.POLLPRI)
@@ -270,7 +270,7 @@ class PressureWatches:
             step = left if not reading else min(left, min(w.period for w in reading))
             if step <= 0:
                 return False
-            if any(w.mode == "trigger" for w in self.watches):
+            if self._poll is not None and any(w.mode == "trigger" for w in self.watches):
                 for fd, ev in self._poll.poll(int(step * 1000)):
                     if ev & select.POLLPRI:
                         return True
