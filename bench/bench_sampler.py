@@ -3,8 +3,9 @@
     python bench/bench_sampler.py [--sizes 200,1000,3000] [--rounds 15]
 
 Columns: this project's full sample (warm, the steady state), the same with
-`memory: pss`, a plain psutil loop, a minimal C walk of stat+statm (the floor),
-Debian's prometheus-process-exporter scrape (if installed), and for the
+`memory: pss`, the same Sample through the portable source (`source: psutil`, what
+macOS and Windows run) and its ratio to the procfs path, a plain psutil loop, a
+minimal C walk of stat+statm (the floor), Debian's prometheus-process-exporter scrape (if installed), and for the
 exporter daemon the /metrics scrape p50/p99 and its RSS. The processes are
 `sleep`s in one process group that the bench starts and kills itself.
 """
@@ -137,27 +138,29 @@ def main() -> None:
             n = live_processes()
             rss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}}))
             pss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "memory": "pss"}))
+            psutil_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "source": "psutil"}))
             ours = median_ms(rss_sampler.tick, args.rounds)
+            portable = median_ms(psutil_sampler.tick, args.rounds)
             pss = median_ms(pss_sampler.tick, max(3, args.rounds // 3))
             ps = median_ms(psutil_loop, args.rounds)
             floor = c_walk_ms(str(cwalk), args.rounds)
             pe = process_exporter_ms(args.rounds)
             p50, p99, rss = exporter_scrape(args.rounds)
-            rows.append((n, ours, pss, ps, floor, pe, p50, p99, rss))
+            rows.append((n, ours, pss, portable, ps, floor, pe, p50, p99, rss))
             print(f"measured {n} processes", file=sys.stderr)
         finally:
             pop.close()
     shutil.rmtree(build)
 
     print(f"\nFull sample, median ms (host: {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
-    print("| processes | mem-exporter | with pss | psutil loop | C floor | process-exporter | ours / C | "
-          "process-exporter / ours | scrape p50 | scrape p99 | exporter RSS |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, ours, pss, ps, floor, pe, p50, p99, rss in rows:
+    print("| processes | mem-exporter | with pss | psutil source | psutil source / ours | psutil loop | C floor | "
+          "process-exporter | ours / C | process-exporter / ours | scrape p50 | scrape p99 | exporter RSS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, ours, pss, portable, ps, floor, pe, p50, p99, rss in rows:
         pe_text = f"{pe:.1f}" if pe is not None else "n/a"
         ratio = f"{pe / ours:.1f}x" if pe is not None else "n/a"
-        print(f"| {n} | {ours:.1f} | {pss:.1f} | {ps:.1f} | {floor:.1f} | {pe_text} | {ours / floor:.2f}x | {ratio} | "
-              f"{p50:.2f} | {p99:.2f} | {rss:.1f} MiB |")
+        print(f"| {n} | {ours:.1f} | {pss:.1f} | {portable:.1f} | {portable / ours:.1f}x | {ps:.1f} | {floor:.1f} | "
+              f"{pe_text} | {ours / floor:.2f}x | {ratio} | {p50:.2f} | {p99:.2f} | {rss:.1f} MiB |")
 
 
 if __name__ == "__main__":

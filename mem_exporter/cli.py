@@ -16,9 +16,16 @@ def _add_daemon_options(p: argparse.ArgumentParser, listen_default: str) -> None
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address for /metrics (default: {listen_default})")
     p.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point (default: /proc)")
     p.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | none | fake:FILE (default: auto)")
+    _add_source_option(p)
     p.add_argument("--interval", metavar="DURATION", help="sampling interval, e.g. 2s (default: 2s)")
     p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                    help="TLS and basic auth for every endpoint, in exporter-toolkit's web-config.yml format")
+
+
+def _add_source_option(p: argparse.ArgumentParser, env: str | None = None) -> None:
+    p.add_argument("--source", choices=("auto", "procfs", "psutil"),
+                   help="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced); "
+                        f"default: the config's `source`, auto{f' (env {env})' if env else ''}")
 
 
 def _add_session_options(p: argparse.ArgumentParser) -> None:
@@ -96,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("-c", "--config", help="YAML config file (default: built-in defaults)")
     top.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point (default: /proc)")
     top.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | none | fake:FILE (default: auto)")
+    _add_source_option(top)
     top.add_argument("--interval", metavar="DURATION", default="1s", help="refresh interval (default: 1s)")
     top.add_argument("--phase-file", metavar="FILE", help="the phase file to follow (default: as `mem-exporter phase`)")
     top.set_defaults(func=cmd_top)
@@ -116,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notify", action="store_true", help="desktop notification when the tree is killed")
     run.add_argument("--grace", metavar="SECONDS", help="between SIGTERM and SIGKILL; default 5s")
     run.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics for the tree while it runs")
+    _add_source_option(run, env="MEM_EXPORTER_SOURCE")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run")
     run.set_defaults(func=cmd_run)
     return parser
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {"listen": args.listen, "paths.procfs": args.procfs, "gpu.backend": args.gpu_backend,
-            "interval": args.interval, "web.config_file": args.web_config_file}
+            "interval": args.interval, "web.config_file": args.web_config_file, "source": args.source}
 
 
 def _run_service(args: argparse.Namespace, enforce: bool) -> int:
@@ -237,7 +246,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     from .top import run_top
-    overrides = {"paths.procfs": args.procfs, "gpu.backend": args.gpu_backend, "interval": args.interval}
+    overrides = {"paths.procfs": args.procfs, "gpu.backend": args.gpu_backend, "interval": args.interval,
+                 "source": args.source}
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:

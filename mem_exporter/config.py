@@ -149,6 +149,35 @@ class RuleMatch(Matcher):
     all_members: bool = Field(False, description="require every member (not any member) to match comm/exe/cmdline/user")
 
 
+def _pressure_shorthand(value: Any) -> Any:
+    """`memory_pressure_above: 20%` is short for `{kind: some, avg10: 20%}`."""
+    return value if value is None or isinstance(value, dict) else {"avg10": value}
+
+
+class PressureCondition(_Strict):
+    """Memory pressure (PSI): avg10 above a share, or at least `stall` of stall time within `window`."""
+
+    kind: Literal["some", "full"] = Field("some", description="some: any task stalled on memory; full: all at once")
+    avg10: Ratio | None = Field(None, description="fire when the 10 s average stall share exceeds this")
+    stall: Duration | None = Field(None, description="fire when tasks stalled this long within `window`")
+    window: Duration = Field(1.0, ge=0.5, le=10.0, description="the window for `stall` (the kernel allows 500ms..10s)")
+    cgroup: str | None = Field(None, description="watch this cgroup v2's memory.pressure (a path under paths.cgroupfs, "
+                                                 "or absolute) instead of the host's")
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if (self.avg10 is None) == (self.stall is None):
+            raise ValueError("memory_pressure_above needs exactly one of avg10, stall")
+        if self.stall is not None and not 0 < self.stall <= self.window:
+            raise ValueError(f"memory_pressure_above.stall must be above 0 and at most window ({self.window}s)")
+        return self
+
+    @property
+    def source(self) -> str:
+        """The key of the reading in a Sample: "host", or the cgroup path."""
+        return self.cgroup or "host"
+
+
 class Rule(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
     match: RuleMatch = Field(default_factory=RuleMatch, description="which groups the rule watches; empty: every group")
@@ -158,6 +187,8 @@ class Rule(_Strict):
     gpu_memory_above: Ratio | None = Field(None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user")
     system_available_below: SizeOrRatio | None = Field(
         None, description="when system available memory is below this, kill the largest selected group")
+    memory_pressure_above: Annotated[PressureCondition | None, BeforeValidator(_pressure_shorthand)] = Field(
+        None, description="when memory pressure (PSI) crosses this, kill the largest selected group")
     for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
     grace: Duration = Field(5.0, description="wait between the first and the last signal")
     signals: list[SignalName] = Field(["SIGTERM", "SIGKILL"], min_length=1, description="signals in order; the last is sent after the grace period")
@@ -165,7 +196,8 @@ class Rule(_Strict):
     hard_ceiling: Ratio = Field(0.10, description="during the grace period, a group this far over its limit is killed at once")
     other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
 
-    CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above", "system_available_below")
+    CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above",
+                                             "system_available_below", "memory_pressure_above")
 
     @property
     def condition(self) -> str:
@@ -193,6 +225,10 @@ class EnforcerConfig(_Strict):
     protect: list[Matcher] = Field(default_factory=list, description="never signal processes matching these (added to the built-in list)")
     rules: list[Rule] = Field(default_factory=list)
     notify: Notify = Field(default_factory=Notify)
+    mlock: bool = Field(True, description="lock the enforcer's memory (mlockall) so its kill path never waits on "
+                                          "swap; needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK")
+    oom_score_adj: int = Field(-900, ge=-1000, le=1000, description="the enforcer's own oom_score_adj, so the kernel "
+                                                                    "OOM killer spares it; lowering needs CAP_SYS_RESOURCE")
 
     @model_validator(mode="after")
     def _unique_rules(self):
@@ -217,6 +253,9 @@ class Web(_Strict):
 
 class Config(_Strict):
     interval: Duration = Field(2.0, gt=0, le=3600, description="normal sampling interval")
+    source: Literal["auto", "procfs", "psutil"] = Field(
+        "auto", description="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced), "
+                            "auto: procfs where paths.procfs exists, psutil elsewhere")
     memory: Literal["rss", "pss"] = Field("rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)")
     listen: Listen = Field(DEFAULT_LISTEN, description="HOST:PORT the HTTP server binds")
     groups: Groups = Field(default_factory=Groups)

@@ -68,6 +68,19 @@ class SampleCollector:
             g = _gauge("system_cpu_usage_ratio", "Share of all CPUs busy since the previous sample (0..1).")
             g.add_metric([], s.cpu_usage_ratio)
             yield g
+        if s.pressure is not None:
+            ratio = _gauge("system_memory_pressure_ratio", "Share of wall time tasks stalled on memory (PSI), "
+                           "some: at least one task, full: all non-idle tasks at once; by averaging window.",
+                           ["kind", "window"])
+            stall = CounterMetricFamily(P + "system_memory_pressure_stall_seconds",
+                                        "Time tasks stalled on memory since boot (PSI total).", labels=["kind"])
+            for kind in ("some", "full"):
+                line = s.pressure.line(kind)
+                if line is not None:
+                    for window in ("avg10", "avg60", "avg300"):
+                        ratio.add_metric([kind, window], getattr(line, window))
+                    stall.add_metric([kind], line.total_seconds)
+            yield from (ratio, stall)
         g = _gauge("skipped_processes", "Processes left out of the last sample (or, for permission, read in part), by reason.", ["reason"])
         for reason in ("vanished", "zombie", "kernel_thread", "permission"):
             g.add_metric([reason], s.skipped.get(reason, 0))

@@ -51,6 +51,25 @@ class SystemMemory:
 
 
 @dataclass(frozen=True, slots=True)
+class PressureLine:
+    """One line of a PSI file: shares of wall time stalled on memory, and the stall since boot."""
+
+    avg10: float  # ratio 0..1
+    avg60: float
+    avg300: float
+    total_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPressure:
+    some: PressureLine  # some tasks stalled
+    full: PressureLine | None  # all non-idle tasks stalled at once (absent on old kernels' host file)
+
+    def line(self, kind: str) -> PressureLine | None:
+        return self.some if kind == "some" else self.full
+
+
+@dataclass(frozen=True, slots=True)
 class GpuProcess:
     pid: int
     gpu_memory_bytes: int | None  # None where the driver does not report it
@@ -131,3 +150,5 @@ class Sample:
     errors_total: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads since start
     phase: str | None = None
     exported: tuple[GroupSample, ...] = ()  # the groups with series of their own, the rest summed in "other"
+    pressure: MemoryPressure | None = None  # the host's PSI (<procfs>/pressure/memory); None without PSI
+    cgroup_pressure: Mapping[str, MemoryPressure] = field(default_factory=dict)  # cgroup a rule names -> its PSI

@@ -17,7 +17,8 @@ from typing import Callable, Collection, Iterable, Protocol, Sequence
 
 from .config import Config
 from .grouping import cap_groups, group_key, group_processes, make_group
-from .sample import GroupSample, ProcessInfo, Sample, SystemMemory
+from .pressure import cgroup_pressure_path, host_pressure_path, read_pressure
+from .sample import GroupSample, MemoryPressure, ProcessInfo, Sample, SystemMemory
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,19 @@ class Reader(Protocol):
     def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]: ...
 
 
+def resolve_source(config: Config) -> str:
+    """`source: auto` is procfs where the configured procfs root exists (a fixture tree counts), psutil elsewhere."""
+    if config.source != "auto":
+        return config.source
+    return "procfs" if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or \
+        config.paths.procfs != "/proc" else "psutil"
+
+
 def make_reader(config: Config) -> tuple[str, Reader]:
     needs_exe = any(g.match.needs_exe for g in config.groups.named) or any(
         r.match.needs_exe for r in config.enforcer.rules) or any(m.needs_exe for m in config.enforcer.protect)
     options = dict(pss=config.memory == "pss", exe=needs_exe, cgroup=config.groups.by in ("cgroup", "container"))
-    if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or config.paths.procfs != "/proc":
+    if resolve_source(config) == "procfs":
         from .procfs import ProcfsReader
         return "procfs", ProcfsReader(config.paths.procfs, **options)
     from .psutil_source import PsutilReader
@@ -122,11 +131,25 @@ class Sampler:
         exported = tuple(cap_groups(groups, cfg.groups.max_groups, cfg.groups.min_memory, cfg.memory))
         if self.phase_watcher is not None:
             self.phase = self.phase_watcher.read()
+        pressure, cgroup_pressure = self._pressure()
         return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=time.perf_counter() - start,
                       system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
                       processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
                       skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase,
-                      exported=exported)
+                      exported=exported, pressure=pressure, cgroup_pressure=cgroup_pressure)
+
+    def _pressure(self) -> tuple[MemoryPressure | None, dict[str, MemoryPressure]]:
+        """The host's PSI, and that of each cgroup a pressure rule names (a few small reads; None without PSI)."""
+        paths = self.config.paths
+        host = read_pressure(host_pressure_path(paths.procfs))
+        cgroups = {}
+        for rule in self.config.enforcer.rules:
+            cond = rule.memory_pressure_above
+            if cond is not None and cond.cgroup is not None and cond.cgroup not in cgroups:
+                reading = read_pressure(cgroup_pressure_path(cond.cgroup, paths.cgroupfs))
+                if reading is not None:
+                    cgroups[cond.cgroup] = reading
+        return host, cgroups
 
     def _cpu_usage(self) -> float | None:
         busy, total = self.reader.read_cpu_times()

@@ -32,12 +32,16 @@ class Service:
         self.loop = SamplingLoop(self.sampler)
         collectors: list = [SampleCollector(lambda: self.loop.latest, lambda: self.config.groups)]
         self.enforcer = None
+        self.protection = None
         if enforce or self.config.enforcer.enabled:
             from .enforcer import Enforcer
             # only `--dry-run` holds across reloads; the file's `dry_run` follows the file
             self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")))
             self.loop.consumers.append(self.enforcer.on_sample)
             collectors.append(self.enforcer.collector)
+            from .selfprotect import SelfProtection, SelfProtectionCollector
+            self.protection = SelfProtection.from_config(self.config.enforcer)  # applied in start(); never plain serve
+            collectors.append(SelfProtectionCollector(self.protection))
         self.session_log = session_log  # a sessionlog.SessionLog, or None
         if session_log is not None:
             session_log.groups_config = lambda: self.config.groups
@@ -54,6 +58,8 @@ class Service:
 
     def start(self) -> "Service":
         quiet_gc()
+        if self.protection is not None:  # after the heap is trimmed: less to lock
+            self.protection.apply()
         self.loop.start()
         self.server.start()
         log.info("serving %s/metrics (interval %.3gs, groups by %s%s)", self.server.url, self.config.interval,

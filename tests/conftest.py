@@ -22,6 +22,15 @@ def _private_phase_file(tmp_path_factory):
     os.environ["MEM_EXPORTER_PHASE_FILE"] = str(tmp_path_factory.mktemp("phase") / "phase")
 
 
+SOURCES = ("procfs", "psutil")
+
+
+@pytest.fixture(params=SOURCES)
+def source(request) -> str:
+    """Run a test once per source: the procfs fast path and the portable psutil path (forced on Linux)."""
+    return request.param
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

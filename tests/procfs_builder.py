@@ -26,6 +26,15 @@ class FakeProc:
         (self.root / "self").mkdir(exist_ok=True)
         (self.root / "self" / "stat").write_text("")
 
+    def pressure(self, some: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0),
+                 full: tuple[float, float, float, int] | None = (0.0, 0.0, 0.0, 0), path: Path | None = None) -> Path:
+        """A PSI file (`pressure/memory`, or `path`): (avg10 %, avg60 %, avg300 %, total microseconds) per line."""
+        path = path or self.root / "pressure" / "memory"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [("some", some)] + ([("full", full)] if full is not None else [])
+        path.write_text("".join(f"{k} avg10={a:.2f} avg60={b:.2f} avg300={c:.2f} total={t}\n" for k, (a, b, c, t) in lines))
+        return path
+
     def add(self, pid: int, comm: str, *, ppid: int = 1, pgid: int | None = None, sid: int | None = None,
             state: str = "S", rss_kb: int = 1024, flags: int = 0x400100, start: int = 1000,
             cmdline: str | None = None, pss_kb: int | None = None, swap_kb: int | None = None,

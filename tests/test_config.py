@@ -55,10 +55,10 @@ BAD = [
     ("gpu: {backend: cuda}\n", "gpu.backend: String should match pattern '^(auto|nvml|none|fake:.+)$' (got 'cuda')"),
     ("enforcer: {rules: [{name: r}]}\n",
      "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
-     "system_available_below; got none"),
+     "system_available_below, memory_pressure_above; got none"),
     ("enforcer: {rules: [{name: r, max_rss: 1GB, max_gpu_memory: 1GB}]}\n",
      "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
-     "system_available_below; got max_rss, max_gpu_memory"),
+     "system_available_below, memory_pressure_above; got max_rss, max_gpu_memory"),
     ("enforcer: {rules: [{name: r, max_rss: -5MB}]}\n", "enforcer.rules[0].max_rss: '-5MB' is not a size (examples: 800MB, 1.5GiB, 1048576)"),
     ("enforcer: {rules: [{name: r, max_rss: 1GB, signals: [SIGTERM, SIGBOGUS]}]}\n",
      "enforcer.rules[0].signals[1]: unknown signal 'SIGBOGUS'"),

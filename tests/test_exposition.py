@@ -1,4 +1,5 @@
-"""/metrics content: a golden file from a fixture /proc tree, and promtool on real scrapes."""
+"""/metrics content: a golden file from a fixture /proc tree (the procfs reader), and promtool on real scrapes
+once per source (procfs, and psutil forced with --source)."""
 import dataclasses
 import os
 import subprocess
@@ -31,6 +32,7 @@ def render(sample, config) -> str:
 
 def fixture_tree(root: Path) -> None:
     fp = FakeProc(root, total_kb=8_000_000, available_kb=2_000_000)
+    fp.pressure(some=(12.5, 4.0, 1.25, 3_250_000), full=(2.0, 0.5, 0.0, 750_000))
     fp.add(1, "systemd", rss_kb=12_000)
     fp.add(2, "kthreadd", flags=0x00208040)
     fp.add(400, "bun", cmdline="bun test", rss_kb=300_000, pss_kb=250_000, swap_kb=1000)
@@ -78,13 +80,27 @@ def test_golden_metrics_with_two_fake_gpus(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["none", "auto", f"fake:{GPU_SCENARIO}"])
-def test_a_real_scrape_passes_promtool(daemon, backend):
-    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", backend).wait_healthy()
+def test_a_real_scrape_passes_promtool(daemon, backend, source):
+    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", backend, "--source", source).wait_healthy()
     text = d.metrics()
     assert promtool_check(text) == ""
+    from conftest import metric_value
+    assert metric_value(text, "mem_exporter_source_up", source=source) == 1
     if backend == "auto":  # no NVIDIA driver on this machine: the GPU source is down, and says so
         from conftest import metric_value
         assert metric_value(text, "mem_exporter_source_up", source="gpu") == 0
         assert "mem_exporter_gpu_info" not in text
     if backend.startswith("fake:"):
         assert 'mem_exporter_gpu_info{driver_version="550.54.15",gpu="1",name="Tesla T4"' in text
+
+
+def test_serve_reports_a_spawned_group_within_ten_percent(daemon, spawn_group, source):
+    from conftest import metric_value, wait_for
+    hog = spawn_group("--mb", "200", "--children", "1", "--child-mb", "10")
+    members = (hog.pid, *hog.wait_ready())
+    resident = sum(int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") for pid in members)
+    label = f"{open(f'/proc/{hog.pid}/comm').read().strip()}-{hog.pgid}"
+    d = daemon("serve", "--interval", "0.3s", "--gpu-backend", "none", "--source", source).wait_healthy()
+    value = wait_for(lambda: metric_value(d.metrics(), "mem_exporter_group_memory_bytes", group=label, memtype="rss"),
+                     what=f"group {label} on /metrics")
+    assert abs(value - resident) <= 0.10 * resident and value >= 210 * 1024 * 1024, (value, resident)

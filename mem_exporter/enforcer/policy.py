@@ -6,8 +6,12 @@ groups in the fast lane, on partial samples holding just those groups re-read
 
 Cooldown keys: a group-limit rule (max_rss, max_pss, max_gpu_memory) cools down per
 group, so a second runaway under the same rule is still stopped at once;
-`gpu_memory_above` per card; `system_available_below` per rule (memory freed by a kill
-takes a moment to show, and a second victim must not follow on stale numbers).
+`gpu_memory_above` per card; `system_available_below` and `memory_pressure_above` per rule
+(memory freed by a kill takes a moment to show, and a second victim must not follow on stale numbers).
+
+`memory_pressure_above` reads the Sample's PSI readings: avg10 as a ratio, or the stall time per
+window estimated from the PSI totals of successive samples (rule state keeps them). A caller woken
+by a `pressure.PressureWatch` between full samples passes the latest sample with fresh readings.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
 from ..grouping import user_name as _user_name
+from ..pressure import StallWindow
 from ..sample import GroupSample, ProcessInfo, Sample
 
 GROUP_MEMORY = ("max_rss", "max_pss")
@@ -88,6 +93,7 @@ class RuleState:
     since: dict[str, float] = field(default_factory=dict)  # condition key -> when it began to hold
     last_action: dict[str, float] = field(default_factory=dict)  # cooldown key -> last kill or dry run
     noted: dict[tuple[str, str], float] = field(default_factory=dict)  # (key, kind) -> last skip reported
+    stall: dict[str, StallWindow] = field(default_factory=dict)  # pressure source -> recent PSI totals
 
 
 @dataclass
@@ -304,6 +310,28 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             candidates = sorted((g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
                                 key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
             _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling)
+        elif cond == "memory_pressure_above":
+            pc = rule.memory_pressure_above
+            reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)
+            line = reading.line(pc.kind) if reading is not None else None
+            if line is None:  # no PSI here (or the cgroup is gone): nothing to judge
+                rs.since.pop("pressure", None)
+                continue
+            if pc.avg10 is not None:
+                value, threshold = line.avg10, pc.avg10
+            else:
+                window = rs.stall.get(pc.source)
+                if window is None or window.window != pc.window:
+                    window = rs.stall[pc.source] = StallWindow(pc.window)
+                value, threshold = window.add(now, line.total_seconds), pc.stall
+            if value is None or value < threshold or (pc.avg10 is not None and value == threshold):
+                rs.since.pop("pressure", None)
+                continue
+            if not _held(rule, rs, "pressure", now) or _cooling(rule, rs, "pressure", now):
+                continue
+            selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
+            candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            _choose(rule, rs, candidates, sample, ctx, cond, value, threshold, now, "pressure", out, busy)
         elif cond == "gpu_memory_above":
             for card in sample.gpus:
                 key = f"gpu:{card.index}"
