@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import wait_for
 from mem_exporter.config import ConfigError, validate_config
 from mem_exporter.enforcer.policy import Context, PolicyState, decide
 from mem_exporter.pressure import (PressureWatch, StallWindow, Threshold, cgroup_pressure_path, parse_pressure,
@@ -253,3 +254,29 @@ def test_no_pressure_rules_no_watches(tmp_path):
     from mem_exporter.pressure import PressureWatches
     _tree(tmp_path)
     assert not PressureWatches.from_config(_sampler(tmp_path, {"max_rss": "1GB"}).config)
+
+
+def test_the_enforcer_acts_on_pressure_between_full_samples(tmp_path):
+    """The enforcer thread's pressure lane: a crossing in the fixture file is acted on (dry run: named, never
+    signalled) long before the next full sample of a 60 s interval."""
+    from mem_exporter.enforcer import Enforcer
+    from mem_exporter.sampler import SamplingLoop
+    fp = _tree(tmp_path)
+    fp.pressure(some=(1, 1, 1, 0))
+    s = _sampler(tmp_path, {"memory_pressure_above": "20%", "match": {"comm": "^(big|small)$"}})
+    cfg = s.config.model_copy(update={"interval": 60.0})
+    enf = Enforcer(cfg, dry_run=True)
+    loop = SamplingLoop(Sampler(cfg))
+    loop.consumers.append(enf.on_sample)
+    loop.start()
+    try:
+        first = wait_for(lambda: enf.latest, 10, what="the first full sample")
+        time.sleep(0.3)
+        assert not enf.events
+        fp.pressure(some=(35, 10, 2, 5_000_000))
+        ev = wait_for(lambda: next(iter(enf.events), None), 10, what="the dry-run event")
+        assert ev["action"] == "dry_run" and ev["condition"] == "memory_pressure_above" and ev["group"] == "big-200"
+        assert enf.latest is first  # no second full sample: the pressure lane decided
+    finally:
+        loop.stop()
+        enf.stop(5)

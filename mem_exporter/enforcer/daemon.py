@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 from ..config import Config
 from ..grouping import group_key, make_group
+from ..pressure import FALLBACK_PERIOD, PressureWatches
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from .actuator import Actuator, own_context
@@ -60,6 +61,8 @@ class Enforcer:
         self.newcomer_scans = 0
         self._next_scan = 0.0
         self._next_system = 0.0
+        self._next_pressure = 0.0
+        self.pressure: PressureWatches | None = None
         self._known: set[int] = set()
         self._ignored: set[int] = set()
         self._pending: Sample | None = None
@@ -87,6 +90,8 @@ class Enforcer:
             self.rules = list(config.enforcer.rules)
             self.group_rules = [r for r in self.rules if r.condition in GROUP_MEMORY]
             self.system_rules = [r for r in self.rules if r.condition in SYSTEM_CONDITIONS]
+            self.pressure_rules = [r for r in self.rules if r.condition == "memory_pressure_above"]
+            old_pressure, self.pressure = self.pressure, PressureWatches.from_config(config)
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
             self.ctx = own_context(config.paths.procfs, tuple(config.enforcer.protect), self.dry_run)
             self.event_log = EventLog(config.enforcer.event_log)
@@ -98,6 +103,8 @@ class Enforcer:
             old, self._reader = getattr(self, "_reader", None), reader
             self.state.keep_only(r.name for r in self.rules)
             self.lane.clear()
+        if old_pressure is not None:
+            old_pressure.close()
         if old is not None:
             old.close()  # under no lock: the enforcer thread holds the lock whenever it reads
         log.info("enforcer: %d rule(s)%s", len(self.rules), " (dry run: nothing is killed)" if self.dry_run else "")
@@ -141,6 +148,8 @@ class Enforcer:
                 times.append(self._next_scan)
             if self.system_rules:
                 times.append(self._next_system)
+            if self.pressure:
+                times.append(self._next_pressure)
         return min((t for t in times if t is not None), default=None)
 
     def _run(self) -> None:
@@ -162,6 +171,8 @@ class Enforcer:
                     now = time.monotonic()
                     if self.system_rules and self.latest is not None and now >= self._next_system:
                         kills += self._system_lane(now)
+                    if self.pressure and self.latest is not None and now >= self._next_pressure:
+                        kills += self._pressure_lane(now)
                     if self.group_rules and self.latest is not None and now >= self._next_scan:
                         kills += self._newcomers(now)
                     kills += self._fast_lane()
@@ -293,6 +304,15 @@ class Enforcer:
         partial = dataclasses.replace(latest, system=system, groups=groups, monotonic=now, timestamp=time.time(),
                                       processes=latest.processes + tuple(newcomers))
         return self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
+
+    def _pressure_lane(self, now: float) -> list[tuple[Action, Sample]]:
+        """PSI between full samples: kernel triggers where accepted, reads where not (pressure.py),
+        checked every FALLBACK_PERIOD; a crossing is decided on the latest sample with PSI read now."""
+        self._next_pressure = now + FALLBACK_PERIOD
+        if self.pressure is None or self.latest is None or not self.pressure.wait(0):
+            return []
+        fresh = self.pressure.refresh(self.latest)
+        return self._dispatch(decide(fresh, self.pressure_rules, self.state, self.ctx, full=True), fresh)
 
     def _fast_lane(self) -> list[tuple[Action, Sample]]:
         now = time.monotonic()
