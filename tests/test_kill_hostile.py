@@ -242,3 +242,17 @@ def test_a_reload_never_closes_descriptors_a_tick_is_reading():
     reloads[0].join(10)
     assert waited == [True] and all(sample.sources_up.values())
     assert sampler.reader is not reader  # the reload went through once the tick was done
+
+
+def test_run_with_the_psutil_source_kills_the_whole_tree(tmp_path):
+    """`--source psutil` (what macOS and Windows use), forced on Linux: same exit, same dead tree."""
+    log = tmp_path / "run.jsonl"
+    ready = tmp_path / "ready"
+    proc = subprocess.run(RUN + ["-t", "200", "-i", "0.3", "--source", "psutil", "-l", str(log), "--", sys.executable,
+                                 HOG, "--mb", "20", "--grow", "150", "--max-mb", "800", "--children", "1",
+                                 "--setsid-child", "--ready", str(ready)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 137, proc.stderr
+    (event,) = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event"]
+    assert event["outcome"] == "dead" and len(event["signalled"]) >= 3, event
+    assert all(not pid_alive(p["pid"]) for p in event["signalled"])

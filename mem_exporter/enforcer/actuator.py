@@ -73,6 +73,15 @@ class DescriptorReserve:
 RESERVE = DescriptorReserve()  # one for the whole process
 
 
+def make_actuator(config):
+    """The procfs actuator wherever there is a procfs (Linux, whichever source reads); the psutil one elsewhere."""
+    procfs = config.paths.procfs
+    if procfs != "/proc" or os.path.exists(os.path.join(procfs, "self", "stat")):
+        return Actuator(procfs, config.paths.cgroupfs)
+    from .portable import PortableActuator
+    return PortableActuator(other_users=any(r.other_users for r in config.enforcer.rules))
+
+
 # --- who the signalling process is, and what it may not touch ----------------------------------
 
 def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:

@@ -28,7 +28,7 @@ from ..grouping import group_key, make_group
 from ..pressure import FALLBACK_PERIOD, PressureWatches
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
-from .actuator import Actuator, own_context
+from .actuator import Actuator, make_actuator, own_context
 from .events import EventLog, Notifier, make_event
 from .kill import KillOrder, execute
 from .lane import NEWCOMER_PERIOD, FastLane, Growth, first_sight_rate, system_period
@@ -99,7 +99,7 @@ class Enforcer:
                 self.notifier = Notifier(config.enforcer.notify)
             else:
                 self.notifier.notify = config.enforcer.notify
-            self.actuator = self._actuator or Actuator(config.paths.procfs, config.paths.cgroupfs)
+            self.actuator = self._actuator or make_actuator(config)
             old, self._reader = getattr(self, "_reader", None), reader
             self.state.keep_only(r.name for r in self.rules)
             self.lane.clear()

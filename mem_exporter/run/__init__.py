@@ -31,7 +31,7 @@ import time
 from typing import Iterable, Mapping
 
 from ..config import Groups, Notify, Rule, load_config
-from ..enforcer.actuator import Actuator, own_context
+from ..enforcer.actuator import make_actuator, own_context
 from ..enforcer.events import Notifier, make_event
 from ..enforcer.kill import KillOrder, execute
 from ..enforcer.lane import Growth
@@ -83,9 +83,9 @@ class Runner:
         self.name = os.path.basename(opts.command[0]) or opts.command[0]
         self.started = time.time()
         self.log_path = resolve_path(opts.log, opts.command[0], self.started, os.getpid(), environ)
-        self.config = load_config(None, {"interval": opts.interval})
+        self.config = load_config(None, {"interval": opts.interval, "source": opts.source})
         self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher())  # `mem-exporter phase NAME` marks samples
-        self.actuator = Actuator(self.config.paths.procfs)
+        self.actuator = make_actuator(self.config)
         self.ctx = own_context(self.config.paths.procfs, builtin=False)  # nothing in the user's own tree is exempt
         self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
         self.members: dict[int, ProcessInfo] = {}

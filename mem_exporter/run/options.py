@@ -17,6 +17,8 @@ ENV_THRESHOLD = "MEM_EXPORTER_THRESHOLD"
 ENV_INTERVAL = "MEM_EXPORTER_INTERVAL"
 ENV_LOG = "MEM_EXPORTER_LOG"
 ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
+ENV_SOURCE = "MEM_EXPORTER_SOURCE"
+SOURCES = ("auto", "procfs", "psutil")
 
 class SetupError(Exception):
     """A problem found before the command starts: one line on stderr, exit 2."""
@@ -32,6 +34,7 @@ class RunOptions:
     verbose: bool = False
     notify: bool = False
     listen: str | None = None
+    source: str = "auto"  # auto | procfs | psutil: how the tree is read
 
 
 def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
@@ -71,6 +74,9 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
     if args.listen and not (sep and port.isdigit() and int(port) <= 65535):
         raise SetupError(f"--listen: {args.listen!r} is not HOST:PORT (example: 127.0.0.1:9715)")
     verbose = bool(args.verbose) or environ.get(ENV_VERBOSE, "").strip().lower() in ("1", "true", "yes", "on")
+    source = getattr(args, "source", None) or environ.get(ENV_SOURCE, "").strip() or "auto"
+    if source not in SOURCES:
+        raise SetupError(f"{ENV_SOURCE}: {source!r} is not one of {', '.join(SOURCES)}")
     return RunOptions(command=tuple(command), threshold=threshold, interval=interval, grace=grace,
                       log=args.log or environ.get(ENV_LOG) or None, verbose=verbose, notify=bool(args.notify),
-                      listen=args.listen)
+                      listen=args.listen, source=source)
