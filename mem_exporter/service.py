@@ -25,7 +25,7 @@ class Service:
         self._stop = threading.Event()
         self._reload = threading.Event()
         from .gpu import open_gpu_source
-        self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log)
+        self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log, paths=self.config.paths)
         self.sampler = Sampler(self.config, gpu=self.gpu)
         from .phase import PhaseWatcher
         self.sampler.phase_watcher = PhaseWatcher(phase_file)  # `mem-exporter phase NAME` reaches this daemon
