@@ -280,7 +280,7 @@ def test_a_reused_descriptor_number_is_caught_by_the_periodic_recheck(tmp_path):
     os.symlink("/dev/dri/renderD128", fd)
     (proc / "300" / "fdinfo" / str(add_fd_number)).write_text((Path(__file__).parent / "fixtures" / "drm" /
                                                                 "amdgpu-client42.fdinfo").read_text().replace("\t42", "\t77"))
-    assert 300 not in {p.pid for p in source.read(2.0).cards[0].processes}  # the cache still says socket
+    assert 300 not in {p.pid for p in source.read(0.5).cards[0].processes}  # the cache still says socket
     assert 300 in {p.pid for p in source.read(10.0).cards[0].processes}  # the recheck resolves it again
 
 

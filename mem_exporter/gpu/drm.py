@@ -147,6 +147,8 @@ class _Card:
 @dataclass
 class _Proc:
     fds: dict[str, bool] = field(default_factory=dict)  # descriptor number -> points into /dev/dri/
+    listed: list[str] = field(default_factory=list)  # fd/ as last listed: unchanged, nothing to resolve
+    drm: list[str] = field(default_factory=list)  # the DRM descriptors among them
     resolved_at: float = 0.0
 
 
@@ -373,12 +375,15 @@ class DrmSource:
                 continue  # exited
             proc = self._procs.get(ident)
             if proc is None:
-                proc = self._procs[ident] = _Proc(resolved_at=now)
+                # the first recheck is staggered by PID so that rechecks spread over ticks instead of
+                # every process started together being resolved again on one tick
+                proc = self._procs[ident] = _Proc(resolved_at=now - (pid % 61) / 61 * self.recheck)
             elif now - proc.resolved_at >= self.recheck:
-                proc.fds.clear()
+                proc.fds, proc.listed = {}, []
                 proc.resolved_at = now
             fds = proc.fds
-            if len(fds) != len(listed) or any(n not in fds for n in listed):
+            if listed != proc.listed:  # one C-level comparison; listdir order is stable
+                proc.listed = listed
                 fresh = {}
                 for n in listed:
                     known = fds.get(n)
@@ -391,11 +396,10 @@ class DrmSource:
                         except OSError:
                             continue
                     fresh[n] = known
-                proc.fds = fds = fresh
+                proc.fds = fresh
+                proc.drm = [n for n, is_drm in fresh.items() if is_drm]
             denied = False
-            for n, is_drm in fds.items():
-                if not is_drm:
-                    continue
+            for n in proc.drm:
                 cost["fdinfo"] += 1
                 try:
                     with open(f"{procfs}/{pid}/fdinfo/{n}") as f:
