@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {"listen": args.listen, "paths.procfs": args.procfs, "paths.sysfs": args.sysfs, "gpu.backend": args.gpu_backend,
-            "interval": args.interval, "web.config_file": args.web_config_file}
+    return {"listen": args.listen, "paths.procfs": args.procfs, "paths.sysfs": args.sysfs,
+            "gpu.backend": args.gpu_backend, "interval": args.interval, "web.config_file": args.web_config_file}
 
 
 def _run_service(args: argparse.Namespace, enforce: bool) -> int:

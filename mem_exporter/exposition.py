@@ -142,7 +142,8 @@ class SampleCollector:
         procs = _gauge("gpu_processes", "Processes using a GPU.", ["gpu"])
         throttle = _gauge("gpu_throttle_active", "Whether a clock-event (throttle) reason holds the clocks down "
                           "now (1) or not (0).", ["gpu", "reason"])
-        xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver since start.", labels=["gpu"])
+        xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver since start.",
+                                  labels=["gpu"])
         ecc = CounterMetricFamily(P + "gpu_ecc_errors", "ECC errors since the driver loaded (volatile counters).",
                                   labels=["gpu", "type"])
         mig_used = _gauge("gpu_mig_memory_used_bytes", "Memory used in a MIG GPU instance.", ["gpu", "mig"])

@@ -43,7 +43,8 @@ class FakeSys:
             os.symlink(os.path.relpath(d, self.root / "class" / "drm"), self.root / "class" / "drm" / node)
         for rel, text in spec.get("card", {}).items():
             (device / "drm" / f"card{minor}" / rel).write_text(str(text) + "\n")
-        os.symlink(os.path.relpath(device, self.root / "bus" / "pci" / "devices"), self.root / "bus" / "pci" / "devices" / slot)
+        bus = self.root / "bus" / "pci" / "devices"
+        os.symlink(os.path.relpath(device, bus), bus / slot)
         return device
 
     def add_nvidia(self, slot: str = "0000:41:00.0") -> Path:
@@ -52,7 +53,8 @@ class FakeSys:
         device.mkdir(parents=True)
         (device / "vendor").write_text("0x10de\n")
         (device / "class").write_text("0x030200\n")
-        os.symlink(os.path.relpath(device, self.root / "bus" / "pci" / "devices"), self.root / "bus" / "pci" / "devices" / slot)
+        bus = self.root / "bus" / "pci" / "devices"
+        os.symlink(os.path.relpath(device, bus), bus / slot)
         return device
 
 

@@ -198,8 +198,8 @@ def test_sizes_in_fdinfo(text, expected):
 
 
 def test_resident_wins_over_total_and_the_legacy_alias():
-    c = parse_fdinfo("drm-driver:\tamdgpu\ndrm-client-id:\t1\ndrm-memory-vram:\t10 MiB\n"
-                     "drm-total-vram:\t8 MiB\ndrm-resident-vram:\t6 MiB\ndrm-total-gtt:\t2 MiB\ndrm-resident-cpu:\t1 MiB\n")
+    c = parse_fdinfo("drm-driver:\tamdgpu\ndrm-client-id:\t1\ndrm-memory-vram:\t10 MiB\ndrm-total-vram:\t8 MiB\n"
+                     "drm-resident-vram:\t6 MiB\ndrm-total-gtt:\t2 MiB\ndrm-resident-cpu:\t1 MiB\n")
     assert (c.driver, c.client_id, c.vram_bytes, c.gtt_bytes) == ("amdgpu", "1", 6 * MIB, 2 * MIB)
 
 
@@ -276,10 +276,9 @@ def test_a_reused_descriptor_number_is_caught_by_the_periodic_recheck(tmp_path):
     source.read(0.0)
     fd = proc / "300" / "fd" / "3"
     fd.unlink()  # a socket closed and the number reused for the render node between two samples
-    add_fd_number = 3
     os.symlink("/dev/dri/renderD128", fd)
-    (proc / "300" / "fdinfo" / str(add_fd_number)).write_text((Path(__file__).parent / "fixtures" / "drm" /
-                                                                "amdgpu-client42.fdinfo").read_text().replace("\t42", "\t77"))
+    client = (Path(__file__).parent / "fixtures" / "drm" / "amdgpu-client42.fdinfo").read_text()
+    (proc / "300" / "fdinfo" / "3").write_text(client.replace("\t42", "\t77"))
     assert 300 not in {p.pid for p in source.read(0.5).cards[0].processes}  # the cache still says socket
     assert 300 in {p.pid for p in source.read(10.0).cards[0].processes}  # the recheck resolves it again
 

@@ -132,7 +132,8 @@ def test_bad_health_values_in_a_scenario_name_the_key(key, value, problem):
 
 def test_health_series_golden_and_promtool(tmp_path):
     FakeProc(tmp_path).add(1, "systemd")
-    cfg = validate_config({"paths": {"procfs": str(tmp_path)}, "gpu": {"backend": f"fake:{FIXTURES / 'gpu' / 'health.yaml'}"}})
+    scenario = FIXTURES / "gpu" / "health.yaml"
+    cfg = validate_config({"paths": {"procfs": str(tmp_path)}, "gpu": {"backend": f"fake:{scenario}"}})
     sample = Sampler(cfg, gpu=open_gpu_source(cfg.gpu.backend)).tick()
     sample = dataclasses.replace(sample, timestamp=1_700_000_000.0, duration_seconds=0.0125, cpu_usage_ratio=0.25)
     registry = CollectorRegistry(auto_describe=False)

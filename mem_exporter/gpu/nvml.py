@@ -333,7 +333,8 @@ class NvmlSource:
     def _health(self, card: _Card) -> dict[str, Any]:
         nv, h = self._nv, card.handle
         out: dict[str, Any] = {}
-        mask = self._first(card, h, "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+        mask = self._first(card, h, "nvmlDeviceGetCurrentClocksEventReasons",
+                           "nvmlDeviceGetCurrentClocksThrottleReasons")
         if mask is not None:
             supported = card.throttle_supported
             out["throttle_reasons"] = tuple((name, bool(mask & bit)) for name, bit in THROTTLE_REASONS.items()
