@@ -15,8 +15,9 @@ or a server with browsers, databases and language servers), and one process in 2
 on the fixture's AMD card. Rows: the first read (every descriptor resolved), a steady read (the
 (pid, start time) cache: only DRM descriptors read), and a read with the cache off (recheck 0: every
 descriptor resolved each time); plus a steady scan of this host's own /proc. The fixture lies on the
-temporary directory's file system, where readlink and listdir are cheaper than on procfs: the host row
-shows procfs's own cost per process.
+temporary directory's file system, where fd/ has no descriptor count as its size: every fd/ is listed
+on every read there. The host row scans this host's own /proc, where (Linux 6.2+) an fd/ whose size
+(its descriptor count) is unchanged is not listed again.
 """
 from __future__ import annotations
 
@@ -121,11 +122,12 @@ def drm_rows(processes: int, reads: int) -> None:
             print(f"{name:<22} {seconds * 1e3:>9.3f} {seconds / INTERVAL:>17.4%}  {calls}")
         print(f"cache off / steady: {rows[2][1] / rows[1][1]:.1f}x")
     host = DrmSource("/proc", "/sys")
-    host.scan_processes({}, {}, 0.0)
-    n = host.cost["listdir"]
+    cold = _timed(lambda: host.scan_processes({}, {}, 0.0))
+    n, fds = host.cost["stat"], host.cost["readlink"]
     seconds = min(_timed(lambda: host.scan_processes({}, {}, 1.0)) for _ in range(max(3, reads // 4)))
-    print(f"this host's /proc, steady: {n} processes, {seconds * 1e3:.3f} ms/read, "
-          f"{seconds / max(1, n) * 1e6:.1f} us/process")
+    print(f"this host's /proc: {n} processes, {fds} descriptors; first read {cold * 1e3:.1f} ms, steady "
+          f"{seconds * 1e3:.1f} ms ({seconds / max(1, n) * 1e6:.1f} us/process, {host.cost['listdir']} listings: "
+          f"fd/ sizes as counts {'on' if host._counted else 'off'})")
 
 
 def _timed(fn) -> float:

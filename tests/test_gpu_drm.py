@@ -327,3 +327,41 @@ def test_processes_we_may_not_read_are_counted_unreadable_not_zero():
         assert scan_as(65534, proc, sys_) == (1, [100])  # PID 200: unknown, counted as unreadable
     finally:
         subprocess.run(["rm", "-rf", "--", str(base)], check=False)
+
+
+OPENER = """
+import sys
+held = []
+for line in sys.stdin:
+    held.append(open("/dev/null"))
+    print(len(held), flush=True)
+"""
+
+
+def test_on_procfs_an_unchanged_descriptor_count_skips_the_listing_and_a_new_descriptor_does_not(monkeypatch):
+    """On the real /proc (Linux 6.2+: fd/'s size is the descriptor count), with a process this test starts."""
+    from mem_exporter.gpu import drm
+    if not drm.fd_dir_size_is_count("/proc"):
+        pytest.skip("this kernel does not give fd/ a size (Linux before 6.2)")
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", OPENER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        listed: list[str] = []
+        real_listdir = os.listdir
+        monkeypatch.setattr(drm.os, "listdir", lambda p: (listed.append(str(p)), real_listdir(p))[1])
+        source = DrmSource("/proc", "/nonexistent")
+        mine = f"/proc/{child.pid}/fd"
+        source.scan_processes({}, {}, 0.0)
+        assert mine in listed
+        listed.clear()
+        source.scan_processes({}, {}, 1.0)
+        assert mine not in listed  # same count: the last listing stands
+        child.stdin.write("open\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "1"
+        listed.clear()
+        source.scan_processes({}, {}, 2.0)
+        assert mine in listed  # one more descriptor: listed again, the new one resolved
+    finally:
+        child.kill()
+        child.wait()

@@ -26,9 +26,11 @@ Counting:
   `unreadable_processes` on every card: their use is unknown, not zero.
 
 Cost: listing `fd/` of every process is the expensive part. Which descriptors are DRM is cached per
-(pid, start time): only descriptors not seen before are resolved (readlink); every `recheck` seconds
-a process's descriptors are all resolved again, in case a number was closed and reused for a DRM
-device between two samples.
+(pid, start time): only descriptors not seen before are resolved (readlink). Since Linux 6.2 the
+size of `/proc/PID/fd` is the number of open descriptors: while it is unchanged (and not 0, as on
+older kernels) the last listing is reused without listing again. A number closed and reopened
+between two samples (POSIX gives the lowest free number, so usually the same one) keeps its old
+verdict until the process's periodic re-resolution, every `recheck` seconds, staggered by PID.
 """
 from __future__ import annotations
 
@@ -149,6 +151,7 @@ class _Proc:
     fds: dict[str, bool] = field(default_factory=dict)  # descriptor number -> points into /dev/dri/
     listed: list[str] = field(default_factory=list)  # fd/ as last listed: unchanged, nothing to resolve
     drm: list[str] = field(default_factory=list)  # the DRM descriptors among them
+    size: int = -1  # st_size of fd/ at that listing: the descriptor count on procfs (Linux 6.2+)
     resolved_at: float = 0.0
 
 
@@ -171,6 +174,7 @@ class DrmSource:
         self._cards: dict[str, _Card] = {}
         self._skipped: set[str] = set()  # card keys this source does not read (driver, vendor, no render node)
         self._procs: dict[tuple[int, int], _Proc] = {}
+        self._counted: bool | None = None  # fd/'s size is its descriptor count here (procfs, Linux 6.2+)
         self._announced: str | None = None
         self.cost = {"stat": 0, "listdir": 0, "readlink": 0, "fdinfo": 0}  # syscalls of the last scan (bench)
 
@@ -357,6 +361,9 @@ class DrmSource:
         alive: set[tuple[int, int]] = set()
         unreadable = 0
         procfs = self.procfs
+        if self._counted is None:
+            self._counted = fd_dir_size_is_count(procfs)
+        counted = self._counted
         pids = sorted(int(d) for d in os.listdir(procfs) if d.isdigit())  # lowest PID first: it owns shared clients
         for pid in pids:
             cost["stat"] += 1
@@ -365,22 +372,32 @@ class DrmSource:
                 continue  # gone, or a kernel thread
             alive.add(ident)
             fd_dir = f"{procfs}/{pid}/fd"
-            try:
-                cost["listdir"] += 1
-                listed = os.listdir(fd_dir)
-            except PermissionError:
-                unreadable += 1
-                continue
-            except OSError:
-                continue  # exited
             proc = self._procs.get(ident)
             if proc is None:
                 # the first recheck is staggered by PID so that rechecks spread over ticks instead of
                 # every process started together being resolved again on one tick
                 proc = self._procs[ident] = _Proc(resolved_at=now - (pid % 61) / 61 * self.recheck)
             elif now - proc.resolved_at >= self.recheck:
-                proc.fds, proc.listed = {}, []
+                proc.fds, proc.listed, proc.size = {}, [], -1
                 proc.resolved_at = now
+            size = 0
+            if counted:
+                try:
+                    size = os.stat(fd_dir).st_size
+                except OSError:
+                    continue  # exited
+            if size and size == proc.size:
+                listed = proc.listed  # as many descriptors as at the last listing: the same ones (see above)
+            else:
+                try:
+                    cost["listdir"] += 1
+                    listed = os.listdir(fd_dir)
+                except PermissionError:
+                    unreadable += 1
+                    continue
+                except OSError:
+                    continue  # exited
+                proc.size = size
             fds = proc.fds
             if listed != proc.listed:  # one C-level comparison; listdir order is stable
                 proc.listed = listed
@@ -456,6 +473,22 @@ class DrmSource:
             return os.path.basename(os.readlink(f"{fd_dir}/{n}"))
         except OSError:
             return None
+
+
+def fd_dir_size_is_count(procfs: str) -> bool:
+    """Whether `procfs` is a procfs whose fd/ directories have the descriptor count as their size (6.2+).
+
+    Checked on our own fd/: a fixture tree (no entry for us) or another file system says no."""
+    fd_dir = f"{procfs}/{os.getpid()}/fd"
+    try:
+        for _ in range(3):  # another thread may open or close a descriptor in between: try again
+            size = os.stat(fd_dir).st_size
+            count = len(os.listdir(fd_dir)) - 1  # the listing's own descriptor
+            if size and size == count:
+                return True
+    except OSError:
+        pass
+    return False
 
 
 def nvidia_display_devices(sysfs: str) -> int | None:
