@@ -332,6 +332,7 @@ def test_processes_we_may_not_read_are_counted_unreadable_not_zero():
 OPENER = """
 import sys
 held = []
+print(0, flush=True)  # started: no more descriptors come and go on their own
 for line in sys.stdin:
     held.append(open("/dev/null"))
     print(len(held), flush=True)
@@ -346,6 +347,7 @@ def test_on_procfs_an_unchanged_descriptor_count_skips_the_listing_and_a_new_des
     import sys
     child = subprocess.Popen([sys.executable, "-c", OPENER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline().strip() == "0"
         listed: list[str] = []
         real_listdir = os.listdir
         monkeypatch.setattr(drm.os, "listdir", lambda p: (listed.append(str(p)), real_listdir(p))[1])
