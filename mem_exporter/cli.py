@@ -15,7 +15,8 @@ def _add_daemon_options(p: argparse.ArgumentParser, listen_default: str) -> None
     p.add_argument("-c", "--config", help="YAML config file (default: built-in defaults)")
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address for /metrics (default: {listen_default})")
     p.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point (default: /proc)")
-    p.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | none | fake:FILE (default: auto)")
+    p.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mount point (default: /sys)")
+    p.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | drm | none | fake:FILE (default: auto)")
     _add_source_option(p)
     p.add_argument("--interval", metavar="DURATION", help="sampling interval, e.g. 2s (default: 2s)")
     p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     top = sub.add_parser("top", help="live view of RAM, swap, GPUs and the largest groups, coloured by zone (q quits)")
     top.add_argument("-c", "--config", help="YAML config file (default: built-in defaults)")
     top.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point (default: /proc)")
-    top.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | none | fake:FILE (default: auto)")
+    top.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mount point (default: /sys)")
+    top.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | drm | none | fake:FILE (default: auto)")
     _add_source_option(top)
     top.add_argument("--interval", metavar="DURATION", default="1s", help="refresh interval (default: 1s)")
     top.add_argument("--phase-file", metavar="FILE", help="the phase file to follow (default: as `mem-exporter phase`)")
@@ -131,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {"listen": args.listen, "paths.procfs": args.procfs, "gpu.backend": args.gpu_backend,
-            "interval": args.interval, "web.config_file": args.web_config_file, "source": args.source}
+    return {"listen": args.listen, "paths.procfs": args.procfs, "paths.sysfs": args.sysfs,
+            "gpu.backend": args.gpu_backend, "interval": args.interval, "web.config_file": args.web_config_file,
+            "source": args.source}
 
 
 def _run_service(args: argparse.Namespace, enforce: bool) -> int:
@@ -246,8 +249,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     from .top import run_top
-    overrides = {"paths.procfs": args.procfs, "gpu.backend": args.gpu_backend, "interval": args.interval,
-                 "source": args.source}
+    overrides = {"paths.procfs": args.procfs, "paths.sysfs": args.sysfs, "gpu.backend": args.gpu_backend,
+                 "interval": args.interval, "source": args.source}
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:

@@ -139,8 +139,9 @@ class Groups(_Strict):
 
 
 class Gpu(_Strict):
-    backend: str = Field("auto", pattern=r"^(auto|nvml|none|fake:.+)$",
-                         description="auto | nvml | none | fake:FILE (a YAML scenario)")
+    backend: str = Field("auto", pattern=r"^(auto|nvml|drm|none|fake:.+)$",
+                         description="auto (NVML for NVIDIA cards, DRM for amdgpu/i915/xe) | nvml | drm | none "
+                                     "| fake:FILE (a YAML scenario)")
     retry_max: Duration = Field(60.0, gt=0, description="longest wait between retries after a GPU error")
 
 
@@ -242,6 +243,7 @@ class EnforcerConfig(_Strict):
 class Paths(_Strict):
     procfs: str = Field("/proc", description="procfs mount point (like node_exporter's --path.procfs)")
     cgroupfs: str = Field("/sys/fs/cgroup", description="cgroup filesystem mount point")
+    sysfs: str = Field("/sys", description="sysfs mount point (like node_exporter's --path.sysfs): DRM GPU cards")
 
 
 class Web(_Strict):

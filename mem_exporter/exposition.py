@@ -101,6 +101,8 @@ class SampleCollector:
         info = _gauge("group_info", "A group's identity: kind (pgid, named, cgroup, container, unit, other), PGID, "
                       "leader command, and with groups.by=container the short container ID and pod UID.", info_labels)
         vram = _gauge("group_gpu_memory_bytes", "GPU memory used by a group's processes, per card.", ["group", "gpu"])
+        gtt = _gauge("group_gpu_gtt_memory_bytes", "System memory mapped by a DRM card (GTT) for a group's processes, "
+                     "per card.", ["group", "gpu"])
         for g in groups:
             mem.add_metric([g.label, "rss"], g.rss_bytes)
             if g.pss_bytes is not None:
@@ -117,12 +119,17 @@ class SampleCollector:
             info.add_metric(values, 1)
             for idx, used in sorted(g.gpu_memory_bytes.items()):
                 vram.add_metric([g.label, str(idx)], used)
+            for idx, used in sorted(g.gpu_gtt_memory_bytes.items()):
+                gtt.add_metric([g.label, str(idx)], used)
         yield from (mem, count, info, vram)
+        if gtt.samples:
+            yield gtt
 
     def _gpus(self, s: Sample) -> Iterable[Metric]:
         if not s.gpus:
             return
-        info = _gauge("gpu_info", "A GPU's identity; always 1.", ["gpu", "uuid", "name", "driver_version"])
+        info = _gauge("gpu_info", "A GPU's identity; always 1.",
+                      ["gpu", "uuid", "name", "driver_version", "vendor", "pci_bus_id"])
         fields = (
             ("gpu_memory_total_bytes", "Total GPU memory.", "memory_total_bytes"),
             ("gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
@@ -133,15 +140,41 @@ class SampleCollector:
             ("gpu_temperature_celsius", "GPU core temperature.", "temperature_celsius"),
             ("gpu_power_watts", "GPU power draw.", "power_watts"),
             ("gpu_power_limit_watts", "Enforced GPU power limit.", "power_limit_watts"),
+            ("gpu_gtt_memory_total_bytes", "System memory a DRM card may map (GTT).", "gtt_memory_total_bytes"),
+            ("gpu_gtt_memory_used_bytes", "System memory a DRM card maps now (GTT).", "gtt_memory_used_bytes"),
+            ("gpu_unreadable_processes", "Processes whose GPU use could not be read (other users' descriptors "
+             "without privilege): unknown, not zero.", "unreadable_processes"),
+            ("gpu_performance_state", "Performance state: 0 is the highest, 15 the lowest.", "performance_state"),
+            ("gpu_last_xid", "The last XID error code seen on the card (0: none since start).", "last_xid"),
         )
         families = {attr: _gauge(name, doc, ["gpu"]) for name, doc, attr in fields}
         energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU since the driver loaded.", labels=["gpu"])
         clock = _gauge("gpu_clock_hertz", "Current GPU clock.", ["gpu", "clock"])
         clock_max = _gauge("gpu_clock_max_hertz", "Highest GPU clock the card supports.", ["gpu", "clock"])
         procs = _gauge("gpu_processes", "Processes using a GPU.", ["gpu"])
+        throttle = _gauge("gpu_throttle_active", "Whether a clock-event (throttle) reason holds the clocks down "
+                          "now (1) or not (0).", ["gpu", "reason"])
+        xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver since start.",
+                                  labels=["gpu"])
+        ecc = CounterMetricFamily(P + "gpu_ecc_errors", "ECC errors since the driver loaded (volatile counters).",
+                                  labels=["gpu", "type"])
+        mig_used = _gauge("gpu_mig_memory_used_bytes", "Memory used in a MIG GPU instance.", ["gpu", "mig"])
+        mig_total = _gauge("gpu_mig_memory_total_bytes", "Memory of a MIG GPU instance.", ["gpu", "mig"])
         for card in s.gpus:
             idx = str(card.index)
-            info.add_metric([idx, card.uuid, card.name, card.driver_version], 1)
+            info.add_metric([idx, card.uuid, card.name, card.driver_version, card.vendor, card.pci_bus_id], 1)
+            for reason, active in card.throttle_reasons:
+                throttle.add_metric([idx, reason], 1 if active else 0)
+            if card.xid_errors_total is not None:
+                xid.add_metric([idx], card.xid_errors_total)
+            for kind, value in (("corrected", card.ecc_corrected_total), ("uncorrected", card.ecc_uncorrected_total)):
+                if value is not None:
+                    ecc.add_metric([idx, kind], value)
+            for m in card.mig:
+                if m.memory_used_bytes is not None:
+                    mig_used.add_metric([idx, m.mig], m.memory_used_bytes)
+                if m.memory_total_bytes is not None:
+                    mig_total.add_metric([idx, m.mig], m.memory_total_bytes)
             for attr, fam in families.items():
                 value = getattr(card, attr)
                 if value is not None:
@@ -157,7 +190,7 @@ class SampleCollector:
             procs.add_metric([idx], len(card.processes))
         yield info
         yield from (f for f in families.values() if f.samples)
-        yield from (f for f in (energy, clock, clock_max) if f.samples)
+        yield from (f for f in (energy, clock, clock_max, throttle, xid, ecc, mig_used, mig_total) if f.samples)
         yield procs
 
     def _self(self, s: Sample) -> Iterable[Metric]:

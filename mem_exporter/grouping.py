@@ -42,7 +42,7 @@ def _sum_optional(values: Iterable[int | None]) -> int | None:
 
 
 def make_group(key: str, kind: str, members: list[ProcessInfo], memtype: str = "rss",
-               gpu_memory: dict[int, int] | None = None) -> GroupSample:
+               gpu_memory: dict[int, int] | None = None, gtt_memory: dict[int, int] | None = None) -> GroupSample:
     members.sort(key=lambda p: (p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes),
                  reverse=True)
     pgid = None
@@ -58,7 +58,7 @@ def make_group(key: str, kind: str, members: list[ProcessInfo], memtype: str = "
                        processes=len(members), members=tuple(members),
                        pss_bytes=_sum_optional(p.pss_bytes for p in members),
                        swap_bytes=_sum_optional(p.swap_bytes for p in members),
-                       pgid=pgid, gpu_memory_bytes=gpu_memory or {})
+                       pgid=pgid, gpu_memory_bytes=gpu_memory or {}, gpu_gtt_memory_bytes=gtt_memory or {})
 
 
 def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "rss",
@@ -74,13 +74,18 @@ def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "r
         bucket[1].append(p)
         key_of_pid[p.pid] = key
     gpu_by_key: dict[str, dict[int, int]] = {}
+    gtt_by_key: dict[str, dict[int, int]] = {}
     for card in gpus:
         for gp in card.processes:
             key = key_of_pid.get(gp.pid)
             if key is not None and gp.gpu_memory_bytes is not None:
                 per_card = gpu_by_key.setdefault(key, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gpu_memory_bytes
-    groups = [make_group(key, kind, members, memtype, gpu_by_key.get(key)) for key, (kind, members) in buckets.items()]
+            if key is not None and gp.gtt_memory_bytes is not None:
+                per_card = gtt_by_key.setdefault(key, {})
+                per_card[card.index] = per_card.get(card.index, 0) + gp.gtt_memory_bytes
+    groups = [make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
+              for key, (kind, members) in buckets.items()]
     groups.sort(key=lambda g: g.memory_bytes(memtype), reverse=True)
     return tuple(groups)
 
@@ -103,13 +108,17 @@ def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
             rest.append(g)
     if rest:
         gpu: dict[int, int] = {}
+        gtt: dict[int, int] = {}
         for g in rest:
             for idx, b in g.gpu_memory_bytes.items():
                 gpu[idx] = gpu.get(idx, 0) + b
+            for idx, b in g.gpu_gtt_memory_bytes.items():
+                gtt[idx] = gtt.get(idx, 0) + b
         keep.append(GroupSample(key=OTHER, label=OTHER, kind=OTHER, rss_bytes=sum(g.rss_bytes for g in rest),
                                 processes=sum(g.processes for g in rest), members=(),
                                 pss_bytes=_sum_optional(g.pss_bytes for g in rest),
-                                swap_bytes=_sum_optional(g.swap_bytes for g in rest), gpu_memory_bytes=gpu))
+                                swap_bytes=_sum_optional(g.swap_bytes for g in rest), gpu_memory_bytes=gpu,
+                                gpu_gtt_memory_bytes=gtt))
     return keep
 
 

@@ -73,7 +73,17 @@ class MemoryPressure:
 class GpuProcess:
     pid: int
     gpu_memory_bytes: int | None  # None where the driver does not report it
-    kind: str = "compute"  # compute | graphics
+    kind: str = "compute"  # compute | graphics | drm (a DRM client: the kernel does not say which)
+    gtt_memory_bytes: int | None = None  # DRM only: system memory the card maps (GTT), None where not reported
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMigInstance:
+    """One MIG GPU instance of an NVIDIA card (`mig` label: its GPU instance ID)."""
+
+    mig: str
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,19 @@ class GpuCard:
     clock_sm_max_hertz: float | None = None
     clock_memory_max_hertz: float | None = None
     processes: tuple[GpuProcess, ...] = ()
+    vendor: str = ""  # nvidia | amd | intel | the PCI vendor ID for others
+    pci_bus_id: str = ""  # 0000:03:00.0 (domain:bus:device.function), "" where unknown
+    gtt_memory_total_bytes: int | None = None  # DRM: system memory the card may map (amdgpu GTT)
+    gtt_memory_used_bytes: int | None = None
+    unreadable_processes: int | None = None  # DRM: processes whose descriptors we may not read (use unknown)
+    # NVIDIA health; None (or empty) where the card or driver does not offer it
+    throttle_reasons: tuple[tuple[str, bool], ...] = ()  # (reason, active) for every reason the card reports
+    xid_errors_total: int | None = None  # XID events seen since the source started
+    last_xid: int | None = None  # the last XID code seen (0: none yet)
+    ecc_corrected_total: int | None = None  # volatile: since the driver loaded
+    ecc_uncorrected_total: int | None = None
+    performance_state: int | None = None  # P-state: 0 (highest) .. 15 (lowest)
+    mig: tuple[GpuMigInstance, ...] = ()  # MIG instances where MIG is on
 
     @property
     def memory_used_ratio(self) -> float | None:
@@ -119,6 +142,7 @@ class GroupSample:
     swap_bytes: int | None = None
     pgid: int | None = None
     gpu_memory_bytes: Mapping[int, int] = field(default_factory=dict)  # gpu index -> bytes
+    gpu_gtt_memory_bytes: Mapping[int, int] = field(default_factory=dict)  # gpu index -> GTT bytes (DRM cards)
 
     def memory_bytes(self, memtype: str = "rss") -> int:
         if memtype == "pss" and self.pss_bytes is not None:

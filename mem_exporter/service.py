@@ -25,7 +25,7 @@ class Service:
         self._stop = threading.Event()
         self._reload = threading.Event()
         from .gpu import open_gpu_source
-        self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log)
+        self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log, paths=self.config.paths)
         from .phase import PhaseWatcher
         # `mem-exporter phase NAME` reaches this daemon
         self.sampler = Sampler(self.config, gpu=self.gpu, phase_watcher=PhaseWatcher(phase_file))

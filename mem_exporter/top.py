@@ -71,7 +71,7 @@ def run_top(config: Config, phase_file: str | None = None) -> int:
     from .phase import PhaseWatcher
     from .sampler import Sampler
     logging.getLogger().setLevel(logging.ERROR)  # log lines would scribble over the screen
-    gpu = open_gpu_source(config.gpu.backend, config.gpu.retry_max)
+    gpu = open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)
     sampler = Sampler(config, gpu=gpu, phase_watcher=PhaseWatcher(phase_file))
     try:
         return curses.wrapper(_loop, sampler, config.interval)

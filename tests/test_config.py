@@ -52,7 +52,7 @@ BAD = [
     ("groups: {named: [{name: a, match: {comm: x}}, {name: a, match: {comm: y}}]}\n",
      "groups: named group names must be unique; repeated: a"),
     ("groups: {named: [{name: a, match: {cmd: x}}]}\n", "groups.named[0].match.cmd: unknown key"),
-    ("gpu: {backend: cuda}\n", "gpu.backend: String should match pattern '^(auto|nvml|none|fake:.+)$' (got 'cuda')"),
+    ("gpu: {backend: cuda}\n", "gpu.backend: String should match pattern '^(auto|nvml|drm|none|fake:.+)$' (got 'cuda')"),
     ("enforcer: {rules: [{name: r}]}\n",
      "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
      "system_available_below, memory_pressure_above; got none"),

@@ -106,7 +106,7 @@ def test_alert_thresholds_match_the_documented_zones():
 def test_lab_prometheus_config_passes_promtool_check_config():
     result = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 rule files found" in result.stdout + result.stderr
+    assert "2 rule files found" in result.stdout + result.stderr
 
 
 def test_lab_prometheus_scrapes_exporter_and_enforcer_and_alerts_to_alertmanager():

@@ -177,6 +177,37 @@ def test_max_gpu_memory_on_summed_vram_and_quiet_without_a_gpu():
     assert decide(sample(group(proc(1000, rss=20 * GB))), r, PolicyState(), ME) == []
 
 
+# DRM cards (AMD, Intel) go through the same grouping and policy as NVIDIA ones: (vendor, card used ratio,
+# the big process's VRAM and GTT, rule, expected victim or None)
+VENDOR_CASES = [
+    ("nvidia", 0.9, 6 * GB, None, dict(max_gpu_memory="4GiB"), "python3-1000"),
+    ("amd", 0.9, 6 * GB, 8 * MB, dict(max_gpu_memory="4GiB"), "python3-1000"),
+    ("intel", 0.9, 6 * GB, 12 * MB, dict(max_gpu_memory="4GiB"), "python3-1000"),
+    ("amd", 0.9, 6 * GB, None, dict(gpu_memory_above="83%"), "python3-1000"),
+    ("intel", None, 6 * GB, None, dict(gpu_memory_above="83%"), None),  # xe: no VRAM used in sysfs, no ratio
+    ("amd", 0.1, 100 * MB, 3 * GB, dict(max_gpu_memory="1GiB"), None),  # an APU: GTT is not VRAM
+]
+
+
+@pytest.mark.parametrize("vendor,used,vram,gtt,r,victim", VENDOR_CASES,
+                         ids=[f"{c[0]}-{next(iter(c[4]))}-{c[5] or 'none'}" for c in VENDOR_CASES])
+def test_vram_rules_treat_every_vendor_alike(vendor, used, vram, gtt, r, victim):
+    from mem_exporter.config import Groups
+    from mem_exporter.grouping import group_processes
+    from mem_exporter.sample import GpuProcess
+    kind = "compute" if vendor == "nvidia" else "drm"
+    card = GpuCard(index=0, uuid="u", name=vendor, driver_version="1", vendor=vendor, memory_total_bytes=80 * GB,
+                   memory_used_bytes=None if used is None else int(used * 80 * GB),
+                   processes=(GpuProcess(1000, vram, kind, gtt), GpuProcess(2000, GB, kind, None)))
+    procs = [proc(1000, rss=GB), proc(1001, pgid=1000), proc(2000, rss=3 * GB)]
+    groups = group_processes(procs, Groups(), "rss", (card,))
+    s = Sample(timestamp=1_700_000_100, monotonic=100.0, duration_seconds=0.01,
+               system=SystemMemory(16 * GB, 8 * GB, 8 * GB, 0, 0), cpu_usage_ratio=None, process_count=3,
+               groups=groups, processes=tuple(procs), gpus=(card,))
+    actions = decide(s, [rule(**r)], PolicyState(), ME)
+    assert [a.group.label for a in actions if a.kind == "kill"] == ([victim] if victim else [])
+
+
 def test_partial_samples_only_evaluate_group_limits():
     g = group(proc(1000, rss=2 * GB))
     r = [rule(name="sys", system_available_below="50%"), rule(name="lim", max_rss="1GiB")]

@@ -1,11 +1,13 @@
 """GPU sources: where the sampler's `GpuCard`s come from.
 
-A source is read once per sampler tick and never raises. Three kinds:
+A source is read once per sampler tick and never raises. The kinds:
 - `nvml`: NVIDIA cards through NVML (`nvml.py`, the only module that imports `pynvml`);
+- `drm`: AMD, Intel and other DRM cards from sysfs, per-process memory from DRM fdinfo (`drm.py`);
+- `auto`: NVML for NVIDIA cards and DRM for amdgpu, i915 and xe cards, never both for one card;
 - `fake`: a YAML scenario replayed over time (`fake.py`), for tests, demos and dashboards;
 - `none`: no GPU metrics at all.
 
-`open_gpu_source(config.gpu.backend, config.gpu.retry_max)` picks one.
+`open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)` picks one.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class GpuReading:
 
 
 class GpuSource(Protocol):
-    name: str  # "nvml" | "fake" | "none"
+    name: str  # "nvml" | "drm" | "auto" (both) | "fake" | "none"
 
     def read(self, now: float) -> GpuReading:  # now = time.monotonic(); never raises
         ...
@@ -50,26 +52,66 @@ class NoGpuSource:
         pass
 
 
-def open_gpu_source(backend: str, retry_max: float = 60.0,
-                    log: logging.Logger | None = None) -> GpuSource:
-    """The source for a `gpu.backend` value: `auto | nvml | none | fake:FILE`.
+class CombinedSource:
+    """`auto` on a host with NVIDIA and other cards: NVML's cards, then DRM's (indices after NVML's)."""
 
-    `auto` and `nvml` both give the NVML source; it tries NVML at once so that a missing driver is
-    logged at start (once; info for `auto`, warning for `nvml`) and then reports up=False.
-    `fake:FILE` raises ValueError (one line naming the file and the key) for a bad scenario.
+    name = "auto"
+
+    def __init__(self, *parts: GpuSource):
+        self.parts = parts
+
+    def read(self, now: float) -> GpuReading:
+        readings = [p.read(now) for p in self.parts]
+        cards = tuple(c for r in readings for c in r.cards)
+        errors = [r.error for r in readings if r.error]
+        return GpuReading(cards, all(r.up for r in readings), "; ".join(errors) or None)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
+def open_gpu_source(backend: str, retry_max: float = 60.0, log: logging.Logger | None = None,
+                    paths: object = None) -> GpuSource:
+    """The source for a `gpu.backend` value: `auto | nvml | drm | none | fake:FILE`.
+
+    `nvml` tries NVML at once so that a missing driver is logged at start (once) and then reports
+    up=False. `auto` looks at sysfs first: with no amdgpu, i915 or xe card it is exactly `nvml`
+    (logged at info); with such cards and no NVIDIA card on the PCI bus it is `drm`; with both, NVML
+    reads the NVIDIA cards and DRM the others, numbered after them. `paths` is the config's `paths`
+    (procfs, sysfs roots). `fake:FILE` raises ValueError (one line naming the file and the key).
     """
     log = log or LOG
+    procfs = getattr(paths, "procfs", "/proc")
+    sysfs = getattr(paths, "sysfs", "/sys")
     if backend == "none":
         return NoGpuSource()
+    if backend == "drm":
+        from .drm import DrmSource
+
+        return DrmSource(procfs, sysfs, log=log)
     if backend in ("auto", "nvml"):
         from .nvml import NvmlSource
 
-        source = NvmlSource(retry_max=retry_max, log=log,
-                            absent_level=logging.INFO if backend == "auto" else logging.WARNING)
-        source.start(time.monotonic())
-        return source
+        drm, nvidia = None, None
+        if backend == "auto":
+            from .drm import AUTO_DRIVERS, NVIDIA, DrmSource, nvidia_display_devices
+
+            nvidia = nvidia_display_devices(sysfs)
+            drm = DrmSource(procfs, sysfs, drivers=AUTO_DRIVERS, skip_vendors=frozenset({NVIDIA}), log=log)
+            if not drm.card_count():
+                drm = None
+            elif nvidia == 0:
+                return drm
+        nvml = NvmlSource(retry_max=retry_max, log=log,
+                          absent_level=logging.INFO if backend == "auto" else logging.WARNING)
+        nvml.start(time.monotonic())
+        if drm is None:
+            return nvml
+        drm.number_from(max(nvidia or 0, nvml.card_count or 0))  # `gpu` stays unique on the host
+        return CombinedSource(nvml, drm)
     if backend.startswith("fake:") and backend[5:]:
         from .fake import FakeGpuSource
 
         return FakeGpuSource.from_file(backend[5:])
-    raise ValueError(f"unknown gpu backend {backend!r} (use auto, nvml, none or fake:FILE)")
+    raise ValueError(f"unknown gpu backend {backend!r} (use auto, nvml, drm, none or fake:FILE)")

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..sample import GpuCard, GpuProcess
+from ..sample import GpuCard, GpuMigInstance, GpuProcess
 from ..units import parse_duration, parse_hertz, parse_ratio, parse_size, read_yaml
 from . import GpuReading
 
@@ -73,13 +73,30 @@ def _index(value: Any) -> int:
 # key -> parser, for each level of the scenario
 _TOP = {"description": _text, "loop": _flag, "duration": parse_duration, "driver_version": _text,
         "cards": None, "steps": None}
-_CARD = {"index": _index, "uuid": _text, "name": _text, "driver_version": _text,
+_CARD = {"index": _index, "uuid": _text, "name": _text, "driver_version": _text, "vendor": _text, "pci_bus_id": _text,
          "memory_total": parse_size, "memory_reserved": parse_size, "power_limit": _watts,
          "clock_sm_max": parse_hertz, "clock_memory_max": parse_hertz}
 _STEP = {"at": parse_duration, "cards": None}
 _VALUES = {"lost": _flag, "memory_used": parse_size, "utilization": parse_ratio,
            "memory_utilization": parse_ratio, "temperature": _number, "power": _watts,
-           "clock_sm": parse_hertz, "clock_memory": parse_hertz, "processes": None}
+           "clock_sm": parse_hertz, "clock_memory": parse_hertz, "processes": None,
+           "throttle": None, "xid_errors": None, "last_xid": None, "ecc_corrected": None, "ecc_uncorrected": None,
+           "performance_state": None, "mig": None}
+_MIG = {"mig": _text, "memory_used": parse_size, "memory_total": parse_size}
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count (0, 1, ...)")
+    return value
+
+
+def _pstate(value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"P\d+", value):
+        value = int(value[1:])
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 15:
+        raise ValueError(f"{value!r} is not a performance state (0..15 or P0..P15)")
+    return value
 _PROCESS = {"pid": None, "gpu_memory": parse_size, "kind": None}
 
 
@@ -171,6 +188,7 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
         cards[index] = GpuCard(
             index=index, uuid=c.get("uuid", f"GPU-fa4e0000-0000-4000-8000-{index:012d}"),
             name=c.get("name", "Fake GPU"), driver_version=c.get("driver_version", driver),
+            vendor=c.get("vendor", "nvidia"), pci_bus_id=c.get("pci_bus_id", ""),
             memory_total_bytes=c["memory_total"], memory_reserved_bytes=c.get("memory_reserved"),
             power_limit_watts=c.get("power_limit"),
             clock_sm_max_hertz=c.get("clock_sm_max"), clock_memory_max_hertz=c.get("clock_memory_max"))
@@ -198,6 +216,7 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
             v = ck.mapping(given or {}, ckey, _VALUES)
             if "processes" in v:
                 v["processes"] = _processes(ck, v["processes"], f"{ckey}.processes")
+            _health(ck, v, ckey)
             values[index].update(v)
             _check_memory(ck, cards[index], values[index], ckey)
         ats.append(at)
@@ -228,6 +247,29 @@ def _processes(ck: _Checker, data: Any, key: str) -> tuple[GpuProcess, ...]:
     return tuple(out)
 
 
+def _health(ck: _Checker, v: dict[str, Any], key: str) -> None:
+    """NVIDIA health values of one step, checked and turned into GpuCard fields (in place)."""
+    from .nvml import THROTTLE_REASONS
+
+    if "throttle" in v:
+        active = ck.sequence(v["throttle"] or [], f"{key}.throttle")
+        for i, reason in enumerate(active):
+            if reason not in THROTTLE_REASONS:
+                raise ck.fail(f"{key}.throttle[{i}]", f"{reason!r} is not a reason ({', '.join(THROTTLE_REASONS)})")
+        v["throttle"] = tuple((r, r in active) for r in THROTTLE_REASONS)
+    for k in ("xid_errors", "last_xid", "ecc_corrected", "ecc_uncorrected"):
+        if k in v:
+            v[k] = ck.value(v[k], f"{key}.{k}", _count)
+    if "performance_state" in v:
+        v["performance_state"] = ck.value(v["performance_state"], f"{key}.performance_state", _pstate)
+    if "mig" in v:
+        out = []
+        for i, raw in enumerate(ck.sequence(v["mig"] or [], f"{key}.mig")):
+            m = ck.mapping(raw, f"{key}.mig[{i}]", _MIG, required=("mig", "memory_total"))
+            out.append(GpuMigInstance(m["mig"], m.get("memory_used"), m["memory_total"]))
+        v["mig"] = tuple(out)
+
+
 def _check_memory(ck: _Checker, card: GpuCard, values: dict[str, Any], key: str) -> None:
     total = card.memory_total_bytes or 0
     used = _used(values)
@@ -254,7 +296,10 @@ def _card_at(card: GpuCard, v: dict[str, Any]) -> tuple[GpuCard, bool]:
         utilization_ratio=v.get("utilization"), memory_utilization_ratio=v.get("memory_utilization"),
         temperature_celsius=v.get("temperature"), power_watts=v.get("power"),
         clock_sm_hertz=v.get("clock_sm"), clock_memory_hertz=v.get("clock_memory"),
-        processes=v.get("processes", ()),
+        processes=v.get("processes", ()), throttle_reasons=v.get("throttle", ()),
+        xid_errors_total=v.get("xid_errors"), last_xid=v.get("last_xid"),
+        ecc_corrected_total=v.get("ecc_corrected"), ecc_uncorrected_total=v.get("ecc_uncorrected"),
+        performance_state=v.get("performance_state"), mig=v.get("mig", ()),
     ), v.get("lost", False)
 
 

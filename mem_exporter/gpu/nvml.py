@@ -12,6 +12,12 @@ How errors are handled, from the smallest to the largest:
 - NVML absent (no library, no driver loaded): up False, no error counted, one log line; it is
   probed again on the same backoff so a driver loaded later is picked up.
 
+Health, read each tick where the card offers it (else absent): clock-event (throttle) reasons, the
+performance state, volatile ECC error counts (since the driver loaded; only where ECC is on), memory
+per MIG GPU instance (where MIG is on), and XID errors: one NVML event set, each card registered once
+per init for critical XID events, drained without blocking (timeout 0) at every read. XID counts are
+kept per card UUID across re-inits; they count events seen since this source started.
+
 A tick that skips a card (or the whole source) because its backoff has not run out calls no NVML
 function and counts no error: `sample_errors_total{source="gpu"}` counts real failed attempts,
 and `source_up{source="gpu"}` stays 0 until a retry succeeds.
@@ -23,9 +29,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sample import GpuCard, GpuProcess
+from ..sample import GpuCard, GpuMigInstance, GpuProcess
 from . import GpuReading
 
+# NVML's clocks-event (throttle) reason bits, by the names of mem_exporter_gpu_throttle_active{reason}
+THROTTLE_REASONS = {
+    "gpu_idle": 0x1, "applications_clocks": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8, "sync_boost": 0x10,
+    "sw_thermal": 0x20, "hw_thermal": 0x40, "hw_power_brake": 0x80, "display_clocks": 0x100,
+}
+XID_EVENT = 0x8  # nvmlEventTypeXidCriticalError
+MAX_EVENTS = 1000  # per read: a storm of events never holds the sampler up
 RETRY_MIN = 1.0  # seconds before the first retry; doubled on each failure up to retry_max
 _NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE read as an unsigned long long
 
@@ -90,6 +103,10 @@ class _Card:
     clock_memory_max_hertz: float | None
     unsupported: set[str] = field(default_factory=set)
     memory_v2: bool = True
+    pci_bus_id: str = ""
+    throttle_supported: int | None = None  # bit mask; None: NVML does not say, all reasons are shown
+    ecc: bool = False  # ECC is on (counters are read only then)
+    xid: bool = False  # registered for XID events
 
 
 class NvmlSource:
@@ -113,6 +130,8 @@ class NvmlSource:
         self._problem: str | None = None  # the last problem logged, so it is logged once
         self._pending: str | None = None  # an error met by start(), counted by the first read
         self._announced = False
+        self._events: Any = None  # the NVML event set for XID errors
+        self._xid: dict[str, list[int]] = {}  # card uuid -> [XID events seen, last XID]
 
     def _bind(self, nv: Any) -> None:
         self._nv = nv
@@ -120,6 +139,11 @@ class NvmlSource:
         self._unsupported = _classes(nv, _UNSUPPORTED)
         self._absent = _classes(nv, _ABSENT)
         self._wide = _classes(nv, _SOURCE_WIDE)
+
+    @property
+    def card_count(self) -> int | None:
+        """Cards NVML saw at its last successful init; None before one."""
+        return self._count
 
     # -- the GpuSource protocol --
 
@@ -159,10 +183,14 @@ class NvmlSource:
             self._start(now, errors)
         assert self._cards is not None
         out = []
+        drained = False
         for index, card in self._cards.items():
             lost = self._lost.get(index)
             if lost is not None and not lost.ready(now):
                 continue  # still backing off: no NVML call for this card
+            if not drained:  # before the first card read: a tick that reads no card calls nothing
+                self._drain_events()
+                drained = True
             try:
                 out.append(self._read_card(card))
             except self._wide:
@@ -191,6 +219,7 @@ class NvmlSource:
                 raise
             except nv.NVMLError as e:
                 errors.append(self._card_failed(i, None, e, now))
+        self._register_events(cards)
         if self._count is not None and count != self._count:
             self._log.warning("GPU: NVML now sees %d card(s), was %d", count, self._count)
         for i in [i for i in self._lost if i >= count]:
@@ -209,7 +238,71 @@ class NvmlSource:
             self._query(card, "nvmlDeviceGetMaxClockInfo", handle, getattr(nv, "NVML_CLOCK_SM", 1), key="max_sm"), 1e6)
         card.clock_memory_max_hertz = _scaled(
             self._query(card, "nvmlDeviceGetMaxClockInfo", handle, getattr(nv, "NVML_CLOCK_MEM", 2), key="max_mem"), 1e6)
+        pci = self._query(card, "nvmlDeviceGetPciInfo", handle)
+        card.pci_bus_id = _bus_id(_text(getattr(pci, "busId", None)) or "")
+        card.throttle_supported = self._first(card, handle, "nvmlDeviceGetSupportedClocksEventReasons",
+                                              "nvmlDeviceGetSupportedClocksThrottleReasons")
+        ecc = self._query(card, "nvmlDeviceGetEccMode", handle)  # (current, pending); pending needs a reboot
+        card.ecc = bool(ecc and ecc[0])
         return card
+
+    def _first(self, card: _Card, handle: Any, *functions: str) -> Any:
+        """The first of `functions` that answers (NVML renamed some calls; bindings have one or both)."""
+        for fn in functions:
+            value = self._query(card, fn, handle)
+            if value is not None:
+                return value
+        return None
+
+    # -- XID events --
+
+    def _register_events(self, cards: dict[int, _Card]) -> None:
+        nv = self._nv
+        try:
+            self._events = nv.nvmlEventSetCreate()
+        except (AttributeError, *self._missing):
+            self._events = None
+            return
+        for card in cards.values():
+            try:
+                nv.nvmlDeviceRegisterEvents(card.handle, getattr(nv, "nvmlEventTypeXidCriticalError", XID_EVENT),
+                                            self._events)
+            except self._missing:
+                continue  # this card gives no XID events: its series stay absent
+            card.xid = True
+            self._xid.setdefault(card.uuid, [0, 0])
+
+    def _drain_events(self) -> None:
+        """Every XID event waiting, without blocking; a card that NVML names by handle is found by UUID."""
+        if self._events is None:
+            return
+        nv = self._nv
+        wait = getattr(nv, "nvmlEventSetWait_v2", None) or nv.nvmlEventSetWait
+        timeout = getattr(nv, "NVMLError_Timeout", None)
+        for _ in range(MAX_EVENTS):
+            try:
+                event = wait(self._events, 0)
+            except self._missing:
+                return
+            except self._wide:
+                raise
+            except nv.NVMLError as e:
+                if timeout is not None and isinstance(e, timeout):
+                    return  # nothing more waiting
+                self._log.warning("GPU: reading XID events failed (%s); not read again until NVML restarts",
+                                  _describe(e))
+                self._events = None
+                return
+            if not event.eventType & XID_EVENT:
+                continue
+            try:
+                uuid = _text(nv.nvmlDeviceGetUUID(event.device)) or ""
+            except nv.NVMLError:
+                uuid = ""  # the card is failing too; its own read will tell
+            seen = self._xid.setdefault(uuid, [0, 0])
+            seen[0] += 1
+            seen[1] = int(event.eventData)
+            self._log.warning("GPU: %s: XID %d", uuid, seen[1])
 
     def _read_card(self, card: _Card) -> GpuCard:
         nv, h = self._nv, card.handle
@@ -233,7 +326,51 @@ class NvmlSource:
             clock_sm_max_hertz=card.clock_sm_max_hertz,
             clock_memory_max_hertz=card.clock_memory_max_hertz,
             processes=self._processes(card),
+            vendor="nvidia", pci_bus_id=card.pci_bus_id,
+            **self._health(card),
         )
+
+    def _health(self, card: _Card) -> dict[str, Any]:
+        nv, h = self._nv, card.handle
+        out: dict[str, Any] = {}
+        mask = self._first(card, h, "nvmlDeviceGetCurrentClocksEventReasons",
+                           "nvmlDeviceGetCurrentClocksThrottleReasons")
+        if mask is not None:
+            supported = card.throttle_supported
+            out["throttle_reasons"] = tuple((name, bool(mask & bit)) for name, bit in THROTTLE_REASONS.items()
+                                            if supported is None or supported & bit)
+        pstate = self._query(card, "nvmlDeviceGetPerformanceState", h)
+        if pstate is not None and 0 <= pstate <= 15:  # 32: unknown
+            out["performance_state"] = int(pstate)
+        if card.ecc:
+            volatile = getattr(nv, "NVML_VOLATILE_ECC", 0)
+            for kind, code in (("corrected", getattr(nv, "NVML_MEMORY_ERROR_TYPE_CORRECTED", 0)),
+                               ("uncorrected", getattr(nv, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1))):
+                value = self._query(card, "nvmlDeviceGetTotalEccErrors", h, code, volatile, key=f"ecc_{kind}")
+                if value is not None:
+                    out[f"ecc_{kind}_total"] = int(value)
+        if card.xid:
+            out["xid_errors_total"], out["last_xid"] = self._xid.get(card.uuid, (0, 0))
+        out["mig"] = self._mig(card)
+        return out
+
+    def _mig(self, card: _Card) -> tuple[GpuMigInstance, ...]:
+        nv, h = self._nv, card.handle
+        mode = self._query(card, "nvmlDeviceGetMigMode", h)  # (current, pending)
+        if not mode or mode[0] != getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1):
+            return ()
+        found: dict[str, GpuMigInstance] = {}
+        for i in range(self._query(card, "nvmlDeviceGetMaxMigDeviceCount", h) or 0):
+            mig = self._query(card, "nvmlDeviceGetMigDeviceHandleByIndex", h, i, key="mig_handle")
+            if mig is None:
+                continue  # an empty slot
+            gi = self._query(card, "nvmlDeviceGetGpuInstanceId", mig, key="mig_gi")
+            memory = self._query(card, "nvmlDeviceGetMemoryInfo", mig, key="mig_memory")
+            if gi is None or str(gi) in found:
+                continue  # compute instances of one GPU instance share its memory: once per instance
+            found[str(gi)] = GpuMigInstance(str(gi), None if memory is None else int(memory.used),
+                                            None if memory is None else int(memory.total))
+        return tuple(sorted(found.values(), key=lambda m: int(m.mig)))
 
     def _memory(self, card: _Card) -> tuple[int | None, int | None, int | None, int | None]:
         # v2 splits out the memory the driver reserves; its `used` excludes it (as nvidia-smi shows).
@@ -322,12 +459,24 @@ class NvmlSource:
             self._log.debug("%s", message)
 
     def _shutdown(self) -> None:
+        if self._events is not None:
+            try:
+                self._nv.nvmlEventSetFree(self._events)
+            except Exception:  # NVML already broken; the set goes with it
+                pass
+            self._events = None
         if self._initialised:
             self._initialised = False
             try:
                 self._nv.nvmlShutdown()
             except Exception:  # already broken; the next init tells
                 pass
+
+
+def _bus_id(text: str) -> str:
+    """NVML's "00000000:41:00.0" as sysfs writes it: "0000:41:00.0"."""
+    domain, sep, rest = text.lower().partition(":")
+    return f"{domain[-4:]}{sep}{rest}" if sep else text
 
 
 def _describe(e: BaseException) -> str:

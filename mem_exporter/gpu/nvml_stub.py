@@ -41,6 +41,14 @@ class StubCard:
     clock_mem_max_mhz: int = 7_501
     compute: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, bytes or None)
     graphics: list[tuple[int, int | None]] = field(default_factory=list)
+    pci_bus_id: str = "00000000:41:00.0"
+    throttle: int = 0  # active clocks-event reason bits
+    throttle_supported: int = 0x1FF
+    pstate: int = 2
+    ecc: bool | None = None  # None: no ECC on this card (NotSupported); False: off; True: on
+    ecc_corrected: int = 0
+    ecc_uncorrected: int = 0
+    mig: list[tuple[int, int, int]] | None = None  # MIG on: (GPU instance ID, used, total) per MIG device
     errors: dict[str, int] = field(default_factory=dict)  # function name -> NVML error code
     lost: bool = False  # every call on this card fails with GPU is lost
 
@@ -61,6 +69,11 @@ class StubNvml:
         self.NVML_TEMPERATURE_GPU = real.NVML_TEMPERATURE_GPU
         self.NVML_CLOCK_SM = real.NVML_CLOCK_SM
         self.NVML_CLOCK_MEM = real.NVML_CLOCK_MEM
+        for name in ("nvmlEventTypeXidCriticalError", "NVML_MEMORY_ERROR_TYPE_CORRECTED",
+                     "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC", "NVML_DEVICE_MIG_ENABLE"):
+            setattr(self, name, getattr(real, name))
+        self.event_sets: list[list] = []  # per created set: the cards registered in it
+        self.pending: list[tuple[StubCard, int]] = []  # XID events not yet waited for: (card, xid)
         if memory_v2:  # bindings older than 11.510 have no v2 memory call
             self.nvmlMemory_v2 = real.nvmlMemory_v2
         self.cards = list(cards if cards is not None else [StubCard()])
@@ -124,6 +137,9 @@ class StubNvml:
         return card.name
 
     def nvmlDeviceGetMemoryInfo(self, card: StubCard, version: int | None = None) -> Any:
+        if isinstance(card, SimpleNamespace):  # a MIG device handle
+            self._ready("nvmlDeviceGetMemoryInfo")
+            return SimpleNamespace(total=card.total, used=card.used, free=card.total - card.used)
         if not version:
             self._ready("nvmlDeviceGetMemoryInfo", card)
             used = card.memory_used + card.memory_reserved  # v1 counts the reserved part as used
@@ -166,6 +182,82 @@ class StubNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, card: StubCard) -> list[Any]:
         self._ready("nvmlDeviceGetComputeRunningProcesses", card)
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in card.compute]
+
+    # -- health --
+
+    def xid(self, card: StubCard, code: int) -> None:
+        """The driver reports XID `code` on `card`."""
+        self.pending.append((card, code))
+
+    def nvmlDeviceGetPciInfo(self, card: StubCard) -> Any:
+        self._ready("nvmlDeviceGetPciInfo", card)
+        return SimpleNamespace(busId=card.pci_bus_id.encode())
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, card: StubCard) -> int:
+        self._ready("nvmlDeviceGetCurrentClocksEventReasons", card)
+        return card.throttle
+
+    def nvmlDeviceGetSupportedClocksEventReasons(self, card: StubCard) -> int:
+        self._ready("nvmlDeviceGetSupportedClocksEventReasons", card)
+        return card.throttle_supported
+
+    def nvmlDeviceGetPerformanceState(self, card: StubCard) -> int:
+        self._ready("nvmlDeviceGetPerformanceState", card)
+        return card.pstate
+
+    def nvmlDeviceGetEccMode(self, card: StubCard) -> list[int]:
+        self._ready("nvmlDeviceGetEccMode", card)
+        if card.ecc is None:
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        return [int(card.ecc), int(card.ecc)]
+
+    def nvmlDeviceGetTotalEccErrors(self, card: StubCard, error_type: int, counter_type: int) -> int:
+        self._ready("nvmlDeviceGetTotalEccErrors", card)
+        if counter_type != self.NVML_VOLATILE_ECC:
+            raise self.NVMLError(self.NVML_ERROR_INVALID_ARGUMENT)
+        return card.ecc_corrected if error_type == self.NVML_MEMORY_ERROR_TYPE_CORRECTED else card.ecc_uncorrected
+
+    def nvmlDeviceGetMigMode(self, card: StubCard) -> list[int]:
+        self._ready("nvmlDeviceGetMigMode", card)
+        if card.mig is None:
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        return [1, 1]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, card: StubCard) -> int:
+        self._ready("nvmlDeviceGetMaxMigDeviceCount", card)
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, card: StubCard, index: int) -> Any:
+        self._ready("nvmlDeviceGetMigDeviceHandleByIndex", card)
+        if index >= len(card.mig or ()):
+            raise self.NVMLError(self.NVML_ERROR_NOT_FOUND)
+        gi, used, total = card.mig[index]
+        return SimpleNamespace(gi=gi, used=used, total=total)
+
+    def nvmlDeviceGetGpuInstanceId(self, mig: Any) -> int:
+        self._ready("nvmlDeviceGetGpuInstanceId")
+        return mig.gi
+
+    def nvmlEventSetCreate(self) -> list:
+        self._ready("nvmlEventSetCreate")
+        self.event_sets.append([])
+        return self.event_sets[-1]
+
+    def nvmlDeviceRegisterEvents(self, card: StubCard, types: int, event_set: list) -> None:
+        self._ready("nvmlDeviceRegisterEvents", card)
+        event_set.append(card)
+
+    def nvmlEventSetWait_v2(self, event_set: list, timeout_ms: int) -> Any:
+        self._ready("nvmlEventSetWait_v2")
+        for i, (card, code) in enumerate(self.pending):
+            if any(c is card for c in event_set):
+                del self.pending[i]
+                return SimpleNamespace(device=card, eventType=self.nvmlEventTypeXidCriticalError, eventData=code)
+        raise self.NVMLError(self.NVML_ERROR_TIMEOUT)
+
+    def nvmlEventSetFree(self, event_set: list) -> None:
+        self._enter("nvmlEventSetFree")
+        event_set.clear()
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, card: StubCard) -> list[Any]:
         self._ready("nvmlDeviceGetGraphicsRunningProcesses", card)
