@@ -13,6 +13,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from deploy_helpers import DEPLOY, ROOT, load_yaml, run
 from mem_exporter.config import load_config
+from tools import DOCKER_COMPOSE, HADOLINT
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 NVIDIA = DEPLOY / "docker-compose.nvidia.yml"
@@ -23,12 +24,12 @@ SITE_PACKAGES = "/usr/local/lib/python3.12/site-packages/"
 @pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, NVIDIA]], ids=["lab", "lab+nvidia"])
 def test_compose_file_passes_docker_compose_config(files):
     args = [arg for f in files for arg in ("-f", str(f))]
-    result = run("docker-compose", *args, "config", "-q")
+    result = run(DOCKER_COMPOSE, *args, "config", "-q")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_passes_hadolint():
-    result = run("hadolint", str(ROOT / "Dockerfile"))
+    result = run(HADOLINT, str(ROOT / "Dockerfile"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

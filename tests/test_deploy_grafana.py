@@ -9,6 +9,7 @@ import yaml
 
 from deploy_helpers import (DASHBOARDS, METRICS, ROOT, dashboard_queries, iter_panels, load_dashboard,
                             metric_names, run)
+from tools import PROMTOOL
 
 EXPECTED = {"mem-exporter-overview.json": "mem-exporter-overview", "mem-exporter-groups.json": "mem-exporter-groups"}
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -82,7 +83,7 @@ def test_every_query_is_valid_promql(tmp_path):
         {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, _, expr) in enumerate(QUERIES)]}]}
     path = tmp_path / "dashboard-queries.rules.yml"
     path.write_text(yaml.safe_dump(rules))
-    result = run("promtool", "check", "rules", str(path))
+    result = run(PROMTOOL, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(QUERIES)} rules found" in result.stdout
 

@@ -8,6 +8,7 @@ import pytest
 
 from deploy_helpers import (DEPLOY, METRICS, RULE_TESTS, RULES_FILE, RUNBOOK_BASE, alert_rules, load_yaml,
                             metric_names, run, runbook_anchors)
+from tools import PROMTOOL
 
 ALERTS = alert_rules()
 ALERT_NAMES = sorted({rule["alert"] for rule in ALERTS})
@@ -18,13 +19,13 @@ def _ids(rules):
 
 
 def test_rule_file_passes_promtool_check_rules():
-    result = run("promtool", "check", "rules", str(RULES_FILE))
+    result = run(PROMTOOL, "check", "rules", str(RULES_FILE))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_rule_unit_tests_pass_promtool_test_rules():
     assert RULE_TESTS, "no deploy/prometheus/tests/*.test.yml"
-    result = run("promtool", "test", "rules", *map(str, RULE_TESTS))
+    result = run(PROMTOOL, "test", "rules", *map(str, RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAILED" not in result.stdout + result.stderr
 
@@ -104,7 +105,7 @@ def test_alert_thresholds_match_the_documented_zones():
 
 
 def test_lab_prometheus_config_passes_promtool_check_config():
-    result = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    result = run(PROMTOOL, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout + result.stderr
 

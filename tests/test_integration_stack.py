@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -27,6 +28,7 @@ import yaml
 from alertmanager_helpers import Alertmanager, WebhookReceiver
 from conftest import Daemon, free_port, pid_alive, wait_for
 from deploy_helpers import DEPLOY, dashboard_queries
+from tools import PROMETHEUS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_GPU = ROOT / "mem_exporter" / "gpu" / "scenarios" / "demo-12gb.yaml"
@@ -62,7 +64,7 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(tmp / "prometheus.log", "w")
         self.proc = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -132,7 +134,7 @@ enforcer:
 def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
     began = time.monotonic()
     prom, hook = stack["prom"], stack["hook"]
-    subprocess.run(["python3", "-m", "mem_exporter", "phase", "Model-Active"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "mem_exporter", "phase", "Model-Active"], cwd=ROOT, check=True,
                    env={**__import__("os").environ, "MEM_EXPORTER_PHASE_FILE": str(stack["phase_file"])})
     steady = spawn_group("--mb", "40", "--tag", stack["tag"])  # under the limit: draws the limit line
     steady.wait_ready()

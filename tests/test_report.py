@@ -17,10 +17,10 @@ from conftest import free_port, http_get, wait_for
 from mem_exporter.report import Run, analyse, write_report
 from mem_exporter.report.analysis import fit, percentile, zone
 from mem_exporter.units import format_bytes
+from tools import PROMETHEUS
 
 ROOT = Path(__file__).parents[1]
 GPU_SCENARIO = "fake:tests/fixtures/gpu/rotating-12gb.yaml"
-PROMETHEUS = "/usr/bin/prometheus"
 MiB = 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
