@@ -17,6 +17,7 @@ from conftest import free_port, http_get, wait_for
 from mem_exporter.report import Run, analyse, write_report
 from mem_exporter.report.analysis import fit, percentile, zone
 from mem_exporter.units import format_bytes
+from mem_exporter.zones import zone_for
 from tools import PROMETHEUS
 
 ROOT = Path(__file__).parents[1]
@@ -188,15 +189,17 @@ def test_fit_percentile_and_zones():
     assert (slope, start, r2) == (2, 1, 1)
     assert percentile([1, 2, 3, 4, 5], 0.95) == pytest.approx(4.8)
     assert [zone(x) for x in (0.5, 0.67, 0.83, 0.84)] == ["safe", "caution", "caution", "critical"]
+    assert [zone(x, "system_memory") for x in (0.84, 0.85, 0.90, 0.91)] == ["safe", "caution", "caution", "critical"]
+    assert [zone_for("gpu_memory", x) for x in (0.66, 0.67, 0.83, 0.84)] == ["safe", "caution", "caution", "critical"]
 
 
 def test_zones_near_misses_and_advice():
-    ram = [500.0] * 5 + [900.0] * 5  # critical for half the run
+    ram = [500.0] * 5 + [950.0] * 5  # critical (above 90 % of RAM) for half the run
     run = synthetic({"model-42": [100.0] * 8 + [185.0, 186.0]}, limits={"model-42": 200.0}, ram=ram,
                     phases=["Idle"] * 5 + ["Full-Processing"] * 5)
     a = analyse(run)
     assert a.system.zones == {"safe": 10.0, "caution": 0.0, "critical": 10.0}
-    assert a.system.peak == 900 and a.system.mean == 700
+    assert a.system.peak == 950 and a.system.mean == 725
     assert [(nm.what, nm.rule) for nm in a.near_misses] == [("model-42", "cap"), ("System RAM", None)]
     advice = "\n".join(a.recommendations)
     assert "**model-42** peaked at 186 B, 93% of the 200 B limit of rule `cap`" in advice
