@@ -130,3 +130,4 @@ class Sample:
     skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> processes skipped this tick
     errors_total: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads since start
     phase: str | None = None
+    interval_seconds: float | None = None  # the configured sampling interval this sample was taken at

@@ -106,7 +106,8 @@ class Sampler:
         return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=time.perf_counter() - start,
                       system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
                       processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
-                      skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase)
+                      skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase,
+                      interval_seconds=cfg.interval)
 
     def refresh_group(self, group: GroupSample, newcomers: Sequence[ProcessInfo] = ()) -> GroupSample | None:
         """Re-read just this group's known members (the fast lane near a limit); None when all are gone.
