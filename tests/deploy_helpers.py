@@ -11,7 +11,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-RULES_FILE = DEPLOY / "prometheus" / "rules" / "mem-exporter.rules.yml"
+RULES_DIR = DEPLOY / "prometheus" / "rules"
+RULE_FILES = sorted(RULES_DIR.glob("*.rules.yml"))  # what the lab's prometheus.yml loads (rules/*.rules.yml)
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.test.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -29,7 +30,12 @@ mem_exporter_gpu_temperature_celsius mem_exporter_gpu_power_watts mem_exporter_g
 mem_exporter_gpu_energy_joules_total mem_exporter_gpu_clock_hertz mem_exporter_gpu_clock_max_hertz
 mem_exporter_enforcer_kills_total mem_exporter_enforcer_actions_total mem_exporter_enforcer_limit_bytes
 mem_exporter_sample_duration_seconds mem_exporter_last_sample_timestamp_seconds mem_exporter_source_up
-mem_exporter_sample_errors_total mem_exporter_phase_info
+mem_exporter_sample_errors_total mem_exporter_phase_info mem_exporter_sample_interval_seconds
+mem_exporter_enforcer_dry_run mem_exporter_enforcer_rules mem_exporter_enforcer_last_kill_timestamp_seconds
+mem_exporter_enforcer_kills_in_progress mem_exporter_enforcer_fast_lane_groups
+mem_exporter_gpu_throttle_active mem_exporter_gpu_xid_errors_total mem_exporter_gpu_ecc_errors_total
+mem_exporter_gpu_performance_state mem_exporter_gpu_gtt_memory_used_bytes
+mem_exporter_enforcer_memory_locked mem_exporter_system_memory_pressure_ratio
 up ALERTS
 """.split())
 
@@ -62,8 +68,21 @@ def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
+def rule_groups() -> list[dict]:
+    return [group for path in RULE_FILES for group in load_yaml(path)["groups"]]
+
+
 def alert_rules() -> list[dict]:
-    return [rule for group in load_yaml(RULES_FILE)["groups"] for rule in group["rules"] if "alert" in rule]
+    return [rule for group in rule_groups() for rule in group["rules"] if "alert" in rule]
+
+
+def recording_rules() -> list[dict]:
+    return [rule for group in rule_groups() for rule in group["rules"] if "record" in rule]
+
+
+def recorded_names() -> frozenset[str]:
+    """Series the shipped recording rules make; dashboards and alerts may read them like metrics."""
+    return frozenset(rule["record"] for rule in recording_rules())
 
 
 def load_dashboard(path: Path) -> dict:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from deploy_helpers import DEPLOY, RULES_FILE, load_yaml, run
+from deploy_helpers import DEPLOY, load_yaml, rule_groups, run
 from mem_exporter.config import load_config
 from tools import KUBERNETES_VALIDATE, PROMTOOL
 
@@ -108,7 +108,7 @@ def test_prometheusrule_matches_the_rule_file():
     assert result.returncode == 0, result.stderr
     resource = load_yaml(KUBE / "prometheusrule.yaml")
     assert resource["kind"] == "PrometheusRule" and set(resource["spec"]) == {"groups"}
-    assert resource["spec"] == load_yaml(RULES_FILE)
+    assert resource["spec"] == {"groups": rule_groups()}  # every file in deploy/prometheus/rules/
 
 
 def test_prometheusrule_spec_passes_promtool_check_rules(tmp_path):
@@ -116,3 +116,10 @@ def test_prometheusrule_spec_passes_promtool_check_rules(tmp_path):
     path.write_text(yaml.safe_dump(load_yaml(KUBE / "prometheusrule.yaml")["spec"]))
     result = run(PROMTOOL, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_probes_ask_healthz_which_reports_stale_sampling():
+    _, containers = _containers()
+    for name, container in containers.items():
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/healthz", (name, probe)
