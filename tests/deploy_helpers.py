@@ -44,6 +44,7 @@ DEFAULT_VARIABLES = {
     "instance": ".+",
     "job": "mem-exporter",
     "group": ".+",
+    "gpu": ".*",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "1h",
@@ -111,7 +112,7 @@ def substitute(expr: str, variables: dict[str, str] | None = None) -> str:
 def dashboard_queries(variables: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
     """(dashboard uid, panel title or annotation name, PromQL with template variables substituted)
     for every query in every dashboard: panel targets, annotations and variable queries
-    (`label_values(...)` becomes its inner selector)."""
+    (`label_values(...)` becomes its inner selector, `query_result(...)` its inner expression)."""
     out = []
     for path in DASHBOARDS:
         dash = load_dashboard(path)
@@ -126,8 +127,9 @@ def dashboard_queries(variables: dict[str, str] | None = None) -> list[tuple[str
             if var["type"] != "query":
                 continue
             query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
-            out.append((uid, f"variable {var['name']}", substitute(m.group(1) if m else query, variables)))
+            m = re.fullmatch(r"label_values\((.+),\s*\w+\)|query_result\((.+)\)", query)
+            inner = (m.group(1) or m.group(2)) if m else query
+            out.append((uid, f"variable {var['name']}", substitute(inner, variables)))
     return out
 
 
@@ -136,7 +138,8 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)          # string literals
     expr = re.sub(r"\{[^}]*\}", "{}", expr)                   # label matchers
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r"\[[^\]]*\]", "", expr)                    # range selectors
+    expr = re.sub(r"\[[^\]]*\]", "", expr)                    # range selectors and subqueries
+    expr = re.sub(r"\boffset\s+-?[0-9a-z]+", "", expr)        # offsets, negative ones too
     names = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
     return {n for n in names if n not in _FUNCTIONS and not re.fullmatch(r"\d.*|e|inf|nan", n, re.I)}
 
