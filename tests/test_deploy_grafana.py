@@ -216,10 +216,11 @@ def test_gpu_panels_say_when_there_is_no_gpu_and_name_the_vendor():
             assert all("{{vendor}}" in t["legendFormat"] for t in panel["targets"]), panel["title"]
 
 
-def test_overview_shows_dry_run_throttling_and_xid_errors():
+def test_overview_shows_dry_run_locking_pressure_throttling_and_xid_errors():
     exprs = " ".join(e for p in _panels("mem-exporter-overview.json") for e in _exprs(p))
     for metric in ("mem_exporter_enforcer_dry_run", "mem_exporter_gpu_throttle_active",
-                   "mem_exporter_gpu_xid_errors_total", "mem_exporter_sample_interval_seconds"):
+                   "mem_exporter_gpu_xid_errors_total", "mem_exporter_sample_interval_seconds",
+                   "mem_exporter_enforcer_memory_locked", "mem_exporter_system_memory_pressure_ratio"):
         assert metric in exprs, metric
 
 

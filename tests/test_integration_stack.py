@@ -38,6 +38,9 @@ DEMO_GPU = ROOT / "mem_exporter" / "gpu" / "scenarios" / "demo-12gb.yaml"
 # Panels on GPU health metrics that no GPU source here reports yet (throttle reasons, XID errors):
 # their queries are valid (test_deploy_grafana) but return nothing on the fake demo card.
 GPU_HEALTH_PANELS = {"GPU throttle reasons", "GPU XID errors"}
+# Panels on metrics of the enforcer's system lane that this tree does not export yet (PSI, locked memory);
+# remove a title here once its metric is exported.
+PANELS_ON_METRICS_TO_COME = {"Memory pressure (PSI)", "Enforcer memory locked"}
 GPU_SERIES = re.compile(r"mem_exporter_gpu_|group_gpu_memory|instance_gpu:")
 RANGE_S, DEFAULT_STEP_S = 3600, 15  # the dashboards' default range (now-1h); Grafana's step when a panel sets none
 
@@ -184,7 +187,7 @@ def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
         "Kills in range": 1, "Enforcer kills": 1, "annotation Enforcer kills": 1}
 
     def expected_data(uid: str, title: str, expr: str) -> bool:
-        if title in GPU_HEALTH_PANELS:
+        if title in GPU_HEALTH_PANELS | PANELS_ON_METRICS_TO_COME:
             return False
         return stack["gpu"] or not GPU_SERIES.search(expr) or title == "GPUs" and "vector(0)" in expr
     queries = [q for q in dashboard_queries({"instance": ".+", "job": "mem-exporter", "group": ".+"})
