@@ -114,8 +114,9 @@ def test_alert_thresholds_match_the_documented_zones():
     """The alerts read the recorded ratios against the default zones of mem_exporter/zones.py."""
     exprs = {(r["alert"], r["labels"]["severity"]): re.sub(r"\s+", " ", r["expr"]).strip() for r in ALERTS}
     ram, gpu = DEFAULT_ZONES.system_memory, DEFAULT_ZONES.gpu_memory
-    assert exprs[("MemExporterSystemMemoryLow", "warning")] == f"instance:mem_exporter_memory_utilisation:ratio > {ram.caution:.2f}"
-    assert exprs[("MemExporterSystemMemoryLow", "critical")] == f"instance:mem_exporter_memory_utilisation:ratio > {ram.critical:.2f}"
+    ram_ratio = "instance:mem_exporter_memory_utilisation:ratio"
+    assert exprs[("MemExporterSystemMemoryLow", "warning")] == f"{ram_ratio} > {ram.caution:.2f}"
+    assert exprs[("MemExporterSystemMemoryLow", "critical")] == f"{ram_ratio} > {ram.critical:.2f}"
     gpu_ratio = "instance_gpu:mem_exporter_gpu_memory_utilisation:ratio"
     assert exprs[("MemExporterGPUMemoryHigh", "warning")] == f"{gpu_ratio} > {gpu.caution:.2f}"
     assert exprs[("MemExporterGPUMemoryHigh", "critical")] == f"{gpu_ratio} > {gpu.critical:.2f}"

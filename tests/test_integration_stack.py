@@ -156,7 +156,6 @@ enforcer:
 
 
 def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
-    began = time.monotonic()
     prom, hook = stack["prom"], stack["hook"]
     subprocess.run([sys.executable, "-m", "mem_exporter", "phase", "Model-Active"], cwd=ROOT, check=True,
                    env={**__import__("os").environ, "MEM_EXPORTER_PHASE_FILE": str(stack["phase_file"])})

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from conftest import wait_for
-from mem_exporter.phase import write_phase
+
 from mem_exporter.config import Zone, Zones
+from mem_exporter.phase import write_phase
 from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory
 from mem_exporter.top import screen
 
@@ -105,7 +106,8 @@ def test_screen_colours_by_zone():
 
 
 def test_screen_uses_the_ram_zones_for_ram_and_the_gpu_zones_for_cards():
-    card = GpuCard(index=0, uuid="GPU-0", name="demo", driver_version="1", memory_total_bytes=1000, memory_used_bytes=880)
+    card = GpuCard(index=0, uuid="GPU-0", name="demo", driver_version="1", memory_total_bytes=1000,
+                   memory_used_bytes=880)
     sample = Sample(timestamp=0.0, monotonic=0.0, duration_seconds=0.0,
                     system=SystemMemory(1000, 120, 60, 0, 0), cpu_usage_ratio=None, process_count=0,
                     groups=(), gpus=(card,))
@@ -113,4 +115,5 @@ def test_screen_uses_the_ram_zones_for_ram_and_the_gpu_zones_for_cards():
     assert lines["RAM"][1][1] == "caution"  # 88 % of RAM: caution (85 % / 90 %)
     assert lines["GPU 0"][1][1] == "critical"  # 88 % of a card: critical (67 % / 83 %)
     calm = Zones(system_memory=Zone(caution=0.95, critical=0.99))
-    assert {line[0][0].strip(): line for line in screen(sample, 0.0, zones=calm) if len(line) > 1}["RAM"][1][1] == "safe"
+    calm_lines = {line[0][0].strip(): line for line in screen(sample, 0.0, zones=calm) if len(line) > 1}
+    assert calm_lines["RAM"][1][1] == "safe"

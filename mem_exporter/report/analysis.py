@@ -329,7 +329,8 @@ def recommendations(a: Analysis) -> list[str]:
                    "(a rule with `system_available_below: 10%`)") if st is a.system else \
                   ("load fewer models at once, use smaller or quantized models, or cap VRAM per group "
                    "(a rule with `max_gpu_memory`)")
-            out.append(f"**{st.name}** was critical (> {st.critical_from:.0%}) for {format_seconds(st.zones['critical'])} "
+            out.append(f"**{st.name}** was critical (> {st.critical_from:.0%}) for "
+                       f"{format_seconds(st.zones['critical'])} "
                        f"({st.zones['critical'] / total:.0%} of the run) and peaked at {format_bytes(st.peak)} of "
                        f"{format_bytes(st.capacity)} ({st.peak_ratio:.0%}){during}: {fix}.")
         elif st.zones["caution"] / total > 0.25:
