@@ -11,6 +11,8 @@ from typing import Literal
 
 from .config import Zone, Zones
 
+__all__ = ["DEFAULT_ZONES", "ZONE_NAMES", "Kind", "Zones", "zone_for"]
+
 Kind = Literal["system_memory", "gpu_memory", "limit"]
 ZONE_NAMES = ("safe", "caution", "critical")
 DEFAULT_ZONES = Zones()

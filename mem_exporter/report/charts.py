@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..zones import DEFAULT_ZONES, Kind
+from ..config import Zones
+from ..zones import Kind
 from .analysis import Analysis
 from .model import Series
 
 GIB = 2**30
 
 
-def zone_colours(kind: Kind) -> tuple[tuple[str, float, float], ...]:
-    z = getattr(DEFAULT_ZONES, kind)
+def zone_colours(kind: Kind, zones: Zones) -> tuple[tuple[str, float, float], ...]:
+    z = getattr(zones, kind)
     return ("#2ca02c", 0.0, z.caution), ("#ffbf00", z.caution, z.critical), ("#d62728", z.critical, 1.0)
 
 
@@ -39,7 +40,7 @@ def _axis(a: Analysis):
 
 def _decorate(ax, a: Analysis, x, capacity: float | None, kind: Kind = "system_memory") -> None:
     if capacity:
-        for colour, lo, hi in zone_colours(kind):
+        for colour, lo, hi in zone_colours(kind, a.zones):
             ax.axhspan(lo * capacity / GIB, hi * capacity / GIB, color=colour, alpha=0.08, linewidth=0)
         ax.axhline(capacity / GIB, color="black", linewidth=0.8, linestyle=":")
         ax.set_ylim(0, capacity / GIB * 1.05)
