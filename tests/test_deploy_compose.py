@@ -148,7 +148,9 @@ def test_lab_enforcer_kills_the_demo_workload_for_real(tmp_path):
         events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
         kills = [e for e in events if e.get("rule") == "lab-demo" and e.get("action") in ("term", "kill")]
         assert kills and all(e["group"].endswith(f"-{workload.pid}") for e in kills), events
-        assert metric_value(enforcer.metrics(), "mem_exporter_enforcer_kills_total", rule="lab-demo") == 1
+        # the counter is rendered with the next sample after the kill is confirmed
+        wait_for(lambda: metric_value(enforcer.metrics(), "mem_exporter_enforcer_kills_total", rule="lab-demo") == 1,
+                 15, what="the lab rule's kill counter at 1")
     finally:
         if workload.poll() is None:
             os.killpg(workload.pid, signal.SIGKILL)
