@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--memtype", choices=("rss", "pss"), default="rss", help="with --prometheus: which group memory")
     report.add_argument("--top", type=int, default=8, metavar="N", help="groups in the tables and charts (default: 8)")
     report.add_argument("--no-charts", action="store_true", help="Markdown only")
+    report.add_argument("-c", "--config", help="take the zones (`zones:`) from this config (default: built-in zones)")
     report.add_argument("--progress", action="store_true", default=None, help="show progress even when stderr is not a terminal")
     report.set_defaults(func=cmd_report)
 
@@ -225,6 +226,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.logs and not args.prometheus:
         print("mem-exporter: report needs LOG files or directories, or --prometheus URL", file=sys.stderr)
         return 2
+    try:
+        zones = load_config(args.config).zones
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"mem-exporter: {problem}", file=sys.stderr)
+        return 2
     run = Run()
     try:
         if args.logs:
@@ -240,7 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not run.times:
         print("mem-exporter: no samples found", file=sys.stderr)
         return 1
-    md, pngs = write_report(run, args.output, args.top, charts=not args.no_charts)
+    md, pngs = write_report(run, args.output, args.top, charts=not args.no_charts, zones=zones)
     print(md)
     for png in pngs:
         print(png)

@@ -240,6 +240,24 @@ class EnforcerConfig(_Strict):
         return self
 
 
+class Zone(_Strict):
+    caution: Ratio = Field(description="from this share of the capacity on: caution")
+    critical: Ratio = Field(description="above this share of the capacity: critical")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.caution < self.critical:
+            raise ValueError(f"caution ({self.caution:g}) must be below critical ({self.critical:g})")
+        return self
+
+
+class Zones(_Strict):
+    """Safe / caution / critical per resource; used by the report, `top`, `run -v` (docs/deploy.md#zones)."""
+    system_memory: Zone = Field(Zone(caution=0.85, critical=0.90), description="share of system RAM in use")
+    gpu_memory: Zone = Field(Zone(caution=0.67, critical=0.83), description="share of a card's memory in use")
+    limit: Zone = Field(Zone(caution=0.67, critical=0.83), description="share of a group's enforcer limit")
+
+
 class Paths(_Strict):
     procfs: str = Field("/proc", description="procfs mount point (like node_exporter's --path.procfs)")
     cgroupfs: str = Field("/sys/fs/cgroup", description="cgroup filesystem mount point")
@@ -265,6 +283,7 @@ class Config(_Strict):
     enforcer: EnforcerConfig = Field(default_factory=EnforcerConfig)
     paths: Paths = Field(default_factory=Paths)
     web: Web = Field(default_factory=Web)
+    zones: Zones = Field(default_factory=Zones)
 
     @model_validator(mode="after")
     def _pss_rules_need_pss(self):

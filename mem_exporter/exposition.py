@@ -200,6 +200,10 @@ class SampleCollector:
         g = _gauge("last_sample_timestamp_seconds", "Unix time of the last sample.")
         g.add_metric([], s.timestamp)
         yield g
+        if s.interval_seconds is not None:  # staleness alerts compare the sample age with it
+            g = _gauge("sample_interval_seconds", "The configured sampling interval.")
+            g.add_metric([], s.interval_seconds)
+            yield g
         g = _gauge("source_up", "Whether a data source worked in the last sample (1) or not (0).", ["source"])
         for source, up in sorted(s.sources_up.items()):
             g.add_metric([source], 1 if up else 0)

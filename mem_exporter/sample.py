@@ -176,3 +176,4 @@ class Sample:
     exported: tuple[GroupSample, ...] = ()  # the groups with series of their own, the rest summed in "other"
     pressure: MemoryPressure | None = None  # the host's PSI (<procfs>/pressure/memory); None without PSI
     cgroup_pressure: Mapping[str, MemoryPressure] = field(default_factory=dict)  # cgroup a rule names -> its PSI
+    interval_seconds: float | None = None  # the configured sampling interval this sample was taken at

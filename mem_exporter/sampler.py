@@ -136,7 +136,8 @@ class Sampler:
                       system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
                       processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
                       skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase,
-                      exported=exported, pressure=pressure, cgroup_pressure=cgroup_pressure)
+                      exported=exported, pressure=pressure, cgroup_pressure=cgroup_pressure,
+                      interval_seconds=cfg.interval)
 
     def _pressure(self) -> tuple[MemoryPressure | None, dict[str, MemoryPressure]]:
         """The host's PSI, and that of each cgroup a pressure rule names (a few small reads; None without PSI)."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import time
 
-from .config import Config
-from .report.analysis import zone
+from .config import Config, Zones
 from .sample import Sample
 from .units import format_bytes
+from .zones import Kind, zone_for
 
 Piece = tuple[str, str | None]  # text, and its zone (safe | caution | critical) or None
 BAR = 24
@@ -22,9 +22,9 @@ def _bar(ratio: float) -> str:
     return "[" + "#" * filled + "." * (BAR - filled) + "]"
 
 
-def _meter(label: str, used: float, total: float, extra: str = "") -> list[Piece]:
+def _meter(label: str, used: float, total: float, kind: Kind, zones: Zones | None, extra: str = "") -> list[Piece]:
     ratio = used / total if total else 0.0
-    z = zone(ratio) if total else None
+    z = zone_for(kind, ratio, zones) if total else None
     return [(f"{label:<10}", None), (_bar(ratio), z),
             (f" {format_bytes(used):>10} / {format_bytes(total):<10} {ratio:4.0%}", z), (extra, None)]
 
@@ -34,24 +34,26 @@ def _elapsed(seconds: float) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def screen(sample: Sample, elapsed: float, rows: int = 40) -> list[list[Piece]]:
-    """The lines to show for one sample, at most `rows` of them."""
+def screen(sample: Sample, elapsed: float, rows: int = 40, zones: Zones | None = None) -> list[list[Piece]]:
+    """The lines to show for one sample, at most `rows` of them, coloured by `zones` (the config's)."""
     s = sample.system
     lines: list[list[Piece]] = [[
         (f"mem-exporter top   elapsed {_elapsed(elapsed)}   phase: {sample.phase or '-'}   "
          f"{sample.process_count} processes   q quits", None)], []]
-    lines.append(_meter("RAM", s.used_bytes, s.total_bytes, f"  available {format_bytes(s.available_bytes)}"))
+    lines.append(_meter("RAM", s.used_bytes, s.total_bytes, "system_memory", zones,
+                        f"  available {format_bytes(s.available_bytes)}"))
     if s.swap_total_bytes:
-        lines.append(_meter("Swap", s.swap_used_bytes, s.swap_total_bytes))
+        lines.append(_meter("Swap", s.swap_used_bytes, s.swap_total_bytes, "system_memory", zones))
     else:
         lines.append([(f"{'Swap':<10}none", None)])
     for c in sample.gpus:
-        extra = "".join(f"  {text}" for text, value in (
-            (f"util {c.utilization_ratio:.0%}", c.utilization_ratio),
-            (f"{c.temperature_celsius:.0f}°C", c.temperature_celsius),
-            (f"{c.power_watts:.0f} W", c.power_watts)) if value is not None) + f"  {c.name}"
+        # a card may not report some of these (None): format only what is there
+        extra = "".join(f"  {fmt.format(value)}" for fmt, value in (
+            ("util {:.0%}", c.utilization_ratio), ("{:.0f}°C", c.temperature_celsius),
+            ("{:.0f} W", c.power_watts)) if value is not None) + f"  {c.name}"
         if c.memory_total_bytes:
-            lines.append(_meter(f"GPU {c.index}", c.memory_used_bytes or 0, c.memory_total_bytes, extra))
+            lines.append(_meter(f"GPU {c.index}", c.memory_used_bytes or 0, c.memory_total_bytes, "gpu_memory", zones,
+                                extra))
         else:
             lines.append([(f"GPU {c.index:<6}memory not reported{extra}", None)])
     lines += [[], [(f"{'GROUP':<32} {'PROCS':>6} {'MEMORY':>11} {'GPU':>11} {'RAM %':>6}", None)]]
@@ -60,7 +62,7 @@ def screen(sample: Sample, elapsed: float, rows: int = 40) -> list[list[Piece]]:
         ratio = mem / s.total_bytes if s.total_bytes else 0.0
         gpu = format_bytes(g.gpu_memory_total_bytes) if g.gpu_memory_bytes else "-"
         lines.append([(f"{g.label[:32]:<32} {g.processes:>6} {format_bytes(mem):>11} {gpu:>11} ", None),
-                      (f"{ratio:6.1%}", zone(ratio))])
+                      (f"{ratio:6.1%}", zone_for("system_memory", ratio, zones))])
     return lines[:rows]
 
 
@@ -99,7 +101,7 @@ def _loop(stdscr, sampler, interval: float) -> int:
         sample = sampler.tick()
         height, width = stdscr.getmaxyx()
         stdscr.erase()
-        for y, line in enumerate(screen(sample, time.monotonic() - started, height)):
+        for y, line in enumerate(screen(sample, time.monotonic() - started, height, sampler.config.zones)):
             x = 0
             for text, z in line:
                 if x < width - 1:

@@ -136,8 +136,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 class Daemon:
     """`python -m mem_exporter ARGS --listen 127.0.0.1:PORT` as a child, stopped at the end of the test."""
 
-    def __init__(self, *args: str, cwd=None, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, *args: str, cwd=None, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()  # a restart passes the old port: Prometheus keeps scraping it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(cwd or ".") / f"daemon-{self.port}.log", "w+") if cwd else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", *args, "--listen", f"127.0.0.1:{self.port}"],

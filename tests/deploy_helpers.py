@@ -11,7 +11,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-RULES_FILE = DEPLOY / "prometheus" / "rules" / "mem-exporter.rules.yml"
+RULES_DIR = DEPLOY / "prometheus" / "rules"
+RULE_FILES = sorted(RULES_DIR.glob("*.rules.yml"))  # what the lab's prometheus.yml loads (rules/*.rules.yml)
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.test.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -29,7 +30,15 @@ mem_exporter_gpu_temperature_celsius mem_exporter_gpu_power_watts mem_exporter_g
 mem_exporter_gpu_energy_joules_total mem_exporter_gpu_clock_hertz mem_exporter_gpu_clock_max_hertz
 mem_exporter_enforcer_kills_total mem_exporter_enforcer_actions_total mem_exporter_enforcer_limit_bytes
 mem_exporter_sample_duration_seconds mem_exporter_last_sample_timestamp_seconds mem_exporter_source_up
-mem_exporter_sample_errors_total mem_exporter_phase_info
+mem_exporter_sample_errors_total mem_exporter_phase_info mem_exporter_sample_interval_seconds
+mem_exporter_enforcer_dry_run mem_exporter_enforcer_rules mem_exporter_enforcer_last_kill_timestamp_seconds
+mem_exporter_enforcer_kills_in_progress mem_exporter_enforcer_fast_lane_groups
+mem_exporter_gpu_throttle_active mem_exporter_gpu_xid_errors_total mem_exporter_gpu_ecc_errors_total
+mem_exporter_gpu_performance_state mem_exporter_gpu_gtt_memory_used_bytes
+mem_exporter_enforcer_memory_locked mem_exporter_system_memory_pressure_ratio
+mem_exporter_gpu_last_xid mem_exporter_gpu_gtt_memory_total_bytes mem_exporter_gpu_mig_memory_used_bytes
+mem_exporter_gpu_mig_memory_total_bytes mem_exporter_group_gpu_gtt_memory_bytes mem_exporter_gpu_unreadable_processes
+mem_exporter_system_memory_pressure_stall_seconds_total mem_exporter_enforcer_oom_score_adj
 up ALERTS
 """.split())
 
@@ -38,6 +47,7 @@ DEFAULT_VARIABLES = {
     "instance": ".+",
     "job": "mem-exporter",
     "group": ".+",
+    "gpu": ".*",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "1h",
@@ -62,8 +72,21 @@ def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
+def rule_groups() -> list[dict]:
+    return [group for path in RULE_FILES for group in load_yaml(path)["groups"]]
+
+
 def alert_rules() -> list[dict]:
-    return [rule for group in load_yaml(RULES_FILE)["groups"] for rule in group["rules"] if "alert" in rule]
+    return [rule for group in rule_groups() for rule in group["rules"] if "alert" in rule]
+
+
+def recording_rules() -> list[dict]:
+    return [rule for group in rule_groups() for rule in group["rules"] if "record" in rule]
+
+
+def recorded_names() -> frozenset[str]:
+    """Series the shipped recording rules make; dashboards and alerts may read them like metrics."""
+    return frozenset(rule["record"] for rule in recording_rules())
 
 
 def load_dashboard(path: Path) -> dict:
@@ -92,7 +115,7 @@ def substitute(expr: str, variables: dict[str, str] | None = None) -> str:
 def dashboard_queries(variables: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
     """(dashboard uid, panel title or annotation name, PromQL with template variables substituted)
     for every query in every dashboard: panel targets, annotations and variable queries
-    (`label_values(...)` becomes its inner selector)."""
+    (`label_values(...)` becomes its inner selector, `query_result(...)` its inner expression)."""
     out = []
     for path in DASHBOARDS:
         dash = load_dashboard(path)
@@ -107,8 +130,9 @@ def dashboard_queries(variables: dict[str, str] | None = None) -> list[tuple[str
             if var["type"] != "query":
                 continue
             query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
-            out.append((uid, f"variable {var['name']}", substitute(m.group(1) if m else query, variables)))
+            m = re.fullmatch(r"label_values\((.+),\s*\w+\)|query_result\((.+)\)", query)
+            inner = (m.group(1) or m.group(2)) if m else query
+            out.append((uid, f"variable {var['name']}", substitute(inner, variables)))
     return out
 
 
@@ -117,7 +141,8 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)          # string literals
     expr = re.sub(r"\{[^}]*\}", "{}", expr)                   # label matchers
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r"\[[^\]]*\]", "", expr)                    # range selectors
+    expr = re.sub(r"\[[^\]]*\]", "", expr)                    # range selectors and subqueries
+    expr = re.sub(r"\boffset\s+-?[0-9a-z]+", "", expr)        # offsets, negative ones too
     names = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
     return {n for n in names if n not in _FUNCTIONS and not re.fullmatch(r"\d.*|e|inf|nan", n, re.I)}
 

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from mem_exporter.config import ConfigError, json_schema, load_config
+from mem_exporter.config import ConfigError, json_schema, load_config, validate_config
 from mem_exporter.units import parse_duration, parse_ratio, parse_size
 
 ROOT = Path(__file__).parents[1]
@@ -175,3 +175,12 @@ def test_shipped_schema_is_current_and_validates_the_example():
     jsonschema.validate(example, shipped)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"interval": "2s", "bogus": 1}, shipped)
+
+
+def test_zones_default_per_resource_and_reject_caution_above_critical():
+    zones = validate_config({}).zones
+    assert (zones.system_memory.caution, zones.system_memory.critical) == (0.85, 0.90)
+    assert (zones.gpu_memory.caution, zones.gpu_memory.critical) == (0.67, 0.83)
+    with pytest.raises(ConfigError) as e:
+        validate_config({"zones": {"gpu_memory": {"caution": "90%", "critical": "80%"}}}, "lab.yaml")
+    assert e.value.problems == ["lab.yaml: zones.gpu_memory: caution (0.9) must be below critical (0.8)"]

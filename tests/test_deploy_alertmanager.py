@@ -3,7 +3,6 @@ inhibits the warning of the same alert on the same host (checked on a real Alert
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -13,13 +12,13 @@ import yaml
 
 from conftest import free_port
 from deploy_helpers import DEPLOY, run
+from tools import ALERTMANAGER, AMTOOL
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
 
 def test_config_passes_amtool_check_config():
-    result = run("amtool", "check-config", str(CONFIG))
+    result = run(AMTOOL, "check-config", str(CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -30,7 +29,7 @@ def test_config_passes_amtool_check_config():
     (["alertname=SomethingElse"], "team"),
 ])
 def test_alerts_route_by_severity(labels, receiver):
-    result = run("amtool", "config", "routes", "test", f"--config.file={CONFIG}",
+    result = run(AMTOOL, "config", "routes", "test", f"--config.file={CONFIG}",
                  f"--verify.receivers={receiver}", *labels)
     assert result.returncode == 0, result.stdout + result.stderr
 

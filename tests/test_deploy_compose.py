@@ -2,33 +2,44 @@
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from conftest import Daemon, metric_value, wait_for
 from deploy_helpers import DEPLOY, ROOT, load_yaml, run
 from mem_exporter.config import load_config
+from tools import DOCKER_COMPOSE, HADOLINT
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 NVIDIA = DEPLOY / "docker-compose.nvidia.yml"
 LAB_CONFIGS = sorted((DEPLOY / "config").glob("*.yaml"))
 SITE_PACKAGES = "/usr/local/lib/python3.12/site-packages/"
+DEMO_MARKER = "--mem-exporter-lab-demo"
 
 
 @pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, NVIDIA]], ids=["lab", "lab+nvidia"])
 def test_compose_file_passes_docker_compose_config(files):
     args = [arg for f in files for arg in ("-f", str(f))]
-    result = run("docker-compose", *args, "config", "-q")
+    result = run(DOCKER_COMPOSE, *args, "config", "-q")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_passes_hadolint():
-    result = run("hadolint", str(ROOT / "Dockerfile"))
+    result = run(HADOLINT, str(ROOT / "Dockerfile"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -50,8 +61,8 @@ def _services():
     return load_yaml(COMPOSE)["services"]
 
 
-def test_lab_has_exporter_enforcer_prometheus_alertmanager_grafana():
-    assert set(_services()) == {"exporter", "enforcer", "prometheus", "alertmanager", "grafana"}
+def test_lab_has_exporter_enforcer_demo_prometheus_alertmanager_grafana():
+    assert set(_services()) == {"exporter", "enforcer", "demo", "prometheus", "alertmanager", "grafana"}
 
 
 def test_exporter_is_read_only_non_root_without_capabilities():
@@ -91,9 +102,60 @@ def test_services_use_the_lab_config_and_mounted_files_exist():
 
 
 @pytest.mark.parametrize("path", LAB_CONFIGS, ids=[p.name for p in LAB_CONFIGS])
-def test_lab_config_is_valid(path):
+def test_lab_config_is_valid_and_kills_only_its_demo_workload(path):
     config = load_config(path)
-    assert config.enforcer.dry_run, "the lab enforcer watches the whole host: it must start in dry-run"
+    assert not config.enforcer.dry_run, "the lab demonstrates a real kill"
+    assert [r.name for r in config.enforcer.rules] == ["lab-demo"]
+    [rule] = config.enforcer.rules
+    assert rule.max_rss and not rule.match.is_empty and rule.match.cmdline.endswith(f"{DEMO_MARKER}( |$)")
+    assert (rule.match.comm, rule.match.exe, rule.match.user, rule.match.group) == (None, None, None, None)
+
+
+def test_demo_service_runs_the_demo_workload_with_the_marker():
+    demo = _services()["demo"]
+    assert demo["entrypoint"] == ["python3", "/lab/demo-workload.py", DEMO_MARKER]
+    assert "./lab:/lab:ro" in demo["volumes"] and (DEPLOY / "lab" / "demo-workload.py").is_file()
+    assert demo["user"].split(":")[0] not in ("0", "root") and demo["cap_drop"] == ["ALL"]
+    assert demo["restart"] == "unless-stopped"  # the kill repeats while the lab runs
+    rule = load_config(DEPLOY / "config" / "mem-exporter.yaml").enforcer.rules[0]
+    assert re.search(rule.match.cmdline, " ".join(demo["entrypoint"]))
+    assert not re.search(rule.match.cmdline, "python3 /lab/demo-workload.py")  # without the marker: not selected
+
+
+def test_lab_enforcer_kills_the_demo_workload_for_real(tmp_path):
+    """The lab's config, rule and workload outside Docker: the workload grows (fast here), `mem-exporter enforce`
+    with the lab's config kills it. The rule gets a second marker so it selects this run's workload alone."""
+    tag = "lab" + uuid.uuid4().hex[:10]
+    data = load_yaml(DEPLOY / "config" / "mem-exporter.yaml")
+    [rule] = data["enforcer"]["rules"]
+    lab_regex = rule["match"]["cmdline"]
+    rule["match"]["cmdline"] = f"(?=.*--tag {tag}( |$)){lab_regex}"
+    data["enforcer"]["event_log"] = str(tmp_path / "events.jsonl")
+    data["enforcer"]["notify"] = {}
+    data["gpu"] = {"backend": "none"}
+    config = tmp_path / "lab.yaml"
+    config.write_text(yaml.safe_dump(data))
+    workload = subprocess.Popen([sys.executable, str(DEPLOY / "lab" / "demo-workload.py"), DEMO_MARKER,
+                                 "--grow-mb-per-s", "60", "--max-mb", "450", "--tag", tag],
+                                start_new_session=True, stderr=subprocess.DEVNULL)
+    enforcer = Daemon("enforce", "--config", str(config), cwd=tmp_path)
+    try:
+        cmdline = (Path("/proc") / str(workload.pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert re.search(lab_regex, cmdline), cmdline  # the lab's own rule selects the workload
+        enforcer.wait_healthy()
+        wait_for(lambda: workload.poll() is not None, 60, what="the lab enforcer to kill the demo workload")
+        assert workload.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+        events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+        kills = [e for e in events if e.get("rule") == "lab-demo" and e.get("action") in ("term", "kill")]
+        assert kills and all(e["group"].endswith(f"-{workload.pid}") for e in kills), events
+        # the counter is rendered with the next sample after the kill is confirmed
+        wait_for(lambda: metric_value(enforcer.metrics(), "mem_exporter_enforcer_kills_total", rule="lab-demo") == 1,
+                 15, what="the lab rule's kill counter at 1")
+    finally:
+        if workload.poll() is None:
+            os.killpg(workload.pid, signal.SIGKILL)
+            workload.wait()
+        enforcer.stop()
 
 
 def _fake_scenarios():

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from deploy_helpers import (DASHBOARDS, METRICS, ROOT, dashboard_queries, iter_panels, load_dashboard,
-                            metric_names, run)
+                            metric_names, recorded_names, run)
+from mem_exporter.zones import DEFAULT_ZONES
+from tools import PROMTOOL
 
 EXPECTED = {"mem-exporter-overview.json": "mem-exporter-overview", "mem-exporter-groups.json": "mem-exporter-groups"}
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -72,7 +74,7 @@ def test_every_query_filters_by_instance():
 
 @pytest.mark.parametrize("uid, title, expr", QUERIES, ids=[f"{u}:{t}:{i}" for i, (u, t, _) in enumerate(QUERIES)])
 def test_queries_use_only_published_metrics(uid, title, expr):
-    unknown = metric_names(expr) - METRICS
+    unknown = metric_names(expr) - METRICS - recorded_names()
     assert not unknown, f"{uid} / {title}: unknown metrics {sorted(unknown)} in {expr}"
 
 
@@ -82,7 +84,7 @@ def test_every_query_is_valid_promql(tmp_path):
         {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, _, expr) in enumerate(QUERIES)]}]}
     path = tmp_path / "dashboard-queries.rules.yml"
     path.write_text(yaml.safe_dump(rules))
-    result = run("promtool", "check", "rules", str(path))
+    result = run(PROMTOOL, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(QUERIES)} rules found" in result.stdout
 
@@ -106,11 +108,20 @@ def _steps(panel):
 
 def test_ram_and_gpu_panels_show_the_alert_zones():
     panels = {p["title"]: p for p in iter_panels(_dashboards()["mem-exporter-overview.json"]["panels"])}
-    ram = [(None, "green"), (0.67, "yellow"), (0.85, "red")]
+    z = DEFAULT_ZONES
+    ram = [(None, "green"), (z.system_memory.caution, "yellow"), (z.system_memory.critical, "red")]
     assert _steps(panels["RAM used"]) == ram
     assert _steps(panels["RAM used (share of total)"]) == ram
     assert panels["RAM used (share of total)"]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line+area"
-    assert _steps(panels["GPU memory used (share of total)"]) == [(None, "green"), (0.67, "yellow"), (0.83, "red")]
+    assert _steps(panels["GPU memory used (share of total)"]) == [
+        (None, "green"), (z.gpu_memory.caution, "yellow"), (z.gpu_memory.critical, "red")]
+    for title in ("RAM used", "RAM used (share of total)"):
+        assert panels[title]["targets"][0]["expr"].startswith("instance:mem_exporter_memory_utilisation:ratio{")
+    assert panels["GPU memory used (share of total)"]["targets"][0]["expr"].startswith(
+        "instance_gpu:mem_exporter_gpu_memory_utilisation:ratio{")
+    groups = {p["title"]: p for p in iter_panels(_dashboards()["mem-exporter-groups.json"]["panels"])}
+    assert _steps(groups["Share of limit"]) == [(None, "green"), (z.limit.caution, "yellow"),
+                                                (z.limit.critical, "red"), (1, "dark-red")]
 
 
 def test_group_panel_draws_the_enforcer_limit():
@@ -147,4 +158,79 @@ def test_dashboard_queries_substitutes_every_variable():
         assert "$" not in expr, (uid, title, expr)
     custom = dashboard_queries({"instance": "lab", "group": "ollama"})
     assert any('instance=~"lab"' in e and 'group=~"ollama"' in e for _, _, e in custom)
-    assert all(re.search(r"\[\d+[smh]\]", e) or "[" not in e for _, _, e in QUERIES)
+    assert all(re.search(r"\[\d+[smh]:?\]", e) or "[" not in e for _, _, e in QUERIES)
+
+
+def _panels(name: str) -> list[dict]:
+    return [p for p in iter_panels(_dashboards()[name]["panels"]) if p["type"] != "row"]
+
+
+def test_every_panel_says_what_it_shows():
+    for name in EXPECTED:
+        for panel in _panels(name):
+            assert len(panel.get("description", "").split()) >= 8, (name, panel["title"])
+
+
+def _exprs(panel: dict) -> list[str]:
+    return [t["expr"] for t in panel["targets"]]
+
+
+def test_kill_and_action_counts_are_exact():
+    """Stats count over the whole range; bars over non-overlapping windows; no overlapping $__rate_interval
+    windows and no changes() (which counts an enforcer restart as a kill)."""
+    counted = {}
+    for name in EXPECTED:
+        for panel in _panels(name):
+            for expr in _exprs(panel):
+                if "enforcer_kills_total" in expr or "enforcer_actions_total" in expr:
+                    counted[(name, panel["title"])] = expr
+                    assert "$__rate_interval" not in expr and "changes(" not in expr, (panel["title"], expr)
+                    if panel["type"] == "timeseries":
+                        assert "[$__interval:] offset -$__interval" in expr, (panel["title"], expr)
+                        assert all(t.get("interval") for t in panel["targets"]), panel["title"]
+                    else:
+                        assert "[$__range]" in expr and all(t["instant"] for t in panel["targets"]), panel["title"]
+        for ann in _dashboards()[name]["annotations"]["list"]:
+            if "expr" in ann:
+                assert "increase(" in ann["expr"] and "changes(" not in ann["expr"], ann["expr"]
+                assert "[1m:] offset -1m" in ann["expr"] and ann["step"] == "1m"
+    titles = {title for _, title in counted}
+    assert {"Kills in range", "Enforcer kills", "Enforcer actions", "Actions in range"} <= titles
+
+
+def test_gpu_panels_say_when_there_is_no_gpu_and_name_the_vendor():
+    variables = {v["name"]: v for v in _dashboards()["mem-exporter-overview.json"]["templating"]["list"]}
+    assert variables["gpu"]["multi"] and variables["gpu"]["includeAll"]
+    for panel in _panels("mem-exporter-overview.json"):
+        exprs = " ".join(_exprs(panel))
+        if "mem_exporter_gpu_" not in exprs and "group_gpu_memory" not in exprs:
+            continue
+        if panel["type"] == "stat":  # the card count
+            assert exprs.endswith("or vector(0)"), panel["title"]
+            continue
+        assert panel["fieldConfig"]["defaults"].get("noValue"), panel["title"]
+        assert "without a GPU" in panel["description"], panel["title"]
+        if "group_gpu_memory" not in exprs:
+            assert 'gpu=~"$gpu"' in exprs, panel["title"]
+        if panel["type"] == "timeseries" and "group_gpu_memory" not in exprs and "xid" not in exprs:
+            assert all("{{vendor}}" in t["legendFormat"] for t in panel["targets"]), panel["title"]
+
+
+def test_overview_shows_dry_run_locking_pressure_throttling_and_xid_errors():
+    exprs = " ".join(e for p in _panels("mem-exporter-overview.json") for e in _exprs(p))
+    for metric in ("mem_exporter_enforcer_dry_run", "mem_exporter_gpu_throttle_active",
+                   "mem_exporter_gpu_xid_errors_total", "mem_exporter_sample_interval_seconds",
+                   "mem_exporter_enforcer_memory_locked", "mem_exporter_system_memory_pressure_ratio"):
+        assert metric in exprs, metric
+
+
+def test_groups_dashboard_defaults_to_the_top_groups_and_bounds_every_panel():
+    dash = _dashboards()["mem-exporter-groups.json"]
+    group = next(v for v in dash["templating"]["list"] if v["name"] == "group")
+    assert group["query"]["query"].startswith("query_result(topk(10, ")
+    assert "allValue" not in group  # All means the groups the query found, not every group
+    for panel in _panels("mem-exporter-groups.json"):
+        if panel.get("repeat") == "group":
+            continue
+        for expr in _exprs(panel):
+            assert expr.startswith("topk("), (panel["title"], expr)

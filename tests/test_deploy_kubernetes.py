@@ -8,8 +8,9 @@ import sys
 import pytest
 import yaml
 
-from deploy_helpers import DEPLOY, RULES_FILE, load_yaml, run
+from deploy_helpers import DEPLOY, load_yaml, rule_groups, run
 from mem_exporter.config import load_config
+from tools import KUBERNETES_VALIDATE, PROMTOOL
 
 KUBE = DEPLOY / "kubernetes"
 KUSTOMIZATION = load_yaml(KUBE / "kustomization.yaml")
@@ -25,7 +26,7 @@ def _containers():
 
 @pytest.mark.parametrize("path", BUILTIN, ids=[p.name for p in BUILTIN])
 def test_builtin_manifest_passes_kubernetes_validate_strict(path):
-    result = run("kubernetes-validate", "--strict", str(path))
+    result = run(KUBERNETES_VALIDATE, "--strict", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed for resource" in result.stdout + result.stderr
 
@@ -37,14 +38,14 @@ def test_generated_configmap_passes_kubernetes_validate_strict(tmp_path):
                 "metadata": {"name": generator["name"], "namespace": KUSTOMIZATION["namespace"]}, "data": data}
     path = tmp_path / "configmap.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    result = run("kubernetes-validate", "--strict", str(path))
+    result = run(KUBERNETES_VALIDATE, "--strict", str(path))
     assert result.returncode == 0 and "passed for resource" in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("path", OPERATOR, ids=[p.name for p in OPERATOR])
 def test_kubernetes_validate_has_no_schema_for_operator_kinds(path):
     """Documents the gap: kubernetes-validate passes these unchecked, so the tests below check them."""
-    result = run("kubernetes-validate", "--strict", str(path))
+    result = run(KUBERNETES_VALIDATE, "--strict", str(path))
     assert result.returncode == 0
     assert "Couldn't find schema" in result.stdout + result.stderr
 
@@ -107,11 +108,18 @@ def test_prometheusrule_matches_the_rule_file():
     assert result.returncode == 0, result.stderr
     resource = load_yaml(KUBE / "prometheusrule.yaml")
     assert resource["kind"] == "PrometheusRule" and set(resource["spec"]) == {"groups"}
-    assert resource["spec"] == load_yaml(RULES_FILE)
+    assert resource["spec"] == {"groups": rule_groups()}  # every file in deploy/prometheus/rules/
 
 
 def test_prometheusrule_spec_passes_promtool_check_rules(tmp_path):
     path = tmp_path / "spec.rules.yml"
     path.write_text(yaml.safe_dump(load_yaml(KUBE / "prometheusrule.yaml")["spec"]))
-    result = run("promtool", "check", "rules", str(path))
+    result = run(PROMTOOL, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_probes_ask_healthz_which_reports_stale_sampling():
+    _, containers = _containers()
+    for name, container in containers.items():
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/healthz", (name, probe)

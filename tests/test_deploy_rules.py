@@ -6,8 +6,10 @@ import re
 
 import pytest
 
-from deploy_helpers import (DEPLOY, METRICS, RULE_TESTS, RULES_FILE, RUNBOOK_BASE, alert_rules, load_yaml,
-                            metric_names, run, runbook_anchors)
+from deploy_helpers import (DEPLOY, METRICS, RULE_FILES, RULE_TESTS, RUNBOOK_BASE, alert_rules, load_yaml,
+                            metric_names, recorded_names, recording_rules, run, runbook_anchors)
+from mem_exporter.zones import DEFAULT_ZONES
+from tools import PROMTOOL
 
 ALERTS = alert_rules()
 ALERT_NAMES = sorted({rule["alert"] for rule in ALERTS})
@@ -17,14 +19,29 @@ def _ids(rules):
     return [f"{r['alert']}-{r['labels']['severity']}" for r in rules]
 
 
-def test_rule_file_passes_promtool_check_rules():
-    result = run("promtool", "check", "rules", str(RULES_FILE))
+def test_rule_files_pass_promtool_check_rules():
+    assert RULE_FILES
+    result = run(PROMTOOL, "check", "rules", *map(str, RULE_FILES))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unit_tests_load_every_rule_file():
+    for path in RULE_TESTS:
+        assert load_yaml(path)["rule_files"] == ["../rules/*.rules.yml"], path.name
+
+
+@pytest.mark.parametrize("rule", recording_rules(), ids=[r["record"] for r in recording_rules()])
+def test_every_recording_rule_has_a_unit_test_and_uses_published_metrics(rule):
+    tested = {case["expr"] for path in RULE_TESTS for test in load_yaml(path)["tests"]
+              for case in test.get("promql_expr_test", [])}
+    assert any(rule["record"] in expr for expr in tested), f"no promql_expr_test reads {rule['record']}"
+    unknown = metric_names(rule["expr"]) - METRICS
+    assert not unknown, f"{rule['record']}: unknown metrics {sorted(unknown)}"
 
 
 def test_rule_unit_tests_pass_promtool_test_rules():
     assert RULE_TESTS, "no deploy/prometheus/tests/*.test.yml"
-    result = run("promtool", "test", "rules", *map(str, RULE_TESTS))
+    result = run(PROMTOOL, "test", "rules", *map(str, RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAILED" not in result.stdout + result.stderr
 
@@ -89,24 +106,40 @@ def test_alerts_of_one_name_differ_only_in_severity_and_threshold():
 
 @pytest.mark.parametrize("rule", ALERTS, ids=_ids(ALERTS))
 def test_alert_uses_only_published_metrics(rule):
-    unknown = metric_names(rule["expr"]) - METRICS
+    unknown = metric_names(rule["expr"]) - METRICS - recorded_names()
     assert not unknown, f"{rule['alert']}: unknown metrics {sorted(unknown)}"
 
 
 def test_alert_thresholds_match_the_documented_zones():
+    """The alerts read the recorded ratios against the default zones of mem_exporter/zones.py."""
     exprs = {(r["alert"], r["labels"]["severity"]): re.sub(r"\s+", " ", r["expr"]).strip() for r in ALERTS}
-    assert exprs[("MemExporterSystemMemoryLow", "warning")].endswith("< 0.15")
-    assert exprs[("MemExporterSystemMemoryLow", "critical")].endswith("< 0.10")
-    assert exprs[("MemExporterGPUMemoryHigh", "warning")].endswith("> 0.67")
-    assert exprs[("MemExporterGPUMemoryHigh", "critical")].endswith("> 0.83")
+    ram, gpu = DEFAULT_ZONES.system_memory, DEFAULT_ZONES.gpu_memory
+    ram_ratio = "instance:mem_exporter_memory_utilisation:ratio"
+    assert exprs[("MemExporterSystemMemoryLow", "warning")] == f"{ram_ratio} > {ram.caution:.2f}"
+    assert exprs[("MemExporterSystemMemoryLow", "critical")] == f"{ram_ratio} > {ram.critical:.2f}"
+    gpu_ratio = "instance_gpu:mem_exporter_gpu_memory_utilisation:ratio"
+    assert exprs[("MemExporterGPUMemoryHigh", "warning")] == f"{gpu_ratio} > {gpu.caution:.2f}"
+    assert exprs[("MemExporterGPUMemoryHigh", "critical")] == f"{gpu_ratio} > {gpu.critical:.2f}"
+    assert exprs[("MemExporterGroupAboveLimit", "warning")] == "instance_group:mem_exporter_group_limit_usage:ratio > 1"
     assert "predict_linear(" in exprs[("MemExporterGroupNearLimit", "warning")]
     assert "[10m], 600)" in exprs[("MemExporterGroupNearLimit", "warning")]
 
 
 def test_lab_prometheus_config_passes_promtool_check_config():
-    result = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    result = run(PROMTOOL, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 rule files found" in result.stdout + result.stderr
+    assert f"{len(RULE_FILES)} rule files found" in result.stdout + result.stderr
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    assert config["rule_files"] == ["rules/*.rules.yml"]  # every file there, the GPU health rules included
+
+
+def test_stale_alert_is_relative_to_the_sampling_interval():
+    [stale] = [r for r in ALERTS if r["alert"] == "MemExporterSamplesStale"]
+    assert "3 * mem_exporter_sample_interval_seconds" in stale["expr"]
+
+
+def test_an_info_alert_uses_the_log_route():
+    assert any(r["labels"]["severity"] == "info" for r in ALERTS)
 
 
 def test_lab_prometheus_scrapes_exporter_and_enforcer_and_alerts_to_alertmanager():

@@ -13,13 +13,14 @@ from mem_exporter.exposition import SampleCollector
 from mem_exporter.gpu import open_gpu_source
 from mem_exporter.sampler import Sampler
 from procfs_builder import FakeProc
+from tools import PROMTOOL
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 GPU_SCENARIO = Path(__file__).parent / "fixtures" / "gpu" / "golden-2cards.yaml"
 
 
 def promtool_check(text: str) -> str:
-    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     return (r.stdout + r.stderr).strip()
 

@@ -1,5 +1,5 @@
 """The GPU health alert rules (deploy/prometheus/rules/mem-exporter-gpu-health.rules.yml): valid, unit-tested
-for firing and for staying quiet, annotated, linked to docs/gpu-runbook.md, and written against series the
+for firing and for staying quiet, annotated, linked to docs/runbook.md, and written against series the
 exporter publishes under exactly these names."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from deploy_helpers import github_anchor, metric_names
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "mem-exporter-gpu-health.rules.yml"
 RULE_TEST = ROOT / "deploy" / "prometheus" / "tests" / "gpu-health.test.yml"
-RUNBOOK = ROOT / "docs" / "gpu-runbook.md"
-RUNBOOK_BASE = "https://github.com/mem-exporter/mem-exporter/blob/main/docs/gpu-runbook.md"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_BASE = "https://github.com/mem-exporter/mem-exporter/blob/main/docs/runbook.md"
 GOLDEN = ROOT / "tests" / "fixtures" / "golden" / "metrics-gpu-health.txt"
 PROMTOOL = "/usr/bin/promtool"
 
@@ -62,7 +62,7 @@ def test_alert_is_annotated_and_links_to_its_runbook_section(rule):
     base, _, anchor = a["runbook_url"].partition("#")
     assert (base, anchor) == (RUNBOOK_BASE, rule["alert"].lower())
     anchors = {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", RUNBOOK.read_text(), re.M)}
-    assert anchor in anchors, f"docs/gpu-runbook.md has no section for #{anchor}"
+    assert anchor in anchors, f"docs/runbook.md has no section for #{anchor}"
 
 
 @pytest.mark.parametrize("rule", ALERTS, ids=[f"{r['alert']}-{r['labels']['severity']}" for r in ALERTS])

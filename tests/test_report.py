@@ -16,11 +16,13 @@ import pytest
 from conftest import free_port, http_get, wait_for
 from mem_exporter.report import Run, analyse, write_report
 from mem_exporter.report.analysis import fit, percentile, zone
+from mem_exporter.config import Zone, Zones
 from mem_exporter.units import format_bytes
+from mem_exporter.zones import zone_for
+from tools import PROMETHEUS
 
 ROOT = Path(__file__).parents[1]
 GPU_SCENARIO = "fake:tests/fixtures/gpu/rotating-12gb.yaml"
-PROMETHEUS = "/usr/bin/prometheus"
 MiB = 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -188,15 +190,17 @@ def test_fit_percentile_and_zones():
     assert (slope, start, r2) == (2, 1, 1)
     assert percentile([1, 2, 3, 4, 5], 0.95) == pytest.approx(4.8)
     assert [zone(x) for x in (0.5, 0.67, 0.83, 0.84)] == ["safe", "caution", "caution", "critical"]
+    assert [zone(x, "system_memory") for x in (0.84, 0.85, 0.90, 0.91)] == ["safe", "caution", "caution", "critical"]
+    assert [zone_for("gpu_memory", x) for x in (0.66, 0.67, 0.83, 0.84)] == ["safe", "caution", "caution", "critical"]
 
 
 def test_zones_near_misses_and_advice():
-    ram = [500.0] * 5 + [900.0] * 5  # critical for half the run
+    ram = [500.0] * 5 + [950.0] * 5  # critical (above 90 % of RAM) for half the run
     run = synthetic({"model-42": [100.0] * 8 + [185.0, 186.0]}, limits={"model-42": 200.0}, ram=ram,
                     phases=["Idle"] * 5 + ["Full-Processing"] * 5)
     a = analyse(run)
     assert a.system.zones == {"safe": 10.0, "caution": 0.0, "critical": 10.0}
-    assert a.system.peak == 900 and a.system.mean == 700
+    assert a.system.peak == 950 and a.system.mean == 725
     assert [(nm.what, nm.rule) for nm in a.near_misses] == [("model-42", "cap"), ("System RAM", None)]
     advice = "\n".join(a.recommendations)
     assert "**model-42** peaked at 186 B, 93% of the 200 B limit of rule `cap`" in advice
@@ -222,6 +226,26 @@ def test_kills_from_events_and_memory_kept_after_a_phase(tmp_path):
     advice = section(text, "Recommendations")
     assert "**llm-7** was killed 1× by rule `vram` holding 9.0 GiB (limit 8.0 GiB)" in advice
     assert "**GPU 0 (Card)** kept 4.0 GiB of the 4.0 GiB it gained in phase 'Model-Active'" in advice
+
+
+def test_zones_come_from_the_config(tmp_path):
+    ram = [500.0] * 5 + [950.0] * 5
+    calm = Zones(system_memory=Zone(caution=0.96, critical=0.99))
+    a = analyse(synthetic({"model-42": [100.0] * 10}, ram=ram), zones=calm)
+    assert a.system.zones == {"safe": 20.0, "caution": 0.0, "critical": 0.0}
+    log = tmp_path / "run.jsonl"
+    log.write_text("".join(json.dumps({"type": "sample", "t": 1000.0 + i, "pgid": 7, "memory_bytes": 10 * MiB,
+                                       "system": {"total_bytes": 1000 * MiB, "available_bytes": 80 * MiB}}) + "\n"
+                           for i in range(5)))
+    config = tmp_path / "zones.yaml"
+    config.write_text("zones: {system_memory: {caution: 95%, critical: 99%}}\n")
+    out = tmp_path / "r.md"
+    assert cli("report", str(log), "-o", str(out), "--no-charts", "-c", str(config)).returncode == 0
+    assert "system RAM 95% / 99%" in out.read_text()
+    config.write_text("zones: {system_memory: {caution: 99%, critical: 95%}}\n")
+    done = cli("report", str(log), "-o", str(out), "-c", str(config))
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"mem-exporter: {config}: zones.system_memory: caution (0.99) must be below critical (0.95)")
 
 
 def test_report_needs_some_input(tmp_path):

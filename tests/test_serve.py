@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 
 from conftest import MB, http_get, metric_value, wait_for
 
@@ -66,14 +67,16 @@ def test_sigint_stops_cleanly(daemon):
 
 
 def test_sighup_reloads_and_a_bad_reload_keeps_the_last_good_config(daemon, tmp_path, spawn_group):
-    hog = spawn_group("--mb", "20")
+    tag = "reload-" + uuid.uuid4().hex[:10]  # a match no other hog on this machine has
+    hog = spawn_group("--mb", "20", "--tag", tag)
     hog.wait_ready()
     cfg = tmp_path / "config.yaml"
     cfg.write_text("interval: 0.3s\ngpu: {backend: none}\n")
     d = daemon("serve", "--config", str(cfg)).wait_healthy()
     wait_for(lambda: group_label_for_pgid(d.metrics(), hog.pgid), what="the hog's pgid group")
 
-    named = "interval: 0.3s\ngpu: {backend: none}\ngroups: {named: [{name: the-hog, match: {cmdline: 'hog.py --mb 20 '}}]}\n"
+    named = ("interval: 0.3s\ngpu: {backend: none}\n"
+             f"groups: {{named: [{{name: the-hog, match: {{cmdline: 'hog.py --mb 20 --tag {tag}'}}}}]}}\n")
     cfg.write_text(named)
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: metric_value(d.metrics(), "mem_exporter_group_processes", group="the-hog") == 1,

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 from conftest import wait_for
+
+from mem_exporter.config import Zone, Zones
 from mem_exporter.phase import write_phase
-from mem_exporter.sample import GroupSample, ProcessInfo, Sample, SystemMemory
+from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory
 from mem_exporter.top import screen
 
 ROOT = Path(__file__).parents[1]
@@ -89,15 +91,29 @@ def test_top_draws_and_quits_on_q(spawn_group, tmp_path):
 
 def test_screen_colours_by_zone():
     total = 1000
-    member = ProcessInfo(7, 1, 7, 7, 0, "big", "big", 1, "S", 900)
-    big = GroupSample("pgid:7", "big-7", "pgid", 900, 1, (member,), pgid=7)
+    member = ProcessInfo(7, 1, 7, 7, 0, "big", "big", 1, "S", 950)
+    big = GroupSample("pgid:7", "big-7", "pgid", 950, 1, (member,), pgid=7)
     sample = Sample(timestamp=0.0, monotonic=0.0, duration_seconds=0.0,
-                    system=SystemMemory(total, 100, 50, 0, 0), cpu_usage_ratio=None, process_count=1,
+                    system=SystemMemory(total, 50, 25, 0, 0), cpu_usage_ratio=None, process_count=1,
                     groups=(big,), phase="Full-Processing")
     lines = screen(sample, 75.0)
     text = "\n".join("".join(t for t, _ in line) for line in lines)
     assert "elapsed 00:01:15" in text and "phase: Full-Processing" in text and "Swap      none" in text
     ram = next(line for line in lines if line and line[0][0].startswith("RAM"))
-    assert ram[1] == ("[" + "#" * 22 + ".." + "]", "critical")  # 90 % used
-    assert lines[-1][-1] == (" 90.0%", "critical")
+    assert ram[1] == ("[" + "#" * 23 + "." + "]", "critical")  # 95 % used
+    assert lines[-1][-1] == (" 95.0%", "critical")
     assert len(screen(sample, 0.0, rows=3)) == 3
+
+
+def test_screen_uses_the_ram_zones_for_ram_and_the_gpu_zones_for_cards():
+    card = GpuCard(index=0, uuid="GPU-0", name="demo", driver_version="1", memory_total_bytes=1000,
+                   memory_used_bytes=880)
+    sample = Sample(timestamp=0.0, monotonic=0.0, duration_seconds=0.0,
+                    system=SystemMemory(1000, 120, 60, 0, 0), cpu_usage_ratio=None, process_count=0,
+                    groups=(), gpus=(card,))
+    lines = {line[0][0].strip(): line for line in screen(sample, 0.0) if line and len(line) > 1}
+    assert lines["RAM"][1][1] == "caution"  # 88 % of RAM: caution (85 % / 90 %)
+    assert lines["GPU 0"][1][1] == "critical"  # 88 % of a card: critical (67 % / 83 %)
+    calm = Zones(system_memory=Zone(caution=0.95, critical=0.99))
+    calm_lines = {line[0][0].strip(): line for line in screen(sample, 0.0, zones=calm) if len(line) > 1}
+    assert calm_lines["RAM"][1][1] == "safe"

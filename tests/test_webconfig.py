@@ -17,6 +17,7 @@ import pytest
 
 from conftest import free_port, metric_value, wait_for
 from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
+from tools import OPENSSL, PROMETHEUS, have
 
 PASSWORD = "s3cret scrape"
 HASH = "$2y$10$X0h1gDsPszWURQaxFh.zoubFi6DXncSjhoQNJgRrnGs7EsimhC7zG"  # exporter-toolkit's example
@@ -30,10 +31,10 @@ def hashed(password: str, rounds: int = 4) -> str:
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 (openssl CLI): (cert file, key file)."""
-    if not shutil.which("openssl"):
+    if not have("openssl"):
         pytest.skip("needs the openssl command")
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
     return d / "cert.pem", d / "key.pem"
@@ -190,7 +191,7 @@ def test_sighup_rereads_the_web_config_and_keeps_it_when_bad(daemon, tmp_path, c
     assert get(url + "/metrics", cert[0], ("prom", PASSWORD))[0] == 401
 
 
-@pytest.mark.skipif(not shutil.which("prometheus"), reason="needs prometheus (Debian package)")
+@pytest.mark.skipif(not have("prometheus"), reason="needs prometheus (Debian package)")
 def test_real_prometheus_scrapes_through_tls_and_basic_auth(daemon, tmp_path, cert):
     d, _, _ = start_tls_daemon(daemon, tmp_path, cert, {"prom": hashed(PASSWORD)})
     target = f"127.0.0.1:{d.port}"
@@ -202,7 +203,7 @@ def test_real_prometheus_scrapes_through_tls_and_basic_auth(daemon, tmp_path, ce
                             "basic_auth": {"username": "prom", "password": pw}} for job, pw in jobs.items()],
     }))
     port = free_port()
-    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),
                             start_new_session=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write prometheusrule.yaml (a Prometheus Operator PrometheusRule) from the plain
-Prometheus rule file, so both carry the same alerts.
+"""Write prometheusrule.yaml (a Prometheus Operator PrometheusRule) from every plain
+Prometheus rule file in deploy/prometheus/rules/, so both carry the same rules and alerts.
 
     python deploy/kubernetes/gen_prometheusrule.py           # rewrite prometheusrule.yaml
     python deploy/kubernetes/gen_prometheusrule.py --check   # exit 1 if it is out of date
@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-RULES = HERE.parent / "prometheus" / "rules" / "mem-exporter.rules.yml"
+RULES_DIR = HERE.parent / "prometheus" / "rules"
 OUTPUT = HERE / "prometheusrule.yaml"
-HEADER = ("# Generated from deploy/prometheus/rules/mem-exporter.rules.yml by\n"
-          "# deploy/kubernetes/gen_prometheusrule.py; edit the rule file and rerun it.\n")
+HEADER = ("# Generated from deploy/prometheus/rules/*.rules.yml by\n"
+          "# deploy/kubernetes/gen_prometheusrule.py; edit the rule files and rerun it.\n")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -32,8 +32,13 @@ def _str(dumper: yaml.SafeDumper, value: str):
 _Dumper.add_representer(str, _str)
 
 
-def render(rules_path: Path = RULES) -> str:
-    rules = yaml.safe_load(rules_path.read_text())
+def rule_files(rules_dir: Path = RULES_DIR) -> list[Path]:
+    """The files Prometheus loads (`rule_files: rules/*.rules.yml`), in a stable order."""
+    return sorted(rules_dir.glob("*.rules.yml"))
+
+
+def render(rules_dir: Path = RULES_DIR) -> str:
+    groups = [group for path in rule_files(rules_dir) for group in yaml.safe_load(path.read_text())["groups"]]
     resource = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -42,7 +47,7 @@ def render(rules_path: Path = RULES) -> str:
             "namespace": "mem-exporter",
             "labels": {"app.kubernetes.io/name": "mem-exporter"},
         },
-        "spec": {"groups": rules["groups"]},
+        "spec": {"groups": groups},
     }
     return HEADER + yaml.dump(resource, Dumper=_Dumper, sort_keys=False, width=4096, allow_unicode=True)
 

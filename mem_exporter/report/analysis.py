@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import format_bytes
+from ..config import Zones
+from ..zones import DEFAULT_ZONES, ZONE_NAMES, Kind, zone_for
 from .model import Run, Series
 
-# The project's zones, as shares of the capacity (total RAM, a card's memory, a group's limit).
-CAUTION_FROM = 0.67
-CRITICAL_FROM = 0.83
-ZONES = ("safe", "caution", "critical")
+ZONES = ZONE_NAMES  # shares of the capacity per kind of resource: mem_exporter/zones.py
 NEAR_MISS = 0.90  # a peak at or above this share of a limit (or a card) that was not killed
 # Leak: a straight-line fit over the group's life that is both good and steep enough.
 LEAK_MIN_SAMPLES = 10
@@ -31,8 +30,8 @@ _IDLE = re.compile(r"idle", re.I)
 _NOT_KILLS = ("dry_run", "no_victim")
 
 
-def zone(ratio: float) -> str:
-    return "critical" if ratio > CRITICAL_FROM else "caution" if ratio >= CAUTION_FROM else "safe"
+def zone(ratio: float, kind: Kind = "limit") -> str:
+    return zone_for(kind, ratio)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -63,14 +62,16 @@ class Stats:
     samples: int
     capacity: float | None
     zones: dict[str, float] | None  # zone -> seconds, where a capacity is known
+    kind: Kind = "system_memory"  # which zones apply
+    critical_from: float = DEFAULT_ZONES.system_memory.critical
 
     @property
     def peak_ratio(self) -> float | None:
         return self.peak / self.capacity if self.capacity else None
 
 
-def stats(series: Series, capacity: float | None = None, start: float | None = None, end: float | None = None
-          ) -> Stats | None:
+def stats(series: Series, capacity: float | None = None, start: float | None = None, end: float | None = None,
+          kind: Kind = "system_memory", zones: Zones = DEFAULT_ZONES) -> Stats | None:
     """Peak, mean over samples, p95 and time per zone, optionally only for start <= t < end."""
     lo = 0 if start is None else bisect.bisect_left(series.times, start)
     hi = len(series.times) if end is None else bisect.bisect_left(series.times, end)
@@ -79,13 +80,13 @@ def stats(series: Series, capacity: float | None = None, start: float | None = N
         return None
     capacity = capacity if capacity is not None else series.capacity
     i = max(range(len(values)), key=values.__getitem__)
-    zones = None
+    time_in = None
     if capacity:
-        zones = dict.fromkeys(ZONES, 0.0)
+        time_in = dict.fromkeys(ZONES, 0.0)
         for v, d in zip(values, durations(times)):
-            zones[zone(v / capacity)] += d
+            time_in[zone_for(kind, v / capacity, zones)] += d
     return Stats(series.name, values[i], times[i], sum(values) / len(values), percentile(values, 0.95), len(values),
-                 capacity, zones)
+                 capacity, time_in, kind, getattr(zones, kind).critical)
 
 
 def fit(times: list[float], values: list[float]) -> tuple[float, float, float]:
@@ -207,6 +208,7 @@ class Analysis:
     dry_runs: list[dict[str, Any]]
     near_misses: list[NearMiss]
     recommendations: list[str] = field(default_factory=list)
+    zones: Zones = DEFAULT_ZONES
 
 
 def group_capacity(run: Run, series: Series) -> float | None:
@@ -214,7 +216,11 @@ def group_capacity(run: Run, series: Series) -> float | None:
     return min(series.limits.values()) if series.limits else run.system.capacity
 
 
-def phase_rows(run: Run, segs: list[Segment]) -> list[dict[str, Any]]:
+def group_kind(series: Series) -> Kind:
+    return "limit" if series.limits else "system_memory"
+
+
+def phase_rows(run: Run, segs: list[Segment], zones: Zones = DEFAULT_ZONES) -> list[dict[str, Any]]:
     """One row per phase name, in order of first appearance; a phase that recurs is summed."""
     rows: dict[str | None, dict[str, Any]] = {}
     for seg in segs:
@@ -223,24 +229,26 @@ def phase_rows(run: Run, segs: list[Segment]) -> list[dict[str, Any]]:
         row["windows"].append((seg.start, seg.end))
     out = []
     for row in rows.values():
-        def merged(series: Series, capacity=None) -> Stats | None:
+        def merged(series: Series, capacity=None, kind: Kind = "system_memory") -> Stats | None:
             part = Series(series.name, series.capacity)
             for s, e in row["windows"]:
                 lo, hi = bisect.bisect_left(series.times, s), bisect.bisect_left(series.times, e)
                 part.times += series.times[lo:hi]
                 part.values += series.values[lo:hi]
-            return stats(part, capacity)
+            return stats(part, capacity, kind=kind, zones=zones)
         row["system"] = merged(run.system)
-        row["gpus"] = {k: merged(run.gpus[k]) for k in sorted(run.gpus)}
+        row["gpus"] = {k: merged(run.gpus[k], kind="gpu_memory") for k in sorted(run.gpus)}
         groups = [g for g in (merged(s) for s in run.groups.values() if s.name != "other") if g]
         row["top_group"] = max(groups, key=lambda g: g.peak, default=None)
         out.append(row)
     return out
 
 
-def analyse(run: Run, top: int = 8) -> Analysis:
+def analyse(run: Run, top: int = 8, zones: Zones = DEFAULT_ZONES) -> Analysis:
+    """Everything the report says about `run`, judged by `zones` (the config's, or the defaults)."""
     segs = segments(run)
-    group_stats = [st for st in (stats(s, group_capacity(run, s)) for s in run.groups.values()) if st]
+    group_stats = [st for st in (stats(s, group_capacity(run, s), kind=group_kind(s), zones=zones)
+                                 for s in run.groups.values()) if st]
     group_stats.sort(key=lambda st: st.peak, reverse=True)
     leaks = [lk for lk in (leak(s, run.end - run.start) for s in run.groups.values() if s.name != "other") if lk]
     leaks.sort(key=lambda lk: (not lk.flagged, -lk.growth))
@@ -255,11 +263,12 @@ def analyse(run: Run, top: int = 8) -> Analysis:
     for s in [run.system, *run.gpus.values()]:
         if s.capacity and s.values and max(s.values) >= NEAR_MISS * s.capacity:
             near.append(NearMiss(s.name, max(s.values), s.capacity, None))
-    a = Analysis(run=run, system=stats(run.system), swap=stats(run.swap) if run.swap.capacity else None,
-                 gpus=[st for st in (stats(run.gpus[k]) for k in sorted(run.gpus)) if st],
-                 groups=group_stats[:top], phases=phase_rows(run, segs), segments=segs,
+    a = Analysis(run=run, system=stats(run.system, zones=zones),
+                 swap=stats(run.swap, zones=zones) if run.swap.capacity else None,
+                 gpus=[st for k in sorted(run.gpus) if (st := stats(run.gpus[k], kind="gpu_memory", zones=zones))],
+                 groups=group_stats[:top], phases=phase_rows(run, segs, zones), segments=segs,
                  transitions=transitions(run, segs), leaks=leaks, kills=kills,
-                 dry_runs=[e for e in run.events if e.get("action") == "dry_run"], near_misses=near)
+                 dry_runs=[e for e in run.events if e.get("action") == "dry_run"], near_misses=near, zones=zones)
     a.recommendations = recommendations(a)
     return a
 
@@ -321,7 +330,8 @@ def recommendations(a: Analysis) -> list[str]:
                    "(a rule with `system_available_below: 10%`)") if st is a.system else \
                   ("load fewer models at once, use smaller or quantized models, or cap VRAM per group "
                    "(a rule with `max_gpu_memory`)")
-            out.append(f"**{st.name}** was critical (> {CRITICAL_FROM:.0%}) for {format_seconds(st.zones['critical'])} "
+            out.append(f"**{st.name}** was critical (> {st.critical_from:.0%}) for "
+                       f"{format_seconds(st.zones['critical'])} "
                        f"({st.zones['critical'] / total:.0%} of the run) and peaked at {format_bytes(st.peak)} of "
                        f"{format_bytes(st.capacity)} ({st.peak_ratio:.0%}){during}: {fix}.")
         elif st.zones["caution"] / total > 0.25:

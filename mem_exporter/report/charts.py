@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis import CAUTION_FROM, CRITICAL_FROM, Analysis
+from ..config import Zones
+from ..zones import Kind
+from .analysis import Analysis
 from .model import Series
 
 GIB = 2**30
-ZONE_COLOURS = (("#2ca02c", 0.0, CAUTION_FROM), ("#ffbf00", CAUTION_FROM, CRITICAL_FROM), ("#d62728", CRITICAL_FROM, 1.0))
+
+
+def zone_colours(kind: Kind, zones: Zones) -> tuple[tuple[str, float, float], ...]:
+    z = getattr(zones, kind)
+    return ("#2ca02c", 0.0, z.caution), ("#ffbf00", z.caution, z.critical), ("#d62728", z.critical, 1.0)
 
 
 def available() -> bool:
@@ -32,9 +38,9 @@ def _axis(a: Analysis):
     return (lambda times: [(t - t0) / scale for t in times]), label, scale
 
 
-def _decorate(ax, a: Analysis, x, capacity: float | None) -> None:
+def _decorate(ax, a: Analysis, x, capacity: float | None, kind: Kind = "system_memory") -> None:
     if capacity:
-        for colour, lo, hi in ZONE_COLOURS:
+        for colour, lo, hi in zone_colours(kind, a.zones):
             ax.axhspan(lo * capacity / GIB, hi * capacity / GIB, color=colour, alpha=0.08, linewidth=0)
         ax.axhline(capacity / GIB, color="black", linewidth=0.8, linestyle=":")
         ax.set_ylim(0, capacity / GIB * 1.05)
@@ -83,7 +89,7 @@ def draw(a: Analysis, directory: Path, stem: str) -> dict[str, Path]:
         fig, axes = plt.subplots(len(gpus), 1, figsize=(10, 2.8 * len(gpus)), sharex=True, squeeze=False)
         for ax, series in zip(axes[:, 0], gpus):
             _plot(ax, series, x, color="#76b900")
-            _decorate(ax, a, x, series.capacity)
+            _decorate(ax, a, x, series.capacity, "gpu_memory")
             ax.set_title(f"{series.name}: memory used", fontsize=10)
         axes[-1, 0].set_xlabel(xlabel)
         save(fig, "gpus")

@@ -5,8 +5,14 @@ import time
 from pathlib import Path
 
 from ..units import format_bytes
-from .analysis import (CAUTION_FROM, CRITICAL_FROM, LEAK_MIN_GROWTH_BYTES, LEAK_MIN_GROWTH_RATIO, LEAK_MIN_R2,
+from ..config import Zones
+from .analysis import (LEAK_MIN_GROWTH_BYTES, LEAK_MIN_GROWTH_RATIO, LEAK_MIN_R2,
                        LEAK_MIN_SAMPLES, LEAK_MIN_SHARE_OF_RUN, NEAR_MISS, ZONES, Analysis, Stats, format_rate, format_seconds)
+
+
+def _zone_text(z: Zones) -> str:
+    return ", ".join(f"{what} {getattr(z, kind).caution:.0%} / {getattr(z, kind).critical:.0%}" for what, kind in (
+        ("system RAM", "system_memory"), ("GPU memory", "gpu_memory"), ("a group's limit", "limit")))
 
 
 def _when(t: float) -> str:
@@ -137,10 +143,9 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines += ["## Recommendations", ""]
     lines += [f"{i}. {text}" for i, text in enumerate(a.recommendations, 1)] + [""]
     lines += ["---", "",
-              f"Zones are shares of the capacity: safe below {CAUTION_FROM:.0%}, caution {CAUTION_FROM:.0%} to "
-              f"{CRITICAL_FROM:.0%}, critical above {CRITICAL_FROM:.0%}; their columns are shares of the time. A "
-              "group is measured against its tightest enforcer limit, else the host's RAM. Mean and p95 are over "
-              "samples. Details: docs/report.md.", ""]
+              f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; their columns are "
+              "shares of the time. A group is measured against its tightest enforcer limit, else the host's RAM. "
+              "Mean and p95 are over samples. Details: docs/report.md.", ""]
     return "\n".join(lines)
 
 
