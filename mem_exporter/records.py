@@ -9,9 +9,9 @@ log. What it guarantees, and why:
 - The file is opened with O_NOFOLLOW|O_CLOEXEC|O_APPEND|O_NONBLOCK and must be a regular file: a symlink
   or a FIFO planted where a log goes is refused with one line, never followed, never waited on. Files are
   created 0640 and missing directories 0700: logs hold command lines.
-- One os.write() per record. A write cut short (a full disk, a file size limit) leaves a partial line; the
-  record is kept in a bounded backlog and written whole, on a fresh line, once the disk takes it again, so
-  the partial line is the only damage and the next record is never glued to it.
+- One os.write() per record. A write cut short (a full disk, a file size limit) is cut back off the file
+  (or, if another process appended meanwhile, the next record starts on a fresh line, so nothing is glued
+  to the partial one); the record is kept in a bounded backlog and written whole once the disk takes it.
 - Rotation (`max_bytes`, `keep`) prepares the new file first and renames with rollback: when any step
   fails, every kept file is still there and writing goes on in the current file.
 - fsync on request: inline (`sync()`), or on a short-lived thread (`sync(background=True)`) so a caller
@@ -26,7 +26,6 @@ import os
 import socket
 import stat
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -371,14 +370,27 @@ class LogFile:
                 if is_header:
                     self._header_len = self.size
                 continue
-            if n:
+            if n and not self._cut_back(n):
                 self._torn = not buf[:n].endswith(b"\n")
             self._trim_backlog()
-            self._report(str(error.strerror if error and error.strerror else error or "short write"))
+            self._report(str(error.strerror if error and error.strerror else error or "only part of a record was written (disk full?)"))
             return False
         if self._failing:
             log.warning("log %s: writing again%s", self.path, f"; {self.lost} records lost" if self.lost else "")
             self._failing = None
+        return True
+
+    def _cut_back(self, n: int) -> bool:
+        """Remove the `n` bytes of a write cut short, when nothing was appended after them (by another
+        process): the file then ends on a whole record, as if the write had never happened."""
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)  # type: ignore[arg-type]
+            if os.fstat(self._fd).st_size != end:  # type: ignore[arg-type]
+                return False
+            os.ftruncate(self._fd, end - n)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        self.size -= n
         return True
 
     def _trim_backlog(self) -> None:
