@@ -459,8 +459,7 @@ class LogFile:
             except OSError as e:
                 log.warning("log %s: cannot delete the oldest file: %s", self.path, e)
         old, self._fd = self._fd, new_fd
-        self._sync_fd(old)
-        os.close(old)  # type: ignore[arg-type]
+        self._in_background(old)  # the finished file's fsync: never on the writing thread
         self.size = self._header_len = os.fstat(new_fd).st_size
         self._torn = False
         self._rotate_at = 0
@@ -468,24 +467,40 @@ class LogFile:
 
     # --- durability ---
     @staticmethod
-    def _sync_fd(fd: int | None) -> None:
+    def _sync_and_close(fd: int | None) -> None:
         if fd is None:
             return
         try:
             os.fsync(fd)
         except OSError as e:
             log.debug("fsync failed: %s", e)
+        os.close(fd)
+
+    @classmethod
+    def _in_background(cls, fd: int | None) -> None:
+        try:
+            threading.Thread(target=cls._sync_and_close, args=(fd,), name="log-sync", daemon=True).start()
+        except RuntimeError:  # no thread to be had: close it here; the data is in the page cache all the same
+            os.close(fd)  # type: ignore[arg-type]
+
+    def _retry_and_dup(self) -> int | None:
+        """Under the lock: write the backlog if the disk takes it now; a descriptor of the file for an fsync
+        outside the lock (a rotation may close ours meanwhile)."""
+        if self._backlog:
+            self._append(b"")
+        if self._fd is None:
+            return None
+        try:
+            return os.dup(self._fd)
+        except OSError:
+            return None
 
     def sync(self, background: bool = False) -> None:
         """fsync now; or, with `background`, on a short-lived thread, so the caller never waits for the disk."""
         if not background:
             with self._lock:
-                if self._backlog:
-                    self._append(b"")
-                fd = self._dup()
-            self._sync_fd(fd)
-            if fd is not None:
-                os.close(fd)
+                fd = self._retry_and_dup()
+            self._sync_and_close(fd)
             return
         with self._lock:
             self._dirty = True
@@ -497,14 +512,6 @@ class LogFile:
             except RuntimeError:  # no thread to be had: the data is in the page cache all the same
                 self._syncer = None
 
-    def _dup(self) -> int | None:
-        if self._fd is None:
-            return None
-        try:
-            return os.dup(self._fd)  # a descriptor of its own: a rotation may close ours meanwhile
-        except OSError:
-            return None
-
     def _sync_loop(self) -> None:
         while True:
             with self._lock:
@@ -512,12 +519,8 @@ class LogFile:
                     self._syncer = None
                     return
                 self._dirty = False
-                if self._backlog:
-                    self._append(b"")
-                fd = self._dup()
-            self._sync_fd(fd)
-            if fd is not None:
-                os.close(fd)
+                fd = self._retry_and_dup()
+            self._sync_and_close(fd)
 
     def close(self) -> None:
         """Write what the backlog holds if the disk takes it, fsync, close."""
@@ -531,8 +534,7 @@ class LogFile:
                     log.error("log %s: closed with %d record(s) that could not be written", self.path,
                               len(self._backlog))
             fd, self._fd = self._fd, None
-        self._sync_fd(fd)
-        os.close(fd)
+        self._sync_and_close(fd)
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
@@ -547,16 +549,20 @@ _shared: "weakref.WeakValueDictionary[str, LogFile]" = weakref.WeakValueDictiona
 _shared_lock = threading.Lock()
 
 
-def shared_log(path: str | os.PathLike, max_bytes: int = 0, keep: int = 0) -> LogFile:
+def shared_log(path: str | os.PathLike, max_bytes: int | None = None, keep: int | None = None) -> LogFile:
     """The one LogFile of `path` in this process: every writer of one file (the enforcer's events and a
-    session's own, say) shares its lock, its size and its rotation. The latest limits win."""
+    session's own, say) shares its lock, its size and its rotation. Limits given win (a reload); None
+    keeps the file's own, or the event log's defaults for a new one."""
     key = os.path.abspath(path)
     with _shared_lock:
         f = _shared.get(key)
         if f is None or f._fd is None:
-            f = _shared[key] = LogFile(key, max_bytes, keep)
+            f = _shared[key] = LogFile(key, DEFAULT_EVENT_MAX_BYTES if max_bytes is None else max_bytes,
+                                       DEFAULT_EVENT_KEEP if keep is None else keep)
         else:
             with f._lock:
-                f.max_bytes = max(1024, int(max_bytes)) if max_bytes else 0
-                f.keep = max(0, int(keep))
+                if max_bytes is not None:
+                    f.max_bytes = max(1024, int(max_bytes)) if max_bytes else 0
+                if keep is not None:
+                    f.keep = max(0, int(keep))
         return f

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .grouping import cap_groups
-from .records import (DEFAULT_EVENT_KEEP, DEFAULT_EVENT_MAX_BYTES, DEFAULT_SESSION_KEEP as DEFAULT_KEEP,
+from .records import (DEFAULT_SESSION_KEEP as DEFAULT_KEEP,
                       DEFAULT_SESSION_MAX_BYTES as DEFAULT_MAX_BYTES, SCHEMA, Limits, LogFile, dumps,
                       make_private_dirs, session_header, session_sample_record as sample_record, shared_log)
 from .sample import Sample
@@ -180,7 +180,7 @@ class SessionLog:
     def _write(self, kind: str, obj: Any, limits: Limits | None) -> None:
         if kind == "event":  # the enforcer appends to the same file, through the same shared writer
             if self._events is None:
-                self._events = shared_log(self.paths["events"], DEFAULT_EVENT_MAX_BYTES, DEFAULT_EVENT_KEEP)
+                self._events = shared_log(self.paths["events"])  # the enforcer's limits, if it came first
             self._events.write(obj)
             return
         cfg = self.groups_config()

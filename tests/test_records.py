@@ -268,3 +268,36 @@ def test_report_skips_exactly_the_damaged_csv_row(tmp_path):
     run = read_logs([tmp_path / "logs"])
     assert len(run.times) == 9  # that sample's system row is gone; its group row, intact, still counts
     assert len(run.groups["python3-4101"].values) == 10
+
+
+# --- the event log --------------------------------------------------------------------------------
+
+def test_event_log_is_capped_and_rotated(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(str(path), max_bytes=4096, keep=2)
+    for i in range(200):
+        log.write({"timestamp": "2026-12-02T00:00:00.000Z", "rule": "r", "action": "kill", "i": i, "pad": "x" * 60})
+    log.close()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    kept = [rec["i"] for f in reversed(files) for rec in lines(f)]
+    assert kept == list(range(kept[0], 200))  # the newest, in order, none twice
+
+
+def test_event_log_fsync_never_runs_on_the_callers_thread(tmp_path, monkeypatch):
+    """The enforcer writes events holding its lock: a slow disk must not hold up its decisions."""
+    import threading
+    synced_on: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced_on.append(threading.current_thread().name) or real_fsync(fd))
+    log = EventLog(str(tmp_path / "events.jsonl"), max_bytes=2048, keep=1)
+    caller_lock = threading.Lock()
+    with caller_lock:
+        for i in range(40):  # rotations included
+            log.write({"rule": "r", "action": "kill", "i": i, "pad": "x" * 60})
+    assert threading.current_thread().name not in synced_on
+    from conftest import wait_for
+    wait_for(lambda: "log-sync" in synced_on, 10, what="an fsync on the log's own thread")
+    log.close()  # the caller asked: fsync here
+    assert threading.current_thread().name in synced_on
