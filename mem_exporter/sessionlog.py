@@ -59,7 +59,7 @@ def session_paths(directory: str | os.PathLike, session: str, started: float, fm
         else:
             paths = {"memory": directory / f"memory-{stem}.csv", "gpu": directory / f"gpu-memory-{stem}.csv"}
         paths["events"] = directory / f"events-{stem}.jsonl"
-        if not any(p.exists() for p in paths.values()):
+        if not any(os.path.lexists(p) for p in paths.values()):  # a dangling link is taken too
             return paths
     raise FileExistsError(f"too many sessions named {session!r} in {directory} this second")
 
@@ -180,7 +180,11 @@ class SessionLog:
     def _write(self, kind: str, obj: Any, limits: Limits | None) -> None:
         if kind == "event":  # the enforcer appends to the same file, through the same shared writer
             if self._events is None:
-                self._events = shared_log(self.paths["events"])  # the enforcer's limits, if it came first
+                try:
+                    self._events = shared_log(self.paths["events"])  # the enforcer's limits, if it came first
+                except OSError as e:
+                    log.error("cannot write event log %s: %s", self.paths["events"], e.strerror or e)
+                    return
             self._events.write(obj)
             return
         cfg = self.groups_config()
