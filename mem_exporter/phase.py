@@ -108,7 +108,7 @@ def read_phase(path: Path) -> str | None:
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as e:
+    except OSError:
         try:
             if stat.S_ISLNK(os.lstat(path).st_mode):
                 raise NotAPhaseFile("a symbolic link (not followed)") from None

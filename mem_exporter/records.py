@@ -356,12 +356,11 @@ class LogFile:
         while self._backlog:
             item = self._backlog[0]
             buf = b"\n" + item if self._torn else item
+            why = "only part of a record was written (disk full?)"
             try:
                 n = os.write(self._fd, buf)  # type: ignore[arg-type]
             except OSError as e:
-                n, error = 0, e
-            else:
-                error = None
+                n, why = 0, str(e.strerror or e)
             self.size += n
             if n == len(buf):
                 self._torn = False
@@ -373,7 +372,7 @@ class LogFile:
             if n and not self._cut_back(n):
                 self._torn = not buf[:n].endswith(b"\n")
             self._trim_backlog()
-            self._report(str(error.strerror if error and error.strerror else error or "only part of a record was written (disk full?)"))
+            self._report(why)
             return False
         if self._failing:
             log.warning("log %s: writing again%s", self.path, f"; {self.lost} records lost" if self.lost else "")

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .records import MB, SCHEMA, LogFile, mb, run_sample_record as sample_record  # noqa: F401  (the run's API)
+from .records import MB, SCHEMA, LogFile, mb  # the run's API, re-exported (runner.py imports them here)
+from .records import run_sample_record as sample_record
 
 __all__ = ["MB", "SCHEMA", "RunLog", "mb", "resolve_path", "runs_dir", "sample_record"]
 
@@ -28,7 +29,8 @@ def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
         import platformdirs
         return platformdirs.user_state_path(APP, appauthor=False)
     state = environ.get("XDG_STATE_HOME", "")
-    base = Path(state) if os.path.isabs(state) else Path(environ.get("HOME") or os.path.expanduser("~")) / ".local" / "state"
+    home = Path(environ.get("HOME") or os.path.expanduser("~"))
+    base = Path(state) if os.path.isabs(state) else home / ".local" / "state"
     return base / APP
 
 

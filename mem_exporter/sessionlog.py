@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .grouping import cap_groups
-from .records import (DEFAULT_SESSION_KEEP as DEFAULT_KEEP,
-                      DEFAULT_SESSION_MAX_BYTES as DEFAULT_MAX_BYTES, SCHEMA, Limits, LogFile, dumps,
-                      make_private_dirs, session_header, session_sample_record as sample_record, shared_log)
+from .records import DEFAULT_SESSION_KEEP as DEFAULT_KEEP
+from .records import DEFAULT_SESSION_MAX_BYTES as DEFAULT_MAX_BYTES
+from .records import (
+    SCHEMA,
+    Limits,
+    LogFile,
+    dumps,
+    make_private_dirs,
+    session_header,
+    shared_log,
+)
+from .records import session_sample_record as sample_record
 from .sample import Sample
 
 log = logging.getLogger(__name__)
@@ -188,7 +197,7 @@ class SessionLog:
             self._events.write(obj)
             return
         cfg = self.groups_config()
-        record = sample_record(obj, cap_groups(obj.groups, cfg.max_groups, cfg.min_memory, obj.memtype), limits)
+        record = sample_record(obj, cap_groups(obj.groups, cfg.max_groups, cfg.min_memory, obj.memtype), limits or ())
         if self.fmt == "jsonl":
             self._files["samples"].write(record)
             return

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import pytest
-
 from conftest import metric_value, wait_for
+
 from mem_exporter import phase
 from mem_exporter.phase import ENV, PhaseWatcher, default_path, read_phase, write_phase
 

@@ -16,7 +16,6 @@ from ..records import line_kind
 from .model import Run
 from .progress import Progress
 
-
 _LOG_SUFFIXES = (".jsonl", ".json", ".csv", ".ndjson")
 
 
