@@ -28,7 +28,7 @@ import stat
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from .units import iso_utc as iso
@@ -307,14 +307,13 @@ def open_append(path: Path, exclusive: bool = False) -> int:
 
 class LogFile:
     """Appends whole lines to one file; rotates at `max_bytes` (0: never) keeping `keep` older files
-    (NAME.1 newest ... NAME.keep oldest); `header()` gives the bytes every file starts with."""
+    (NAME.1 newest ... NAME.keep oldest); every file starts with `header` (the session record, CSV columns)."""
 
-    def __init__(self, path: str | os.PathLike, max_bytes: int = 0, keep: int = 0,
-                 header: Callable[[], bytes] | bytes = b""):
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 0, keep: int = 0, header: bytes = b""):
         self.path = Path(path)
         self.max_bytes = max(1024, int(max_bytes)) if max_bytes else 0
         self.keep = max(0, int(keep))
-        self._header = header if callable(header) else (lambda: header)
+        self._header = header
         self.rotations = 0
         self.lost = 0  # records given up (backlog overflow): say so, never silently
         self._lock = threading.Lock()
@@ -332,7 +331,7 @@ class LogFile:
         self.size = os.fstat(self._fd).st_size
         self._header_len = 0
         if self.size == 0:
-            self._append(self._header(), is_header=True)
+            self._append(self._header, is_header=True)
 
     # --- writing ---
     def write(self, record: dict[str, Any]) -> bool:
@@ -420,7 +419,7 @@ class LogFile:
                 if not stat.S_ISREG(st.st_mode):
                     raise _refuse(Path(f"{name}.{i}"), st)
             new_fd = open_append(Path(tmp), exclusive=True)
-            header = self._header()
+            header = self._header
             if header and os.write(new_fd, header) != len(header):
                 raise OSError(errno.ENOSPC, "short write of the header")
             if self.keep:
