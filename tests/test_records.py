@@ -174,7 +174,7 @@ def test_modes_of_created_files_and_directories(tmp_path):
 # --- rotation -------------------------------------------------------------------------------------
 
 NO_DESCRIPTORS = """
-    import json, os, resource, sys
+    import json, os, resource, sys, threading, time
     from pathlib import Path
     from mem_exporter.records import LogFile
     path = Path(sys.argv[1])
@@ -186,6 +186,8 @@ NO_DESCRIPTORS = """
         i += 1
     while f.rotations < 3:
         write()
+    while threading.active_count() > 1:  # the rotated files' fsync-and-close threads: their descriptors back
+        time.sleep(0.01)
     kept = {p.name: p.read_bytes() for p in path.parent.iterdir()}
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
