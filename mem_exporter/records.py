@@ -56,8 +56,8 @@ def mb(n: float) -> float:
 
 
 def dumps(record: dict[str, Any]) -> bytes:
-    """One record as one JSON line (non-ASCII kept as UTF-8; a newline inside a value is escaped)."""
-    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+    """One record as one JSON line: ASCII, so any text (a command line with stray bytes, say) encodes."""
+    return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
 
 
 # --- record shapes --------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class RotatingFile(LogFile):
         super().__init__(path, max_bytes, keep, header.encode())
 
     def write(self, text: str) -> bool:  # type: ignore[override]
-        return self.write_bytes(text.encode())
+        return self.write_bytes(text.encode("utf-8", "replace"))
 
 
 def _csv_cell(value: Any) -> Any:
@@ -202,6 +202,6 @@ class SessionLog:
             self._files["samples"].write(record)
             return
         memory, gpus = csv_rows(record)
-        self._files["memory"].write_bytes("".join(_csv_line(r) for r in memory).encode())
+        self._files["memory"].write_bytes("".join(_csv_line(r) for r in memory).encode("utf-8", "replace"))
         if gpus:
-            self._files["gpu"].write_bytes("".join(_csv_line(r) for r in gpus).encode())
+            self._files["gpu"].write_bytes("".join(_csv_line(r) for r in gpus).encode("utf-8", "replace"))
