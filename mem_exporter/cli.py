@@ -244,6 +244,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError, urllib.error.URLError) as e:
         print(f"mem-exporter: {e}", file=sys.stderr)
         return 1
+    for path, count in run.skipped.items():  # cut by a crash or a full disk: the rest of the file still counts
+        print(f"mem-exporter: {path}: skipped {count} damaged record{'s' if count > 1 else ''}", file=sys.stderr)
     if not run.times:
         print("mem-exporter: no samples found", file=sys.stderr)
         return 1

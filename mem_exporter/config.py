@@ -148,6 +148,14 @@ class Gpu(_Strict):
 class RuleMatch(Matcher):
     group: Regex | None = Field(None, description="regex on the group label")
     all_members: bool = Field(False, description="require every member (not any member) to match comm/exe/cmdline/user")
+    every_group: bool = Field(False, alias="all", description="`all: true`: the rule watches every group (alone; "
+                                                              "written on purpose, never implied by an empty match)")
+
+    @model_validator(mode="after")
+    def _all_alone(self):
+        if self.every_group and not self.is_empty or self.every_group and self.group is not None:
+            raise ValueError("`all: true` selects every group: give it alone, or drop it and keep the regexes")
+        return self
 
 
 def _pressure_shorthand(value: Any) -> Any:
@@ -171,6 +179,8 @@ class PressureCondition(_Strict):
             raise ValueError("memory_pressure_above needs exactly one of avg10, stall")
         if self.stall is not None and not 0 < self.stall <= self.window:
             raise ValueError(f"memory_pressure_above.stall must be above 0 and at most window ({self.window}s)")
+        if self.avg10 is not None and self.avg10 <= 0:  # any stall at all would count
+            raise ValueError("memory_pressure_above.avg10 must be above 0")
         return self
 
     @property
@@ -181,7 +191,8 @@ class PressureCondition(_Strict):
 
 class Rule(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
-    match: RuleMatch = Field(default_factory=RuleMatch, description="which groups the rule watches; empty: every group")
+    match: RuleMatch = Field(default_factory=RuleMatch, description="which groups the rule watches (required in a "
+                                                                    "config file; `{all: true}` for every group)")
     max_rss: Size | None = Field(None, description="kill a group whose summed RSS exceeds this")
     max_pss: Size | None = Field(None, description="kill a group whose summed PSS exceeds this (needs memory: pss)")
     max_gpu_memory: Size | None = Field(None, description="kill a group whose summed GPU memory exceeds this")
@@ -204,6 +215,13 @@ class Rule(_Strict):
     def condition(self) -> str:
         return next(c for c in self.CONDITIONS if getattr(self, c) is not None)
 
+    @field_validator("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above", "system_available_below")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:  # a zero limit would hold every group over it
+            raise ValueError(f"must be above 0, got {v:g}")
+        return v
+
     @model_validator(mode="after")
     def _one_condition(self):
         given = [c for c in self.CONDITIONS if getattr(self, c) is not None]
@@ -223,6 +241,9 @@ class EnforcerConfig(_Strict):
     enabled: bool = Field(False, description="run the enforcer inside `serve`; `enforce` always runs it")
     dry_run: bool = Field(False, description="log what would be killed, kill nothing")
     event_log: str | None = Field(None, description="append one JSON line per action to this file")
+    event_log_max_size: Size = Field(16 * 2**20, gt=0, description="the event log rotates at this size")
+    event_log_keep: int = Field(3, ge=0, le=100, description="rotated event logs kept (NAME.1 ... NAME.N); the oldest "
+                                                             "is deleted")
     protect: list[Matcher] = Field(default_factory=list, description="never signal processes matching these (added to the built-in list)")
     rules: list[Rule] = Field(default_factory=list)
     notify: Notify = Field(default_factory=Notify)
@@ -290,6 +311,16 @@ class Config(_Strict):
         for i, rule in enumerate(self.enforcer.rules):
             if rule.max_pss is not None and self.memory != "pss":
                 raise ValueError(f"enforcer.rules[{i}].max_pss: needs `memory: pss`")
+        return self
+
+    @model_validator(mode="after")
+    def _rules_say_what_they_watch(self):
+        """Every group is a choice one writes, never what a forgotten or empty `match` means."""
+        for i, rule in enumerate(self.enforcer.rules):
+            if "match" not in rule.model_fields_set or (rule.match.is_empty and rule.match.group is None
+                                                         and not rule.match.every_group):
+                raise ValueError(f"enforcer.rules[{i}].match: say which groups rule {rule.name!r} watches, e.g. "
+                                 "match: {cmdline: 'bun test'}, or match: {all: true} for every group")
         return self
 
 

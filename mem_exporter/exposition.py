@@ -270,6 +270,35 @@ LANDING = """<!doctype html><html><head><title>mem-exporter</title></head><body>
 """
 
 
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers together; a scraper sends a few hundred bytes
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\n"
+              b"Connection: close\r\n\r\nrequest head too large\n")
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _HeadBudget:
+    """The connection's reader while a request head is read: lines come from the real reader, but no more
+    than MAX_HEADER_BYTES in all, so a client's headers (read before authentication) pin at most that."""
+
+    def __init__(self, rfile, budget: int):
+        self._rfile = rfile
+        self._left = budget
+
+    def readline(self, size: int = -1) -> bytes:
+        cap = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        line = self._rfile.readline(cap)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _HeadTooLarge()
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._rfile, name)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "MetricsServer"
     protocol_version = "HTTP/1.1"
@@ -279,6 +308,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.client_timeout  # a slow or idle client is dropped, never waited on for ever
         self.web = self.server.web  # one web config for the whole connection, even across a reload
         super().setup()
+
+    def handle_one_request(self) -> None:
+        real, self.rfile = self.rfile, _HeadBudget(self.rfile, MAX_HEADER_BYTES)
+        try:
+            super().handle_one_request()
+        except _HeadTooLarge:
+            self.close_connection = True
+            try:
+                self.wfile.write(_TOO_LARGE)
+                self.wfile.flush()
+            except OSError:
+                pass
+        finally:
+            self.rfile = real
 
     def do_GET(self) -> None:
         if not self.web.authorized(self.headers.get("Authorization")):

@@ -44,7 +44,6 @@ class Service:
             collectors.append(SelfProtectionCollector(self.protection))
         self.session_log = session_log  # a sessionlog.SessionLog, or None
         if session_log is not None:
-            session_log.groups_config = lambda: self.config.groups
             if self.enforcer is not None:
                 session_log.limits = lambda: self.enforcer.limit_series
             self.loop.consumers.append(session_log.on_sample)

@@ -1,45 +1,52 @@
 """Session logs: every Sample of a session, written to a directory as JSON lines or CSV.
 
 `SessionLog.on_sample` is a SamplingLoop consumer that only queues the (immutable)
-Sample; a writer thread turns it into records and appends them with buffered
-writes, so logging never slows sampling. Each file is capped and rotated
-(`NAME` -> `NAME.1` -> ... -> `NAME.<keep>`, the oldest deleted), so a long
-session never fills the disk. The record shapes are documented in docs/report.md.
+Sample; a writer thread turns it into records and appends them, one write per sample,
+so logging never slows sampling. Each file is capped and rotated (`NAME` -> `NAME.1`
+-> ... -> `NAME.<keep>`, the oldest deleted), so a long session never fills the disk;
+the writer thread fsyncs when it has caught up (at most once a second) and at the end.
+Record shapes live in `records`; they are documented in docs/report.md.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import queue
 import re
-import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-from .grouping import cap_groups
+from .records import DEFAULT_SESSION_KEEP as DEFAULT_KEEP
+from .records import DEFAULT_SESSION_MAX_BYTES as DEFAULT_MAX_BYTES
+from .records import (
+    SCHEMA,
+    Limits,
+    LogFile,
+    dumps,
+    make_private_dirs,
+    session_header,
+    shared_log,
+)
+from .records import session_sample_record as sample_record
 from .sample import Sample
-from .units import iso_utc as iso
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+__all__ = ["FORMATS", "GPU_CSV_COLUMNS", "MEMORY_CSV_COLUMNS", "SCHEMA", "RotatingFile", "SessionLog", "csv_rows",
+           "sample_record", "session_paths"]
+
 FORMATS = ("jsonl", "csv")
-DEFAULT_MAX_BYTES = 50 * 1000**2  # per file, before it rotates
-DEFAULT_KEEP = 4  # rotated files kept per stream: at most (keep + 1) * max_bytes on disk each
+SYNC_EVERY = 1.0  # seconds between fsyncs of a busy session log
 
 MEMORY_CSV_COLUMNS = ("timestamp", "phase", "kind", "name", "key", "memory_bytes", "rss_bytes", "pss_bytes",
                       "swap_bytes", "processes", "gpu_memory_bytes", "limit_bytes", "limit_rule",
                       "total_bytes", "available_bytes", "swap_total_bytes", "swap_used_bytes")
 GPU_CSV_COLUMNS = ("timestamp", "phase", "gpu", "uuid", "name", "memory_total_bytes", "memory_used_bytes",
                    "utilization_ratio", "temperature_celsius", "power_watts", "power_limit_watts")
-
-Limits = Sequence[tuple]  # (rule, group label, ..., limit bytes): the enforcer's limit_series rows
-
 
 
 def safe_session(name: str) -> str:
@@ -60,56 +67,9 @@ def session_paths(directory: str | os.PathLike, session: str, started: float, fm
         else:
             paths = {"memory": directory / f"memory-{stem}.csv", "gpu": directory / f"gpu-memory-{stem}.csv"}
         paths["events"] = directory / f"events-{stem}.jsonl"
-        if not any(p.exists() for p in paths.values()):
+        if not any(os.path.lexists(p) for p in paths.values()):  # a dangling link is taken too
             return paths
     raise FileExistsError(f"too many sessions named {session!r} in {directory} this second")
-
-
-def _limits_by_group(limits: Limits) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for row in limits:
-        out.setdefault(row[1], {})[row[0]] = int(row[-1])
-    return out
-
-
-def sample_record(sample: Sample, groups: Iterable, limits: Limits = ()) -> dict[str, Any]:
-    """The JSON-lines record of one sample (`groups`: the capped groups to log)."""
-    s = sample.system
-    by_group = _limits_by_group(limits)
-    out_groups = []
-    for g in groups:
-        rec: dict[str, Any] = {"group": g.label, "key": g.key, "kind": g.kind, "processes": g.processes,
-                               "rss_bytes": g.rss_bytes}
-        if g.pgid is not None:
-            rec["pgid"] = g.pgid
-        if g.members:
-            leader = next((p for p in g.members if p.pid == g.pgid), g.members[0])
-            rec["leader"] = leader.comm
-        if g.pss_bytes is not None:
-            rec["pss_bytes"] = g.pss_bytes
-        if g.swap_bytes is not None:
-            rec["swap_bytes"] = g.swap_bytes
-        if g.gpu_memory_bytes:
-            rec["gpu_memory_bytes"] = {str(k): v for k, v in sorted(g.gpu_memory_bytes.items())}
-        if g.label in by_group:
-            rec["limits"] = by_group[g.label]
-        out_groups.append(rec)
-    return {
-        "type": "sample",
-        "t": round(sample.timestamp, 3),
-        "phase": sample.phase,
-        "memtype": sample.memtype,
-        "system": {"total_bytes": s.total_bytes, "available_bytes": s.available_bytes, "used_bytes": s.used_bytes,
-                   "free_bytes": s.free_bytes, "swap_total_bytes": s.swap_total_bytes,
-                   "swap_used_bytes": s.swap_used_bytes},
-        "cpu_ratio": None if sample.cpu_usage_ratio is None else round(sample.cpu_usage_ratio, 4),
-        "processes": sample.process_count,
-        "groups": out_groups,
-        "gpus": [{"gpu": c.index, "uuid": c.uuid, "name": c.name, "memory_total_bytes": c.memory_total_bytes,
-                  "memory_used_bytes": c.memory_used_bytes, "utilization_ratio": c.utilization_ratio,
-                  "temperature_celsius": c.temperature_celsius, "power_watts": c.power_watts,
-                  "power_limit_watts": c.power_limit_watts} for c in sample.gpus],
-    }
 
 
 def csv_rows(record: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
@@ -128,54 +88,25 @@ def csv_rows(record: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
     return memory, gpus
 
 
-class RotatingFile:
-    """An append-only text file that never grows past `max_bytes`: when full it is renamed to NAME.1
-    (NAME.1 to NAME.2, ...), the one beyond `keep` is deleted, and a fresh NAME starts with `header`."""
+class RotatingFile(LogFile):
+    """A capped, rotated text file whose every piece starts with `header` (a LogFile taking str)."""
 
     def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP, header: str = ""):
-        self.path = Path(path)
-        self.max_bytes = max(1024, int(max_bytes))
-        self.keep = max(0, int(keep))
-        self.header = header.encode()
-        self.rotations = 0
-        self._open()
+        super().__init__(path, max_bytes, keep, header.encode())
 
-    def _open(self) -> None:
-        self._f = open(self.path, "ab", buffering=64 * 1024)
-        self.size = self._f.tell()
-        if self.size == 0 and self.header:
-            self._f.write(self.header)
-            self.size = len(self.header)
+    def write(self, text: str) -> bool:  # type: ignore[override]
+        return self.write_bytes(text.encode("utf-8", "replace"))
 
-    def write(self, text: str) -> None:
-        data = text.encode()
-        if self.size > len(self.header) and self.size + len(data) > self.max_bytes:
-            self.rotate()
-        self._f.write(data)
-        self.size += len(data)
 
-    def rotate(self) -> None:
-        self._f.close()
-        name = str(self.path)
-        if self.keep == 0:
-            os.unlink(name)
-        for i in range(self.keep, 0, -1):  # NAME.keep is overwritten: the oldest goes
-            src = name if i == 1 else f"{name}.{i - 1}"
-            if os.path.exists(src):
-                os.replace(src, f"{name}.{i}")
-        self.rotations += 1
-        self._open()
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+def _csv_cell(value: Any) -> Any:
+    """A line break inside a cell (a process may name itself so) would make one row two physical lines;
+    readers take a row per line, so that a damaged row costs exactly that row."""
+    return value.replace("\r", " ").replace("\n", " ") if isinstance(value, str) else value
 
 
 def _csv_line(row: Sequence) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(row)
+    csv.writer(buf, lineterminator="\n").writerow([_csv_cell(v) for v in row])
     return buf.getvalue()
 
 
@@ -185,25 +116,23 @@ class SessionLog:
 
     def __init__(self, directory: str | os.PathLike, session: str = "session", fmt: str = "jsonl",
                  max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP, *,
-                 groups_config: Callable[[], Any] | None = None, limits: Callable[[], Limits] | None = None,
+                 limits: Callable[[], Limits] | None = None,
                  info: dict[str, Any] | None = None, started: float | None = None, queue_size: int = 10_000):
-        from .config import Groups
         self.started = time.time() if started is None else started
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.directory)
         self.fmt = fmt
         self.paths = session_paths(self.directory, session, self.started, fmt)
-        self.groups_config = groups_config or Groups
         self.limits = limits  # called on the sampling thread: must be cheap (a list copy)
         self.dropped = 0
-        header = {"type": "session", "schema": SCHEMA, "session": session, "started": iso(self.started),
-                  "t": round(self.started, 3), "host": socket.gethostname(), "pid": os.getpid(), "format": fmt,
-                  **(info or {})}
+        header = dumps(session_header(session, self.started, format=fmt, **(info or {})))
         if fmt == "jsonl":
-            self._files = {"samples": RotatingFile(self.paths["samples"], max_bytes, keep, json.dumps(header, separators=(",", ":")) + "\n")}
+            self._files = {"samples": LogFile(self.paths["samples"], max_bytes, keep, header)}
         else:
             self._files = {"memory": RotatingFile(self.paths["memory"], max_bytes, keep, _csv_line(MEMORY_CSV_COLUMNS)),
                            "gpu": RotatingFile(self.paths["gpu"], max_bytes, keep, _csv_line(GPU_CSV_COLUMNS))}
+        self._events: LogFile | None = None  # opened with the first event (the enforcer may be writing it too)
+        self._synced = time.monotonic()
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="session-log", daemon=True)
         self._thread.start()
@@ -240,28 +169,35 @@ class SessionLog:
                 break
             try:
                 self._write(*item)
-                if self._q.empty():  # idle: make what we have readable (a report of a live session)
-                    self._flush()
-            except Exception:  # a full disk or a bug must not kill the thread: keep trying with later samples
+                if self._q.empty() and time.monotonic() - self._synced >= SYNC_EVERY:  # caught up: make it durable
+                    self._sync()
+            except Exception:  # a bug must not kill the thread: keep trying with later samples
                 log.exception("session log write failed")
         for f in self._files.values():
             f.close()
+        if self._events is not None:
+            self._events.sync()
 
-    def _flush(self) -> None:
+    def _sync(self) -> None:
+        self._synced = time.monotonic()
         for f in self._files.values():
-            f.flush()
+            f.sync()
 
     def _write(self, kind: str, obj: Any, limits: Limits | None) -> None:
-        if kind == "event":  # events are rare, and the enforcer appends to the same file: one whole line per write
-            with open(self.paths["events"], "a") as f:
-                f.write(json.dumps(obj, default=str) + "\n")
+        if kind == "event":  # the enforcer appends to the same file, through the same shared writer
+            if self._events is None:
+                try:
+                    self._events = shared_log(self.paths["events"])  # the enforcer's limits, if it came first
+                except OSError as e:
+                    log.error("cannot write event log %s: %s", self.paths["events"], e.strerror or e)
+                    return
+            self._events.write(obj)
             return
-        cfg = self.groups_config()
-        record = sample_record(obj, cap_groups(obj.groups, cfg.max_groups, cfg.min_memory, obj.memtype), limits)
+        record = sample_record(obj, obj.exported, limits or ())  # the groups capped once, by the sampler
         if self.fmt == "jsonl":
-            self._files["samples"].write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._files["samples"].write(record)
             return
         memory, gpus = csv_rows(record)
-        self._files["memory"].write("".join(_csv_line(r) for r in memory))
+        self._files["memory"].write_bytes("".join(_csv_line(r) for r in memory).encode("utf-8", "replace"))
         if gpus:
-            self._files["gpu"].write("".join(_csv_line(r) for r in gpus))
+            self._files["gpu"].write_bytes("".join(_csv_line(r) for r in gpus).encode("utf-8", "replace"))

@@ -67,6 +67,20 @@ BAD = [
     ("enforcer: {rules: [{name: r, max_pss: 1GB}]}\n", "enforcer.rules[0].max_pss: needs `memory: pss`"),
     ("enforcer: {rules: [{name: r, max_rss: 1GB}, {name: r, max_rss: 2GB}]}\n",
      "enforcer: rule names must be unique; repeated: r"),
+    ("enforcer: {rules: [{name: r, max_rss: 0, match: {all: true}}]}\n", "enforcer.rules[0].max_rss: must be above 0, got 0"),
+    ("enforcer: {rules: [{name: r, gpu_memory_above: 0%, match: {all: true}}]}\n",
+     "enforcer.rules[0].gpu_memory_above: must be above 0, got 0"),
+    ("enforcer: {rules: [{name: r, system_available_below: 0, match: {all: true}}]}\n",
+     "enforcer.rules[0].system_available_below: must be above 0, got 0"),
+    ("enforcer: {rules: [{name: r, max_rss: 1GB}]}\n",
+     "enforcer.rules[0].match: say which groups rule 'r' watches, e.g. match: {cmdline: 'bun test'}, "
+     "or match: {all: true} for every group"),
+    ("enforcer: {rules: [{name: r, max_rss: 1GB, match: {}}]}\n",
+     "enforcer.rules[0].match: say which groups rule 'r' watches, e.g. match: {cmdline: 'bun test'}, "
+     "or match: {all: true} for every group"),
+    ("enforcer: {rules: [{name: r, max_rss: 1GB, match: {all: true, comm: x}}]}\n",
+     "enforcer.rules[0].match: `all: true` selects every group: give it alone, or drop it and keep the regexes"),
+    ("enforcer: {event_log_max_size: 0}\n", "enforcer.event_log_max_size: Input should be greater than 0 (got 0)"),
     ("enforcer: {rules: [{name: r, max_rss: 1GB, match: {group: '[x'}}]}\n",
      "enforcer.rules[0].match.group: bad regular expression '[x': unterminated character set at position 0"),
     ("enforcer: {enabled: maybe}\n", "enforcer.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')"),
@@ -125,6 +139,19 @@ def test_check_config_ok_and_bad(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert r.stdout.splitlines() == [f"{bad}: interval: 'fast' is not a duration (examples: 2s, 500ms, 1m)",
                                      f"{bad}: groups.max_groups: Input should be greater than or equal to 1 (got -1)"]
+
+
+def test_check_config_refuses_a_zero_limit_that_would_select_everything(tmp_path):
+    """The reproduced case: `max_rss: 0` and no match listed every group of the user as a victim."""
+    bad = tmp_path / "zero.yaml"
+    bad.write_text("enforcer:\n  rules:\n    - name: oops\n      max_rss: 0\n")
+    r = run_cli("check-config", str(bad))
+    assert r.returncode == 2 and r.stdout.splitlines() == [f"{bad}: enforcer.rules[0].max_rss: must be above 0, got 0"]
+    bad.write_text("enforcer:\n  rules:\n    - name: oops\n      max_rss: 1GB\n")
+    r = run_cli("check-config", str(bad))
+    assert r.returncode == 2 and r.stdout.splitlines() == [
+        f"{bad}: enforcer.rules[0].match: say which groups rule 'oops' watches, e.g. match: {{cmdline: 'bun test'}}, "
+        "or match: {all: true} for every group"]
 
 
 def test_serve_refuses_a_bad_config_with_exit_2(tmp_path):

@@ -1,13 +1,17 @@
 """`mem-exporter phase`: a state file written atomically, followed by every sampler on the host."""
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
-
+import pytest
 from conftest import metric_value, wait_for
+
+from mem_exporter import phase
 from mem_exporter.phase import ENV, PhaseWatcher, default_path, read_phase, write_phase
 
 ROOT = Path(__file__).parents[1]
@@ -49,7 +53,82 @@ def test_default_path_is_per_user(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_path() == tmp_path / "mem-exporter" / "phase"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert default_path().parent.name == f"mem-exporter-{os.getuid()}"
+    monkeypatch.setattr(phase, "_uid", lambda: 0)
+    assert default_path() == Path("/run/mem-exporter/phase")
+    monkeypatch.setattr(phase, "_uid", lambda: 1000)  # an ordinary user: a directory under its home, not /tmp
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    assert default_path() == tmp_path / ".local" / "state" / "mem-exporter" / "phase"
+
+
+# --- what others may plant at the phase path --------------------------------------------------
+
+def _planted(tmp_path: Path, kind: str) -> Path:
+    f = tmp_path / "phase"
+    if kind == "fifo":
+        os.mkfifo(f)
+    elif kind == "link-to-root-only":
+        secret = tmp_path / "secret"
+        secret.write_text("root-only-secret\n")
+        secret.chmod(0o600)
+        f.symlink_to(secret)
+    elif kind == "link-to-dev-zero":
+        f.symlink_to("/dev/zero")
+    elif kind == "big":
+        f.write_text("Idle\n" + "x" * 5000)
+    elif kind == "other-user":
+        f.write_text("Spoofed\n")
+        os.chown(f, 12345, 12345)
+    return f
+
+
+HOSTILE = ["fifo", "link-to-root-only", "link-to-dev-zero", "big", "other-user"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_planted_phase_file_is_ignored_with_one_warning(tmp_path, caplog, kind):
+    if kind == "other-user" and os.geteuid() != 0:
+        pytest.skip("needs root to make a file of another user")
+    w = PhaseWatcher(_planted(tmp_path, kind))
+    with caplog.at_level(logging.WARNING, logger="mem_exporter.phase"):
+        assert [w.read() for _ in range(5)] == [None] * 5  # returns at once: a FIFO never blocks the sampler
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith(f"phase file {w.path} ignored: "), warnings
+    assert "secret" not in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_phase_command_on_a_planted_file_answers_at_once(tmp_path, kind):
+    r = phase_cli("--phase-file", str(_planted(tmp_path, kind)))  # subprocess timeout: 30 s
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "ignored" not in r.stdout
+    assert r.stderr.startswith(f"mem-exporter: {tmp_path / 'phase'}: ")
+
+
+def test_serve_keeps_sampling_with_a_fifo_as_phase_file(daemon, tmp_path):
+    fifo = _planted(tmp_path, "fifo")
+    d = daemon("serve", "--interval", "0.2s", "--gpu-backend", "none", "--phase-file", str(fifo)).wait_healthy()
+    first = metric_value(d.metrics(), "mem_exporter_last_sample_timestamp_seconds")
+    wait_for(lambda: metric_value(d.metrics(), "mem_exporter_last_sample_timestamp_seconds") > first, 10,
+             what="a newer sample")
+    assert "mem_exporter_phase_info" not in d.metrics()
+    assert d.output().count("phase file") == 1
+
+
+def test_a_shared_or_foreign_directory_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could swap the file under us
+    with pytest.raises(PermissionError, match="may be written by others"):
+        write_phase(shared / "phase", "Idle")
+    made = tmp_path / "a" / "b"
+    write_phase(made / "phase", "Idle")
+    assert stat.S_IMODE(made.stat().st_mode) == stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 12345, 12345)
+        with pytest.raises(PermissionError, match="belongs to uid 12345"):
+            write_phase(foreign / "phase", "Idle")
 
 
 def test_watcher_rereads_only_on_change(tmp_path, monkeypatch):

@@ -120,8 +120,9 @@ def test_fallback_avg10_threshold_on_full(tmp_path):
 
 def test_config_forms_and_errors():
     cfg = validate_config({"enforcer": {"rules": [
-        {"name": "a", "memory_pressure_above": "20%"},
-        {"name": "b", "memory_pressure_above": {"kind": "full", "stall": "150ms", "window": "1s", "cgroup": "/job"}}]}})
+        {"name": "a", "match": {"all": True}, "memory_pressure_above": "20%"},
+        {"name": "b", "match": {"all": True},
+         "memory_pressure_above": {"kind": "full", "stall": "150ms", "window": "1s", "cgroup": "/job"}}]}})
     a, b = cfg.enforcer.rules
     assert a.condition == "memory_pressure_above" and a.memory_pressure_above.avg10 == 0.2
     assert (b.memory_pressure_above.kind, b.memory_pressure_above.stall, b.memory_pressure_above.source) == (
@@ -129,9 +130,11 @@ def test_config_forms_and_errors():
     for bad, words in [({"stall": "2s", "window": "1s"}, "at most window"),
                        ({"avg10": "10%", "stall": "1s"}, "exactly one of avg10, stall"),
                        ({"stall": "100ms", "window": "20s"}, "window"),
-                       ({"kind": "most", "avg10": 0.1}, "kind")]:
+                       ({"kind": "most", "avg10": 0.1}, "kind"),
+                       ({"avg10": "0%"}, "avg10 must be above 0")]:
         with pytest.raises(ConfigError) as e:
-            validate_config({"enforcer": {"rules": [{"name": "p", "memory_pressure_above": bad}]}}, "c.yaml")
+            validate_config({"enforcer": {"rules": [{"name": "p", "match": {"all": True},
+                                                     "memory_pressure_above": bad}]}}, "c.yaml")
         assert "c.yaml: enforcer.rules[0].memory_pressure_above" in str(e.value) and words in str(e.value)
 
 
@@ -147,7 +150,7 @@ def _tree(tmp_path):
 
 def _sampler(tmp_path, rule: dict) -> Sampler:
     cfg = validate_config({"paths": {"procfs": str(tmp_path / "proc"), "cgroupfs": str(tmp_path / "cg")},
-                           "gpu": {"backend": "none"}, "enforcer": {"rules": [{"name": "psi", **rule}]}})
+                           "gpu": {"backend": "none"}, "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]}})
     return Sampler(cfg)
 
 
@@ -202,7 +205,7 @@ def test_cgroup_pressure_rule_reads_that_cgroups_file(tmp_path):
 
 def test_no_psi_no_action_and_no_metric(tmp_path):
     _tree(tmp_path)
-    s = _sampler(tmp_path, {"memory_pressure_above": {"avg10": 0.0}})
+    s = _sampler(tmp_path, {"memory_pressure_above": {"avg10": 0.01}})
     sample, actions = _decide(s, PolicyState(), 100.0)
     assert sample.pressure is None and actions == []
 

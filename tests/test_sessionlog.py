@@ -29,7 +29,7 @@ def make_sample(i: int, phase: str | None = "Idle") -> Sample:
                    memory_used_bytes=(2048 + i) * MiB, utilization_ratio=0.5)
     return Sample(timestamp=T0 + i, monotonic=float(i), duration_seconds=0.01,
                   system=SystemMemory(16 * 1024 * MiB, (12 * 1024 - i) * MiB, 8 * 1024 * MiB, 0, 0),
-                  cpu_usage_ratio=0.1, process_count=2, groups=groups, gpus=(card,), phase=phase)
+                  cpu_usage_ratio=0.1, process_count=2, groups=groups, gpus=(card,), phase=phase, exported=groups)
 
 
 def write_session(directory, fmt: str, n: int = 30, **kw) -> SessionLog:

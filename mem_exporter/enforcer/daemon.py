@@ -94,7 +94,8 @@ class Enforcer:
             old_pressure, self.pressure = self.pressure, PressureWatches.from_config(config)
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
             self.ctx = own_context(config.paths.procfs, tuple(config.enforcer.protect), self.dry_run)
-            self.event_log = EventLog(config.enforcer.event_log)
+            self.event_log = EventLog(config.enforcer.event_log, config.enforcer.event_log_max_size,
+                                      config.enforcer.event_log_keep)
             if self.notifier is None:
                 self.notifier = Notifier(config.enforcer.notify)
             else:
@@ -126,6 +127,7 @@ class Enforcer:
             job.join(max(0.0, deadline - time.monotonic()))
         if self.notifier is not None:
             self.notifier.flush(3.0)
+        self.event_log.close()  # fsync what the kills above wrote
 
     def kills_in_progress(self) -> int:
         return len(self._jobs)

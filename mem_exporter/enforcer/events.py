@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import shutil
 import socket
@@ -18,76 +17,47 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..sample import ProcessInfo
-from .policy import Action
-from ..units import iso_utc as iso
+from ..records import (DEFAULT_EVENT_KEEP, DEFAULT_EVENT_MAX_BYTES, QUIET_ACTIONS, LogFile, event_member,
+                       event_record, shared_log)
 
 log = logging.getLogger(__name__)
 
 ALERTNAME = "MemExporterEnforcerKill"
 TIMEOUT = 3.0
 
-
-
-def member(p: ProcessInfo, memtype: str = "rss") -> dict:
-    mem = p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes
-    return {"pid": p.pid, "comm": p.comm, "command": p.cmdline[:300], "uid": p.uid, "memory_bytes": mem}
-
-
-def make_event(action: Action, timestamp: float, top: int = 5, memtype: str = "rss", **extra: Any) -> dict:
-    """The JSON-ready event for an action; `extra` (outcome, signals, time_to_death_seconds...) is merged in."""
-    g = action.group
-    ev: dict[str, Any] = {
-        "timestamp": iso(timestamp),
-        "rule": action.rule.name,
-        "condition": action.condition,
-        "action": action.kind,
-        "group": g.label if g else None,
-        "group_key": g.key if g else None,
-        "pgid": g.pgid if g else None,
-        "memory_bytes": g.memory_bytes(memtype) if g else None,
-        "processes": g.processes if g else 0,
-        "value": action.value,
-        "limit": action.limit,
-        "members": [member(p, memtype) for p in (g.top(top) if g else ())],
-    }
-    if action.gpu is not None:
-        ev["gpu"] = action.gpu
-        ev["gpu_memory_bytes"] = g.gpu_memory_bytes.get(action.gpu) if g else None
-    if action.reason:
-        ev["reason"] = action.reason
-    if action.kind == "dry_run":
-        ev["would_signal"] = [{"pid": p.pid, "comm": p.comm} for p in action.targets]
-        ev["signals"] = list(action.rule.signals)
-        ev["outcome"] = "not_killed"
-    ev.update(extra)
-    return ev
+member = event_member  # the shapes live in records; these names stay for callers
+make_event = event_record
 
 
 class EventLog:
-    """Appends one JSON line per event and flushes it; also logs a one-line summary."""
+    """The enforcer's event log: one JSON line per event (also logged as a one-line summary), in a file
+    capped at `max_bytes` with `keep` rotated ones. `write()` returns once the line is in the page cache;
+    the fsync runs on the writer's own thread, so a caller holding a lock never waits for the disk.
+    Every EventLog of one path in a process shares one writer (a reload makes a new EventLog)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, max_bytes: int = DEFAULT_EVENT_MAX_BYTES, keep: int = DEFAULT_EVENT_KEEP):
         self.path = path
-        self._lock = threading.Lock()
+        self._file: LogFile | None = None
+        if path:
+            try:
+                self._file = shared_log(path, max_bytes, keep)
+            except OSError as e:  # the daemon runs on; the summary lines still reach its log
+                log.error("cannot write event log %s: %s", path, e.strerror or e)
 
     def write(self, event: dict) -> None:
-        level = logging.INFO if event["action"] in ("skipped_protected", "skipped_other_user", "no_victim") else logging.WARNING
+        level = logging.INFO if event["action"] in QUIET_ACTIONS else logging.WARNING
         log.log(level, "enforcer %s: rule=%s group=%s pgid=%s memory=%s outcome=%s%s", event["action"], event["rule"],
                 event.get("group"), event.get("pgid"), event.get("memory_bytes"), event.get("outcome"),
                 f" reason={event['reason']}" if event.get("reason") else
                 f" would_signal={[p['pid'] for p in event['would_signal']]}" if "would_signal" in event else "")
-        if not self.path:
-            return
-        line = json.dumps(event, sort_keys=False, default=str) + "\n"
-        with self._lock:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(line)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                log.error("cannot write event log %s: %s", self.path, e)
+        if self._file is not None:
+            self._file.write(event)
+            self._file.sync(background=True)
+
+    def close(self) -> None:
+        """fsync; the file stays open while another EventLog of the same path uses it."""
+        if self._file is not None:
+            self._file.sync()
 
 
 def alertmanager_payload(event: dict, instance: str) -> list[dict]:

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..records import line_kind
 from .model import Run
 from .progress import Progress
-
-log = logging.getLogger(__name__)
 
 _LOG_SUFFIXES = (".jsonl", ".json", ".csv", ".ndjson")
 
@@ -92,18 +90,22 @@ def add_event(run: Run, rec: dict[str, Any]) -> None:
 
 def add_record(run: Run, rec: dict[str, Any]) -> None:
     """One JSON line of any of this project's logs: a session log, a `run` log, an event log."""
-    kind = rec.get("type")
+    kind = line_kind(rec)
     if kind == "sample":
         add_sample(run, rec)
     elif kind == "session":
         run.sessions.append(rec)
         run.memtype = rec.get("memtype") or run.memtype
-    elif kind == "event" or ("action" in rec and "rule" in rec):  # the enforcer's event lines carry no type
+    elif kind == "event":
         add_event(run, rec)
 
 
+def _damaged(run: Run, path: Path) -> None:
+    run.skipped[str(path)] = run.skipped.get(str(path), 0) + 1
+
+
 def read_jsonl(path: Path, run: Run, progress: Progress) -> None:
-    bad = 0
+    """Every line a record; one that does not parse (cut by a crash or a full disk) is skipped and counted."""
     with open(path, "rb") as f:
         for line in f:
             progress.update(len(line))
@@ -114,36 +116,62 @@ def read_jsonl(path: Path, run: Run, progress: Progress) -> None:
                 if isinstance(rec, dict):
                     add_record(run, rec)
             except (ValueError, KeyError, TypeError):
-                bad += 1  # a line cut short by a crash, say
-    if bad:
-        log.warning("%s: skipped %d unreadable lines", path, bad)
+                _damaged(run, path)
 
 
 def read_csv(path: Path, run: Run, progress: Progress) -> None:
-    """The memory CSV (system and group rows) or the GPU CSV, told apart by their columns."""
-    with open(path, newline="") as f:
-        rows = csv.DictReader(f)
-        fields = rows.fieldnames or []
-        keep = False  # whether the current timestamp is new (the same file read twice adds nothing)
-        for row in rows:
-            progress.update(sum(len(v or "") + 1 for v in row.values()))
-            t = _time(row["timestamp"])
-            if "gpu" in fields:
-                run.gpu(row["gpu"], row.get("name"), _num(row.get("memory_total_bytes"))).add(
-                    t, _num(row.get("memory_used_bytes")))
-            elif row["kind"] == "system":
-                keep = run.new_sample(t, row.get("phase"))
-                if keep:
-                    run.system.capacity = _num(row["total_bytes"])
-                    run.system.add(t, _num(row["memory_bytes"]))
-                    run.swap.capacity = _num(row["swap_total_bytes"]) or None
-                    run.swap.add(t, _num(row["swap_used_bytes"]))
-            elif keep:
-                series = run.group(row["name"])
-                series.add(t, _num(row["memory_bytes"]))
-                if row.get("limit_rule"):
-                    series.limits[row["limit_rule"]] = float(row["limit_bytes"])
-                series.gpu_bytes = max(series.gpu_bytes, _num(row.get("gpu_memory_bytes")) or 0.0)
+    """The memory CSV (system and group rows) or the GPU CSV, told apart by their columns. A row per line
+    (the writer keeps line breaks out of cells), so a damaged row is skipped alone and counted."""
+    keep = False  # whether the current timestamp is new (the same file read twice adds nothing)
+    fields: list[str] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            progress.update(len(raw))
+            try:
+                cells = next(csv.reader([raw.decode("utf-8").rstrip("\r\n")]), [])
+            except (UnicodeDecodeError, csv.Error):
+                _damaged(run, path)
+                continue
+            if not cells or cells == [""]:
+                continue
+            if not fields or cells == fields:  # the header (a rotated file repeats it)
+                fields = cells
+                continue
+            if len(cells) != len(fields):
+                _damaged(run, path)
+                continue
+            try:
+                keep = _csv_row(run, dict(zip(fields, cells)), "gpu" in fields, keep)
+            except (ValueError, KeyError, TypeError):
+                _damaged(run, path)
+
+
+def _csv_row(run: Run, row: dict[str, str], gpu: bool, keep: bool) -> bool:
+    t = _time(row["timestamp"])
+    if t is None:
+        raise ValueError("no timestamp")
+    if gpu:
+        total, used = _num(row.get("memory_total_bytes")), _num(row.get("memory_used_bytes"))
+        run.gpu(row["gpu"], row.get("name"), total).add(t, used)
+    elif row["kind"] == "system":
+        values = [_num(row[k]) for k in ("total_bytes", "memory_bytes", "swap_total_bytes", "swap_used_bytes")]
+        keep = run.new_sample(t, row.get("phase"))
+        if keep:
+            run.system.capacity = values[0]
+            run.system.add(t, values[1])
+            run.swap.capacity = values[2] or None
+            run.swap.add(t, values[3])
+    elif row["kind"] != "group":
+        raise ValueError(f"unknown row kind {row['kind']!r}")
+    elif keep:
+        memory, gpu_bytes = _num(row["memory_bytes"]), _num(row.get("gpu_memory_bytes")) or 0.0
+        limit = float(row["limit_bytes"]) if row.get("limit_rule") else None
+        series = run.group(row["name"])
+        series.add(t, memory)
+        if limit is not None:
+            series.limits[row["limit_rule"]] = limit
+        series.gpu_bytes = max(series.gpu_bytes, gpu_bytes)
+    return keep
 
 
 def read_logs(paths: Iterable[str | os.PathLike], run: Run | None = None, progress: bool | None = None) -> Run:

@@ -39,6 +39,7 @@ class Run:
     gpus: dict[str, Series] = field(default_factory=dict)  # gpu index -> used memory
     groups: dict[str, Series] = field(default_factory=dict)  # group label -> memory
     events: list[dict[str, Any]] = field(default_factory=list)  # enforcer events (kills, dry runs)
+    skipped: dict[str, int] = field(default_factory=dict)  # file -> damaged records skipped
     _seen: set = field(default_factory=set, repr=False)
 
     def new_sample(self, t: float, phase: str | None) -> bool:

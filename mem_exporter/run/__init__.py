@@ -24,7 +24,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,10 +38,10 @@ from ..enforcer.metrics import EnforcerCollector, EnforcerState, Tally
 from ..enforcer.policy import Action, poll_period, protection
 from ..grouping import descendants
 from ..phase import PhaseWatcher
-from ..runlog import MB, SCHEMA, RunLog, mb, resolve_path, sample_record
+from ..records import exit_record, session_header
+from ..runlog import MB, RunLog, mb, resolve_path, sample_record
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import Sampler
-from ..units import iso_utc as iso
 from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
                       options_from)
 from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
@@ -208,12 +207,11 @@ class Runner:
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # only now: the command's SIGTTOU stays default
 
     def _write_header(self) -> None:
-        self.log.write({"type": "session", "schema": SCHEMA, "session": self.name, "command": list(self.opts.command),
-                        "started": iso(self.started), "t": round(self.started, 3), "host": socket.gethostname(),
-                        "pid": os.getpid(), "command_pid": self.cmd_pid or None, "threshold_bytes": self.opts.threshold,
-                        "threshold_mb": mb(self.opts.threshold), "interval": self.opts.interval,
-                        "grace": self.opts.grace, "memtype": "rss", "terminal": self.tty is not None,
-                        "subreaper": self.subreaper})
+        self.log.write(session_header(self.name, self.started, command=list(self.opts.command),
+                                      command_pid=self.cmd_pid or None, threshold_bytes=self.opts.threshold,
+                                      threshold_mb=mb(self.opts.threshold), interval=self.opts.interval,
+                                      grace=self.opts.grace, memtype="rss", terminal=self.tty is not None,
+                                      subreaper=self.subreaper))
         self.log.flush()
 
     # --- watching ---------------------------------------------------------------------------
@@ -436,10 +434,8 @@ class Runner:
         if event is not None:
             self.log.write(event)
         now = time.time()
-        self.log.write({"type": "exit", "timestamp": iso(now), "t": round(now, 3), "cause": cause,
-                        "exit_status": status, "command_status": self.cmd_status, "peak_bytes": self.peak,
-                        "peak_mb": mb(self.peak), "threshold_bytes": self.opts.threshold,
-                        "duration_seconds": round(now - self.started, 3)})
+        self.log.write(exit_record(now, self.started, cause, status, command_status=self.cmd_status,
+                                   peak_bytes=self.peak, peak_mb=mb(self.peak), threshold_bytes=self.opts.threshold))
         self.log.close()
         if self._serving:
             self.server.stop()
