@@ -6,15 +6,19 @@ is a child subreaper (Linux), so a descendant orphaned on the way reparents to t
 of init and stays in the tree; members are remembered by (pid, start time), so a reused pid is
 never mistaken for one. The tree's summed RSS is what the threshold limits.
 
-One loop on the main thread: reap children, read the tree, log, check the limit. Reading is the
-Sampler's full /proc walk every interval; in between, only the tree's members and pids new since
-the walk (a few files): at least every 0.5 s, and every 50 to 100 ms near the limit, as the
-enforcer's fast lane does. Stopping the tree goes through the enforcer's kill engine (kill.execute):
-identity-checked signals to every member and killpg on the command's group, grace with re-reads,
-the hard ceiling, SIGKILL, confirmed death. Nothing in the tree is exempt: it is the user's own command.
+One loop on the main thread: reap children, read the tree, log, check the limit. The tree is read
+from the wrapper down through the kernel's child links (tree.py): at least every 0.5 s, and every 50
+to 100 ms near the limit, as the enforcer's fast lane does; system memory is one meminfo read per
+interval. Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
+the kernel has no child links, or the source is not procfs, the Sampler's full walk every interval
+and a listing of new pids in between take their place. Stopping the tree goes through the
+enforcer's kill engine (kill.execute): identity-checked signals to every member and killpg on the
+command's group, grace with re-reads, the hard ceiling, SIGKILL, confirmed death. Nothing in the
+tree is exempt: it is the user's own command.
 
     options.py     flags and environment variables
     supervisor.py  subreaper, terminal, exit statuses
+    tree.py        the tree through child links
 """
 from __future__ import annotations
 
@@ -40,11 +44,12 @@ from ..grouping import descendants
 from ..phase import PhaseWatcher
 from ..records import exit_record, session_header
 from ..runlog import MB, RunLog, mb, resolve_path, sample_record
-from ..sample import GroupSample, ProcessInfo, Sample
+from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
 from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
                       options_from)
 from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
+from .tree import TreeWalk, links_available
 
 __all__ = ["Runner", "RunOptions", "SetupError", "main", "options_from", "tree_members"]
 
@@ -59,6 +64,7 @@ TTY_STATUS_EVERY = 0.2
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ZONES = ((0.67, "32"), (0.83, "33"), (float("inf"), "31"))  # safe green, caution yellow, critical red
 
+_NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read succeeds
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
 
 
@@ -92,6 +98,10 @@ class Runner:
         self.breach: GroupSample | None = None
         self.system = None
         self.latest: Sample | None = None
+        self.phase: str | None = None
+        self.tree: TreeWalk | None = None  # None: parent links from full listings (the fallback)
+        self._cpu_prev: tuple[float, float] | None = None
+        self._cpu: float | None = None
         self.peak = 0
         self.tally = Tally()
         self.proc: subprocess.Popen | None = None
@@ -115,6 +125,9 @@ class Runner:
     def run(self) -> int:
         self._open_outputs()  # SetupError: nothing has started yet
         self.subreaper = become_subreaper()
+        procfs = self.config.paths.procfs
+        if self.sampler.source_name == "procfs" and links_available(procfs, os.getpid()):
+            self.tree = TreeWalk(self.sampler.reader, procfs, os.getpid())
         self._install_signals()
         try:
             self._spawn()
@@ -236,10 +249,57 @@ class Runner:
             self._sleep(min(next_full, time.monotonic() + period) - time.monotonic())
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
-        """Re-read the tree: a full sample, or (fast lane) the members plus pids new since the last one."""
+        """Re-read the tree; `full` once per interval: system memory too, a log line, the exposition."""
+        began = time.perf_counter()
+        sample = None
+        if self.tree is not None:
+            ok = self._read_links(full)
+        else:
+            sample = self._read_by_listing(full)
+            ok = sample is None or all(sample.sources_up.values())
+        members = sorted(self.members.values(), key=lambda p: p.rss_bytes, reverse=True)
+        group = GroupSample(key=f"tree:{self.cmd_pid}", label=self.name, kind="tree",
+                            rss_bytes=sum(p.rss_bytes for p in members), processes=len(members),
+                            members=tuple(members), pgid=self.cmd_pid)
+        self.group = group
+        self.peak = max(self.peak, group.rss_bytes)
+        self.growth.observe(RULE, group.rss_bytes, time.monotonic())
+        if record:
+            self._record(group, full, sample, ok, time.perf_counter() - began)
+        return group
+
+    def _read_links(self, full: bool) -> bool:
+        """The tree from the wrapper down through child links; once per interval one meminfo read and
+        the phase file's stat. False when /proc could not be read (the last tree is kept)."""
+        ok = True
+        try:
+            self.members = self.tree.read(self.members)
+        except OSError as e:
+            log.debug("reading the tree failed: %s", e)
+            self.sampler.errors_total[self.sampler.source_name] += 1
+            ok = False
+        if full:
+            reader = self.sampler.reader
+            try:
+                self.system = reader.read_system()
+                if self.exposition is not None:  # the host's CPU share, as a full sample exports it
+                    busy, total = reader.read_cpu_times()
+                    prev, self._cpu_prev = self._cpu_prev, (busy, total)
+                    if prev is not None and total > prev[1]:
+                        self._cpu = max(0.0, min(1.0, (busy - prev[0]) / (total - prev[1])))
+            except OSError as e:
+                log.debug("reading system memory failed: %s", e)
+                ok = False
+            if self.sampler.phase_watcher is not None:
+                self.phase = self.sampler.phase_watcher.read()
+        return ok
+
+    def _read_by_listing(self, full: bool) -> Sample | None:
+        """Without child links: a full sample, or (fast lane) the members plus pids new since the last one."""
         sample = None
         if full:
             sample = self.sampler.tick()
+            self.phase = sample.phase
             if all(sample.sources_up.values()):  # a failed walk reads as an empty tree: keep the last one
                 self.system = sample.system
                 self._seen = {p.pid for p in sample.processes}
@@ -255,31 +315,32 @@ class Runner:
                 self.members = tree_members(procs, self.members, os.getpid())
             except OSError as e:
                 log.debug("fast read failed: %s", e)
-        members = sorted(self.members.values(), key=lambda p: p.rss_bytes, reverse=True)
-        group = GroupSample(key=f"tree:{self.cmd_pid}", label=self.name, kind="tree",
-                            rss_bytes=sum(p.rss_bytes for p in members), processes=len(members),
-                            members=tuple(members), pgid=self.cmd_pid)
-        self.group = group
-        self.peak = max(self.peak, group.rss_bytes)
-        self.growth.observe(RULE, group.rss_bytes, time.monotonic())
-        if record:
-            self._record(group, sample)
-        return group
+        return sample
 
-    def _record(self, group: GroupSample, sample: Sample | None) -> None:
+    def _record(self, group: GroupSample, full: bool, sample: Sample | None, ok: bool, duration: float) -> None:
         now = time.monotonic()
         share = group.rss_bytes / self.opts.threshold
-        # a line per full sample; from the caution zone on, fast readings too (every one past the limit)
-        if sample is not None or share > 1 or (share >= ZONES[0][0] and now - self._last_logged >= FAST_LOG_EVERY):
+        # a line per full reading; from the caution zone on, fast readings too (every one past the limit)
+        if full or share > 1 or (share >= ZONES[0][0] and now - self._last_logged >= FAST_LOG_EVERY):
             self._last_logged = now
-            self.log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=sample is None,
-                                         phase=self.sampler.phase))
-        if sample is not None:
+            self.log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full,
+                                         phase=self.phase))
+        if full:
             self.log.flush()  # once per interval: `tail -f` shows the run as it goes
             if self.exposition is not None:
-                self.latest = dataclasses.replace(sample, groups=(group,), exported=(group,))
+                self.latest = self._sample(group, sample, ok, duration)
                 self.exposition.refresh()
-        self._status(group, full=sample is not None)
+        self._status(group, full=full)
+
+    def _sample(self, group: GroupSample, sample: Sample | None, ok: bool, duration: float) -> Sample:
+        """What `--listen` exposes: the tree as the one group, from the full walk or from the tree's readings."""
+        if sample is not None:
+            return dataclasses.replace(sample, groups=(group,), exported=(group,))
+        source = self.sampler.source_name
+        return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=duration,
+                      system=self.system or _NO_SYSTEM, cpu_usage_ratio=self._cpu, process_count=group.processes,
+                      groups=(group,), processes=group.members, memtype="rss", sources_up={source: ok},
+                      errors_total={source: self.sampler.errors_total[source]}, phase=self.phase, exported=(group,))
 
     def _status(self, group: GroupSample, full: bool) -> None:
         if not self.opts.verbose:
