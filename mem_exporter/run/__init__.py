@@ -46,6 +46,7 @@ from ..records import exit_record, session_header
 from ..runlog import MB, RunLog, mb, resolve_path, sample_record
 from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
+from ..zones import zone_for
 from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
                       options_from)
 from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
@@ -62,7 +63,7 @@ TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatev
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
 TTY_STATUS_EVERY = 0.2
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-ZONES = ((0.67, "32"), (0.83, "33"), (float("inf"), "31"))  # safe green, caution yellow, critical red
+COLOURS = {"safe": "32", "caution": "33", "critical": "31"}  # green, yellow, red
 
 _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read succeeds
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
@@ -321,7 +322,8 @@ class Runner:
         now = time.monotonic()
         share = group.rss_bytes / self.opts.threshold
         # a line per full reading; from the caution zone on, fast readings too (every one past the limit)
-        if full or share > 1 or (share >= ZONES[0][0] and now - self._last_logged >= FAST_LOG_EVERY):
+        if full or share > 1 or (zone_for("limit", share, self.config.zones) != "safe"
+                                 and now - self._last_logged >= FAST_LOG_EVERY):
             self._last_logged = now
             self.log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full,
                                          phase=self.phase))
@@ -356,7 +358,7 @@ class Runner:
         try:
             if tty:
                 if not os.environ.get("NO_COLOR"):
-                    colour = next(c for limit, c in ZONES if share < limit)
+                    colour = COLOURS[zone_for("limit", share, self.config.zones)]
                     text = f"\x1b[{colour}m{text}\x1b[0m"
                 sys.stderr.write("\r" + text + "\x1b[K")
                 self._status_line = True
