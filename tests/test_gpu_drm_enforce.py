@@ -44,7 +44,7 @@ def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp
     events = tmp_path / "events.jsonl"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"interval: 0.3s\ngpu: {{backend: auto}}\nenforcer:\n  event_log: {events}\n"
-                   f"  rules:\n    - name: vram\n      {condition}\n      grace: 1s\n")
+                   f"  rules:\n    - name: vram\n      match: {{all: true}}\n      {condition}\n      grace: 1s\n")
     d = daemon("enforce", "--dry-run", "--config", str(cfg), "--path.procfs", str(proc), "--path.sysfs", str(sys_))
     d.wait_healthy()
     (event,) = wait_for(lambda: events_of(events, "dry_run"), 15, what="the dry_run event")[:1]
