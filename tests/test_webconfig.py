@@ -232,7 +232,10 @@ def test_connections_are_capped_with_503_and_silent_clients_dropped(daemon, tmp_
     cfg.write_text("web: {max_connections: 2, timeout: 3s}\n")
     d = daemon("serve", "--config", str(cfg), "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
     began = time.monotonic()
-    idle = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(2)]  # silent clients hold both slots
+    idle = []
+    for _ in range(2):  # silent clients hold both slots; each accepted before the next connects (a loaded
+        idle.append(socket.create_connection(("127.0.0.1", d.port)))  # host must not turn one into the 503)
+        time.sleep(0.3)
     try:
         status, body, headers = get(d.url + "/metrics", timeout=2)
         assert (status, headers.get("Retry-After")) == (503, "1")
