@@ -212,8 +212,8 @@ def enforcer(tmp_path):
 
     started = []
 
-    def start(rules, dry_run=False, protect=(), interval="0.3s", **kwargs):
-        cfg = validate_config({"interval": interval, "gpu": {"backend": "none"},
+    def start(rules, dry_run=False, protect=(), interval="0.3s", source="auto", **kwargs):
+        cfg = validate_config({"interval": interval, "gpu": {"backend": "none"}, "source": source,
                                "enforcer": {"event_log": str(tmp_path / "events.jsonl"), "protect": list(protect),
                                             "rules": rules}})
         loop = SamplingLoop(Sampler(cfg))

@@ -2,6 +2,7 @@
 
 Every rule selects only this test's own hogs by a unique `--tag`, so nothing else is ever at risk.
 """
+import functools
 import json
 import os
 import time
@@ -10,6 +11,12 @@ import pytest
 
 from conftest import pid_alive, wait_for
 from mem_exporter.config import validate_config
+
+
+@pytest.fixture
+def enforcer(enforcer, source):
+    """Every test here runs once per source: procfs, and the portable psutil path (forced on Linux)."""
+    return functools.partial(enforcer, source=source)
 
 
 def event_for(enf, pgid, actions=("term", "kill")):

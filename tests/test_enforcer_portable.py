@@ -113,3 +113,19 @@ def test_another_users_process_only_when_asked(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_desktop_notifications_per_operating_system():
+    """The command each OS gets, at the narrowest seam (which programs exist); none where nothing can show one."""
+    from mem_exporter.enforcer.events import desktop_command
+
+    def having(*names):
+        return lambda name: f"/bin/{name}" if name in names else None
+    mac = desktop_command("darwin", having("osascript"), "killed x", 'rule "r"')
+    assert mac[:2] == ["osascript", "-e"] and 'with title "killed x"' in mac[2] and '\\"r\\"' in mac[2]
+    win = desktop_command("win32", having("powershell", "msg"), "killed x", "body")
+    assert win[0] == "powershell" and "ShowBalloonTip" in win[-1] and "killed x" not in win[-1]  # texts via env
+    assert desktop_command("win32", having("msg"), "killed x", "body") == ["msg", "*", "/TIME:30", "killed x: body"]
+    assert desktop_command("win32", having(), "t", "b") is None
+    assert desktop_command("linux", having("notify-send"), "t", "b")[0] == "notify-send"
+    assert desktop_command("linux", having(), "t", "b") is None

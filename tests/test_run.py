@@ -23,8 +23,15 @@ RUN = [sys.executable, "-m", "mem_exporter", "run"]
 MB = 1000**2
 
 
+@pytest.fixture(autouse=True)
+def _each_source(source, monkeypatch):
+    """Every test here runs once per source: procfs, and the portable psutil path (forced on Linux)."""
+    monkeypatch.setenv("MEM_EXPORTER_TEST_SOURCE", source)
+
+
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEM_EXPORTER_")}
+    env["MEM_EXPORTER_SOURCE"] = os.environ.get("MEM_EXPORTER_TEST_SOURCE", "auto")
     env["XDG_STATE_HOME"] = str(tmp_path / "state")  # default logs land in the test's directory
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)

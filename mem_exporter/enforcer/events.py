@@ -6,6 +6,7 @@ thread posts with short timeouts and drops what it cannot deliver (logged).
 from __future__ import annotations
 
 import json
+import os
 import logging
 import queue
 import shutil
@@ -83,6 +84,29 @@ def _post_json(url: str, body: Any) -> None:
         r.read()
 
 
+# Windows: a balloon from the notification area through PowerShell (every edition has it); `msg` where not
+_BALLOON = ("Add-Type -AssemblyName System.Windows.Forms; $n = New-Object System.Windows.Forms.NotifyIcon; "
+            "$n.Icon = [System.Drawing.SystemIcons]::Warning; $n.Visible = $true; "
+            "$n.ShowBalloonTip(10000, $env:MEM_EXPORTER_TITLE, $env:MEM_EXPORTER_BODY, 'Warning'); "
+            "Start-Sleep -Seconds 10; $n.Dispose()")
+
+
+def desktop_command(platform: str, which, title: str, body: str) -> list[str] | None:
+    """The command that shows a desktop notification on this OS, or None where there is none.
+    On Windows the texts travel in environment variables (see Notifier._desktop), never inside the script."""
+    if platform == "darwin" and which("osascript"):
+        return ["osascript", "-e", f"display notification {json.dumps(body)} with title {json.dumps(title)}"]
+    if platform == "win32":
+        if which("powershell"):
+            return ["powershell", "-NoProfile", "-NonInteractive", "-Command", _BALLOON]
+        if which("msg"):
+            return ["msg", "*", "/TIME:30", f"{title}: {body}"]
+        return None
+    if which("notify-send"):
+        return ["notify-send", "-u", "critical", "-a", "mem-exporter", title, body]
+    return None
+
+
 class Notifier:
     def __init__(self, notify, instance: str | None = None):
         self.notify = notify
@@ -152,12 +176,11 @@ class Notifier:
         verb = "would kill" if event["action"] == "dry_run" else "killed"
         title = f"mem-exporter {verb} {event.get('group')}"
         body = f"rule {event['rule']}: {(event.get('memory_bytes') or 0) / 2**20:.0f} MiB, outcome {event.get('outcome')}"
-        if sys.platform == "darwin" and shutil.which("osascript"):
-            script = f'display notification {json.dumps(body)} with title {json.dumps(title)}'
-            cmd = ["osascript", "-e", script]
-        elif shutil.which("notify-send"):
-            cmd = ["notify-send", "-u", "critical", "-a", "mem-exporter", title, body]
-        else:
+        cmd = desktop_command(sys.platform, shutil.which, title, body)
+        if cmd is None:
             return False
-        subprocess.run(cmd, timeout=TIMEOUT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        env = {**os.environ, "MEM_EXPORTER_TITLE": title, "MEM_EXPORTER_BODY": body}
+        # the balloon stays up for its 10 s; nothing waits for it
+        subprocess.run(cmd, timeout=TIMEOUT if cmd[0] != "powershell" else 15, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
         return True
