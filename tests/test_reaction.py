@@ -74,3 +74,34 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
     assert latest_then == started_after  # decided and done between two full samples
     assert ev["memory_bytes"] > before[big.pgid]  # chosen on a fresh reading, not the full sample's
     assert pid_alive(small.pid) and len(seen) == 1
+
+
+# --- the newcomer scan's cheap parts, on fixture trees and on this machine's /proc --------------
+
+def test_new_processes_reports_the_pids_it_will_never_watch(tmp_path):
+    from mem_exporter.config import validate_config
+    from mem_exporter.sampler import GroupReader
+    from procfs_builder import FakeProc
+    fake = FakeProc(tmp_path / "proc")
+    fake.add(100, "bash", rss_kb=4096)
+    fake.add(200, "kworker/0:1", ppid=2, flags=0x00200040, rss_kb=0)  # PF_KTHREAD
+    fake.add(300, "defunct", state="Z", rss_kb=0)
+    reader = GroupReader(validate_config({"paths": {"procfs": str(fake.root)}, "gpu": {"backend": "none"}}))
+    unwatched: set[int] = set()
+    procs = reader.new_processes(set(), unwatched)
+    assert [p.pid for p in procs] == [100] and unwatched == {200, 300}
+    assert reader.new_processes({100, 200, 300}, unwatched) == []
+
+
+def test_pid_watch_follows_loadavg_only_in_its_own_pid_namespace(tmp_path, spawn_group):
+    from mem_exporter.enforcer.lane import PidWatch
+    watch = PidWatch("/proc")  # this machine's own namespace
+    assert watch.moved()  # the first look always does
+    spawn_group("--tag", "pidwatch").wait_ready()
+    assert watch.moved()  # a process started since
+    outer = tmp_path / "outer"  # a procfs that shows an outer namespace (NSpid with two pids)
+    (outer / "self").mkdir(parents=True)
+    (outer / "self" / "status").write_text("Name:\tx\nNSpid:\t4242\t7\n")
+    (outer / "loadavg").write_text("0.00 0.00 0.00 1/100 4242\n")
+    outside = PidWatch(str(outer))
+    assert outside.moved() and outside.moved()  # cannot tell: always lists
