@@ -105,3 +105,14 @@ def test_pid_watch_follows_loadavg_only_in_its_own_pid_namespace(tmp_path, spawn
     (outer / "loadavg").write_text("0.00 0.00 0.00 1/100 4242\n")
     outside = PidWatch(str(outer))
     assert outside.moved() and outside.moved()  # cannot tell: always lists
+
+
+def test_system_period_reads_sooner_near_the_threshold_and_just_after_a_predicted_crossing():
+    from mem_exporter.enforcer.lane import SYSTEM_MIN_PERIOD, SYSTEM_MIN_SPACING, system_period
+    mib = 1024 * 1024
+    assert system_period(20_000 * mib, 0, 2.0) == 2.0  # far from it: the interval
+    assert system_period(600 * mib, 0, 2.0) < 0.2  # at earlyoom's fastest fill rate, 6000 KiB/ms
+    assert system_period(5 * mib, 0, 2.0) == SYSTEM_MIN_PERIOD  # close, nothing growing: the floor
+    growing = system_period(5 * mib, 500 * mib, 2.0)  # close and filling at 500 MiB/s: just after the crossing
+    assert SYSTEM_MIN_SPACING <= growing < SYSTEM_MIN_PERIOD and growing > 5 / 500
+    assert system_period(-1, 500 * mib, 2.0) == SYSTEM_MIN_PERIOD  # below: act, then the next look

@@ -21,6 +21,11 @@ NEW_PROBE = 0.1  # a group first seen between samples is re-read this soon, what
 # but never slower than its fastest fill rate seen (6000 KiB/ms), between 20 ms and the interval.
 SYSTEM_FLOOR_RATE = 6000 * 1024 * 1000  # bytes/s
 SYSTEM_MIN_PERIOD = 0.02
+# Memory used growing steadily (at least this fast) gets one more read just after the predicted crossing
+# (PREDICT_LAG later, never closer than SYSTEM_MIN_SPACING): the act follows the crossing by milliseconds.
+SYSTEM_PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s
+SYSTEM_PREDICT_LAG = 0.002
+SYSTEM_MIN_SPACING = 0.005
 SYSTEM_RETRY = 0.25  # below the threshold with no victim to be had: the next look for one
 YOUNG = 60.0  # seconds: older groups get no first-sight rate (their memory says nothing of recent growth)
 MIN_DT = 0.02  # readings closer than this do not update the rate
@@ -82,7 +87,10 @@ def system_period(headroom: float, used_rate: float, interval: float) -> float:
     """Seconds until system memory should be read again."""
     if headroom <= 0:
         return SYSTEM_MIN_PERIOD
-    return max(SYSTEM_MIN_PERIOD, min(interval, headroom / max(2 * used_rate, SYSTEM_FLOOR_RATE)))
+    period = max(SYSTEM_MIN_PERIOD, min(interval, headroom / max(2 * used_rate, SYSTEM_FLOOR_RATE)))
+    if used_rate >= SYSTEM_PREDICT_MIN_RATE:
+        period = min(period, max(SYSTEM_MIN_SPACING, headroom / used_rate + SYSTEM_PREDICT_LAG))
+    return period
 
 
 class Growth:
