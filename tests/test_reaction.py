@@ -64,8 +64,9 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
     # right after a full sample, a few hundred MiB below what is available now (other load on the machine
     # moves it; only this test's hogs are selected, and the big one is the largest whatever the amounts)
     threshold = meminfo_available() - 400 * MB
+    events = enf.config.enforcer.event_log
     enf.configure(validate_config({"interval": "5s", "gpu": {"backend": "none"},
-                                   "enforcer": {"event_log": enf.config.enforcer.event_log, "rules": rules(threshold)}}))
+                                   "enforcer": {"event_log": events, "rules": rules(threshold)}}))
     big.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: not pid_alive(big.pid), 30, what="the largest matching group killed")
     ev, latest_then = wait_for(lambda: seen and seen[0], 10, what="the kill event")

@@ -30,7 +30,8 @@ from ..sampler import GroupReader
 from .actuator import Actuator, own_context
 from .events import EventLog, Notifier, make_event
 from .kill import KillOrder, execute
-from .lane import NEWCOMER_PERIOD, SYSTEM_MIN_PERIOD, SYSTEM_RETRY, FastLane, Growth, PidWatch, first_sight_rate, just_started, system_period
+from .lane import (NEWCOMER_PERIOD, SYSTEM_MIN_PERIOD, SYSTEM_RETRY, FastLane, Growth, PidWatch, first_sight_rate,
+                   just_started, system_period)
 from .metrics import EnforcerCollector, EnforcerState, Tally
 from .policy import (GROUP_MEMORY, LIMIT_MEMTYPE, Action, PolicyState, decide, eligible, group_value, limits, selects,
                      system_threshold)
@@ -284,7 +285,8 @@ class Enforcer:
         for r in self.system_rules:
             rs = self.state.for_rule(r.name)
             last = rs.last_action.get("system")
-            waits.append(max(0.0 if last is None else last + r.cooldown - now, rs.since.get("system", now) + r.for_ - now))
+            cooling = 0.0 if last is None else last + r.cooldown - now
+            waits.append(max(cooling, rs.since.get("system", now) + r.for_ - now))
         if min(waits) > 0:
             self._next_system = now + min(self.config.interval, max(SYSTEM_MIN_PERIOD, min(waits)))
             partial = dataclasses.replace(latest, system=system, groups=(), monotonic=now, timestamp=time.time())
