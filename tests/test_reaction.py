@@ -117,3 +117,26 @@ def test_system_period_reads_sooner_near_the_threshold_and_just_after_a_predicte
     growing = system_period(5 * mib, 500 * mib, 2.0)  # close and filling at 500 MiB/s: just after the crossing
     assert SYSTEM_MIN_SPACING <= growing < SYSTEM_MIN_PERIOD and growing > 5 / 500
     assert system_period(-1, 500 * mib, 2.0) == SYSTEM_MIN_PERIOD  # below: act, then the next look
+
+
+def test_system_lane_below_the_threshold_keeps_the_cooldown_and_keeps_running(enforcer, spawn_group, tag, caplog):
+    first = spawn_group("--mb", "20", "--tag", tag)
+    first.wait_ready()
+    always = meminfo_kib_total() * 1024  # MemAvailable is always below MemTotal: the condition always holds
+    enf = enforcer([{"name": "low-memory", "match": {"cmdline": f"--tag {tag}"}, "system_available_below": always,
+                     "grace": "1s", "cooldown": "10min"}])
+    wait_for(lambda: not pid_alive(first.pid), 20, what="the first matching group killed")
+    second = spawn_group("--mb", "20", "--tag", tag)
+    second.wait_ready()
+    reads, seen = enf.system_reads, next_full_sample(enf)
+    for _ in range(3):  # full samples and system-lane reads go on below the threshold, during the cooldown
+        seen = next_full_sample(enf, seen)
+    wait_for(lambda: enf.system_reads >= reads + 3, 20, what="more system-lane reads")
+    assert pid_alive(second.pid)
+    assert enf.tally.kills.get("low-memory") == 1
+    assert "enforcer pass failed" not in caplog.text
+
+
+def meminfo_kib_total() -> int:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1])
