@@ -186,15 +186,20 @@ class GroupReader:
             return None
         return make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
 
-    def new_processes(self, known_pids: Collection[int]) -> list[ProcessInfo]:
+    def new_processes(self, known_pids: Collection[int], unwatched: set[int] | None = None) -> list[ProcessInfo]:
         """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files.
-        What the reader kept about processes gone since is dropped here (it never walks fully)."""
+        What the reader kept about processes gone since is dropped here (it never walks fully).
+        `unwatched`, when given, receives the new pids that are no process to watch (kernel threads,
+        zombies, gone), so that a caller listing often need not read them again."""
         listing = self.reader.pids()
         forget = getattr(self.reader, "forget_except", None)
         if forget is not None:
             forget(listing)
         fresh = [pid for pid in listing if pid not in known_pids]
-        return self.reader.read_processes(fresh)[0] if fresh else []
+        procs = self.reader.read_processes(fresh)[0] if fresh else []
+        if unwatched is not None and fresh:
+            unwatched.update(set(fresh).difference(p.pid for p in procs))
+        return procs
 
     def close(self) -> None:
         close = getattr(self.reader, "close", None)

@@ -31,7 +31,8 @@ from ..sampler import GroupReader
 from .actuator import Actuator, make_actuator, own_context
 from .events import EventLog, Notifier, make_event
 from .kill import KillOrder, execute
-from .lane import NEWCOMER_PERIOD, FastLane, Growth, first_sight_rate, system_period
+from .lane import (NEWCOMER_PERIOD, SYSTEM_MIN_PERIOD, SYSTEM_RETRY, FastLane, Growth, PidWatch, first_sight_rate,
+                   just_started, system_period)
 from .metrics import EnforcerCollector, EnforcerState, Tally
 from .policy import (GROUP_MEMORY, LIMIT_MEMTYPE, Action, PolicyState, decide, eligible, group_value, limits, selects,
                      system_threshold)
@@ -65,6 +66,7 @@ class Enforcer:
         self.pressure: PressureWatches | None = None
         self._known: set[int] = set()
         self._ignored: set[int] = set()
+        self._settling: set[int] = set()  # newcomers too young to be judged by their command line yet
         self._pending: Sample | None = None
         self._outbox: list[dict] = []  # events decided under the lock, written after it
         self._lock = threading.RLock()
@@ -102,6 +104,7 @@ class Enforcer:
                 self.notifier.notify = config.enforcer.notify
             self.actuator = self._actuator or make_actuator(config)
             old, self._reader = getattr(self, "_reader", None), reader
+            self._pids = PidWatch(config.paths.procfs)
             self.state.keep_only(r.name for r in self.rules)
             self.lane.clear()
         if old_pressure is not None:
@@ -220,12 +223,18 @@ class Enforcer:
         group they start or join that a group-memory rule selects goes into the fast lane at once,
         its growth estimated from its age, or is acted on now if it is already over its limit."""
         self._next_scan = now + NEWCOMER_PERIOD
+        if not self._settling and not self._pids.moved():  # no pid handed out since the last scan: nothing new
+            return []
         self.newcomer_scans += 1
         latest = self.latest
+        unwatched: set[int] = set()
         try:
-            newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored)
+            newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored, unwatched)
         except OSError:
+            self._pids.forget()
             return []
+        self._ignored |= unwatched  # kernel threads, zombies: not read again until the next full sample
+        self._settling.clear()
         if not newcomers:
             return []
         cfg = self.config
@@ -258,7 +267,9 @@ class Enforcer:
                 rate = self.growth.observe(g.key, value, now, first_sight_rate(value, g.members, uptime))
                 self._schedule(rule.name, g, lim, value, rate, now, probe=True)
         self._known |= claimed
-        self._ignored.update(p.pid for p in newcomers if p.pid not in claimed)
+        for p in newcomers:  # unclaimed: ignored until the next full sample, unless it may not have exec'ed yet
+            if p.pid not in claimed:
+                (self._settling if just_started(p, uptime) else self._ignored).add(p.pid)
         if not claimed:
             return []
         partial = dataclasses.replace(latest, groups=tuple(fresh), monotonic=now, timestamp=time.time(),
@@ -281,6 +292,18 @@ class Enforcer:
         if headroom >= 0:
             return []
         latest = self.latest
+        # Below: the candidates are re-read only when a rule may act now (not cooling down, its `for` held);
+        # otherwise the next read waits for the first rule that could, and the decision only keeps time.
+        waits = []
+        for r in self.system_rules:
+            rs = self.state.for_rule(r.name)
+            last = rs.last_action.get("system")
+            cooling = 0.0 if last is None else last + r.cooldown - now
+            waits.append(max(cooling, rs.since.get("system", now) + r.for_ - now))
+        if min(waits) > 0:
+            self._next_system = now + min(self.config.interval, max(SYSTEM_MIN_PERIOD, min(waits)))
+            partial = dataclasses.replace(latest, system=system, groups=(), monotonic=now, timestamp=time.time())
+            return self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
         try:
             newcomers = self._reader.new_processes(self._known | self._ignored)
         except OSError:
@@ -305,7 +328,10 @@ class Enforcer:
         groups = tuple(sorted(fresh.values(), key=lambda g: g.memory_bytes(latest.memtype), reverse=True))
         partial = dataclasses.replace(latest, system=system, groups=groups, monotonic=now, timestamp=time.time(),
                                       processes=latest.processes + tuple(newcomers))
-        return self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
+        kills = self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
+        if not kills:  # no eligible victim: looking again at the fastest pace would only burn the CPU it needs
+            self._next_system = now + min(self.config.interval, SYSTEM_RETRY)
+        return kills
 
     def _pressure_lane(self, now: float) -> list[tuple[Action, Sample]]:
         """PSI between full samples: kernel triggers where accepted, reads where not (pressure.py),

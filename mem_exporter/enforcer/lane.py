@@ -21,8 +21,55 @@ NEW_PROBE = 0.1  # a group first seen between samples is re-read this soon, what
 # but never slower than its fastest fill rate seen (6000 KiB/ms), between 20 ms and the interval.
 SYSTEM_FLOOR_RATE = 6000 * 1024 * 1000  # bytes/s
 SYSTEM_MIN_PERIOD = 0.02
+# Memory used growing steadily (at least this fast) gets one more read just after the predicted crossing
+# (PREDICT_LAG later, never closer than SYSTEM_MIN_SPACING): the act follows the crossing by milliseconds.
+SYSTEM_PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s
+SYSTEM_PREDICT_LAG = 0.002
+SYSTEM_MIN_SPACING = 0.005
+SYSTEM_RETRY = 0.25  # below the threshold with no victim to be had: the next look for one
 YOUNG = 60.0  # seconds: older groups get no first-sight rate (their memory says nothing of recent growth)
 MIN_DT = 0.02  # readings closer than this do not update the rate
+EXEC_SETTLE = 0.5  # seconds: a newcomer this young may not have exec'ed its program yet, so it is read again
+
+
+def just_started(p: ProcessInfo, uptime: float | None) -> bool:
+    """Whether the process may still be between fork and exec (its command line not yet its own)."""
+    return uptime is not None and uptime - p.start_time / CLK_TCK < EXEC_SETTLE
+
+
+def own_pid_namespace(procfs: str) -> bool:
+    """Whether `procfs` shows our own pid namespace: the NSpid line of its `self` holds one pid only.
+    (A host's /proc mounted in a container shows an outer namespace, whose pids loadavg does not follow.)"""
+    try:
+        with open(f"{procfs}/self/status") as f:
+            return next((len(line.split()) == 2 for line in f if line.startswith("NSpid:")), False)
+    except OSError:
+        return False
+
+
+class PidWatch:
+    """Whether a process (or thread) may have started since the last look: the kernel's most recently
+    allocated pid, the last field of loadavg, has moved. A look costs one small read instead of a listing
+    of the procfs root; where loadavg cannot tell (another namespace, unreadable), it always says yes."""
+
+    def __init__(self, procfs: str):
+        self._path = f"{procfs}/loadavg" if own_pid_namespace(procfs) else None
+        self._last: bytes | None = None
+
+    def moved(self) -> bool:
+        if self._path is None:
+            return True
+        try:
+            with open(self._path, "rb") as f:
+                last = f.read().rsplit(None, 1)[-1]
+        except (OSError, IndexError):
+            return True
+        moved, self._last = last != self._last, last
+        return moved
+
+    def forget(self) -> None:
+        """The next look says yes (a listing failed, or found processes to read again)."""
+        self._last = None
 
 
 def first_sight_rate(value: int, members: Iterable[ProcessInfo], uptime: float | None) -> float:
@@ -40,7 +87,10 @@ def system_period(headroom: float, used_rate: float, interval: float) -> float:
     """Seconds until system memory should be read again."""
     if headroom <= 0:
         return SYSTEM_MIN_PERIOD
-    return max(SYSTEM_MIN_PERIOD, min(interval, headroom / max(2 * used_rate, SYSTEM_FLOOR_RATE)))
+    period = max(SYSTEM_MIN_PERIOD, min(interval, headroom / max(2 * used_rate, SYSTEM_FLOOR_RATE)))
+    if used_rate >= SYSTEM_PREDICT_MIN_RATE:
+        period = min(period, max(SYSTEM_MIN_SPACING, headroom / used_rate + SYSTEM_PREDICT_LAG))
+    return period
 
 
 class Growth:
