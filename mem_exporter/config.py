@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       ValidationError, WithJsonSchema, field_validator, model_validator)
 
+from .signals import signal_number
 from .units import parse_duration, parse_ratio, parse_size, read_yaml
 
 DEFAULT_PORT = 9713
@@ -41,7 +41,7 @@ def _signal_name(value: str) -> str:
     name = str(value).upper()
     if not name.startswith("SIG"):
         name = "SIG" + name
-    if not isinstance(getattr(signal, name, None), signal.Signals):
+    if signal_number(name) is None:
         raise ValueError(f"unknown signal {value!r}")
     return name
 

@@ -1,7 +1,10 @@
 """From processes to groups: named groups first (first match wins), then PGID, cgroup or container."""
 from __future__ import annotations
 
-import pwd
+try:
+    import pwd
+except ImportError:  # Windows: no user database by uid (the psutil source gives uid -1 there)
+    pwd = None  # type: ignore[assignment]
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -14,6 +17,8 @@ OTHER = "other"
 
 @lru_cache(maxsize=4096)
 def user_name(uid: int) -> str:
+    if pwd is None:
+        return str(uid)
     try:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, OverflowError):

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from .sample import ProcessInfo, SystemMemory
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096  # imported everywhere, read on Linux
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
 _GONE = (FileNotFoundError, ProcessLookupError)
 _STATES = {s.encode(): s for s in "RSDTtWPIZX"}

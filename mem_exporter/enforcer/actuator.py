@@ -102,7 +102,9 @@ def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
 def own_context(procfs: str = "/proc", protect: tuple = (), dry_run: bool = False, builtin: bool = True) -> Context:
     """This process's identity (uid, pid, process group, ancestors), the protect list, and the
     executable inspector that built-in protection rests on."""
-    return Context(uid=os.geteuid(), pid=os.getpid(), pgid=os.getpgrp(), ancestors=ancestors(os.getpid(), procfs),
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1  # Windows: the portable actuator compares user names
+    pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
+    return Context(uid=uid, pid=os.getpid(), pgid=pgid, ancestors=ancestors(os.getpid(), procfs),
                    protect=protect, dry_run=dry_run, builtin=builtin, inspect_exe=ExeInspector(procfs))
 
 
@@ -306,7 +308,7 @@ class PidfdWatch:
     def __init__(self, actuator: Actuator):
         self.actuator = actuator
         self.fds: dict[int, int] = {}  # fd -> pid
-        self._poll = select.poll()
+        self._poll = select.poll() if actuator.use_pidfd else None  # no poll() on Windows, no pidfds outside Linux
 
     def add(self, procs: Iterable[ProcessInfo]) -> None:
         if not self.actuator.use_pidfd:
@@ -322,12 +324,12 @@ class PidfdWatch:
             if self.actuator.alive(p):
                 self.fds[fd] = p.pid
                 watched.add(p.pid)
-                self._poll.register(fd, select.POLLIN)
+                self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
             else:
                 os.close(fd)
 
     def wait(self, timeout: float) -> None:
-        if not self.fds or timeout <= 0:
+        if not self.fds or self._poll is None or timeout <= 0:
             time.sleep(max(0.0, timeout))
             return
         for fd, _ in self._poll.poll(timeout * 1000):
@@ -337,6 +339,7 @@ class PidfdWatch:
 
     def close(self) -> None:
         for fd in self.fds:
-            self._poll.unregister(fd)
+            if self._poll is not None:
+                self._poll.unregister(fd)
             os.close(fd)
         self.fds.clear()

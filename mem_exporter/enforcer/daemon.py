@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from typing import Callable, Iterable
 from ..config import Config
 from ..grouping import group_key, make_group
 from ..pressure import FALLBACK_PERIOD, PressureWatches
+from ..signals import signal_number
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from .actuator import Actuator, make_actuator, own_context
@@ -473,7 +473,7 @@ class Enforcer:
             targets.update((p.pid, p) for p in joined)
             return joined, self._over_ceiling(action, g, reader)
 
-        order = KillOrder(signals=[signal.Signals[name] for name in rule.signals], grace=rule.grace,
+        order = KillOrder(signals=[signal_number(name) for name in rule.signals], grace=rule.grace,
                           targets=action.targets, pgid=group.pgid if group.kind == "pgid" else None,
                           cgroup=group.key[7:] if group.kind == "cgroup" else None)
         try:

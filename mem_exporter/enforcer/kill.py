@@ -12,12 +12,12 @@ first signal; waiting is poll() on pidfds, so it works at any descriptor number.
 """
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from ..sample import ProcessInfo
+from ..signals import signal_name
 from .actuator import Actuator, PidfdWatch
 
 DEATH_TIMEOUT = 10.0  # after the last signal, how long to wait for confirmed death
@@ -96,7 +96,7 @@ def execute(actuator: Actuator, order: KillOrder, refresh: Refresh,
     def deliver(sig: int) -> None:
         live = [p for p in targets.values() if actuator.alive(p)]
         d = actuator.signal_all(live, sig, order.pgid, order.cgroup)
-        report.signals_sent.append({"signal": signal.Signals(sig).name,
+        report.signals_sent.append({"signal": signal_name(sig),
                                     "at_seconds": round(time.monotonic() - report.started, 3),
                                     "sent": len(d.sent), "mismatch": len(d.mismatch), "denied": len(d.denied),
                                     "group": d.group})

@@ -46,6 +46,7 @@ from ..records import exit_record, session_header
 from ..runlog import MB, RunLog, mb, resolve_path, sample_record
 from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
+from ..signals import SIGKILL, signal_name
 from ..zones import zone_for
 from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
                       options_from)
@@ -62,7 +63,7 @@ SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by
 TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
 TTY_STATUS_EVERY = 0.2
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 COLOURS = {"safe": "32", "caution": "33", "critical": "31"}  # green, yellow, red
 
 _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read succeeds
@@ -437,14 +438,14 @@ class Runner:
 
         # killpg reaches forks not read yet; never when the group holds a process we must not signal
         spare = any(p.pgid == self.cmd_pid and protection(p, self.ctx) for p in self.members.values())
-        order = KillOrder(signals=[first, signal.SIGKILL], grace=self.opts.grace, targets=targets,
+        order = KillOrder(signals=[first, SIGKILL], grace=self.opts.grace, targets=targets,
                           pgid=None if spare else self.cmd_pid)
         report = execute(act, order, refresh, hurry=lambda: self.hurry)
         self._reap()
         action = Action(kind=report.kind, rule=self.rule, group=group, condition=CONDITIONS[cause],
                         value=group.rss_bytes, limit=self.opts.threshold, at=report.started,
                         targets=tuple(report.targets.values()), ceiling=ceiling if cause == "memory" else None)
-        event = make_event(action, time.time(), 5, "rss", type="event", cause=cause, signal=signal.Signals(first).name,
+        event = make_event(action, time.time(), 5, "rss", type="event", cause=cause, signal=signal_name(first),
                            **report.event_fields(), ceiling=ceiling if cause == "memory" else None,
                            peak_bytes=self.peak)
         if cause == "memory":
@@ -470,7 +471,7 @@ class Runner:
             top = ", ".join(f"{p.comm}[{p.pid}] {p.rss_bytes / MB:.1f} MB" for p in g.top(5))
             lines.append(f"largest: {top}")
         elif cause == "signal" and event:
-            lines.append(f"got {signal.Signals(self.signalled).name}: stopped `{command}` "
+            lines.append(f"got {signal_name(self.signalled)}: stopped `{command}` "
                          f"({processes(len(event['signalled']))})")
         elif cause == "exited" and event:
             lines.append(f"`{command}` exited; stopped {processes(len(event['signalled']))} it left running")
