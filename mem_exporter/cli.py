@@ -221,6 +221,7 @@ def cmd_phase(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import time
     import urllib.error
+
     from .report import Run, read_logs, read_prometheus, write_report
     from .units import parse_duration
     if not args.logs and not args.prometheus:

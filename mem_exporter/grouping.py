@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pwd
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 from .config import Groups
 from .containers import parse_container

@@ -241,7 +241,7 @@ class PressureWatches:
                 self._poll.register(w._fd, select.POLLPRI)
 
     @classmethod
-    def from_config(cls, config, trigger: bool = True) -> "PressureWatches":
+    def from_config(cls, config, trigger: bool = True) -> PressureWatches:
         paths = config.paths
         watches, cgroups = [], []
         for rule in config.enforcer.rules:

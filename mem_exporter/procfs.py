@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from .sample import ProcessInfo, SystemMemory
 

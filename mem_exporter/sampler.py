@@ -13,7 +13,8 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Callable, Collection, Iterable, Protocol, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Protocol
 
 from .config import Config
 from .grouping import cap_groups, group_key, group_processes, make_group
@@ -213,7 +214,7 @@ class SamplingLoop:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
-    def start(self) -> "SamplingLoop":
+    def start(self) -> SamplingLoop:
         self._thread.start()
         return self
 

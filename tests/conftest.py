@@ -144,7 +144,7 @@ class Daemon:
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
                                      start_new_session=True, env={**os.environ, **(env or {})})
 
-    def wait_healthy(self, timeout: float = 15.0) -> "Daemon":
+    def wait_healthy(self, timeout: float = 15.0) -> Daemon:
         def healthy():
             assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}: {self.output()}"
             try:

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from procfs_builder import FakeProc
 from prometheus_client.parser import text_string_to_metric_families
 
 from mem_exporter.config import Groups, RuleMatch, load_config
@@ -11,7 +12,6 @@ from mem_exporter.exposition import Exposition, SampleCollector, build_registry
 from mem_exporter.grouping import group_processes
 from mem_exporter.procfs import ProcfsReader, parse_cgroup
 from mem_exporter.sampler import Sampler
-from procfs_builder import FakeProc
 
 FIXTURES = Path(__file__).with_name("fixtures") / "cgroup"
 DOCKER = "3f4e9a1c2b7d8e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7"

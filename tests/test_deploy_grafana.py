@@ -6,11 +6,20 @@ import re
 
 import pytest
 import yaml
-
-from deploy_helpers import (DASHBOARDS, METRICS, ROOT, dashboard_queries, iter_panels, load_dashboard,
-                            metric_names, recorded_names, run)
-from mem_exporter.zones import DEFAULT_ZONES
+from deploy_helpers import (
+    DASHBOARDS,
+    METRICS,
+    ROOT,
+    dashboard_queries,
+    iter_panels,
+    load_dashboard,
+    metric_names,
+    recorded_names,
+    run,
+)
 from tools import PROMTOOL
+
+from mem_exporter.zones import DEFAULT_ZONES
 
 EXPECTED = {"mem-exporter-overview.json": "mem-exporter-overview", "mem-exporter-groups.json": "mem-exporter-groups"}
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -54,7 +63,7 @@ def test_every_panel_and_query_uses_the_datasource_variable():
 
 
 def test_datasource_and_instance_are_template_variables():
-    for name, dash in _dashboards().items():
+    for dash in _dashboards().values():
         variables = {v["name"]: v for v in dash["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"

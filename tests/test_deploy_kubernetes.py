@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import yaml
-
 from deploy_helpers import DEPLOY, load_yaml, rule_groups, run
-from mem_exporter.config import load_config
 from tools import KUBERNETES_VALIDATE, PROMTOOL
+
+from mem_exporter.config import load_config
 
 KUBE = DEPLOY / "kubernetes"
 KUSTOMIZATION = load_yaml(KUBE / "kustomization.yaml")

@@ -5,11 +5,23 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from deploy_helpers import (DEPLOY, METRICS, RULE_FILES, RULE_TESTS, RUNBOOK_BASE, alert_rules, load_yaml,
-                            metric_names, recorded_names, recording_rules, run, runbook_anchors)
-from mem_exporter.zones import DEFAULT_ZONES
+from deploy_helpers import (
+    DEPLOY,
+    METRICS,
+    RULE_FILES,
+    RULE_TESTS,
+    RUNBOOK_BASE,
+    alert_rules,
+    load_yaml,
+    metric_names,
+    recorded_names,
+    recording_rules,
+    run,
+    runbook_anchors,
+)
 from tools import PROMTOOL
+
+from mem_exporter.zones import DEFAULT_ZONES
 
 ALERTS = alert_rules()
 ALERT_NAMES = sorted({rule["alert"] for rule in ALERTS})

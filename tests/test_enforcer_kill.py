@@ -7,8 +7,8 @@ import os
 import time
 
 import pytest
-
 from conftest import pid_alive, wait_for
+
 from mem_exporter.config import validate_config
 
 

@@ -2,8 +2,17 @@
 import pytest
 
 from mem_exporter.config import Matcher, Rule
-from mem_exporter.enforcer.policy import (FLOOR_RATE, MIN_PERIOD, Context, PolicyState, decide, descendants,
-                                          limits, poll_period, protection)
+from mem_exporter.enforcer.policy import (
+    FLOOR_RATE,
+    MIN_PERIOD,
+    Context,
+    PolicyState,
+    decide,
+    descendants,
+    limits,
+    poll_period,
+    protection,
+)
 from mem_exporter.grouping import make_group
 from mem_exporter.sample import GpuCard, ProcessInfo, Sample, SystemMemory
 

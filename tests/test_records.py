@@ -87,7 +87,7 @@ def test_every_line_of_every_log_matches_the_schema(tmp_path):
 
 def test_the_session_header_is_the_same_in_every_rotated_file(tmp_path):
     log = SessionLog(tmp_path, "unit", started=T0, max_bytes=2048, keep=3)
-    for i in range(40):
+    for _ in range(40):
         log.on_sample(a_sample())
     log.close()
     heads = [lines(f)[0] for f in sorted(tmp_path.glob("memory-*"))]

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import HOG, free_port, http_get, is_hog, metric_value, pid_alive, wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -286,6 +285,7 @@ def test_tree_members_follow_ppid_links_and_identity():
 
 def test_options_flags_over_environment():
     import argparse
+
     from mem_exporter.run import SetupError, options_from
 
     def args(**kw):

@@ -9,6 +9,7 @@ import threading
 import uuid
 
 from conftest import wait_for
+
 from mem_exporter.report import read_logs
 from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory
 from mem_exporter.sessionlog import GPU_CSV_COLUMNS, MEMORY_CSV_COLUMNS, RotatingFile, SessionLog

@@ -14,10 +14,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import free_port, metric_value, wait_for
-from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 from tools import OPENSSL, PROMETHEUS, have
+
+from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
 PASSWORD = "s3cret scrape"
 HASH = "$2y$10$X0h1gDsPszWURQaxFh.zoubFi6DXncSjhoQNJgRrnGs7EsimhC7zG"  # exporter-toolkit's example

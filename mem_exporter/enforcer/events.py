@@ -17,8 +17,15 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..records import (DEFAULT_EVENT_KEEP, DEFAULT_EVENT_MAX_BYTES, QUIET_ACTIONS, LogFile, event_member,
-                       event_record, shared_log)
+from ..records import (
+    DEFAULT_EVENT_KEEP,
+    DEFAULT_EVENT_MAX_BYTES,
+    QUIET_ACTIONS,
+    LogFile,
+    event_member,
+    event_record,
+    shared_log,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from ..sample import ProcessInfo
 from .actuator import Actuator, PidfdWatch

@@ -8,8 +8,8 @@ gpu) so alerts join it with `mem_exporter_group_memory_bytes` on (group, memtype
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 

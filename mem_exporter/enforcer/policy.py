@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
@@ -115,7 +115,7 @@ class PolicyState:
 
 # --- selection and limits ---------------------------------------------------------------------
 
-_MEMO: "weakref.WeakKeyDictionary[RuleMatch, dict]" = weakref.WeakKeyDictionary()
+_MEMO: weakref.WeakKeyDictionary[RuleMatch, dict] = weakref.WeakKeyDictionary()
 _MEMO_MAX = 100_000
 
 

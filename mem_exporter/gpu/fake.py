@@ -21,8 +21,9 @@ from __future__ import annotations
 import bisect
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from ..sample import GpuCard, GpuMigInstance, GpuProcess
 from ..units import parse_duration, parse_hertz, parse_ratio, parse_size, read_yaml

@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..records import line_kind
 from .model import Run
@@ -141,7 +142,7 @@ def read_csv(path: Path, run: Run, progress: Progress) -> None:
                 _damaged(run, path)
                 continue
             try:
-                keep = _csv_row(run, dict(zip(fields, cells)), "gpu" in fields, keep)
+                keep = _csv_row(run, dict(zip(fields, cells, strict=True)), "gpu" in fields, keep)
             except (ValueError, KeyError, TypeError):
                 _damaged(run, path)
 

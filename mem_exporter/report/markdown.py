@@ -4,10 +4,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..units import format_bytes
 from ..config import Zones
-from .analysis import (LEAK_MIN_GROWTH_BYTES, LEAK_MIN_GROWTH_RATIO, LEAK_MIN_R2,
-                       LEAK_MIN_SAMPLES, LEAK_MIN_SHARE_OF_RUN, NEAR_MISS, ZONES, Analysis, Stats, format_rate, format_seconds)
+from ..units import format_bytes
+from .analysis import (
+    LEAK_MIN_GROWTH_BYTES,
+    LEAK_MIN_GROWTH_RATIO,
+    LEAK_MIN_R2,
+    LEAK_MIN_SAMPLES,
+    LEAK_MIN_SHARE_OF_RUN,
+    NEAR_MISS,
+    ZONES,
+    Analysis,
+    Stats,
+    format_rate,
+    format_seconds,
+)
 
 
 def _zone_text(z: Zones) -> str:

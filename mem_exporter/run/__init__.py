@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from ..config import Groups, Notify, Rule, load_config
 from ..enforcer.actuator import make_actuator, own_context
@@ -47,8 +47,7 @@ from ..runlog import MB, RunLog, mb, resolve_path, sample_record
 from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
 from ..zones import zone_for
-from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
-                      options_from)
+from .options import EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError, options_from
 from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
 from .tree import TreeWalk, links_available
 
