@@ -40,7 +40,8 @@ class Population:
     """`count` sleeping processes in one process group owned by the bench."""
 
     def __init__(self, count: int):
-        self.leader = subprocess.Popen(["sleep", "3600"], preexec_fn=os.setpgrp)  # a group in our session, so others can join
+        # a group in our session, so others can join
+        self.leader = subprocess.Popen(["sleep", "3600"], preexec_fn=os.setpgrp)
         self.pgid = self.leader.pid
         self.procs = [self.leader] + [
             subprocess.Popen(["sleep", "3600"], preexec_fn=lambda: os.setpgid(0, self.pgid)) for _ in range(count - 1)]

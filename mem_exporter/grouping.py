@@ -99,10 +99,11 @@ def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
     """
     keep: list[GroupSample] = []
     rest: list[GroupSample] = []
-    gpu_ranked = {g.key for g in sorted((g for g in groups if g.gpu_memory_bytes), key=lambda g: g.gpu_memory_total_bytes,
-                                        reverse=True)[:max_groups]}
+    by_gpu = sorted((g for g in groups if g.gpu_memory_bytes), key=lambda g: g.gpu_memory_total_bytes, reverse=True)
+    gpu_ranked = {g.key for g in by_gpu[:max_groups]}
     for g in groups:  # already largest first
-        if g.kind == "named" or g.key in gpu_ranked or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory):
+        if (g.kind == "named" or g.key in gpu_ranked
+                or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory)):
             keep.append(g)
         else:
             rest.append(g)

@@ -107,7 +107,8 @@ def test_group_info_carries_container_and_pod_labels(tmp_path):
     info = {s.labels["group"]: s.labels for fam in text_string_to_metric_families(body.decode())
             if fam.name == "mem_exporter_group_info" for s in fam.samples}
     assert info[f"pod/{POD}/{K8S[:12]}"] | {"leader": ""} == {
-        "group": f"pod/{POD}/{K8S[:12]}", "kind": "container", "pgid": "", "leader": "", "container": K8S[:12], "pod": POD}
+        "group": f"pod/{POD}/{K8S[:12]}", "kind": "container", "pgid": "", "leader": "", "container": K8S[:12],
+        "pod": POD}
     assert (info[f"docker/{DOCKER[:12]}"]["container"], info[f"docker/{DOCKER[:12]}"]["pod"]) == (DOCKER[:12], "")
     assert (info["ollama.service"]["kind"], info["ollama.service"]["container"]) == ("unit", "")
     assert (info["bash-40"]["kind"], info["bash-40"]["pgid"], info["bash-40"]["container"]) == ("pgid", "40", "")

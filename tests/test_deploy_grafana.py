@@ -121,7 +121,8 @@ def test_ram_and_gpu_panels_show_the_alert_zones():
     ram = [(None, "green"), (z.system_memory.caution, "yellow"), (z.system_memory.critical, "red")]
     assert _steps(panels["RAM used"]) == ram
     assert _steps(panels["RAM used (share of total)"]) == ram
-    assert panels["RAM used (share of total)"]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line+area"
+    ram_style = panels["RAM used (share of total)"]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]
+    assert ram_style["mode"] == "line+area"
     assert _steps(panels["GPU memory used (share of total)"]) == [
         (None, "green"), (z.gpu_memory.caution, "yellow"), (z.gpu_memory.critical, "red")]
     for title in ("RAM used", "RAM used (share of total)"):

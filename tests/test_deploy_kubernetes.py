@@ -39,7 +39,8 @@ def test_generated_configmap_passes_kubernetes_validate_strict(tmp_path):
     path = tmp_path / "configmap.yaml"
     path.write_text(yaml.safe_dump(manifest))
     result = run(KUBERNETES_VALIDATE, "--strict", str(path))
-    assert result.returncode == 0 and "passed for resource" in result.stdout + result.stderr, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "passed for resource" in output, output
 
 
 @pytest.mark.parametrize("path", OPERATOR, ids=[p.name for p in OPERATOR])

@@ -64,7 +64,8 @@ def _alert_cases():
     for path in RULE_TESTS:
         for test in load_yaml(path)["tests"]:
             for case in test.get("alert_rule_test", []):
-                cases.setdefault(case["alertname"], []).append((test.get("name", path.name), case.get("exp_alerts") or []))
+                expected = case.get("exp_alerts") or []
+                cases.setdefault(case["alertname"], []).append((test.get("name", path.name), expected))
     return cases
 
 

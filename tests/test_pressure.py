@@ -156,7 +156,8 @@ def _tree(tmp_path):
 
 def _sampler(tmp_path, rule: dict) -> Sampler:
     cfg = validate_config({"paths": {"procfs": str(tmp_path / "proc"), "cgroupfs": str(tmp_path / "cg")},
-                           "gpu": {"backend": "none"}, "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]}})
+                           "gpu": {"backend": "none"},
+                           "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]}})
     return Sampler(cfg)
 
 

@@ -215,8 +215,8 @@ def test_kills_from_events_and_memory_kept_after_a_phase(tmp_path):
     gpu = run.gpu("0", "Card", 12 * GiB)
     for t, v in zip(run.times, vram, strict=True):
         gpu.add(t, v)
-    run.events.append({"t": run.times[3], "action": "kill", "rule": "vram", "group": "llm-7", "condition": "max_gpu_memory",
-                       "memory_bytes": 9 * GiB, "limit": 8 * GiB, "outcome": "dead"})
+    run.events.append({"t": run.times[3], "action": "kill", "rule": "vram", "group": "llm-7",
+                       "condition": "max_gpu_memory", "memory_bytes": 9 * GiB, "limit": 8 * GiB, "outcome": "dead"})
     run.events.append({"t": run.times[3], "action": "skipped_protected", "rule": "vram", "group": "sshd-1"})
     md, pngs = write_report(run, tmp_path / "r.md", charts=False)
     text = md.read_text()

@@ -133,7 +133,8 @@ class Notifier:
             if notify is None:
                 event.set()
                 continue
-            for name, fn in (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop)):
+            channels = (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop))
+            for name, fn in channels:
                 try:
                     if fn(notify, event):
                         self.sent += 1
@@ -158,7 +159,8 @@ class Notifier:
             return False
         verb = "would kill" if event["action"] == "dry_run" else "killed"
         title = f"mem-exporter {verb} {event.get('group')}"
-        body = f"rule {event['rule']}: {(event.get('memory_bytes') or 0) / 2**20:.0f} MiB, outcome {event.get('outcome')}"
+        mib = (event.get("memory_bytes") or 0) / 2**20
+        body = f"rule {event['rule']}: {mib:.0f} MiB, outcome {event.get('outcome')}"
         if sys.platform == "darwin" and shutil.which("osascript"):
             script = f'display notification {json.dumps(body)} with title {json.dumps(title)}'
             cmd = ["osascript", "-e", script]

@@ -41,7 +41,8 @@ def families(s: EnforcerState) -> Iterable[Metric]:
     for r in rules:
         c.add_metric([r], s.kills.get(r, 0))
     yield c
-    c = CounterMetricFamily(PREFIX + "actions", "Enforcer actions by rule and action (term, kill, dry_run, skipped_...).",
+    c = CounterMetricFamily(PREFIX + "actions",
+                            "Enforcer actions by rule and action (term, kill, dry_run, skipped_...).",
                             labels=["rule", "action"])
     for r, a in sorted({(r, a) for r in rules for a in ACTIONS} | set(s.actions)):
         c.add_metric([r, a], s.actions.get((r, a), 0))

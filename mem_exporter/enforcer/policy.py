@@ -307,9 +307,11 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             if not _held(rule, rs, "system", now) or _cooling(rule, rs, "system", now):
                 continue
             ceiling = threshold * (1 - rule.hard_ceiling)
-            candidates = sorted((g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
-                                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling)
+            candidates = sorted(
+                (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
+                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy,
+                    ceiling=ceiling)
         elif cond == "memory_pressure_above":
             pc = rule.memory_pressure_above
             reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)

@@ -123,8 +123,10 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines += ["## Leak check", "",
               f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
               f"R² ≥ {LEAK_MIN_R2} and rises by at least {format_bytes(LEAK_MIN_GROWTH_BYTES)} and "
-              f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.", ""]
-    shown = [lk for lk in a.leaks if lk.flagged or lk.group in {st.name for st in a.groups}]  # leaks, and the top groups
+              f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, "
+              f"over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.", ""]
+    top_groups = {st.name for st in a.groups}
+    shown = [lk for lk in a.leaks if lk.flagged or lk.group in top_groups]  # leaks, and the top groups
     if shown:
         rows = [[lk.group, format_rate(lk.slope), f"{lk.r2:.2f}", format_bytes(lk.growth), format_seconds(lk.seconds),
                  "**leak**" if lk.flagged else "no"] for lk in shown]
@@ -154,8 +156,9 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines += ["## Recommendations", ""]
     lines += [f"{i}. {text}" for i, text in enumerate(a.recommendations, 1)] + [""]
     lines += ["---", "",
-              f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; their columns are "
-              "shares of the time. A group is measured against its tightest enforcer limit, else the host's RAM. "
+              f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; "
+              "their columns are shares of the time. "
+              "A group is measured against its tightest enforcer limit, else the host's RAM. "
               "Mean and p95 are over samples. Details: docs/report.md.", ""]
     return "\n".join(lines)
 

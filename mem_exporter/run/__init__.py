@@ -68,7 +68,8 @@ _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
 
 
-def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo], root: int) -> dict[int, ProcessInfo]:
+def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo],
+                 root: int) -> dict[int, ProcessInfo]:
     """The tree among fresh readings: known members (same pid and start time) and every process
     whose ppid chain reaches the root or a member."""
     procs = list(procs)
@@ -208,7 +209,8 @@ class Runner:
             # from now on the wrapper may be in the background: it must not be stopped for taking
             # the terminal or writing to it (whichever of parent and child runs first)
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            self.proc = subprocess.Popen(list(self.opts.command), preexec_fn=functools.partial(_take_terminal, self.tty))
+            self.proc = subprocess.Popen(list(self.opts.command),
+                                         preexec_fn=functools.partial(_take_terminal, self.tty))
             try:
                 os.setpgid(self.proc.pid, self.proc.pid)  # as the child does: whichever runs first wins the race
             except OSError:
@@ -454,7 +456,8 @@ class Runner:
         """The run's limit and kills, under the enforcer's metric families."""
         return EnforcerState(rules=(RULE,), kills=dict(self.tally.kills), actions=dict(self.tally.actions),
                              limits=((RULE, self.name, "rss", self.opts.threshold),),
-                             last_kill=dict(self.tally.last_kill), last_time_to_death=dict(self.tally.last_time_to_death))
+                             last_kill=dict(self.tally.last_kill),
+                             last_time_to_death=dict(self.tally.last_time_to_death))
 
     # --- the end ------------------------------------------------------------------------------
     def _report(self, cause: str, event: dict | None, status: int) -> None:
