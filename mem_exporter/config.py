@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .units import parse_duration, parse_ratio, parse_size, read_yaml
 
@@ -365,7 +366,7 @@ def _key_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _problem_text(err: dict) -> str:
+def _problem_text(err: ErrorDetails) -> str:
     kind = err.get("type")
     if kind == "extra_forbidden":
         return "unknown key"
@@ -380,7 +381,7 @@ def _problem_text(err: dict) -> str:
     return msg
 
 
-def _problem_line(source: str, err: dict) -> str:
+def _problem_line(source: str, err: ErrorDetails) -> str:
     text = _problem_text(err)
     if not err["loc"] and _KEYED_MESSAGE.match(text):  # a cross-key check names its own key
         return f"{source}: {text}"

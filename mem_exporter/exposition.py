@@ -312,12 +312,15 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in two writes: without this, +40 ms per keep-alive scrape
 
     def setup(self) -> None:
-        self.timeout = self.server.client_timeout  # a slow or idle client is dropped, never waited on for ever
+        # a slow or idle client is dropped, never waited on for ever (what a `timeout` class attribute would do,
+        # per server instead of per class)
+        self.request.settimeout(self.server.client_timeout)
         self.web = self.server.web  # one web config for the whole connection, even across a reload
         super().setup()
 
     def handle_one_request(self) -> None:
-        real, self.rfile = self.rfile, _HeadBudget(self.rfile, MAX_HEADER_BYTES)
+        # the budget stands in for the stream, which the parser reads only through readline
+        real, self.rfile = self.rfile, _HeadBudget(self.rfile, MAX_HEADER_BYTES)  # type: ignore[assignment]
         try:
             super().handle_one_request()
         except _HeadTooLarge:
@@ -344,8 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if ok else 503, "text/plain; charset=utf-8", (text + "\n").encode())
         elif path == "/":
             _, text = self.server.health()
-            body = LANDING.format(version=__version__, status=html.escape(text))
-            self._send(200, "text/html; charset=utf-8", body.encode())
+            page = LANDING.format(version=__version__, status=html.escape(text))
+            self._send(200, "text/html; charset=utf-8", page.encode())
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
 
@@ -397,7 +400,7 @@ class MetricsServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]  # what server_address holds, typed as text here
         return f"{'https' if self.web.tls else 'http'}://{host}:{port}"
 
     def start(self) -> MetricsServer:
@@ -441,7 +444,7 @@ class MetricsServer(ThreadingHTTPServer):
             log.debug("TLS handshake with %s failed: %s", client_address[0], e)
             return
         try:
-            self.RequestHandlerClass(conn, client_address, self)
+            super().finish_request(conn, client_address)  # the handler, on the TLS connection
         finally:
             conn.close()
 

@@ -77,12 +77,12 @@ def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "r
     gtt_by_key: dict[str, dict[int, int]] = {}
     for card in gpus:
         for gp in card.processes:
-            key = key_of_pid.get(gp.pid)
-            if key is not None and gp.gpu_memory_bytes is not None:
-                per_card = gpu_by_key.setdefault(key, {})
+            owner = key_of_pid.get(gp.pid)
+            if owner is not None and gp.gpu_memory_bytes is not None:
+                per_card = gpu_by_key.setdefault(owner, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gpu_memory_bytes
-            if key is not None and gp.gtt_memory_bytes is not None:
-                per_card = gtt_by_key.setdefault(key, {})
+            if owner is not None and gp.gtt_memory_bytes is not None:
+                per_card = gtt_by_key.setdefault(owner, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gtt_memory_bytes
     groups = [make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
               for key, (kind, members) in buckets.items()]

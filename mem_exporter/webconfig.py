@@ -107,7 +107,10 @@ class WebConfig:
         if self.users:
             import bcrypt
             self._bcrypt = bcrypt
-            cost = int(_BCRYPT_COST.match(next(iter(self.users.values()))).group(1))
+            first = _BCRYPT_COST.match(next(iter(self.users.values())))
+            if first is None:  # loading the file checks every hash; this guards direct construction
+                raise ValueError(f"{source}: basic_auth_users: not a bcrypt hash")
+            cost = int(first.group(1))
             # an unknown user costs one bcrypt check too, so timing does not tell which users exist
             self._dummy = bcrypt.hashpw(b"unused", bcrypt.gensalt(max(4, cost)))
 

@@ -261,7 +261,7 @@ class NvmlSource:
         nv = self._nv
         try:
             self._events = nv.nvmlEventSetCreate()
-        except (AttributeError, *self._missing):
+        except (AttributeError,) + self._missing:
             self._events = None
             return
         for card in cards.values():
@@ -380,7 +380,7 @@ class NvmlSource:
             try:
                 m = self._nv.nvmlDeviceGetMemoryInfo(card.handle, version=version)
                 return int(m.total), int(m.used), int(m.free), int(m.reserved)
-            except (TypeError, AttributeError, *self._missing):
+            except (TypeError, AttributeError) + self._missing:
                 card.memory_v2 = False  # old bindings or driver: v1 from now on
         m = self._query(card, "nvmlDeviceGetMemoryInfo", card.handle)
         if m is None:

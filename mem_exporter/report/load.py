@@ -60,6 +60,8 @@ def _num(value: Any) -> float | None:
 def add_sample(run: Run, rec: dict[str, Any]) -> None:
     """A `type: sample` record (docs/report.md)."""
     t = _time(rec["t"])
+    if t is None:  # a sample without its time cannot be placed: a damaged record
+        raise ValueError("no timestamp")
     if not run.new_sample(t, rec.get("phase")):
         return
     memtype = rec.get("memtype") or run.memtype

@@ -54,8 +54,8 @@ STATS_HEADER = ["Resource", "Capacity", "Peak", "Peak share", "Mean", "p95", "Sa
 
 def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     run = a.run
-    names = sorted({s.get("session") for s in run.sessions if s.get("session")})
-    hosts = sorted({s.get("host") for s in run.sessions if s.get("host")})
+    names = sorted({name for s in run.sessions if (name := s.get("session"))})
+    hosts = sorted({host for s in run.sessions if (host := s.get("host"))})
     lines = [f"# Memory report{': ' + ', '.join(names) if names else ''}", ""]
     if not run.times:
         return "\n".join(lines + ["No samples found in: " + ", ".join(run.sources), ""])
@@ -81,10 +81,10 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         rows = []
         for st in a.groups:
             limits = run.groups[st.name].limits
-            row = _stats_row(st)
-            row[1] = (f"{format_bytes(min(limits.values()))} (limit)" if limits
-                      else f"{format_bytes(st.capacity)} (RAM)" if st.capacity else "-")
-            rows.append(row)
+            cells = _stats_row(st)
+            cells[1] = (f"{format_bytes(min(limits.values()))} (limit)" if limits
+                        else f"{format_bytes(st.capacity)} (RAM)" if st.capacity else "-")
+            rows.append(cells)
         lines += _table(["Group", "Measured against", *STATS_HEADER[2:]], rows)
         if "groups" in charts:
             lines += [f"![Largest groups]({charts['groups'].name})", ""]
