@@ -131,7 +131,8 @@ class Trial:
         if self.avail_below:  # earlyoom: measured from the point where its own trigger was met
             out["peak_vs_limit_mib"] = out["overshoot_mib"]
             out["rss_at_trigger_mib"] = self.rss_at_trigger / MIB if self.rss_at_trigger else None
-            out["overshoot_mib"] = (self.peak - self.rss_at_trigger) / MIB if self.peak and self.rss_at_trigger else None
+            over = (self.peak - self.rss_at_trigger) / MIB if self.peak and self.rss_at_trigger else None
+            out["overshoot_mib"] = over
             out["cross_to_death_s"] = (self.died - self.triggered) if self.rss_at_trigger and self.died else None
         return out
 
@@ -260,7 +261,8 @@ def main() -> int:
                     results.setdefault(("enforcer", rate), []).append(r)
                     print(f"enforcer  {rate:5.0f} MiB/s  #{i + 1}: {r}", flush=True)
                     if not a.no_earlyoom and os.path.exists(EARLYOOM):
-                        r = run_earlyoom_trial("eo" + tag, rate, limit, tmp)  # a tag the enforcer's rule does not select
+                        # a tag the enforcer's rule does not select
+                        r = run_earlyoom_trial("eo" + tag, rate, limit, tmp)
                         results.setdefault(("earlyoom", rate), []).append(r)
                         print(f"earlyoom  {rate:5.0f} MiB/s  #{i + 1}: {r}", flush=True)
             ignore = run_enforcer_trial(tag, 200, limit, tmp, 2.0, ignore_term=True)
@@ -270,17 +272,23 @@ def main() -> int:
         finally:
             os.killpg(enf.pid, signal.SIGTERM)
             enf.wait(30)
-        events = [json.loads(x) for x in (tmp / "events.jsonl").read_text().splitlines()] if (tmp / "events.jsonl").exists() else []
+        event_log = tmp / "events.jsonl"
+        events = [json.loads(x) for x in event_log.read_text().splitlines()] if event_log.exists() else []
 
     print()
+    earlyoom = "absent"
+    if os.path.exists(EARLYOOM):
+        version = subprocess.run([EARLYOOM, "-v"], capture_output=True, text=True)
+        earlyoom = (version.stdout + version.stderr).strip()
     print(f"limit {a.limit_mib} MiB, {a.repeat} trials per cell, medians; enforcer at default settings "
-          f"(interval 2s, grace 5s, hard ceiling 10%); earlyoom {(lambda r: (r.stdout + r.stderr).strip())(subprocess.run([EARLYOOM, '-v'], capture_output=True, text=True)) if os.path.exists(EARLYOOM) else 'absent'}")
+          f"(interval 2s, grace 5s, hard ceiling 10%); earlyoom {earlyoom}")
     print()
     # Overshoot is the peak above the limit for both. earlyoom watches MemAvailable, which does not
     # fall one-for-one with the hog's RSS, so its trigger lands past the limit; its overshoot above
     # its own trigger point (its reaction lag alone) is shown too, as the stricter comparison.
     print("| rate MiB/s | enforcer overshoot MiB | earlyoom overshoot MiB | ratio | target (<= 1/3) "
-          "| earlyoom past its own trigger MiB | ratio to that | enforcer crossing->death s | earlyoom trigger->death s |")
+          "| earlyoom past its own trigger MiB | ratio to that "
+          "| enforcer crossing->death s | earlyoom trigger->death s |")
     print("| ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: |")
     for rate in rates:
         e = results.get(("enforcer", rate), [])
@@ -298,11 +306,13 @@ def main() -> int:
     print(f"SIGTERM-ignoring hog at 200 MiB/s (enforcer): peak {fmt(ignore.get('peak_mib'))} MiB = "
           f"limit + {fmt(ignore.get('overshoot_mib'))} MiB (hard ceiling at +{a.limit_mib * 0.1:.0f} MiB), "
           f"crossing->death {fmt(ignore.get('cross_to_death_s'), '.2f')} s")
-    print(f"enforcer CPU at interval 2s with {cpu['procs']} extra processes: {cpu['cpu_share'] * 100:.2f} % of one core "
-          f"over {cpu['seconds']:.0f} s (target < 2 %: {'yes' if cpu['cpu_share'] < 0.02 else 'no'}); of which the shared "
-          f"/proc walk (last sample {cpu['walk_seconds'] * 1000:.0f} ms per 2 s) is about {cpu['walk_share'] * 100:.2f} %")
+    print(f"enforcer CPU at interval 2s with {cpu['procs']} extra processes: "
+          f"{cpu['cpu_share'] * 100:.2f} % of one core over {cpu['seconds']:.0f} s "
+          f"(target < 2 %: {'yes' if cpu['cpu_share'] < 0.02 else 'no'}); of which the shared /proc walk "
+          f"(last sample {cpu['walk_seconds'] * 1000:.0f} ms per 2 s) is about {cpu['walk_share'] * 100:.2f} %")
     kills = [e for e in events if e["action"] in ("term", "kill")]
-    print(f"enforcer events: {len(kills)} kills, hard ceiling used in {sum(1 for e in kills if e.get('hard_ceiling'))}; "
+    ceilings = sum(1 for e in kills if e.get("hard_ceiling"))
+    print(f"enforcer events: {len(kills)} kills, hard ceiling used in {ceilings}; "
           f"bench took {time.monotonic() - began:.0f} s")
     return 0
 

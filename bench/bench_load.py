@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from itertools import pairwise
 from pathlib import Path
 
 from benchlib import MIB, free_port, rss
@@ -160,7 +161,7 @@ def run(workdir: Path, scrapers: int = 50, seconds: float = 20.0, interval: floa
         flooded = receive.recv()
         duration = time.monotonic() - began
         stamps, latencies = flooded["timestamps"], flooded["latencies"]
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        gaps = [b - a for a, b in pairwise(stamps)]
         event = _kill_event(events, hog.pid)
         return {
             "scrapers": scrapers, "seconds": round(duration, 1), "interval": interval,

@@ -40,7 +40,8 @@ class Population:
     """`count` sleeping processes in one process group owned by the bench."""
 
     def __init__(self, count: int):
-        self.leader = subprocess.Popen(["sleep", "3600"], preexec_fn=os.setpgrp)  # a group in our session, so others can join
+        # a group in our session, so others can join
+        self.leader = subprocess.Popen(["sleep", "3600"], preexec_fn=os.setpgrp)
         self.pgid = self.leader.pid
         self.procs = [self.leader] + [
             subprocess.Popen(["sleep", "3600"], preexec_fn=lambda: os.setpgid(0, self.pgid)) for _ in range(count - 1)]
@@ -64,7 +65,7 @@ def median_ms(fn, rounds: int) -> float:
 def psutil_loop() -> None:
     import psutil
     for p in psutil.process_iter(["pid", "ppid", "name", "memory_info"]):
-        p.info
+        _ = p.info  # process_iter reads the attributes; touching them is the cost measured
 
 
 def c_walk_ms(binary: str, rounds: int) -> float:

@@ -35,7 +35,8 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", metavar="NAME", help="session name in the log file names (default: the command)")
     p.add_argument("--log-format", choices=("jsonl", "csv"), default="jsonl",
                    help="jsonl (default), or csv: one file for system and groups, one for GPUs")
-    p.add_argument("--log-max-size", metavar="SIZE", default="50MB", help="rotate a log file at this size (default: 50MB)")
+    p.add_argument("--log-max-size", metavar="SIZE", default="50MB",
+                   help="rotate a log file at this size (default: 50MB)")
     p.add_argument("--log-keep", metavar="N", type=int, default=4, help="rotated files kept per log (default: 4)")
 
 
@@ -46,15 +47,17 @@ def open_session_log(args: argparse.Namespace, command: str, config):
     from .sessionlog import SessionLog
     from .units import parse_size
     try:
+        info = {"command": command, "interval": config.interval, "memtype": config.memory}
         return SessionLog(args.log_dir, args.session or command, args.log_format, parse_size(args.log_max_size),
-                          args.log_keep, info={"command": command, "interval": config.interval, "memtype": config.memory})
+                          args.log_keep, info=info)
     except OSError as e:
         raise ValueError(f"cannot write session logs in {args.log_dir}: {e.strerror or e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mem-exporter", description=
-                                     "Per-process-group memory and GPU exporter, and an enforcer that kills runaway groups.")
+    parser = argparse.ArgumentParser(
+        prog="mem-exporter",
+        description="Per-process-group memory and GPU exporter, and an enforcer that kills runaway groups.")
     parser.add_argument("--version", action="version", version=f"mem-exporter {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -79,26 +82,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     phase = sub.add_parser("phase", help="mark the current phase (Idle, Model-Loading, ...) for exporters and runs "
                            "on this host; without NAME print it")
-    phase.add_argument("name", nargs="?", metavar="NAME", help="any name, e.g. Idle, Model-Loading, Model-Active, Full-Processing")
+    phase.add_argument("name", nargs="?", metavar="NAME",
+                       help="any name, e.g. Idle, Model-Loading, Model-Active, Full-Processing")
     phase.add_argument("--clear", action="store_true", help="no phase from now on")
     phase.add_argument("--phase-file", metavar="FILE", help="default: $MEM_EXPORTER_PHASE_FILE, "
                        "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /tmp/mem-exporter-UID/phase")
     phase.set_defaults(func=cmd_phase)
 
-    report = sub.add_parser("report", help="write a Markdown memory report with PNG charts from session logs or Prometheus")
-    report.add_argument("logs", nargs="*", metavar="LOG", help="session log files or directories (JSONL, CSV, event logs)")
-    report.add_argument("-o", "--output", default="report.md", help="the Markdown file; charts go next to it (default: report.md)")
-    report.add_argument("--prometheus", metavar="URL", help="read the run from this Prometheus instead of (or beside) logs")
-    report.add_argument("--since", default="1h", metavar="DURATION", help="with --prometheus: how far back (default: 1h)")
-    report.add_argument("--until", metavar="DURATION", default="0s", help="with --prometheus: end this long ago (default: now)")
-    report.add_argument("--step", metavar="DURATION", help="with --prometheus: resolution (default: the range / 2000, at least 1s)")
+    report = sub.add_parser("report",
+                            help="write a Markdown memory report with PNG charts from session logs or Prometheus")
+    report.add_argument("logs", nargs="*", metavar="LOG",
+                        help="session log files or directories (JSONL, CSV, event logs)")
+    report.add_argument("-o", "--output", default="report.md",
+                        help="the Markdown file; charts go next to it (default: report.md)")
+    report.add_argument("--prometheus", metavar="URL",
+                        help="read the run from this Prometheus instead of (or beside) logs")
+    report.add_argument("--since", default="1h", metavar="DURATION",
+                        help="with --prometheus: how far back (default: 1h)")
+    report.add_argument("--until", metavar="DURATION", default="0s",
+                        help="with --prometheus: end this long ago (default: now)")
+    report.add_argument("--step", metavar="DURATION",
+                        help="with --prometheus: resolution (default: the range / 2000, at least 1s)")
     report.add_argument("--selector", default="", metavar="LABELS",
                         help="with --prometheus: extra label matchers, e.g. 'instance=\"gpu-box:9713\"'")
-    report.add_argument("--memtype", choices=("rss", "pss"), default="rss", help="with --prometheus: which group memory")
+    report.add_argument("--memtype", choices=("rss", "pss"), default="rss",
+                        help="with --prometheus: which group memory")
     report.add_argument("--top", type=int, default=8, metavar="N", help="groups in the tables and charts (default: 8)")
     report.add_argument("--no-charts", action="store_true", help="Markdown only")
     report.add_argument("-c", "--config", help="take the zones (`zones:`) from this config (default: built-in zones)")
-    report.add_argument("--progress", action="store_true", default=None, help="show progress even when stderr is not a terminal")
+    report.add_argument("--progress", action="store_true", default=None,
+                        help="show progress even when stderr is not a terminal")
     report.set_defaults(func=cmd_report)
 
     top = sub.add_parser("top", help="live view of RAM, swap, GPUs and the largest groups, coloured by zone (q quits)")
@@ -123,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-l", "--log", metavar="FILE", help="JSON-lines log (a directory: a new file in it); default "
                      "$XDG_STATE_HOME/mem-exporter/runs/CMD-DATE-PID.jsonl (env MEM_EXPORTER_LOG)")
     run.add_argument("-v", "--verbose", action="store_true",
-                     help="live status on stderr: memory, peak, processes, share of the limit (env MEM_EXPORTER_VERBOSE=1)")
+                     help="live status on stderr: memory, peak, processes, share of the limit "
+                          "(env MEM_EXPORTER_VERBOSE=1)")
     run.add_argument("--notify", action="store_true", help="desktop notification when the tree is killed")
     run.add_argument("--grace", metavar="SECONDS", help="between SIGTERM and SIGKILL; default 5s")
     run.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics for the tree while it runs")
@@ -165,8 +179,8 @@ def _run_service(args: argparse.Namespace, enforce: bool) -> int:
         print(f"mem-exporter: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"mem-exporter: cannot listen on {overrides.get('listen') or 'the configured address'}: {e.strerror or e}",
-              file=sys.stderr)
+        address = overrides.get("listen") or "the configured address"
+        print(f"mem-exporter: cannot listen on {address}: {e.strerror or e}", file=sys.stderr)
         return 1
     service.install_signal_handlers()
     service.start().run_until_stopped()
@@ -221,6 +235,7 @@ def cmd_phase(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import time
     import urllib.error
+
     from .report import Run, read_logs, read_prometheus, write_report
     from .units import parse_duration
     if not args.logs and not args.prometheus:

@@ -10,8 +10,19 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
-                      ValidationError, WithJsonSchema, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from .signals import signal_number
 from .units import parse_duration, parse_ratio, parse_size, read_yaml
@@ -53,11 +64,14 @@ def _listen(value: str) -> str:
     return value
 
 
-_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"}],
+_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0},
+                          {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"}],
                 "description": "bytes, or a number with a unit: 800MB, 1.5GiB"}
-_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*(ms|s|m|min|h)?\s*$"}],
+_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": r"^\s*[0-9.]+\s*(ms|s|m|min|h)?\s*$"}],
                     "description": "seconds, or a number with a unit: 500ms, 2s, 1m"}
-_RATIO_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*%\s*$"}],
+_RATIO_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1},
+                           {"type": "string", "pattern": r"^\s*[0-9.]+\s*%\s*$"}],
                  "description": "a ratio 0..1 or a percentage: 0.1, 10%"}
 
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]
@@ -124,10 +138,12 @@ class Groups(_Strict):
         "pgid", description="what makes a group: process group id, cgroup path, or container (container, pod or "
                             "systemd service; other processes keep their PGID group)")
     named: list[NamedGroup] = Field(default_factory=list, description="named groups by regex; first match wins")
-    max_groups: int = Field(50, ge=1, le=10000, description="most group series exported; the rest sum into group=\"other\"")
+    max_groups: int = Field(50, ge=1, le=10000,
+                            description="most group series exported; the rest sum into group=\"other\"")
     min_memory: Size = Field(parse_size("10MB"), description="smaller groups are summed into group=\"other\"")
     top_processes: int = Field(5, ge=1, le=1000, description="largest members kept per group for logs and events")
-    cmdline_label: bool = Field(False, description="add a `cmdline` label to group_info (command lines may hold secrets)")
+    cmdline_label: bool = Field(False,
+                                description="add a `cmdline` label to group_info (command lines may hold secrets)")
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -196,16 +212,20 @@ class Rule(_Strict):
     max_rss: Size | None = Field(None, description="kill a group whose summed RSS exceeds this")
     max_pss: Size | None = Field(None, description="kill a group whose summed PSS exceeds this (needs memory: pss)")
     max_gpu_memory: Size | None = Field(None, description="kill a group whose summed GPU memory exceeds this")
-    gpu_memory_above: Ratio | None = Field(None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user")
+    gpu_memory_above: Ratio | None = Field(
+        None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user")
     system_available_below: SizeOrRatio | None = Field(
         None, description="when system available memory is below this, kill the largest selected group")
     memory_pressure_above: Annotated[PressureCondition | None, BeforeValidator(_pressure_shorthand)] = Field(
         None, description="when memory pressure (PSI) crosses this, kill the largest selected group")
     for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
     grace: Duration = Field(5.0, description="wait between the first and the last signal")
-    signals: list[SignalName] = Field(["SIGTERM", "SIGKILL"], min_length=1, description="signals in order; the last is sent after the grace period")
-    cooldown: Duration = Field(30.0, description="no second kill by this rule within this time (per group for max_rss, max_pss, max_gpu_memory; per card for gpu_memory_above)")
-    hard_ceiling: Ratio = Field(0.10, description="during the grace period, a group this far over its limit is killed at once")
+    signals: list[SignalName] = Field(["SIGTERM", "SIGKILL"], min_length=1,
+                                      description="signals in order; the last is sent after the grace period")
+    cooldown: Duration = Field(30.0, description="no second kill by this rule within this time (per group for "
+                                                 "max_rss, max_pss, max_gpu_memory; per card for gpu_memory_above)")
+    hard_ceiling: Ratio = Field(
+        0.10, description="during the grace period, a group this far over its limit is killed at once")
     other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
 
     CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above",
@@ -244,13 +264,15 @@ class EnforcerConfig(_Strict):
     event_log_max_size: Size = Field(16 * 2**20, gt=0, description="the event log rotates at this size")
     event_log_keep: int = Field(3, ge=0, le=100, description="rotated event logs kept (NAME.1 ... NAME.N); the oldest "
                                                              "is deleted")
-    protect: list[Matcher] = Field(default_factory=list, description="never signal processes matching these (added to the built-in list)")
+    protect: list[Matcher] = Field(default_factory=list,
+                                   description="never signal processes matching these (added to the built-in list)")
     rules: list[Rule] = Field(default_factory=list)
     notify: Notify = Field(default_factory=Notify)
     mlock: bool = Field(True, description="lock the enforcer's memory (mlockall) so its kill path never waits on "
                                           "swap; needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK")
-    oom_score_adj: int = Field(-900, ge=-1000, le=1000, description="the enforcer's own oom_score_adj, so the kernel "
-                                                                    "OOM killer spares it; lowering needs CAP_SYS_RESOURCE")
+    oom_score_adj: int = Field(-900, ge=-1000, le=1000,
+                               description="the enforcer's own oom_score_adj, so the kernel "
+                                           "OOM killer spares it; lowering needs CAP_SYS_RESOURCE")
 
     @model_validator(mode="after")
     def _unique_rules(self):
@@ -286,8 +308,9 @@ class Paths(_Strict):
 
 
 class Web(_Strict):
-    config_file: str | None = Field(None, description="exporter-toolkit web config (TLS, basic auth) for every endpoint; "
-                                                      "--web.config.file overrides it")
+    config_file: str | None = Field(None,
+                                    description="exporter-toolkit web config (TLS, basic auth) for every endpoint; "
+                                                "--web.config.file overrides it")
     max_connections: int = Field(100, ge=1, le=10000, description="open HTTP connections at most; beyond, answered 503")
     timeout: Duration = Field(10.0, gt=0, description="a client idle this long in the middle of a request is dropped")
 
@@ -297,7 +320,8 @@ class Config(_Strict):
     source: Literal["auto", "procfs", "psutil"] = Field(
         "auto", description="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced), "
                             "auto: procfs where paths.procfs exists, psutil elsewhere")
-    memory: Literal["rss", "pss"] = Field("rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)")
+    memory: Literal["rss", "pss"] = Field(
+        "rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)")
     listen: Listen = Field(DEFAULT_LISTEN, description="HOST:PORT the HTTP server binds")
     groups: Groups = Field(default_factory=Groups)
     gpu: Gpu = Field(default_factory=Gpu)
@@ -342,7 +366,7 @@ def _key_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _problem_text(err: dict) -> str:
+def _problem_text(err: ErrorDetails) -> str:
     kind = err.get("type")
     if kind == "extra_forbidden":
         return "unknown key"
@@ -357,7 +381,7 @@ def _problem_text(err: dict) -> str:
     return msg
 
 
-def _problem_line(source: str, err: dict) -> str:
+def _problem_line(source: str, err: ErrorDetails) -> str:
     text = _problem_text(err)
     if not err["loc"] and _KEYED_MESSAGE.match(text):  # a cross-key check names its own key
         return f"{source}: {text}"

@@ -10,8 +10,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -54,12 +54,14 @@ class SampleCollector:
         m = s.system
         for name, doc, value in (
             ("system_memory_total_bytes", "Total usable RAM.", m.total_bytes),
-            ("system_memory_available_bytes", "RAM available for new work without swapping (MemAvailable).", m.available_bytes),
+            ("system_memory_available_bytes", "RAM available for new work without swapping (MemAvailable).",
+             m.available_bytes),
             ("system_memory_used_bytes", "RAM in use: total minus available.", m.used_bytes),
             ("system_memory_free_bytes", "RAM not used at all (MemFree).", m.free_bytes),
             ("system_swap_total_bytes", "Total swap space.", m.swap_total_bytes),
             ("system_swap_used_bytes", "Swap space in use.", m.swap_used_bytes),
-            ("processes", "Processes counted in the last sample (kernel threads and zombies excluded).", s.process_count),
+            ("processes", "Processes counted in the last sample (kernel threads and zombies excluded).",
+             s.process_count),
         ):
             g = _gauge(name, doc)
             g.add_metric([], value)
@@ -81,7 +83,8 @@ class SampleCollector:
                         ratio.add_metric([kind, window], getattr(line, window))
                     stall.add_metric([kind], line.total_seconds)
             yield from (ratio, stall)
-        g = _gauge("skipped_processes", "Processes left out of the last sample (or, for permission, read in part), by reason.", ["reason"])
+        g = _gauge("skipped_processes",
+                   "Processes left out of the last sample (or, for permission, read in part), by reason.", ["reason"])
         for reason in ("vanished", "zombie", "kernel_thread", "permission"):
             g.add_metric([reason], s.skipped.get(reason, 0))
         yield g
@@ -93,7 +96,8 @@ class SampleCollector:
     def _groups(self, s: Sample) -> Iterable[Metric]:
         cfg = self.get_groups_config()
         groups = s.exported  # capped once per sample, by the sampler
-        mem = _gauge("group_memory_bytes", "Memory summed over a group's processes, by memory type.", ["group", "memtype"])
+        mem = _gauge("group_memory_bytes", "Memory summed over a group's processes, by memory type.",
+                     ["group", "memtype"])
         count = _gauge("group_processes", "Processes in a group.", ["group"])
         by_container = cfg.by == "container"  # only then: the other layouts keep their label sets
         info_labels = (["group", "kind", "pgid", "leader"] + (["container", "pod"] if by_container else [])
@@ -135,8 +139,10 @@ class SampleCollector:
             ("gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
             ("gpu_memory_free_bytes", "GPU memory free.", "memory_free_bytes"),
             ("gpu_memory_reserved_bytes", "GPU memory reserved by the driver.", "memory_reserved_bytes"),
-            ("gpu_utilization_ratio", "Share of time a kernel ran on the GPU over the last sample period (0..1).", "utilization_ratio"),
-            ("gpu_memory_utilization_ratio", "Share of time GPU memory was read or written (0..1).", "memory_utilization_ratio"),
+            ("gpu_utilization_ratio", "Share of time a kernel ran on the GPU over the last sample period (0..1).",
+             "utilization_ratio"),
+            ("gpu_memory_utilization_ratio", "Share of time GPU memory was read or written (0..1).",
+             "memory_utilization_ratio"),
             ("gpu_temperature_celsius", "GPU core temperature.", "temperature_celsius"),
             ("gpu_power_watts", "GPU power draw.", "power_watts"),
             ("gpu_power_limit_watts", "Enforced GPU power limit.", "power_limit_watts"),
@@ -148,7 +154,8 @@ class SampleCollector:
             ("gpu_last_xid", "The last XID error code seen on the card (0: none since start).", "last_xid"),
         )
         families = {attr: _gauge(name, doc, ["gpu"]) for name, doc, attr in fields}
-        energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU since the driver loaded.", labels=["gpu"])
+        energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU since the driver loaded.",
+                                     labels=["gpu"])
         clock = _gauge("gpu_clock_hertz", "Current GPU clock.", ["gpu", "clock"])
         clock_max = _gauge("gpu_clock_max_hertz", "Highest GPU clock the card supports.", ["gpu", "clock"])
         procs = _gauge("gpu_processes", "Processes using a GPU.", ["gpu"])
@@ -300,17 +307,20 @@ class _HeadBudget:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "MetricsServer"
+    server: MetricsServer
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in two writes: without this, +40 ms per keep-alive scrape
 
     def setup(self) -> None:
-        self.timeout = self.server.client_timeout  # a slow or idle client is dropped, never waited on for ever
+        # a slow or idle client is dropped, never waited on for ever (what a `timeout` class attribute would do,
+        # per server instead of per class)
+        self.request.settimeout(self.server.client_timeout)
         self.web = self.server.web  # one web config for the whole connection, even across a reload
         super().setup()
 
     def handle_one_request(self) -> None:
-        real, self.rfile = self.rfile, _HeadBudget(self.rfile, MAX_HEADER_BYTES)
+        # the budget stands in for the stream, which the parser reads only through readline
+        real, self.rfile = self.rfile, _HeadBudget(self.rfile, MAX_HEADER_BYTES)  # type: ignore[assignment]
         try:
             super().handle_one_request()
         except _HeadTooLarge:
@@ -337,8 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if ok else 503, "text/plain; charset=utf-8", (text + "\n").encode())
         elif path == "/":
             _, text = self.server.health()
-            body = LANDING.format(version=__version__, status=html.escape(text))
-            self._send(200, "text/html; charset=utf-8", body.encode())
+            page = LANDING.format(version=__version__, status=html.escape(text))
+            self._send(200, "text/html; charset=utf-8", page.encode())
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
 
@@ -390,10 +400,10 @@ class MetricsServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]  # what server_address holds, typed as text here
         return f"{'https' if self.web.tls else 'http'}://{host}:{port}"
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread.start()
         return self
 
@@ -434,7 +444,7 @@ class MetricsServer(ThreadingHTTPServer):
             log.debug("TLS handshake with %s failed: %s", client_address[0], e)
             return
         try:
-            self.RequestHandlerClass(conn, client_address, self)
+            super().finish_request(conn, client_address)  # the handler, on the TLS connection
         finally:
             conn.close()
 
@@ -457,7 +467,8 @@ class MetricsServer(ThreadingHTTPServer):
         log.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
 
 
-def sample_health(get_sample: Callable[[], Sample | None], interval: Callable[[], float]) -> Callable[[], tuple[bool, str]]:
+def sample_health(get_sample: Callable[[], Sample | None],
+                  interval: Callable[[], float]) -> Callable[[], tuple[bool, str]]:
     def health() -> tuple[bool, str]:
         s = get_sample()
         if s is None:

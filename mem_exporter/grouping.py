@@ -5,8 +5,8 @@ try:
     import pwd
 except ImportError:  # Windows: no user database by uid (the psutil source gives uid -1 there)
     pwd = None  # type: ignore[assignment]
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 from .config import Groups
 from .containers import parse_container
@@ -82,12 +82,12 @@ def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "r
     gtt_by_key: dict[str, dict[int, int]] = {}
     for card in gpus:
         for gp in card.processes:
-            key = key_of_pid.get(gp.pid)
-            if key is not None and gp.gpu_memory_bytes is not None:
-                per_card = gpu_by_key.setdefault(key, {})
+            owner = key_of_pid.get(gp.pid)
+            if owner is not None and gp.gpu_memory_bytes is not None:
+                per_card = gpu_by_key.setdefault(owner, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gpu_memory_bytes
-            if key is not None and gp.gtt_memory_bytes is not None:
-                per_card = gtt_by_key.setdefault(key, {})
+            if owner is not None and gp.gtt_memory_bytes is not None:
+                per_card = gtt_by_key.setdefault(owner, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gtt_memory_bytes
     groups = [make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
               for key, (kind, members) in buckets.items()]
@@ -104,10 +104,11 @@ def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
     """
     keep: list[GroupSample] = []
     rest: list[GroupSample] = []
-    gpu_ranked = {g.key for g in sorted((g for g in groups if g.gpu_memory_bytes), key=lambda g: g.gpu_memory_total_bytes,
-                                        reverse=True)[:max_groups]}
+    by_gpu = sorted((g for g in groups if g.gpu_memory_bytes), key=lambda g: g.gpu_memory_total_bytes, reverse=True)
+    gpu_ranked = {g.key for g in by_gpu[:max_groups]}
     for g in groups:  # already largest first
-        if g.kind == "named" or g.key in gpu_ranked or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory):
+        if (g.kind == "named" or g.key in gpu_ranked
+                or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory)):
             keep.append(g)
         else:
             rest.append(g)

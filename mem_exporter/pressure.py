@@ -146,13 +146,13 @@ class PressureWatch:
         elif not trigger:
             self.refused = "trigger disabled"
         else:
-            self._open_trigger()
+            self._open_trigger(threshold.stall)
         if self.mode == "fallback":
             log.info("memory pressure on %s: reading every %.0f ms (%s)", path, period * 1000, self.refused)
 
-    def _open_trigger(self) -> None:
+    def _open_trigger(self, stall: float) -> None:
         t = self.threshold
-        line = f"{t.kind} {int(t.stall * 1e6)} {int(t.window * 1e6)}".encode() + b"\0"
+        line = f"{t.kind} {int(stall * 1e6)} {int(t.window * 1e6)}".encode() + b"\0"
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -235,13 +235,15 @@ class PressureWatches:
                  cgroups: tuple[str, ...] = ()):
         self.watches = watches
         self.procfs, self.cgroupfs, self.cgroups = procfs, cgroupfs, cgroups
-        self._poll = select.poll() if any(w._fd is not None for w in watches) else None  # no poll() on Windows
-        for w in watches:
-            if w._fd is not None:
-                self._poll.register(w._fd, select.POLLPRI)
+        self._poll: select.poll | None = None
+        armed = [w._fd for w in watches if w._fd is not None]
+        if armed:  # no poll() on Windows
+            poll = self._poll = select.poll()
+            for fd in armed:
+                poll.register(fd, select.POLLPRI)
 
     @classmethod
-    def from_config(cls, config, trigger: bool = True) -> "PressureWatches":
+    def from_config(cls, config, trigger: bool = True) -> PressureWatches:
         paths = config.paths
         watches, cgroups = [], []
         for rule in config.enforcer.rules:

@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from .sample import ProcessInfo, SystemMemory
 
@@ -160,21 +160,20 @@ class _Known:
     """What the reader keeps about one process between walks."""
 
     # slots, not a dict or tuples: thousands of these live as long as their processes
-    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "stat_fd", "statm_fd", "last")
+    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "fds", "last")
 
     def __init__(self, start_time=None, comm="", uid=-1, cmdline="", exe=None, cgroup=None):
         self.start_time, self.comm, self.uid = start_time, comm, uid
         self.cmdline, self.exe, self.cgroup = cmdline, exe, cgroup
-        self.stat_fd: int | None = None  # open stat and statm, re-read with pread
-        self.statm_fd: int | None = None
+        self.fds: tuple[int, int] | None = None  # open stat and statm, re-read with pread
         self.last: ProcessInfo | None = None  # the record the last full walk made
 
     def close(self) -> bool:
         """Close the descriptors; True if there were any."""
-        if self.stat_fd is None:
+        if self.fds is None:
             return False
-        _close((self.stat_fd, self.statm_fd))
-        self.stat_fd = self.statm_fd = None
+        _close(self.fds)
+        self.fds = None
         return True
 
 
@@ -206,7 +205,7 @@ class ProcfsReader:
 
     def keeps_open(self, pid: int) -> bool:
         known = self._known.get(pid)
-        return known is not None and known.stat_fd is not None
+        return known is not None and known.fds is not None
 
     def _forget(self, pid: int) -> None:
         known = self._known.pop(pid, None)
@@ -234,7 +233,7 @@ class ProcfsReader:
     def _keep(self, pid: int, known: _Known | None, fds: tuple[int, int]) -> _Known:
         if known is None:
             known = self._known[pid] = _Known()
-        known.stat_fd, known.statm_fd = fds
+        known.fds = fds
         self._open_count += 1
         return known
 
@@ -272,9 +271,9 @@ class ProcfsReader:
         opened = None
         try:
             # the hot loop: inlined reads and parsing, about 1000 times per tick
-            if known is not None and known.stat_fd is not None:
-                data = os.pread(known.stat_fd, 4096, 0)
-                statm = os.pread(known.statm_fd, 4096, 0)
+            if known is not None and (kept := known.fds) is not None:
+                data = os.pread(kept[0], 4096, 0)
+                statm = os.pread(kept[1], 4096, 0)
             elif keep_open and self._budget.take() and (opened := self._open_kept(base)):
                 data = os.pread(opened[0], 4096, 0)
                 statm = os.pread(opened[1], 4096, 0)
@@ -307,7 +306,7 @@ class ProcfsReader:
             if known is None or known.start_time != start_time or known.comm != comm:
                 fresh = self._read_static(base, start_time, comm)
                 if known is not None:  # the same process after exec: its descriptors still hold
-                    fresh.stat_fd, fresh.statm_fd = known.stat_fd, known.statm_fd
+                    fresh.fds = known.fds
                 known = self._known[pid] = fresh
             if opened:
                 self._keep(pid, known, opened)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from typing import Callable, Iterable, Mapping, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import psutil
 

@@ -27,8 +27,9 @@ import socket
 import stat
 import threading
 import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from .units import iso_utc as iso
@@ -543,7 +544,7 @@ class LogFile:
                 pass
 
 
-_shared: "weakref.WeakValueDictionary[str, LogFile]" = weakref.WeakValueDictionary()
+_shared: weakref.WeakValueDictionary[str, LogFile] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
 

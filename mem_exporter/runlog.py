@@ -11,8 +11,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .records import MB, SCHEMA, LogFile, mb  # the run's API, re-exported (runner.py imports them here)
 from .records import run_sample_record as sample_record

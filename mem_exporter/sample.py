@@ -6,8 +6,9 @@ never zero.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 
 class ProcessInfo(NamedTuple):

@@ -13,7 +13,8 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Callable, Collection, Iterable, Protocol, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Protocol
 
 from .config import Config
 from .grouping import cap_groups, group_key, group_processes, make_group
@@ -74,12 +75,12 @@ def resolve_source(config: Config) -> str:
 def make_reader(config: Config) -> tuple[str, Reader]:
     needs_exe = any(g.match.needs_exe for g in config.groups.named) or any(
         r.match.needs_exe for r in config.enforcer.rules) or any(m.needs_exe for m in config.enforcer.protect)
-    options = dict(pss=config.memory == "pss", exe=needs_exe, cgroup=config.groups.by in ("cgroup", "container"))
+    pss, cgroup = config.memory == "pss", config.groups.by in ("cgroup", "container")
     if resolve_source(config) == "procfs":
         from .procfs import ProcfsReader
-        return "procfs", ProcfsReader(config.paths.procfs, **options)
+        return "procfs", ProcfsReader(config.paths.procfs, pss=pss, exe=needs_exe, cgroup=cgroup)
     from .psutil_source import PsutilReader
-    return "psutil", PsutilReader(**options)
+    return "psutil", PsutilReader(pss=pss, exe=needs_exe, cgroup=cgroup)
 
 
 class Sampler:
@@ -98,8 +99,9 @@ class Sampler:
         with self._lock:
             old = getattr(self, "reader", None)
             self.config, self.source_name, self.reader = config, source_name, reader
-        if hasattr(old, "close"):
-            old.close()
+        close = getattr(old, "close", None)
+        if close is not None:
+            close()
 
     def tick(self) -> Sample:
         with self._lock:
@@ -218,7 +220,7 @@ class SamplingLoop:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
-    def start(self) -> "SamplingLoop":
+    def start(self) -> SamplingLoop:
         self._thread.start()
         return self
 

@@ -73,10 +73,10 @@ class SelfProtection:
     problems: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, enforcer_config, procfs: str = "/proc") -> "SelfProtection":
+    def from_config(cls, enforcer_config, procfs: str = "/proc") -> SelfProtection:
         return cls(mlock=enforcer_config.mlock, oom_score_adj=enforcer_config.oom_score_adj, procfs=procfs)
 
-    def apply(self) -> "SelfProtection":
+    def apply(self) -> SelfProtection:
         if self.mlock:
             self._lock_memory()
         if self.oom_score_adj is not None:

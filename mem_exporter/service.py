@@ -55,7 +55,7 @@ class Service:
                                     sample_health(lambda: self.loop.latest, lambda: self.config.interval),
                                     web, self.config.web.max_connections, self.config.web.timeout)
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         quiet_gc()
         if self.protection is not None:  # after the heap is trimmed: less to lock
             self.protection.apply()

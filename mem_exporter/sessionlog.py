@@ -17,8 +17,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .records import DEFAULT_SESSION_KEEP as DEFAULT_KEEP
 from .records import DEFAULT_SESSION_MAX_BYTES as DEFAULT_MAX_BYTES

@@ -88,10 +88,10 @@ def _loop(stdscr, sampler, interval: float) -> int:
     colours: dict[str | None, int] = {None: 0}
     if curses.has_colors():
         curses.use_default_colors()
-        for n, (z, fg) in enumerate((("safe", curses.COLOR_GREEN), ("caution", curses.COLOR_YELLOW),
-                                     ("critical", curses.COLOR_RED)), 1):
+        for n, (zone, fg) in enumerate((("safe", curses.COLOR_GREEN), ("caution", curses.COLOR_YELLOW),
+                                        ("critical", curses.COLOR_RED)), 1):
             curses.init_pair(n, fg, -1)
-            colours[z] = curses.color_pair(n) | (curses.A_BOLD if z == "critical" else 0)
+            colours[zone] = curses.color_pair(n) | (curses.A_BOLD if zone == "critical" else 0)
     try:
         curses.curs_set(0)
     except curses.error:

@@ -3,7 +3,8 @@
 The format is exporter-toolkit's `web-config.yml` (`--web.config.file`), so one file
 serves node_exporter and mem-exporter alike:
 
-    tls_server_config: {cert_file: FILE, key_file: FILE, client_auth_type: ..., client_ca_file: FILE, min_version: TLS12}
+    tls_server_config: {cert_file: FILE, key_file: FILE, client_auth_type: ..., client_ca_file: FILE,
+                        min_version: TLS12}
     http_server_config: {headers: {X-Frame-Options: deny}}
     basic_auth_users: {prometheus: '$2y$10$...'}     # bcrypt hashes
 
@@ -38,7 +39,8 @@ UNSUPPORTED = {
     "tls_server_config.cert": "give the certificate as cert_file",
     "tls_server_config.key": "give the key as key_file",
     "tls_server_config.client_ca": "give the CA as client_ca_file",
-    "tls_server_config.client_allowed_sans": "not supported by mem-exporter; issue client certificates from a dedicated CA",
+    "tls_server_config.client_allowed_sans":
+        "not supported by mem-exporter; issue client certificates from a dedicated CA",
     "tls_server_config.cipher_suites": "not supported by mem-exporter (OpenSSL's defaults apply)",
     "tls_server_config.curve_preferences": "not supported by mem-exporter (OpenSSL's defaults apply)",
     "rate_limit": "not supported by mem-exporter (see max_connections in the main config)",
@@ -105,7 +107,10 @@ class WebConfig:
         if self.users:
             import bcrypt
             self._bcrypt = bcrypt
-            cost = int(_BCRYPT_COST.match(next(iter(self.users.values()))).group(1))
+            first = _BCRYPT_COST.match(next(iter(self.users.values())))
+            if first is None:  # loading the file checks every hash; this guards direct construction
+                raise ValueError(f"{source}: basic_auth_users: not a bcrypt hash")
+            cost = int(first.group(1))
             # an unknown user costs one bcrypt check too, so timing does not tell which users exist
             self._dummy = bcrypt.hashpw(b"unused", bcrypt.gensalt(max(4, cost)))
 

@@ -23,7 +23,6 @@ from conftest import free_port
 from tools import ALERTMANAGER
 
 
-
 class WebhookReceiver:
     """An HTTP server on 127.0.0.1 that records every POSTed JSON body."""
 
@@ -55,7 +54,7 @@ class WebhookReceiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "WebhookReceiver":
+    def __enter__(self) -> WebhookReceiver:
         self._thread.start()
         return self
 
@@ -109,7 +108,7 @@ class Alertmanager:
                     "--log.level=debug"]
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Alertmanager":
+    def start(self, timeout: float = 30.0) -> Alertmanager:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -152,7 +151,7 @@ class Alertmanager:
         if getattr(self, "_log", None):
             self._log.close()
 
-    def __enter__(self) -> "Alertmanager":
+    def __enter__(self) -> Alertmanager:
         return self.start()
 
     def __exit__(self, *exc) -> None:

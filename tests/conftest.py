@@ -140,11 +140,11 @@ class Daemon:
         self.port = port or free_port()  # a restart passes the old port: Prometheus keeps scraping it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(cwd or ".") / f"daemon-{self.port}.log", "w+") if cwd else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", *args, "--listen", f"127.0.0.1:{self.port}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+        command = [sys.executable, "-m", "mem_exporter", *args, "--listen", f"127.0.0.1:{self.port}"]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
                                      start_new_session=True, env={**os.environ, **(env or {})})
 
-    def wait_healthy(self, timeout: float = 15.0) -> "Daemon":
+    def wait_healthy(self, timeout: float = 15.0) -> Daemon:
         def healthy():
             assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}: {self.output()}"
             try:

@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="ignored: a marker for rules to select only this test's hogs")
     p.add_argument("--setsid-grandchild", action="store_true", help="the first child starts a child in its own session")
     p.add_argument("--comm", default=None, help="set the process name (/proc/PID/comm) to this")
-    p.add_argument("--grow-on-signal", action="store_true", help="start growing only once SIGUSR1 arrives (after --ready)")
+    p.add_argument("--grow-on-signal", action="store_true",
+                   help="start growing only once SIGUSR1 arrives (after --ready)")
     p.add_argument("--oom-score-adj", type=int, default=None, help="write this to /proc/self/oom_score_adj")
     a = p.parse_args()
     if a.oom_score_adj is not None:

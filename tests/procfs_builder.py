@@ -32,7 +32,8 @@ class FakeProc:
         path = path or self.root / "pressure" / "memory"
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = [("some", some)] + ([("full", full)] if full is not None else [])
-        path.write_text("".join(f"{k} avg10={a:.2f} avg60={b:.2f} avg300={c:.2f} total={t}\n" for k, (a, b, c, t) in lines))
+        path.write_text("".join(f"{k} avg10={a:.2f} avg60={b:.2f} avg300={c:.2f} total={t}\n"
+                                for k, (a, b, c, t) in lines))
         return path
 
     def add(self, pid: int, comm: str, *, ppid: int = 1, pgid: int | None = None, sid: int | None = None,

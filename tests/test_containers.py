@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from procfs_builder import FakeProc
 from prometheus_client.parser import text_string_to_metric_families
 
 from mem_exporter.config import Groups, RuleMatch, load_config
@@ -11,7 +12,6 @@ from mem_exporter.exposition import Exposition, SampleCollector, build_registry
 from mem_exporter.grouping import group_processes
 from mem_exporter.procfs import ProcfsReader, parse_cgroup
 from mem_exporter.sampler import Sampler
-from procfs_builder import FakeProc
 
 FIXTURES = Path(__file__).with_name("fixtures") / "cgroup"
 DOCKER = "3f4e9a1c2b7d8e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7"
@@ -107,7 +107,8 @@ def test_group_info_carries_container_and_pod_labels(tmp_path):
     info = {s.labels["group"]: s.labels for fam in text_string_to_metric_families(body.decode())
             if fam.name == "mem_exporter_group_info" for s in fam.samples}
     assert info[f"pod/{POD}/{K8S[:12]}"] | {"leader": ""} == {
-        "group": f"pod/{POD}/{K8S[:12]}", "kind": "container", "pgid": "", "leader": "", "container": K8S[:12], "pod": POD}
+        "group": f"pod/{POD}/{K8S[:12]}", "kind": "container", "pgid": "", "leader": "", "container": K8S[:12],
+        "pod": POD}
     assert (info[f"docker/{DOCKER[:12]}"]["container"], info[f"docker/{DOCKER[:12]}"]["pod"]) == (DOCKER[:12], "")
     assert (info["ollama.service"]["kind"], info["ollama.service"]["container"]) == ("unit", "")
     assert (info["bash-40"]["kind"], info["bash-40"]["pgid"], info["bash-40"]["container"]) == ("pgid", "40", "")

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 import yaml
-
 from conftest import free_port
 from deploy_helpers import DEPLOY, run
 from tools import ALERTMANAGER, AMTOOL

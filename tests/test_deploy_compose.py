@@ -21,8 +21,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from conftest import Daemon, metric_value, wait_for
 from deploy_helpers import DEPLOY, ROOT, load_yaml, run
-from mem_exporter.config import load_config
 from tools import DOCKER_COMPOSE, HADOLINT
+
+from mem_exporter.config import load_config
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 NVIDIA = DEPLOY / "docker-compose.nvidia.yml"

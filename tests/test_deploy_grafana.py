@@ -6,11 +6,20 @@ import re
 
 import pytest
 import yaml
-
-from deploy_helpers import (DASHBOARDS, METRICS, ROOT, dashboard_queries, iter_panels, load_dashboard,
-                            metric_names, recorded_names, run)
-from mem_exporter.zones import DEFAULT_ZONES
+from deploy_helpers import (
+    DASHBOARDS,
+    METRICS,
+    ROOT,
+    dashboard_queries,
+    iter_panels,
+    load_dashboard,
+    metric_names,
+    recorded_names,
+    run,
+)
 from tools import PROMTOOL
+
+from mem_exporter.zones import DEFAULT_ZONES
 
 EXPECTED = {"mem-exporter-overview.json": "mem-exporter-overview", "mem-exporter-groups.json": "mem-exporter-groups"}
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -54,7 +63,7 @@ def test_every_panel_and_query_uses_the_datasource_variable():
 
 
 def test_datasource_and_instance_are_template_variables():
-    for name, dash in _dashboards().items():
+    for dash in _dashboards().values():
         variables = {v["name"]: v for v in dash["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
@@ -112,7 +121,8 @@ def test_ram_and_gpu_panels_show_the_alert_zones():
     ram = [(None, "green"), (z.system_memory.caution, "yellow"), (z.system_memory.critical, "red")]
     assert _steps(panels["RAM used"]) == ram
     assert _steps(panels["RAM used (share of total)"]) == ram
-    assert panels["RAM used (share of total)"]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line+area"
+    ram_style = panels["RAM used (share of total)"]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]
+    assert ram_style["mode"] == "line+area"
     assert _steps(panels["GPU memory used (share of total)"]) == [
         (None, "green"), (z.gpu_memory.caution, "yellow"), (z.gpu_memory.critical, "red")]
     for title in ("RAM used", "RAM used (share of total)"):

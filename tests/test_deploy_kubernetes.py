@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import yaml
-
 from deploy_helpers import DEPLOY, load_yaml, rule_groups, run
-from mem_exporter.config import load_config
 from tools import KUBERNETES_VALIDATE, PROMTOOL
+
+from mem_exporter.config import load_config
 
 KUBE = DEPLOY / "kubernetes"
 KUSTOMIZATION = load_yaml(KUBE / "kustomization.yaml")
@@ -39,7 +39,8 @@ def test_generated_configmap_passes_kubernetes_validate_strict(tmp_path):
     path = tmp_path / "configmap.yaml"
     path.write_text(yaml.safe_dump(manifest))
     result = run(KUBERNETES_VALIDATE, "--strict", str(path))
-    assert result.returncode == 0 and "passed for resource" in result.stdout + result.stderr, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "passed for resource" in output, output
 
 
 @pytest.mark.parametrize("path", OPERATOR, ids=[p.name for p in OPERATOR])

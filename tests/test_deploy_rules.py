@@ -5,11 +5,23 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from deploy_helpers import (DEPLOY, METRICS, RULE_FILES, RULE_TESTS, RUNBOOK_BASE, alert_rules, load_yaml,
-                            metric_names, recorded_names, recording_rules, run, runbook_anchors)
-from mem_exporter.zones import DEFAULT_ZONES
+from deploy_helpers import (
+    DEPLOY,
+    METRICS,
+    RULE_FILES,
+    RULE_TESTS,
+    RUNBOOK_BASE,
+    alert_rules,
+    load_yaml,
+    metric_names,
+    recorded_names,
+    recording_rules,
+    run,
+    runbook_anchors,
+)
 from tools import PROMTOOL
+
+from mem_exporter.zones import DEFAULT_ZONES
 
 ALERTS = alert_rules()
 ALERT_NAMES = sorted({rule["alert"] for rule in ALERTS})
@@ -52,7 +64,8 @@ def _alert_cases():
     for path in RULE_TESTS:
         for test in load_yaml(path)["tests"]:
             for case in test.get("alert_rule_test", []):
-                cases.setdefault(case["alertname"], []).append((test.get("name", path.name), case.get("exp_alerts") or []))
+                expected = case.get("exp_alerts") or []
+                cases.setdefault(case["alertname"], []).append((test.get("name", path.name), expected))
     return cases
 
 

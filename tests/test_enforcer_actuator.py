@@ -4,8 +4,8 @@ import signal
 import time
 
 import pytest
-
 from conftest import pid_alive, wait_for
+
 from mem_exporter.enforcer.actuator import HAVE_PIDFD, Actuator
 from mem_exporter.procfs import ProcfsReader
 

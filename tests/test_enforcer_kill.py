@@ -8,8 +8,8 @@ import os
 import time
 
 import pytest
-
 from conftest import pid_alive, wait_for
+
 from mem_exporter.config import validate_config
 
 
@@ -118,8 +118,8 @@ def test_configure_swaps_rules_in_place(enforcer, spawn_group, tag):
     wait_for(lambda: enf.latest is not None and enf.limit_series, 10, what="a first sample")
     time.sleep(0.5)
     assert pid_alive(hog.pid)
-    cfg = validate_config({"interval": "0.3s", "gpu": {"backend": "none"},
-                           "enforcer": {"rules": [{"name": "tight", "match": sel(tag), "max_rss": "100MiB", "grace": "1s"}]}})
+    tight = {"name": "tight", "match": sel(tag), "max_rss": "100MiB", "grace": "1s"}
+    cfg = validate_config({"interval": "0.3s", "gpu": {"backend": "none"}, "enforcer": {"rules": [tight]}})
     enf.configure(cfg)
     ev = wait_for(lambda: event_for(enf, hog.pgid), 20, what="a kill under the new rule")
     assert ev["rule"] == "tight"

@@ -2,8 +2,17 @@
 import pytest
 
 from mem_exporter.config import Matcher, Rule
-from mem_exporter.enforcer.policy import (FLOOR_RATE, MIN_PERIOD, Context, PolicyState, decide, descendants,
-                                          limits, poll_period, protection)
+from mem_exporter.enforcer.policy import (
+    FLOOR_RATE,
+    MIN_PERIOD,
+    Context,
+    PolicyState,
+    decide,
+    descendants,
+    limits,
+    poll_period,
+    protection,
+)
 from mem_exporter.grouping import make_group
 from mem_exporter.sample import GpuCard, ProcessInfo, Sample, SystemMemory
 
@@ -82,7 +91,8 @@ def test_summed_over_members_and_all_members_selector():
     s = sample(g)
     assert kinds(decide(s, [rule(max_rss="1GiB", match={"cmdline": "bun test"})], PolicyState(), ME)) == [
         ("kill", "r", "python3-1000")]
-    assert decide(s, [rule(max_rss="1GiB", match={"cmdline": "bun test", "all_members": True})], PolicyState(), ME) == []
+    every_member = rule(max_rss="1GiB", match={"cmdline": "bun test", "all_members": True})
+    assert decide(s, [every_member], PolicyState(), ME) == []
     (a,) = decide(s, [rule(max_rss="1GiB")], PolicyState(), ME)
     assert {p.pid for p in a.targets} == {1000, 1001} and a.value == 1200 * MB
 
@@ -120,7 +130,8 @@ def test_busy_groups_are_left_alone_and_the_first_rule_wins():
 def test_several_rules_each_kill_names_its_rule():
     a = group(proc(1000, rss=2 * GB, cmdline="bun test"))
     b = group(proc(2000, rss=3 * GB, cmdline="cargo build"))
-    rules = [rule(name="bun", max_rss="1GiB", match={"cmdline": "bun"}), rule(name="cargo", max_rss="1GiB", match={"cmdline": "cargo"})]
+    rules = [rule(name="bun", max_rss="1GiB", match={"cmdline": "bun"}),
+             rule(name="cargo", max_rss="1GiB", match={"cmdline": "cargo"})]
     assert sorted(kinds(decide(sample(a, b), rules, PolicyState(), ME))) == [
         ("kill", "bun", "python3-1000"), ("kill", "cargo", "python3-2000")]
 
@@ -150,7 +161,8 @@ def test_system_rule_passes_over_a_protected_group_to_the_next():
 
 def test_system_rule_with_no_eligible_group_says_so():
     sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD))
-    actions = decide(sample(sshd, avail=GB), [rule(system_available_below="10%", match={"comm": "sshd"})], PolicyState(), ME)
+    low = rule(system_available_below="10%", match={"comm": "sshd"})
+    actions = decide(sample(sshd, avail=GB), [low], PolicyState(), ME)
     assert [a.kind for a in actions] == ["skipped_protected", "no_victim"]
 
 

@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import pid_alive, wait_for
+
 from mem_exporter.enforcer.actuator import Actuator, Delivery
 from mem_exporter.enforcer.portable import PortableActuator
 from mem_exporter.psutil_source import PsutilReader

@@ -6,14 +6,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from procfs_builder import FakeProc
 from prometheus_client import CollectorRegistry, generate_latest
+from tools import PROMTOOL
 
 from mem_exporter.config import validate_config
 from mem_exporter.exposition import SampleCollector
 from mem_exporter.gpu import open_gpu_source
 from mem_exporter.sampler import Sampler
-from procfs_builder import FakeProc
-from tools import PROMTOOL
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 GPU_SCENARIO = Path(__file__).parent / "fixtures" / "gpu" / "golden-2cards.yaml"

@@ -13,15 +13,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from procfs_builder import FakeProc
 from prometheus_client import CollectorRegistry, generate_latest
+from sysfs_builder import FakeSys, add_fd, add_plain_fds
 
 from mem_exporter.config import validate_config
 from mem_exporter.exposition import SampleCollector
 from mem_exporter.gpu import CombinedSource, open_gpu_source
 from mem_exporter.gpu.drm import DrmSource, parse_fdinfo, parse_size
 from mem_exporter.sampler import Sampler
-from procfs_builder import FakeProc
-from sysfs_builder import FakeSys, add_fd, add_plain_fds
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 PROMTOOL = "/usr/bin/promtool"

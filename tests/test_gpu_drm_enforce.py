@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import metric_value, wait_for
 from procfs_builder import FakeProc
 from sysfs_builder import FakeSys, add_fd, add_plain_fds

@@ -90,7 +90,8 @@ def test_a_lost_card_is_left_out_and_counted_until_it_comes_back():
 def test_pid_self_is_the_exporter(tmp_path):
     f = tmp_path / "self.yaml"
     f.write_text("cards: [{memory_total: 8GiB}]\n"
-                 "steps: [{at: 0, cards: {0: {processes: [{pid: self, gpu_memory: 1GiB}, {pid: 77, gpu_memory: null}]}}}]\n")
+                 "steps: [{at: 0, cards: {0: {processes: "
+                 "[{pid: self, gpu_memory: 1GiB}, {pid: 77, gpu_memory: null}]}}}]\n")
     (c,) = FakeGpuSource.from_file(f).read(T0).cards
     assert [(p.pid, p.gpu_memory_bytes) for p in c.processes] == [(os.getpid(), GIB), (77, None)]
     assert c.memory_used_bytes == GIB

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_helpers import github_anchor, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pynvml
@@ -189,7 +190,7 @@ def test_backoff_doubles_up_to_retry_max():
         t = round(t + 0.1, 1)
         if src.read(t).error:
             attempts.append(t)
-    gaps = [round(b - a, 1) for a, b in zip(attempts, attempts[1:])]
+    gaps = [round(b - a, 1) for a, b in pairwise(attempts)]
     assert gaps[:4] == [1.0, 2.0, 4.0, 5.0]
     assert set(gaps[3:]) == {5.0}
 

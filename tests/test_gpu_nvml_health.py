@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from procfs_builder import FakeProc
 from prometheus_client import CollectorRegistry, generate_latest
 
 from mem_exporter.config import validate_config
@@ -17,7 +18,6 @@ from mem_exporter.gpu.fake import ScenarioError, parse_scenario
 from mem_exporter.gpu.nvml import THROTTLE_REASONS, NvmlSource
 from mem_exporter.gpu.nvml_stub import GIB, StubCard, StubNvml
 from mem_exporter.sampler import Sampler
-from procfs_builder import FakeProc
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROMTOOL = "/usr/bin/promtool"

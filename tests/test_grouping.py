@@ -61,7 +61,8 @@ def test_min_memory_sends_small_groups_to_other():
 
 def test_gpu_memory_is_attributed_to_groups_and_vram_hogs_never_hide_in_other():
     card = GpuCard(index=0, uuid="GPU-x", name="fake", driver_version="1",
-                   processes=(GpuProcess(pid=11, gpu_memory_bytes=3000 * MB), GpuProcess(pid=12, gpu_memory_bytes=1000 * MB),
+                   processes=(GpuProcess(pid=11, gpu_memory_bytes=3000 * MB),
+                              GpuProcess(pid=12, gpu_memory_bytes=1000 * MB),
                               GpuProcess(pid=777, gpu_memory_bytes=5 * MB)))
     procs = [proc(10, "leader", rss_mb=1), proc(11, "cuda", pgid=10, rss_mb=1), proc(12, "other-user", rss_mb=1),
              proc(20, "big", rss_mb=900)]

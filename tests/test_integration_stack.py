@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from alertmanager_helpers import Alertmanager, WebhookReceiver
 from conftest import Daemon, free_port, pid_alive, wait_for
 from deploy_helpers import DEPLOY, dashboard_queries, iter_panels, load_dashboard, substitute

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import HOG, pid_alive, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +220,7 @@ def test_the_lane_readers_cache_stays_as_big_as_the_process_table():
 def test_a_reload_never_closes_descriptors_a_tick_is_reading():
     """SIGHUP's configure() swaps the reader and closes the old one: it must wait for a tick in progress."""
     import threading
+
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import Sampler
     cfg = validate_config({"gpu": {"backend": "none"}})

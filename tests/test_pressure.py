@@ -6,14 +6,20 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_for
+from procfs_builder import FakeProc
+
 from mem_exporter.config import ConfigError, validate_config
 from mem_exporter.enforcer.policy import Context, PolicyState, decide
-from mem_exporter.pressure import (PressureWatch, StallWindow, Threshold, cgroup_pressure_path, parse_pressure,
-                                   read_pressure)
+from mem_exporter.pressure import (
+    PressureWatch,
+    StallWindow,
+    Threshold,
+    cgroup_pressure_path,
+    parse_pressure,
+    read_pressure,
+)
 from mem_exporter.sampler import Sampler
-from procfs_builder import FakeProc
 
 ME = Context(uid=os.geteuid(), pid=10, pgid=10)
 HOST_PSI = "/proc/pressure/memory"
@@ -150,7 +156,8 @@ def _tree(tmp_path):
 
 def _sampler(tmp_path, rule: dict) -> Sampler:
     cfg = validate_config({"paths": {"procfs": str(tmp_path / "proc"), "cgroupfs": str(tmp_path / "cg")},
-                           "gpu": {"backend": "none"}, "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]}})
+                           "gpu": {"backend": "none"},
+                           "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]}})
     return Sampler(cfg)
 
 

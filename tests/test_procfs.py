@@ -1,11 +1,11 @@
 """The procfs reader against synthetic and captured trees."""
 import os
-
-import pytest
 from pathlib import Path
 
-from mem_exporter.procfs import PAGE_SIZE, ProcfsReader, parse_cgroup, parse_smaps_rollup, parse_stat
+import pytest
 from procfs_builder import FakeProc
+
+from mem_exporter.procfs import PAGE_SIZE, ProcfsReader, parse_cgroup, parse_smaps_rollup, parse_stat
 
 CAPTURED = Path(__file__).parent / "fixtures" / "proc-captured"
 

@@ -80,9 +80,10 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
 # --- the newcomer scan's cheap parts, on fixture trees and on this machine's /proc --------------
 
 def test_new_processes_reports_the_pids_it_will_never_watch(tmp_path):
+    from procfs_builder import FakeProc
+
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import GroupReader
-    from procfs_builder import FakeProc
     fake = FakeProc(tmp_path / "proc")
     fake.add(100, "bash", rss_kb=4096)
     fake.add(200, "kworker/0:1", ppid=2, flags=0x00200040, rss_kb=0)  # PF_KTHREAD

@@ -87,7 +87,7 @@ def test_every_line_of_every_log_matches_the_schema(tmp_path):
 
 def test_the_session_header_is_the_same_in_every_rotated_file(tmp_path):
     log = SessionLog(tmp_path, "unit", started=T0, max_bytes=2048, keep=3)
-    for i in range(40):
+    for _ in range(40):
         log.on_sample(a_sample())
     log.close()
     heads = [lines(f)[0] for f in sorted(tmp_path.glob("memory-*"))]
@@ -251,6 +251,17 @@ def test_report_skips_exactly_the_damaged_jsonl_line(tmp_path):
     assert f"{tmp_path / 'memory-x.jsonl'}: skipped 1 damaged record" in r.stderr
     from mem_exporter.report import read_logs
     assert len(read_logs([tmp_path / "memory-x.jsonl"]).times) == 9
+
+
+def test_report_skips_a_sample_without_its_time(tmp_path):
+    records = [sample_line(i) for i in range(3)]
+    records[1]["t"] = None
+    (tmp_path / "memory-x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = cli("report", str(tmp_path / "memory-x.jsonl"), "-o", str(tmp_path / "r.md"), "--no-charts")
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'memory-x.jsonl'}: skipped 1 damaged record" in r.stderr
+    from mem_exporter.report import read_logs
+    assert read_logs([tmp_path / "memory-x.jsonl"]).times == [T0, T0 + 2]
 
 
 def test_report_skips_exactly_the_damaged_csv_row(tmp_path):

@@ -12,14 +12,14 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, http_get, wait_for
+from tools import PROMETHEUS
+
+from mem_exporter.config import Zone, Zones
 from mem_exporter.report import Run, analyse, write_report
 from mem_exporter.report.analysis import fit, percentile, zone
-from mem_exporter.config import Zone, Zones
 from mem_exporter.units import format_bytes
 from mem_exporter.zones import zone_for
-from tools import PROMETHEUS
 
 ROOT = Path(__file__).parents[1]
 GPU_SCENARIO = "fake:tests/fixtures/gpu/rotating-12gb.yaml"
@@ -213,10 +213,10 @@ def test_kills_from_events_and_memory_kept_after_a_phase(tmp_path):
     vram = [1 * GiB] * 5 + [1 * GiB + i * GiB for i in range(5)] + [5 * GiB] * 5  # nothing freed after Model-Active
     run = synthetic({"llm-7": [10.0] * 15}, phases=["Idle"] * 5 + ["Model-Active"] * 5 + ["Idle"] * 5)
     gpu = run.gpu("0", "Card", 12 * GiB)
-    for t, v in zip(run.times, vram):
+    for t, v in zip(run.times, vram, strict=True):
         gpu.add(t, v)
-    run.events.append({"t": run.times[3], "action": "kill", "rule": "vram", "group": "llm-7", "condition": "max_gpu_memory",
-                       "memory_bytes": 9 * GiB, "limit": 8 * GiB, "outcome": "dead"})
+    run.events.append({"t": run.times[3], "action": "kill", "rule": "vram", "group": "llm-7",
+                       "condition": "max_gpu_memory", "memory_bytes": 9 * GiB, "limit": 8 * GiB, "outcome": "dead"})
     run.events.append({"t": run.times[3], "action": "skipped_protected", "rule": "vram", "group": "sshd-1"})
     md, pngs = write_report(run, tmp_path / "r.md", charts=False)
     text = md.read_text()

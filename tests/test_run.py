@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import HOG, free_port, http_get, is_hog, metric_value, pid_alive, wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -157,7 +156,8 @@ def test_the_commands_own_exit_status_passes_through(wrap, tmp_path, script, sta
 def test_an_orphan_left_running_is_stopped_when_the_command_exits(wrap, tmp_path):
     pid_file = tmp_path / "ready-orphan"
     # the shell exits at once; its background hog is reparented to the wrapper (a subreaper)
-    w = wrap("--grace", "1", "--", "sh", "-c", f"{sys.executable} {HOG} --mb 5 & echo $! > {pid_file}; sleep 0.5; exit 5")
+    script = f"{sys.executable} {HOG} --mb 5 & echo $! > {pid_file}; sleep 0.5; exit 5"
+    w = wrap("--grace", "1", "--", "sh", "-c", script)
     assert w.wait() == 5, w.stderr()
     orphan = ready_pids(pid_file)
     assert orphan and not pid_alive(orphan[0])
@@ -190,7 +190,8 @@ def test_sigint_reaches_the_whole_tree_even_where_ignored(wrap, tmp_path):
 
 def test_listen_serves_the_tree_and_its_limit(wrap, tmp_path):
     ready, port = tmp_path / "ready", free_port()
-    w = wrap("-t", "1GiB", "-i", "0.3", "--listen", f"127.0.0.1:{port}", "--", *hog("--mb", "30", "--ready", str(ready)))
+    w = wrap("-t", "1GiB", "-i", "0.3", "--listen", f"127.0.0.1:{port}", "--",
+             *hog("--mb", "30", "--ready", str(ready)))
     wait_ready(ready, w)
     name = os.path.basename(sys.executable)
 
@@ -293,6 +294,7 @@ def test_tree_members_follow_ppid_links_and_identity():
 
 def test_options_flags_over_environment():
     import argparse
+
     from mem_exporter.run import SetupError, options_from
 
     def args(**kw):

@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import HOG, pid_alive, wait_for
 from procfs_builder import FakeProc
 

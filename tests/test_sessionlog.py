@@ -9,6 +9,7 @@ import threading
 import uuid
 
 from conftest import wait_for
+
 from mem_exporter.report import read_logs
 from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory
 from mem_exporter.sessionlog import GPU_CSV_COLUMNS, MEMORY_CSV_COLUMNS, RotatingFile, SessionLog
@@ -120,7 +121,8 @@ def test_a_slow_disk_drops_records_instead_of_blocking(tmp_path, monkeypatch):
 def test_serve_writes_csv_session_logs(daemon, tmp_path):
     logs = tmp_path / "logs"
     d = daemon("serve", "--interval", "0.2s", "--gpu-backend", GPU_SCENARIO, "--log-dir", str(logs),
-               "--log-format", "csv", "--session", "stress test", "--phase-file", str(tmp_path / "phase")).wait_healthy()
+               "--log-format", "csv", "--session", "stress test",
+               "--phase-file", str(tmp_path / "phase")).wait_healthy()
     wait_for(lambda: len(list(logs.glob("memory-*.csv"))) == 1 and
              next(logs.glob("memory-*.csv")).read_text().count(",system,system,") > 10, 20, what="ten samples")
     d.proc.send_signal(signal.SIGTERM)

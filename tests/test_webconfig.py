@@ -14,10 +14,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import free_port, metric_value, wait_for
-from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 from tools import OPENSSL, PROMETHEUS, have
+
+from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
 PASSWORD = "s3cret scrape"
 HASH = "$2y$10$X0h1gDsPszWURQaxFh.zoubFi6DXncSjhoQNJgRrnGs7EsimhC7zG"  # exporter-toolkit's example
@@ -77,7 +77,8 @@ BAD = [
      "tls_server_config.client_auth_type: RequireAnyClientCert accepts certificates without verifying them; "
      "use RequireAndVerifyClientCert"),
     ("tls_server_config: {cert_file: c, key_file: k, client_allowed_sans: [a]}\n",
-     "tls_server_config.client_allowed_sans: not supported by mem-exporter; issue client certificates from a dedicated CA"),
+     "tls_server_config.client_allowed_sans: not supported by mem-exporter; "
+     "issue client certificates from a dedicated CA"),
     ("rate_limit: {interval: 1s, burst: 5}\n",
      "rate_limit: not supported by mem-exporter (see max_connections in the main config)"),
     ("basic_auth_users: {prometheus: hunter2}\n",
@@ -140,8 +141,9 @@ def test_auth_checks_bcrypt_once_then_caches_and_accepts_htpasswd_hashes():
 def test_cli_refuses_a_bad_web_config_with_exit_2(tmp_path):
     f = tmp_path / "web.yml"
     f.write_text("basic_auth_users: {prometheus: plain}\n")
-    r = subprocess.run([sys.executable, "-m", "mem_exporter", "serve", "--web.config.file", str(f), "--gpu-backend", "none",
-                        "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-m", "mem_exporter", "serve", "--web.config.file", str(f),
+                        "--gpu-backend", "none", "--listen", f"127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == (f"mem-exporter: {f}: basic_auth_users: prometheus: not a bcrypt hash "
                                 "(make one with: htpasswd -nBC 10 '' | tr -d ':\\n')")

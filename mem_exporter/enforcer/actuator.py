@@ -19,11 +19,11 @@ import errno
 import logging
 import os
 import select
-import threading
 import signal
+import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from ..procfs import parse_stat, task_alive
 from ..sample import ProcessInfo

@@ -20,22 +20,41 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..config import Config
 from ..grouping import group_key, make_group
 from ..pressure import FALLBACK_PERIOD, PressureWatches
-from ..signals import signal_number
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
+from ..signals import signal_number
 from .actuator import Actuator, make_actuator, own_context
 from .events import EventLog, Notifier, make_event
 from .kill import KillOrder, execute
-from .lane import (NEWCOMER_PERIOD, SYSTEM_MIN_PERIOD, SYSTEM_RETRY, FastLane, Growth, PidWatch, first_sight_rate,
-                   just_started, system_period)
+from .lane import (
+    NEWCOMER_PERIOD,
+    SYSTEM_MIN_PERIOD,
+    SYSTEM_RETRY,
+    FastLane,
+    Growth,
+    PidWatch,
+    first_sight_rate,
+    just_started,
+    system_period,
+)
 from .metrics import EnforcerCollector, EnforcerState, Tally
-from .policy import (GROUP_MEMORY, LIMIT_MEMTYPE, Action, PolicyState, decide, eligible, group_value, limits, selects,
-                     system_threshold)
+from .policy import (
+    GROUP_MEMORY,
+    LIMIT_MEMTYPE,
+    Action,
+    PolicyState,
+    decide,
+    eligible,
+    group_value,
+    limits,
+    selects,
+    system_threshold,
+)
 
 __all__ = ["Enforcer"]
 

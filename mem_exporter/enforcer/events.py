@@ -6,8 +6,8 @@ thread posts with short timeouts and drops what it cannot deliver (logged).
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import queue
 import shutil
 import socket
@@ -18,8 +18,15 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..records import (DEFAULT_EVENT_KEEP, DEFAULT_EVENT_MAX_BYTES, QUIET_ACTIONS, LogFile, event_member,
-                       event_record, shared_log)
+from ..records import (
+    DEFAULT_EVENT_KEEP,
+    DEFAULT_EVENT_MAX_BYTES,
+    QUIET_ACTIONS,
+    LogFile,
+    event_member,
+    event_record,
+    shared_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +157,8 @@ class Notifier:
             if notify is None:
                 event.set()
                 continue
-            for name, fn in (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop)):
+            channels = (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop))
+            for name, fn in channels:
                 try:
                     if fn(notify, event):
                         self.sent += 1
@@ -175,7 +183,8 @@ class Notifier:
             return False
         verb = "would kill" if event["action"] == "dry_run" else "killed"
         title = f"mem-exporter {verb} {event.get('group')}"
-        body = f"rule {event['rule']}: {(event.get('memory_bytes') or 0) / 2**20:.0f} MiB, outcome {event.get('outcome')}"
+        mib = (event.get("memory_bytes") or 0) / 2**20
+        body = f"rule {event['rule']}: {mib:.0f} MiB, outcome {event.get('outcome')}"
         cmd = desktop_command(sys.platform, shutil.which, title, body)
         if cmd is None:
             return False

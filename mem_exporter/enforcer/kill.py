@@ -13,8 +13,8 @@ first signal; waiting is poll() on pidfds, so it works at any descriptor number.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from ..sample import ProcessInfo
 from ..signals import signal_name

@@ -8,8 +8,8 @@ samples is not taken for a still one.
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Hashable, Iterable
 
 from ..sample import GroupSample, ProcessInfo
 from .policy import MAX_LANE, poll_period

@@ -8,8 +8,8 @@ gpu) so alerts join it with `mem_exporter_group_memory_bytes` on (group, memtype
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -41,7 +41,8 @@ def families(s: EnforcerState) -> Iterable[Metric]:
     for r in rules:
         c.add_metric([r], s.kills.get(r, 0))
     yield c
-    c = CounterMetricFamily(PREFIX + "actions", "Enforcer actions by rule and action (term, kill, dry_run, skipped_...).",
+    c = CounterMetricFamily(PREFIX + "actions",
+                            "Enforcer actions by rule and action (term, kill, dry_run, skipped_...).",
                             labels=["rule", "action"])
     for r, a in sorted({(r, a) for r in rules for a in ACTIONS} | set(s.actions)):
         c.add_metric([r, a], s.actions.get((r, a), 0))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
@@ -115,7 +115,7 @@ class PolicyState:
 
 # --- selection and limits ---------------------------------------------------------------------
 
-_MEMO: "weakref.WeakKeyDictionary[RuleMatch, dict]" = weakref.WeakKeyDictionary()
+_MEMO: weakref.WeakKeyDictionary[RuleMatch, dict] = weakref.WeakKeyDictionary()
 _MEMO_MAX = 100_000
 
 
@@ -160,13 +160,15 @@ def group_limit(rule: Rule) -> int:
 
 def system_threshold(rule: Rule, total_bytes: int) -> float:
     t = rule.system_available_below
+    if t is None:
+        raise ValueError(f"rule {rule.name} has no system_available_below")
     return t * total_bytes if t < 1 else t
 
 
 def limits(sample: Sample, rules: Sequence[Rule], user_name: Callable[[int], str] = _user_name
            ) -> list[tuple[Rule, GroupSample, int]]:
     """(rule, group, limit) for every group a group-limit rule watches."""
-    out = []
+    out: list[tuple[Rule, GroupSample, int]] = []
     for rule in rules:
         if rule.condition in GROUP_LIMITS:
             lim = group_limit(rule)
@@ -307,36 +309,39 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             if not _held(rule, rs, "system", now) or _cooling(rule, rs, "system", now):
                 continue
             ceiling = threshold * (1 - rule.hard_ceiling)
-            candidates = sorted((g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
-                                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling)
-        elif cond == "memory_pressure_above":
-            pc = rule.memory_pressure_above
+            candidates = sorted(
+                (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
+                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy,
+                    ceiling=ceiling)
+        elif (pc := rule.memory_pressure_above) is not None:
             reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)
             line = reading.line(pc.kind) if reading is not None else None
             if line is None:  # no PSI here (or the cgroup is gone): nothing to judge
                 rs.since.pop("pressure", None)
                 continue
+            pressure: float | None
             if pc.avg10 is not None:
-                value, threshold = line.avg10, pc.avg10
+                pressure, above = line.avg10, pc.avg10
             else:
+                assert pc.stall is not None  # the config takes exactly one of avg10, stall
                 window = rs.stall.get(pc.source)
                 if window is None or window.window != pc.window:
                     window = rs.stall[pc.source] = StallWindow(pc.window)
-                value, threshold = window.add(now, line.total_seconds), pc.stall
-            if value is None or value < threshold or (pc.avg10 is not None and value == threshold):
+                pressure, above = window.add(now, line.total_seconds), pc.stall
+            if pressure is None or pressure < above or (pc.avg10 is not None and pressure == above):
                 rs.since.pop("pressure", None)
                 continue
             if not _held(rule, rs, "pressure", now) or _cooling(rule, rs, "pressure", now):
                 continue
             selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
             candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            _choose(rule, rs, candidates, sample, ctx, cond, value, threshold, now, "pressure", out, busy)
-        elif cond == "gpu_memory_above":
+            _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
+        elif (share := rule.gpu_memory_above) is not None:
             for card in sample.gpus:
                 key = f"gpu:{card.index}"
                 ratio = card.memory_used_ratio
-                if ratio is None or ratio <= rule.gpu_memory_above:
+                if ratio is None or ratio <= share:
                     rs.since.pop(key, None)
                     continue
                 if not _held(rule, rs, key, now) or _cooling(rule, rs, key, now):
@@ -344,8 +349,7 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 candidates = sorted((g for g in sample.groups if g.gpu_memory_bytes.get(card.index, 0) > 0
                                      and g.key not in busy and selects(rule.match, g, ctx.user_name)),
                                     key=lambda g: g.gpu_memory_bytes[card.index], reverse=True)
-                _choose(rule, rs, candidates, sample, ctx, cond, ratio, rule.gpu_memory_above, now, key, out, busy,
-                        gpu=card.index)
+                _choose(rule, rs, candidates, sample, ctx, cond, ratio, share, now, key, out, busy, gpu=card.index)
     return out
 
 

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import psutil
 

@@ -124,8 +124,8 @@ def parse_fdinfo(text: str) -> DrmClient | None:
                     memory[kind].setdefault(stat, {})[region] = size
     sums: dict[str, int | None] = {}
     for kind, by_stat in memory.items():
-        stat = next((s for s in _STATS if s in by_stat), None)
-        sums[kind] = None if stat is None else sum(by_stat[stat].values())
+        reported = next((s for s in _STATS if s in by_stat), None)
+        sums[kind] = None if reported is None else sum(by_stat[reported].values())
     return DrmClient(keys.get("drm-driver"), keys.get("drm-pdev"), keys.get("drm-client-id"),
                      sums["vram"], sums["gtt"])
 
@@ -307,7 +307,8 @@ class DrmSource:
         if total is None and c.driver == "xe":
             total = dev("tile0", "physical_vram_size_bytes")
         busy, mem_busy = dev("gpu_busy_percent"), dev("mem_busy_percent")
-        clock = memory_clock = None
+        clock: float | None = None
+        memory_clock: float | None = None
         if c.driver == "amdgpu":
             clock, memory_clock = hw("freq1_input"), hw("freq2_input")  # Hz
         elif c.driver == "xe":

@@ -21,8 +21,9 @@ from __future__ import annotations
 import bisect
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from ..sample import GpuCard, GpuMigInstance, GpuProcess
 from ..units import parse_duration, parse_hertz, parse_ratio, parse_size, read_yaml
@@ -290,7 +291,8 @@ def _used(values: dict[str, Any]) -> int | None:
 
 def _card_at(card: GpuCard, v: dict[str, Any]) -> tuple[GpuCard, bool]:
     used = _used(v)
-    free = None if used is None else card.memory_total_bytes - used - (card.memory_reserved_bytes or 0)
+    # memory_total is required of every fake card
+    free = None if used is None else (card.memory_total_bytes or 0) - used - (card.memory_reserved_bytes or 0)
     return replace(
         card, memory_used_bytes=used, memory_free_bytes=free,
         utilization_ratio=v.get("utilization"), memory_utilization_ratio=v.get("memory_utilization"),

@@ -234,10 +234,11 @@ class NvmlSource:
         card.uuid = _text(self._query(card, "nvmlDeviceGetUUID", handle)) or f"gpu-{index}"
         card.name = _text(self._query(card, "nvmlDeviceGetName", handle)) or ""
         # Max clocks are a property of the board: read once per init.
+        sm_clock, mem_clock = getattr(nv, "NVML_CLOCK_SM", 1), getattr(nv, "NVML_CLOCK_MEM", 2)
         card.clock_sm_max_hertz = _scaled(
-            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, getattr(nv, "NVML_CLOCK_SM", 1), key="max_sm"), 1e6)
+            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, sm_clock, key="max_sm"), 1e6)
         card.clock_memory_max_hertz = _scaled(
-            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, getattr(nv, "NVML_CLOCK_MEM", 2), key="max_mem"), 1e6)
+            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, mem_clock, key="max_mem"), 1e6)
         pci = self._query(card, "nvmlDeviceGetPciInfo", handle)
         card.pci_bus_id = _bus_id(_text(getattr(pci, "busId", None)) or "")
         card.throttle_supported = self._first(card, handle, "nvmlDeviceGetSupportedClocksEventReasons",
@@ -260,7 +261,7 @@ class NvmlSource:
         nv = self._nv
         try:
             self._events = nv.nvmlEventSetCreate()
-        except (AttributeError, *self._missing):
+        except (AttributeError,) + self._missing:
             self._events = None
             return
         for card in cards.values():
@@ -379,7 +380,7 @@ class NvmlSource:
             try:
                 m = self._nv.nvmlDeviceGetMemoryInfo(card.handle, version=version)
                 return int(m.total), int(m.used), int(m.free), int(m.reserved)
-            except (TypeError, AttributeError, *self._missing):
+            except (TypeError, AttributeError) + self._missing:
                 card.memory_v2 = False  # old bindings or driver: v1 from now on
         m = self._query(card, "nvmlDeviceGetMemoryInfo", card.handle)
         if m is None:

@@ -60,6 +60,19 @@ class StubCard:
 
 
 class StubNvml:
+    # Copied from the real bindings in __init__ (every NVMLError* class and NVML_ERROR_* code comes along);
+    # declared here for the type checker: these are the ones the stub itself uses.
+    NVMLError: type[Exception]
+    NVML_ERROR_GPU_IS_LOST: int
+    NVML_ERROR_UNINITIALIZED: int
+    NVML_ERROR_INVALID_ARGUMENT: int
+    NVML_ERROR_NOT_SUPPORTED: int
+    NVML_ERROR_NOT_FOUND: int
+    NVML_ERROR_TIMEOUT: int
+    NVML_VOLATILE_ECC: int
+    NVML_MEMORY_ERROR_TYPE_CORRECTED: int
+    nvmlEventTypeXidCriticalError: int
+
     def __init__(self, cards: list[StubCard] | None = None, driver: str | bytes = "550.54.15",
                  memory_v2: bool = True):
         real = load_pynvml()
@@ -229,7 +242,7 @@ class StubNvml:
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, card: StubCard, index: int) -> Any:
         self._ready("nvmlDeviceGetMigDeviceHandleByIndex", card)
-        if index >= len(card.mig or ()):
+        if card.mig is None or index >= len(card.mig):
             raise self.NVMLError(self.NVML_ERROR_NOT_FOUND)
         gi, used, total = card.mig[index]
         return SimpleNamespace(gi=gi, used=used, total=total)

@@ -8,10 +8,11 @@ import bisect
 import re
 import statistics
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
-from ..units import format_bytes
 from ..config import Zones
+from ..units import format_bytes
 from ..zones import DEFAULT_ZONES, ZONE_NAMES, Kind, zone_for
 from .model import Run, Series
 
@@ -48,8 +49,8 @@ def durations(times: list[float]) -> list[float]:
     at most three usual steps; the last sample counts as one usual step."""
     if len(times) < 2:
         return [0.0] * len(times)
-    step = statistics.median(b - a for a, b in zip(times, times[1:]))
-    return [min(b - a, 3 * step) for a, b in zip(times, times[1:])] + [step]
+    step = statistics.median(b - a for a, b in pairwise(times))
+    return [min(b - a, 3 * step) for a, b in pairwise(times)] + [step]
 
 
 @dataclass
@@ -83,7 +84,7 @@ def stats(series: Series, capacity: float | None = None, start: float | None = N
     time_in = None
     if capacity:
         time_in = dict.fromkeys(ZONES, 0.0)
-        for v, d in zip(values, durations(times)):
+        for v, d in zip(values, durations(times), strict=True):
             time_in[zone_for(kind, v / capacity, zones)] += d
     return Stats(series.name, values[i], times[i], sum(values) / len(values), percentile(values, 0.95), len(values),
                  capacity, time_in, kind, getattr(zones, kind).critical)
@@ -96,7 +97,7 @@ def fit(times: list[float], values: list[float]) -> tuple[float, float, float]:
     mx, my = sum(xs) / len(xs), sum(values) / len(values)
     sxx = sum((x - mx) ** 2 for x in xs)
     syy = sum((y - my) ** 2 for y in values)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, values))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, values, strict=True))
     if sxx == 0:
         return 0.0, my, 0.0
     slope = sxy / sxx
@@ -136,7 +137,7 @@ class Segment:
 def segments(run: Run) -> list[Segment]:
     out: list[Segment] = []
     step = durations(run.times)[-1] if run.times else 0.0
-    for t, p in zip(run.times, run.phases):
+    for t, p in zip(run.times, run.phases, strict=True):
         if not out or out[-1].phase != p:
             if out:
                 out[-1].end = t
@@ -168,7 +169,7 @@ def _window(series: Series, start: float, end: float) -> list[float]:
 def transitions(run: Run, segs: list[Segment]) -> list[Transition]:
     out = []
     resources = [run.system] + [run.gpus[k] for k in sorted(run.gpus)]
-    for a, b in zip(segs, segs[1:]):
+    for a, b in pairwise(segs):
         for series in resources:
             va, vb = _window(series, a.start, a.end), _window(series, b.start, b.end)
             if va and vb and (va[0], va[-1]) != (min(vb), min(vb)):  # skip what never moved (an idle card)
@@ -228,17 +229,20 @@ def phase_rows(run: Run, segs: list[Segment], zones: Zones = DEFAULT_ZONES) -> l
         row["seconds"] += seg.end - seg.start
         row["windows"].append((seg.start, seg.end))
     out = []
+
+    def merged(series: Series, windows: list[tuple[float, float]], kind: Kind = "system_memory") -> Stats | None:
+        part = Series(series.name, series.capacity)
+        for s, e in windows:
+            lo, hi = bisect.bisect_left(series.times, s), bisect.bisect_left(series.times, e)
+            part.times += series.times[lo:hi]
+            part.values += series.values[lo:hi]
+        return stats(part, kind=kind, zones=zones)
+
     for row in rows.values():
-        def merged(series: Series, capacity=None, kind: Kind = "system_memory") -> Stats | None:
-            part = Series(series.name, series.capacity)
-            for s, e in row["windows"]:
-                lo, hi = bisect.bisect_left(series.times, s), bisect.bisect_left(series.times, e)
-                part.times += series.times[lo:hi]
-                part.values += series.values[lo:hi]
-            return stats(part, capacity, kind=kind, zones=zones)
-        row["system"] = merged(run.system)
-        row["gpus"] = {k: merged(run.gpus[k], kind="gpu_memory") for k in sorted(run.gpus)}
-        groups = [g for g in (merged(s) for s in run.groups.values() if s.name != "other") if g]
+        windows = row["windows"]
+        row["system"] = merged(run.system, windows)
+        row["gpus"] = {k: merged(run.gpus[k], windows, kind="gpu_memory") for k in sorted(run.gpus)}
+        groups = [g for g in (merged(s, windows) for s in run.groups.values() if s.name != "other") if g]
         row["top_group"] = max(groups, key=lambda g: g.peak, default=None)
         out.append(row)
     return out

@@ -87,7 +87,7 @@ def draw(a: Analysis, directory: Path, stem: str) -> dict[str, Path]:
     gpus = [run.gpus[k] for k in sorted(run.gpus) if run.gpus[k].values]
     if gpus:
         fig, axes = plt.subplots(len(gpus), 1, figsize=(10, 2.8 * len(gpus)), sharex=True, squeeze=False)
-        for ax, series in zip(axes[:, 0], gpus):
+        for ax, series in zip(axes[:, 0], gpus, strict=True):
             _plot(ax, series, x, color="#76b900")
             _decorate(ax, a, x, series.capacity, "gpu_memory")
             ax.set_title(f"{series.name}: memory used", fontsize=10)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..records import line_kind
 from .model import Run
@@ -59,6 +60,8 @@ def _num(value: Any) -> float | None:
 def add_sample(run: Run, rec: dict[str, Any]) -> None:
     """A `type: sample` record (docs/report.md)."""
     t = _time(rec["t"])
+    if t is None:  # a sample without its time cannot be placed: a damaged record
+        raise ValueError("no timestamp")
     if not run.new_sample(t, rec.get("phase")):
         return
     memtype = rec.get("memtype") or run.memtype
@@ -141,7 +144,7 @@ def read_csv(path: Path, run: Run, progress: Progress) -> None:
                 _damaged(run, path)
                 continue
             try:
-                keep = _csv_row(run, dict(zip(fields, cells)), "gpu" in fields, keep)
+                keep = _csv_row(run, dict(zip(fields, cells, strict=True)), "gpu" in fields, keep)
             except (ValueError, KeyError, TypeError):
                 _damaged(run, path)
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..units import format_bytes
 from ..config import Zones
-from .analysis import (LEAK_MIN_GROWTH_BYTES, LEAK_MIN_GROWTH_RATIO, LEAK_MIN_R2,
-                       LEAK_MIN_SAMPLES, LEAK_MIN_SHARE_OF_RUN, NEAR_MISS, ZONES, Analysis, Stats, format_rate, format_seconds)
+from ..units import format_bytes
+from .analysis import (
+    LEAK_MIN_GROWTH_BYTES,
+    LEAK_MIN_GROWTH_RATIO,
+    LEAK_MIN_R2,
+    LEAK_MIN_SAMPLES,
+    LEAK_MIN_SHARE_OF_RUN,
+    NEAR_MISS,
+    ZONES,
+    Analysis,
+    Stats,
+    format_rate,
+    format_seconds,
+)
 
 
 def _zone_text(z: Zones) -> str:
@@ -43,8 +54,8 @@ STATS_HEADER = ["Resource", "Capacity", "Peak", "Peak share", "Mean", "p95", "Sa
 
 def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     run = a.run
-    names = sorted({s.get("session") for s in run.sessions if s.get("session")})
-    hosts = sorted({s.get("host") for s in run.sessions if s.get("host")})
+    names = sorted({name for s in run.sessions if (name := s.get("session"))})
+    hosts = sorted({host for s in run.sessions if (host := s.get("host"))})
     lines = [f"# Memory report{': ' + ', '.join(names) if names else ''}", ""]
     if not run.times:
         return "\n".join(lines + ["No samples found in: " + ", ".join(run.sources), ""])
@@ -70,10 +81,10 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         rows = []
         for st in a.groups:
             limits = run.groups[st.name].limits
-            row = _stats_row(st)
-            row[1] = (f"{format_bytes(min(limits.values()))} (limit)" if limits
-                      else f"{format_bytes(st.capacity)} (RAM)" if st.capacity else "-")
-            rows.append(row)
+            cells = _stats_row(st)
+            cells[1] = (f"{format_bytes(min(limits.values()))} (limit)" if limits
+                        else f"{format_bytes(st.capacity)} (RAM)" if st.capacity else "-")
+            rows.append(cells)
         lines += _table(["Group", "Measured against", *STATS_HEADER[2:]], rows)
         if "groups" in charts:
             lines += [f"![Largest groups]({charts['groups'].name})", ""]
@@ -112,8 +123,10 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines += ["## Leak check", "",
               f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
               f"R² ≥ {LEAK_MIN_R2} and rises by at least {format_bytes(LEAK_MIN_GROWTH_BYTES)} and "
-              f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.", ""]
-    shown = [lk for lk in a.leaks if lk.flagged or lk.group in {st.name for st in a.groups}]  # leaks, and the top groups
+              f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, "
+              f"over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.", ""]
+    top_groups = {st.name for st in a.groups}
+    shown = [lk for lk in a.leaks if lk.flagged or lk.group in top_groups]  # leaks, and the top groups
     if shown:
         rows = [[lk.group, format_rate(lk.slope), f"{lk.r2:.2f}", format_bytes(lk.growth), format_seconds(lk.seconds),
                  "**leak**" if lk.flagged else "no"] for lk in shown]
@@ -143,8 +156,9 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines += ["## Recommendations", ""]
     lines += [f"{i}. {text}" for i, text in enumerate(a.recommendations, 1)] + [""]
     lines += ["---", "",
-              f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; their columns are "
-              "shares of the time. A group is measured against its tightest enforcer limit, else the host's RAM. "
+              f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; "
+              "their columns are shares of the time. "
+              "A group is measured against its tightest enforcer limit, else the host's RAM. "
               "Mean and p95 are over samples. Details: docs/report.md.", ""]
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 
@@ -22,8 +23,8 @@ class Series:
             self.values.append(float(value))
 
     def sort(self) -> None:
-        if any(b < a for a, b in zip(self.times, self.times[1:])):
-            pairs = sorted(dict(zip(self.times, self.values)).items())  # also drops duplicate times
+        if any(b < a for a, b in pairwise(self.times)):
+            pairs = sorted(dict(zip(self.times, self.values, strict=True)).items())  # also drops duplicate times
             self.times, self.values = [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -65,8 +66,8 @@ class Run:
             s = self.groups[label] = Series(label)
         return s
 
-    def finish(self) -> "Run":
-        if any(b < a for a, b in zip(self.times, self.times[1:])):
+    def finish(self) -> Run:
+        if any(b < a for a, b in pairwise(self.times)):
             order = sorted(range(len(self.times)), key=self.times.__getitem__)
             self.times = [self.times[i] for i in order]
             self.phases = [self.phases[i] for i in order]

@@ -5,6 +5,7 @@ import json
 import math
 import urllib.parse
 import urllib.request
+from itertools import pairwise
 from typing import Any
 
 from .model import Run
@@ -101,7 +102,7 @@ def read_prometheus(base: str, start: float, end: float, step: float | None = No
             run.group(name(s["metric"], "group")).limits[s["metric"].get("rule", "")] = points[-1][1]
     for s in data["kills"]:  # no event log here: a counter step is a kill, with the time and the rule
         points = _points(s)
-        for (_, a), (t, b) in zip(points, points[1:]):
+        for (_, a), (t, b) in pairwise(points):
             if b > a:
                 run.events.append(_kill(t, s["metric"].get("rule", ""), int(b - a)))
     return run.finish()

@@ -31,7 +31,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from ..config import Groups, Notify, Rule, load_config
 from ..enforcer.actuator import make_actuator, own_context
@@ -42,16 +43,19 @@ from ..enforcer.metrics import EnforcerCollector, EnforcerState, Tally
 from ..enforcer.policy import Action, poll_period, protection
 from ..grouping import descendants
 from ..phase import PhaseWatcher
+from ..procfs import ProcfsReader
 from ..records import exit_record, session_header
 from ..runlog import MB, RunLog, mb, resolve_path, sample_record
 from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
 from ..signals import SIGKILL, signal_name
 from ..zones import zone_for
-from .options import (EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError,
-                      options_from)
+from .options import EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError, options_from
 from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
 from .tree import TreeWalk, links_available
+
+if TYPE_CHECKING:
+    from ..exposition import Exposition, MetricsServer
 
 __all__ = ["Runner", "RunOptions", "SetupError", "main", "options_from", "tree_members"]
 
@@ -70,7 +74,8 @@ _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
 
 
-def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo], root: int) -> dict[int, ProcessInfo]:
+def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo],
+                 root: int) -> dict[int, ProcessInfo]:
     """The tree among fresh readings: known members (same pid and start time) and every process
     whose ppid chain reaches the root or a member."""
     procs = list(procs)
@@ -98,7 +103,7 @@ class Runner:
         self.members: dict[int, ProcessInfo] = {}
         self.group: GroupSample | None = None
         self.breach: GroupSample | None = None
-        self.system = None
+        self.system: SystemMemory | None = None
         self.latest: Sample | None = None
         self.phase: str | None = None
         self.tree: TreeWalk | None = None  # None: parent links from full listings (the fallback)
@@ -114,7 +119,8 @@ class Runner:
         self.hurry = False
         self.tty: int | None = None
         self.log: RunLog | None = None
-        self.server = self.exposition = None
+        self.server: MetricsServer | None = None
+        self.exposition: Exposition | None = None
         self._seen: set[int] = set()
         self.growth = Growth()
         self._last_logged = self._last_status = 0.0
@@ -123,13 +129,21 @@ class Runner:
         self.subreaper = False
         self._wake_r = -1
 
+    @property
+    def run_log(self) -> RunLog:
+        """The log, open from the start of run() on."""
+        if self.log is None:
+            raise RuntimeError("the run log opens in run()")
+        return self.log
+
     # --- the whole run ----------------------------------------------------------------------
     def run(self) -> int:
         self._open_outputs()  # SetupError: nothing has started yet
         self.subreaper = become_subreaper()
         procfs = self.config.paths.procfs
-        if self.sampler.source_name == "procfs" and links_available(procfs, os.getpid()):
-            self.tree = TreeWalk(self.sampler.reader, procfs, os.getpid())
+        reader = self.sampler.reader
+        if isinstance(reader, ProcfsReader) and links_available(procfs, os.getpid()):
+            self.tree = TreeWalk(reader, procfs, os.getpid())
         self._install_signals()
         try:
             self._spawn()
@@ -149,7 +163,7 @@ class Runner:
         try:
             cause = self._watch()
         finally:  # whatever happened, no process of the tree outlives the wrapper
-            first = self.signalled if cause == "signal" else signal.SIGTERM
+            first = self.signalled if cause == "signal" and self.signalled is not None else signal.SIGTERM
             event = self._terminate(first, cause)
             self._reap()
             if self.tty is not None:
@@ -162,7 +176,7 @@ class Runner:
     def _exit_status(self, cause: str, event: dict | None) -> int:
         if cause == "memory":  # 137 only for a kill that happened: the whole tree confirmed dead
             return EXIT_MEMORY if event and event["outcome"] == "dead" else 1
-        if cause == "signal":
+        if cause == "signal" and self.signalled is not None:
             return 128 + self.signalled
         if self.cmd_status is None:
             return 1
@@ -173,10 +187,10 @@ class Runner:
         if self.opts.listen:  # first: a busy port must not leave an empty log behind
             from ..exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
             groups = Groups(min_memory=0)  # the tree is the one group: never folded into "other"
-            self.exposition = Exposition(build_registry(SampleCollector(lambda: self.latest, lambda: groups),
-                                                        EnforcerCollector(self.snapshot)))
+            exposition = self.exposition = Exposition(
+                build_registry(SampleCollector(lambda: self.latest, lambda: groups), EnforcerCollector(self.snapshot)))
             try:
-                self.server = MetricsServer(self.opts.listen, self.exposition,
+                self.server = MetricsServer(self.opts.listen, exposition,
                                             sample_health(lambda: self.latest, lambda: self.opts.interval))
             except (OSError, ValueError) as e:
                 raise SetupError(f"cannot listen on {self.opts.listen}: {getattr(e, 'strerror', None) or e}") from None
@@ -210,7 +224,8 @@ class Runner:
             # from now on the wrapper may be in the background: it must not be stopped for taking
             # the terminal or writing to it (whichever of parent and child runs first)
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            self.proc = subprocess.Popen(list(self.opts.command), preexec_fn=functools.partial(_take_terminal, self.tty))
+            self.proc = subprocess.Popen(list(self.opts.command),
+                                         preexec_fn=functools.partial(_take_terminal, self.tty))
             try:
                 os.setpgid(self.proc.pid, self.proc.pid)  # as the child does: whichever runs first wins the race
             except OSError:
@@ -222,12 +237,12 @@ class Runner:
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # only now: the command's SIGTTOU stays default
 
     def _write_header(self) -> None:
-        self.log.write(session_header(self.name, self.started, command=list(self.opts.command),
-                                      command_pid=self.cmd_pid or None, threshold_bytes=self.opts.threshold,
-                                      threshold_mb=mb(self.opts.threshold), interval=self.opts.interval,
-                                      grace=self.opts.grace, memtype="rss", terminal=self.tty is not None,
-                                      subreaper=self.subreaper))
-        self.log.flush()
+        self.run_log.write(session_header(self.name, self.started, command=list(self.opts.command),
+                                          command_pid=self.cmd_pid or None, threshold_bytes=self.opts.threshold,
+                                          threshold_mb=mb(self.opts.threshold), interval=self.opts.interval,
+                                          grace=self.opts.grace, memtype="rss", terminal=self.tty is not None,
+                                          subreaper=self.subreaper))
+        self.run_log.flush()
 
     # --- watching ---------------------------------------------------------------------------
     def _watch(self) -> str:
@@ -255,7 +270,7 @@ class Runner:
         began = time.perf_counter()
         sample = None
         if self.tree is not None:
-            ok = self._read_links(full)
+            ok = self._read_links(self.tree, full)
         else:
             sample = self._read_by_listing(full)
             ok = sample is None or all(sample.sources_up.values())
@@ -270,12 +285,12 @@ class Runner:
             self._record(group, full, sample, ok, time.perf_counter() - began)
         return group
 
-    def _read_links(self, full: bool) -> bool:
+    def _read_links(self, tree: TreeWalk, full: bool) -> bool:
         """The tree from the wrapper down through child links; once per interval one meminfo read and
         the phase file's stat. False when /proc could not be read (the last tree is kept)."""
         ok = True
         try:
-            self.members = self.tree.read(self.members)
+            self.members = tree.read(self.members)
         except OSError as e:
             log.debug("reading the tree failed: %s", e)
             self.sampler.errors_total[self.sampler.source_name] += 1
@@ -326,10 +341,10 @@ class Runner:
         if full or share > 1 or (zone_for("limit", share, self.config.zones) != "safe"
                                  and now - self._last_logged >= FAST_LOG_EVERY):
             self._last_logged = now
-            self.log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full,
-                                         phase=self.phase))
+            self.run_log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full,
+                                             phase=self.phase))
         if full:
-            self.log.flush()  # once per interval: `tail -f` shows the run as it goes
+            self.run_log.flush()  # once per interval: `tail -f` shows the run as it goes
             if self.exposition is not None:
                 self.latest = self._sample(group, sample, ok, duration)
                 self.exposition.refresh()
@@ -393,7 +408,8 @@ class Runner:
                 self._suspend()
                 continue
             self.cmd_status = exit_code(status)
-            self.proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+            if self.proc is not None:  # Popen must not wait for it again
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
 
     def _suspend(self) -> None:
         """The command stopped (Ctrl-Z): stop the wrapper too, so the shell sees its job stopped; resume both."""
@@ -456,21 +472,22 @@ class Runner:
         """The run's limit and kills, under the enforcer's metric families."""
         return EnforcerState(rules=(RULE,), kills=dict(self.tally.kills), actions=dict(self.tally.actions),
                              limits=((RULE, self.name, "rss", self.opts.threshold),),
-                             last_kill=dict(self.tally.last_kill), last_time_to_death=dict(self.tally.last_time_to_death))
+                             last_kill=dict(self.tally.last_kill),
+                             last_time_to_death=dict(self.tally.last_time_to_death))
 
     # --- the end ------------------------------------------------------------------------------
     def _report(self, cause: str, event: dict | None, status: int) -> None:
         lines = []
         limit = f"{self.opts.threshold / MB:g} MB"
         command = " ".join(self.opts.command)
-        if cause == "memory":
-            g = self.breach
+        g = self.breach
+        if cause == "memory" and g is not None:
             verb = "killed" if event and event["outcome"] == "dead" else "could not kill"
             lines.append(f"{verb} `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
                          f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}")
             top = ", ".join(f"{p.comm}[{p.pid}] {p.rss_bytes / MB:.1f} MB" for p in g.top(5))
             lines.append(f"largest: {top}")
-        elif cause == "signal" and event:
+        elif cause == "signal" and event and self.signalled is not None:
             lines.append(f"got {signal_name(self.signalled)}: stopped `{command}` "
                          f"({processes(len(event['signalled']))})")
         elif cause == "exited" and event:
@@ -496,12 +513,13 @@ class Runner:
 
     def _finish_log(self, cause: str, status: int, event: dict | None) -> None:
         if event is not None:
-            self.log.write(event)
+            self.run_log.write(event)
         now = time.time()
-        self.log.write(exit_record(now, self.started, cause, status, command_status=self.cmd_status,
-                                   peak_bytes=self.peak, peak_mb=mb(self.peak), threshold_bytes=self.opts.threshold))
-        self.log.close()
-        if self._serving:
+        self.run_log.write(exit_record(now, self.started, cause, status, command_status=self.cmd_status,
+                                       peak_bytes=self.peak, peak_mb=mb(self.peak),
+                                       threshold_bytes=self.opts.threshold))
+        self.run_log.close()
+        if self.server is not None and self._serving:
             self.server.stop()
         elif self.server is not None:
             self.server.server_close()

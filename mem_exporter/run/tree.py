@@ -10,7 +10,7 @@ back to parent links from a full listing.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..procfs import ProcfsReader
 from ..sample import ProcessInfo
