@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 HOG = str(ROOT / "tests" / "hog.py")
 
+from benchlib import background  # noqa: E402
+
 FORKER = """
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -33,18 +35,6 @@ while time.time() < end:
         os._exit(0)
     time.sleep(0.01)
 """
-
-
-def background(n: int) -> subprocess.Popen:
-    """n sleeping processes in one new process group (forked, so cheap), killed by that pgid at the end."""
-    code = ("import os, signal, sys, time\n"
-            f"for _ in range({n}):\n"
-            "    if os.fork() == 0:\n"
-            "        signal.pause(); os._exit(0)\n"
-            "print('up', flush=True); signal.pause()\n")
-    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "up"
-    return p
 
 
 def wait_dead(pids, timeout=20.0) -> bool:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import background
+
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 COMMAND = ["run", "-t", "2000", "--", "sleep", "40"]
@@ -29,19 +31,6 @@ COMMAND = ["run", "-t", "2000", "--", "sleep", "40"]
 
 def host_processes() -> int:
     return sum(1 for n in os.listdir("/proc") if n.isdigit())
-
-
-def background(n: int) -> subprocess.Popen:
-    """n processes forked from one Python process in a new process group (its pgid is its pid)."""
-    code = ("import os, signal\n"
-            f"for _ in range({n}):\n"
-            "    if os.fork() == 0:\n"
-            "        signal.pause(); os._exit(0)\n"
-            "print('up', flush=True); signal.pause()\n")
-    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
-    if p.stdout.readline().strip() != "up":
-        raise RuntimeError("background processes did not start")
-    return p
 
 
 def checkout(ref: str, into: Path) -> Path:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -34,3 +36,16 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer")
+
+
+def background(n: int) -> subprocess.Popen:
+    """n processes forked from one Python process in a new process group (its pgid is its pid)."""
+    code = ("import os, signal\n"
+            f"for _ in range({n}):\n"
+            "    if os.fork() == 0:\n"
+            "        signal.pause(); os._exit(0)\n"
+            "print('up', flush=True); signal.pause()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    if p.stdout.readline().strip() != "up":
+        raise RuntimeError("background processes did not start")
+    return p

@@ -257,10 +257,7 @@ class Enforcer:
         if not newcomers:
             return []
         cfg = self.config
-        by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
-        for p in newcomers:
-            key, kind = group_key(p, cfg.groups)
-            by_key.setdefault(key, (kind, []))[1].append(p)
+        by_key = self._by_group(newcomers)
         known_groups = {g.key: g for g in latest.groups}
         fresh: list[GroupSample] = []
         for key, (kind, procs) in by_key.items():
@@ -294,6 +291,14 @@ class Enforcer:
         partial = dataclasses.replace(latest, groups=tuple(fresh), monotonic=now, timestamp=time.time(),
                                       processes=latest.processes + tuple(newcomers))
         return self._dispatch(decide(partial, self.group_rules, self.state, self.ctx, full=False), partial)
+
+    def _by_group(self, procs: list[ProcessInfo]) -> dict[str, tuple[str, list[ProcessInfo]]]:
+        """Processes read between full samples, by the group key (and kind) a full sample would give them."""
+        by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
+        for p in procs:
+            key, kind = group_key(p, self.config.groups)
+            by_key.setdefault(key, (kind, []))[1].append(p)
+        return by_key
 
     def _system_lane(self, now: float) -> list[tuple[Action, Sample]]:
         """System memory read adaptively, like earlyoom (sooner as the headroom shrinks and the faster
@@ -329,10 +334,7 @@ class Enforcer:
             newcomers = []
         candidates = [g for g in latest.groups if g.key not in self.state.busy and g.kind != "other"
                       and any(selects(r.match, g, self.ctx.user_name) for r in self.system_rules)][:CANDIDATES]
-        by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
-        for p in newcomers:
-            key, kind = group_key(p, self.config.groups)
-            by_key.setdefault(key, (kind, []))[1].append(p)
+        by_key = self._by_group(newcomers)
         fresh: dict[str, GroupSample] = {}
         for g in candidates:
             try:
