@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from ..config import Config
 from ..grouping import group_key, make_group
@@ -63,6 +64,14 @@ log = logging.getLogger(__name__)
 QUIET_ACTIONS = ("skipped_protected", "skipped_other_user", "no_victim")  # logged at INFO, not notified
 SYSTEM_CONDITIONS = ("system_available_below",)  # rules the system lane evaluates between full samples
 CANDIDATES = 8  # groups re-read for a fresh victim choice when the system lane fires
+
+
+class Kill(NamedTuple):
+    """A kill decided under the lock, carried out on a thread of its own."""
+
+    action: Action
+    group: GroupSample  # the victim (action.group, never None for a kill)
+    sample: Sample  # what the decision saw
 
 
 class Enforcer:
@@ -186,29 +195,30 @@ class Enforcer:
             self._wake.clear()
             if self._stop.is_set():
                 break
-            kills: list[tuple[Action, Sample]] = []
+            kills: list[Kill] = []
             try:
                 with self._lock:
                     sample, self._pending = self._pending, None
                     if sample is not None:
                         kills += self._on_full(sample)
                     now = time.monotonic()
-                    if self.system_rules and self.latest is not None and now >= self._next_system:
-                        kills += self._system_lane(now)
+                    latest = self.latest
+                    if self.system_rules and latest is not None and now >= self._next_system:
+                        kills += self._system_lane(now, latest)
                     if self.pressure and self.latest is not None and now >= self._next_pressure:
                         kills += self._pressure_lane(now)
-                    if self.group_rules and self.latest is not None and now >= self._next_scan:
-                        kills += self._newcomers(now)
+                    if self.group_rules and latest is not None and now >= self._next_scan:
+                        kills += self._newcomers(now, latest)
                     kills += self._fast_lane()
                     events, self._outbox = self._outbox, []
-                for action, at in kills:
-                    self._start_kill(action, at)
+                for kill in kills:
+                    self._start_kill(kill)
                 self._publish(events)
             except Exception:  # a bug in one pass must not stop enforcement
                 log.exception("enforcer pass failed")
                 time.sleep(0.05)
 
-    def _on_full(self, sample: Sample) -> list[tuple[Action, Sample]]:
+    def _on_full(self, sample: Sample) -> list[Kill]:
         self.latest = sample
         self._known = {p.pid for p in sample.processes}
         self._ignored.clear()
@@ -237,7 +247,7 @@ class Enforcer:
         else:
             self.lane.schedule(rule, group, limit, value, rate, now, self.config.interval, probe)
 
-    def _newcomers(self, now: float) -> list[tuple[Action, Sample]]:
+    def _newcomers(self, now: float, latest: Sample) -> list[Kill]:
         """No blind spot between full samples: processes started since are read (only they), and a
         group they start or join that a group-memory rule selects goes into the fast lane at once,
         its growth estimated from its age, or is acted on now if it is already over its limit."""
@@ -245,7 +255,6 @@ class Enforcer:
         if not self._settling and not self._pids.moved():  # no pid handed out since the last scan: nothing new
             return []
         self.newcomer_scans += 1
-        latest = self.latest
         unwatched: set[int] = set()
         try:
             newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored, unwatched)
@@ -300,7 +309,7 @@ class Enforcer:
             by_key.setdefault(key, (kind, []))[1].append(p)
         return by_key
 
-    def _system_lane(self, now: float) -> list[tuple[Action, Sample]]:
+    def _system_lane(self, now: float, latest: Sample) -> list[Kill]:
         """System memory read adaptively, like earlyoom (sooner as the headroom shrinks and the faster
         it falls); past a threshold, the victim is chosen from fresh readings of the largest candidates."""
         try:
@@ -315,7 +324,6 @@ class Enforcer:
         self._next_system = now + system_period(headroom, used_rate, self.config.interval)
         if headroom >= 0:
             return []
-        latest = self.latest
         # Below: the candidates are re-read only when a rule may act now (not cooling down, its `for` held);
         # otherwise the next read waits for the first rule that could, and the decision only keeps time.
         waits = []
@@ -338,11 +346,11 @@ class Enforcer:
         fresh: dict[str, GroupSample] = {}
         for g in candidates:
             try:
-                r = self._reader.refresh_group(g, by_key.pop(g.key, (None, []))[1])
+                now_g = self._reader.refresh_group(g, by_key.pop(g.key, (None, []))[1])
             except OSError:
-                r = g
-            if r is not None:
-                fresh[r.key] = r
+                now_g = g
+            if now_g is not None:
+                fresh[now_g.key] = now_g
         for key, (kind, procs) in by_key.items():  # groups born since the last full sample
             if key not in fresh and key not in self.state.busy:
                 fresh[key] = make_group(key, kind, procs, self.config.memory)
@@ -354,7 +362,7 @@ class Enforcer:
             self._next_system = now + min(self.config.interval, SYSTEM_RETRY)
         return kills
 
-    def _pressure_lane(self, now: float) -> list[tuple[Action, Sample]]:
+    def _pressure_lane(self, now: float) -> list[Kill]:
         """PSI between full samples: kernel triggers where accepted, reads where not (pressure.py),
         checked every FALLBACK_PERIOD; a crossing is decided on the latest sample with PSI read now."""
         self._next_pressure = now + FALLBACK_PERIOD
@@ -363,10 +371,11 @@ class Enforcer:
         fresh = self.pressure.refresh(self.latest)
         return self._dispatch(decide(fresh, self.pressure_rules, self.state, self.ctx, full=True), fresh)
 
-    def _fast_lane(self) -> list[tuple[Action, Sample]]:
+    def _fast_lane(self) -> list[Kill]:
         now = time.monotonic()
         due = self.lane.due(now)
-        if not due or self.latest is None:
+        latest = self.latest
+        if not due or latest is None:
             return []
         try:
             newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored)
@@ -397,8 +406,8 @@ class Enforcer:
         groups = tuple(g for g in refreshed.values() if g is not None)
         if not groups:
             return []
-        partial = dataclasses.replace(self.latest, groups=groups, monotonic=now, timestamp=time.time(),
-                                      processes=self.latest.processes + tuple(newcomers))
+        partial = dataclasses.replace(latest, groups=groups, monotonic=now, timestamp=time.time(),
+                                      processes=latest.processes + tuple(newcomers))
         return self._dispatch(decide(partial, self.rules, self.state, self.ctx, full=False), partial)
 
     def _uptime(self) -> float | None:
@@ -409,14 +418,14 @@ class Enforcer:
             return None
 
     # --- acting -----------------------------------------------------------------------------
-    def _dispatch(self, actions: Iterable[Action], sample: Sample) -> list[tuple[Action, Sample]]:
+    def _dispatch(self, actions: Iterable[Action], sample: Sample) -> list[Kill]:
         """Kills to start (their groups marked busy); every other action becomes an event now."""
         kills = []
         for a in actions:
-            if a.kind == "kill":
+            if a.kind == "kill" and a.group is not None:  # a kill always names its victim
                 self.state.busy.add(a.group.key)
                 self.lane.drop_group(a.group.key)
-                kills.append((a, sample))
+                kills.append(Kill(a, a.group, sample))
             else:
                 self._count(make_event(a, sample.timestamp, self.config.groups.top_processes, sample.memtype))
         return kills
@@ -438,28 +447,28 @@ class Enforcer:
                 except Exception:
                     log.exception("event listener %r failed", listener)
 
-    def _start_kill(self, action: Action, sample: Sample) -> None:
-        job = threading.Thread(target=self._kill_job, args=(action, sample), name=f"kill-{action.group.label}",
-                               daemon=True)
+    def _start_kill(self, kill: Kill) -> None:
+        job = threading.Thread(target=self._kill_job, args=(kill,), name=f"kill-{kill.group.label}", daemon=True)
         with self._jobs_lock:
             self._jobs.add(job)
         try:
             self._start_thread(job)
         except RuntimeError as e:  # no thread to be had: the kill still happens, on this thread
-            log.error("cannot start a kill thread (%s): killing %s on the enforcer thread", e, action.group.label)
-            self._kill_job(action, sample, job)
+            log.error("cannot start a kill thread (%s): killing %s on the enforcer thread", e, kill.group.label)
+            self._kill_job(kill, job)
 
-    def _kill_job(self, action: Action, sample: Sample, job: threading.Thread | None = None) -> None:
+    def _kill_job(self, kill: Kill, job: threading.Thread | None = None) -> None:
         job = job or threading.current_thread()
+        action, sample = kill.action, kill.sample
         try:
-            event = self._kill(action, sample)
+            event = self._kill(kill)
         except Exception as e:
-            log.exception("kill of %s failed", action.group.label)
+            log.exception("kill of %s failed", kill.group.label)
             a = dataclasses.replace(action, kind="failed", reason=f"{type(e).__name__}: {e}")
             event = make_event(a, time.time(), self.config.groups.top_processes, sample.memtype)
         finally:
             with self._lock:
-                self.state.busy.discard(action.group.key)
+                self.state.busy.discard(kill.group.key)
             with self._jobs_lock:
                 self._jobs.discard(job)
         with self._lock:
@@ -467,9 +476,10 @@ class Enforcer:
             events, self._outbox = self._outbox, []
         self._publish(events)
 
-    def _kill(self, action: Action, sample: Sample) -> dict:
+    def _kill(self, kill: Kill) -> dict:
         """Stop the group through the kill engine: members, descendants and newcomers, hard ceiling."""
-        rule, group = action.rule, action.group
+        action, group, sample = kill
+        rule = action.rule
         reader = GroupReader(self.config)  # this thread's own reader
         known = {p.pid for p in sample.processes}
         current: GroupSample | None = group
@@ -494,7 +504,8 @@ class Enforcer:
             targets.update((p.pid, p) for p in joined)
             return joined, self._over_ceiling(action, g, reader)
 
-        order = KillOrder(signals=[signal_number(name) for name in rule.signals], grace=rule.grace,
+        signals = [n for n in map(signal_number, rule.signals) if n is not None]  # the config checked each name
+        order = KillOrder(signals=signals, grace=rule.grace,
                           targets=action.targets, pgid=group.pgid if group.kind == "pgid" else None,
                           cgroup=group.key[7:] if group.kind == "cgroup" else None)
         try:

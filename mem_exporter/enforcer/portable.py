@@ -47,7 +47,7 @@ class PortableActuator:
         me = psutil.Process()
         self.other_users = other_users
         self.shielded = frozenset({me.pid, *(p.pid for p in me.parents())})
-        self.user: int | str = os.geteuid() if hasattr(os, "geteuid") else me.username()
+        self.user = _owner(me)  # compared with _owner(p): the same kind of value (uid or name) on every OS
 
     # --- reading ----------------------------------------------------------------------------
     def _live(self, proc: ProcessInfo) -> psutil.Process | None:
