@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from ..sample import GroupSample, ProcessInfo
-from .policy import MAX_LANE, poll_period
+from .policy import MAX_LANE, Pace, poll_period
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 NEWCOMER_PERIOD = 0.1  # seconds between listings of the procfs root for processes born since the last sample
@@ -26,6 +26,8 @@ SYSTEM_MIN_PERIOD = 0.02
 SYSTEM_PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s
 SYSTEM_PREDICT_LAG = 0.002
 SYSTEM_MIN_SPACING = 0.005
+SYSTEM_PACE = Pace(SYSTEM_FLOOR_RATE, SYSTEM_MIN_PERIOD, SYSTEM_PREDICT_MIN_RATE, SYSTEM_PREDICT_LAG,
+                   SYSTEM_MIN_SPACING)
 SYSTEM_RETRY = 0.25  # below the threshold with no victim to be had: the next look for one
 YOUNG = 60.0  # seconds: older groups get no first-sight rate (their memory says nothing of recent growth)
 MIN_DT = 0.02  # readings closer than this do not update the rate
@@ -84,13 +86,8 @@ def first_sight_rate(value: int, members: Iterable[ProcessInfo], uptime: float |
 
 
 def system_period(headroom: float, used_rate: float, interval: float) -> float:
-    """Seconds until system memory should be read again."""
-    if headroom <= 0:
-        return SYSTEM_MIN_PERIOD
-    period = max(SYSTEM_MIN_PERIOD, min(interval, headroom / max(2 * used_rate, SYSTEM_FLOOR_RATE)))
-    if used_rate >= SYSTEM_PREDICT_MIN_RATE:
-        period = min(period, max(SYSTEM_MIN_SPACING, headroom / used_rate + SYSTEM_PREDICT_LAG))
-    return period
+    """Seconds until system memory should be read again (SYSTEM_PACE)."""
+    return SYSTEM_PACE.period(headroom, used_rate, interval)
 
 
 class Growth:

@@ -365,17 +365,34 @@ def _choose(rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out
 
 # --- the fast lane ----------------------------------------------------------------------------
 
-def poll_period(headroom: float, rate: float, interval: float) -> float:
-    """Seconds until a group should be re-read: its headroom at twice its recent growth rate
-    (at least FLOOR_RATE), clamped to [MIN_PERIOD, interval], like earlyoom's adaptive poll.
+@dataclass(frozen=True)
+class Pace:
+    """When to read memory again, like earlyoom's adaptive poll: the headroom at twice the recent
+    growth rate (at least `floor_rate`), clamped to [`min_period`, interval].
 
-    A group growing steadily (at least PREDICT_MIN_RATE) that is predicted to cross its limit
-    before that gets one more read just after the predicted crossing (PREDICT_LAG later, never
-    sooner than MIN_SPACING): the kill then follows the crossing by milliseconds, not by up to a period.
+    Growing steadily (at least `predict_min_rate`) and predicted to cross before that: one more read
+    just after the predicted crossing (`predict_lag` later, never sooner than `min_spacing`), so the
+    act follows the crossing by milliseconds, not by up to a period.
     """
-    if headroom <= 0:
-        return MIN_PERIOD
-    period = max(MIN_PERIOD, min(interval, headroom / max(2 * rate, FLOOR_RATE)))
-    if rate >= PREDICT_MIN_RATE:
-        period = min(period, max(MIN_SPACING, headroom / rate + PREDICT_LAG))
-    return period
+
+    floor_rate: float  # bytes/s
+    min_period: float
+    predict_min_rate: float  # bytes/s
+    predict_lag: float
+    min_spacing: float
+
+    def period(self, headroom: float, rate: float, interval: float) -> float:
+        if headroom <= 0:
+            return self.min_period
+        period = max(self.min_period, min(interval, headroom / max(2 * rate, self.floor_rate)))
+        if rate >= self.predict_min_rate:
+            period = min(period, max(self.min_spacing, headroom / rate + self.predict_lag))
+        return period
+
+
+GROUP_PACE = Pace(FLOOR_RATE, MIN_PERIOD, PREDICT_MIN_RATE, PREDICT_LAG, MIN_SPACING)
+
+
+def poll_period(headroom: float, rate: float, interval: float) -> float:
+    """Seconds until a group should be re-read (GROUP_PACE)."""
+    return GROUP_PACE.period(headroom, rate, interval)
