@@ -43,10 +43,11 @@ __all__ = ["FORMATS", "GPU_CSV_COLUMNS", "MEMORY_CSV_COLUMNS", "SCHEMA", "Rotati
 FORMATS = ("jsonl", "csv")
 SYNC_EVERY = 1.0  # seconds between fsyncs of a busy session log
 
-MEMORY_CSV_COLUMNS = ("timestamp", "phase", "kind", "name", "key", "memory_bytes", "rss_bytes", "pss_bytes",
-                      "swap_bytes", "processes", "gpu_memory_bytes", "limit_bytes", "limit_rule",
+# `local_time` is for spreadsheets: Excel reads "YYYY-MM-DD HH:MM:SS" as a date and time, not a Unix timestamp.
+MEMORY_CSV_COLUMNS = ("timestamp", "local_time", "phase", "kind", "name", "key", "memory_bytes", "rss_bytes",
+                      "pss_bytes", "swap_bytes", "processes", "gpu_memory_bytes", "limit_bytes", "limit_rule",
                       "total_bytes", "available_bytes", "swap_total_bytes", "swap_used_bytes")
-GPU_CSV_COLUMNS = ("timestamp", "phase", "gpu", "uuid", "name", "memory_total_bytes", "memory_used_bytes",
+GPU_CSV_COLUMNS = ("timestamp", "local_time", "phase", "gpu", "uuid", "name", "memory_total_bytes", "memory_used_bytes",
                    "utilization_ratio", "temperature_celsius", "power_watts", "power_limit_watts")
 
 
@@ -76,15 +77,17 @@ def session_paths(directory: str | os.PathLike, session: str, started: float, fm
 def csv_rows(record: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
     """(memory rows, gpu rows) of a sample record, in MEMORY_CSV_COLUMNS / GPU_CSV_COLUMNS order."""
     t, phase, s = record["t"], record["phase"] or "", record["system"]
-    memory = [(t, phase, "system", "system", "", s["used_bytes"], "", "", "", "", "", "", "",
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    memory = [(t, at, phase, "system", "system", "", s["used_bytes"], "", "", "", "", "", "", "",
                s["total_bytes"], s["available_bytes"], s["swap_total_bytes"], s["swap_used_bytes"])]
     for g in record["groups"]:
         mem = g.get("pss_bytes", g["rss_bytes"]) if record["memtype"] == "pss" else g["rss_bytes"]
         limit_rule, limit = min((g.get("limits") or {}).items(), key=lambda kv: kv[1], default=("", ""))
-        memory.append((t, phase, "group", g["group"], g["key"], mem, g["rss_bytes"], g.get("pss_bytes", ""),
+        memory.append((t, at, phase, "group", g["group"], g["key"], mem, g["rss_bytes"], g.get("pss_bytes", ""),
                        g.get("swap_bytes", ""), g["processes"], sum((g.get("gpu_memory_bytes") or {}).values()) or "",
                        limit, limit_rule, "", "", "", ""))
-    gpus = [(t, phase, c["gpu"], c["uuid"], c["name"], *("" if c[k] is None else c[k] for k in GPU_CSV_COLUMNS[5:]))
+    gpus = [(t, at, phase, c["gpu"], c["uuid"], c["name"],
+             *("" if c[k] is None else c[k] for k in GPU_CSV_COLUMNS[6:]))
             for c in record["gpus"]]
     return memory, gpus
 
@@ -111,6 +114,12 @@ def _csv_line(row: Sequence) -> str:
     return buf.getvalue()
 
 
+def csv_header(columns: Sequence[str]) -> str:
+    """The first line of every CSV piece, after a UTF-8 byte order mark: without it Excel reads the file
+    in the machine's ANSI code page and garbles non-ASCII process names."""
+    return "\ufeff" + _csv_line(columns)
+
+
 class SessionLog:
     """Writes one session's samples (and events) under `directory`. Reusable by any command that owns a
     SamplingLoop: append `on_sample` to its consumers, call `close()` at the end."""
@@ -130,8 +139,9 @@ class SessionLog:
         if fmt == "jsonl":
             self._files = {"samples": LogFile(self.paths["samples"], max_bytes, keep, header)}
         else:
-            self._files = {"memory": RotatingFile(self.paths["memory"], max_bytes, keep, _csv_line(MEMORY_CSV_COLUMNS)),
-                           "gpu": RotatingFile(self.paths["gpu"], max_bytes, keep, _csv_line(GPU_CSV_COLUMNS))}
+            columns = {"memory": MEMORY_CSV_COLUMNS, "gpu": GPU_CSV_COLUMNS}
+            self._files = {name: RotatingFile(self.paths[name], max_bytes, keep, csv_header(cols))
+                           for name, cols in columns.items()}
         self._events: LogFile | None = None  # opened with the first event (the enforcer may be writing it too)
         self._synced = time.monotonic()
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)

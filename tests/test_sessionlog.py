@@ -2,10 +2,12 @@
 blocks the sampler, and the files a real `serve` / `enforce --log-dir` session leaves."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 import signal
 import threading
+import time
 import uuid
 
 from conftest import wait_for
@@ -64,8 +66,8 @@ def test_csv_reads_back_like_jsonl(tmp_path):
     write_session(tmp_path / "j", "jsonl")
     c = write_session(tmp_path / "c", "csv")
     assert c.paths["gpu"].name == c.paths["memory"].name.replace("memory-", "gpu-memory-", 1)
-    assert c.paths["memory"].read_text().splitlines()[0] == ",".join(MEMORY_CSV_COLUMNS)
-    assert c.paths["gpu"].read_text().splitlines()[0] == ",".join(GPU_CSV_COLUMNS)
+    assert c.paths["memory"].read_text().splitlines()[0] == "\ufeff" + ",".join(MEMORY_CSV_COLUMNS)
+    assert c.paths["gpu"].read_text().splitlines()[0] == "\ufeff" + ",".join(GPU_CSV_COLUMNS)
     a, b = read_logs([tmp_path / "j"]), read_logs([tmp_path / "c"])
     assert a.times == b.times and a.phases == b.phases and len(a.times) == 30
     assert a.system.values == b.system.values and a.system.capacity == b.system.capacity
@@ -116,6 +118,31 @@ def test_a_slow_disk_drops_records_instead_of_blocking(tmp_path, monkeypatch):
     assert log.dropped >= 80
     gate.set()
     log.close()
+
+
+def test_csv_opens_in_a_spreadsheet_and_old_csv_still_reads(tmp_path):
+    """A byte order mark (Excel then reads UTF-8) and a local date-time column a spreadsheet parses; files
+    written before both (no mark, no `local_time`) read back the same."""
+    c = write_session(tmp_path / "c", "csv", n=4)
+    raw = c.paths["memory"].read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and c.paths["gpu"].read_bytes().startswith(b"\xef\xbb\xbf")
+    with open(c.paths["memory"], newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    first = rows[0]
+    assert first["kind"] == "system"
+    assert first["local_time"] == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(first["timestamp"])))
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in (c.paths["memory"], c.paths["gpu"]):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            table = [row[:1] + row[2:] for row in csv.reader(f)]  # without local_time
+        with open(old / path.name, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows(table)
+    assert not (old / c.paths["memory"].name).read_bytes().startswith(b"\xef")
+    a, b = read_logs([tmp_path / "c"]), read_logs([old])
+    assert a.times == b.times and len(a.times) == 4 and a.system.values == b.system.values
+    assert {n: g.values for n, g in a.groups.items()} == {n: g.values for n, g in b.groups.items()}
+    assert a.gpus["0"].values == b.gpus["0"].values
 
 
 def test_serve_writes_csv_session_logs(daemon, tmp_path):

@@ -131,7 +131,8 @@ def read_csv(path: Path, run: Run, progress: Progress) -> None:
         for raw in f:
             progress.update(len(raw))
             try:
-                cells = next(csv.reader([raw.decode("utf-8").rstrip("\r\n")]), [])
+                # a byte order mark opens each file (for Excel); files written before it have none
+                cells = next(csv.reader([raw.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")]), [])
             except (UnicodeDecodeError, csv.Error):
                 _damaged(run, path)
                 continue
