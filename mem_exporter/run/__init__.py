@@ -451,9 +451,10 @@ class Runner:
             self.server.server_close()
 
 
-def main(args, environ: Mapping[str, str] = os.environ) -> int:
+def main(args, environ: Mapping[str, str] = os.environ, supervisor: Supervisor | None = None) -> int:
+    """`mem-exporter run`; the OS's supervisor (make_supervisor) unless one is given (tests force polling)."""
     try:
-        runner = Runner(options_from(args, environ), environ)
+        runner = Runner(options_from(args, environ), environ, supervisor)
         return runner.run()
     except SetupError as e:
         print(f"mem-exporter run: {e}", file=sys.stderr)

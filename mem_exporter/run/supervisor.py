@@ -58,13 +58,13 @@ def make_supervisor() -> Supervisor:
     return PosixSupervisor() if os.name == "posix" else PollingSupervisor()
 
 
-def forwarded_signals(module: ModuleType = signal) -> list[int]:
-    """The signals of FORWARDED that this OS has."""
+def forwarded_signals(module: ModuleType) -> list[int]:
+    """The signals of FORWARDED that a `signal` module (this OS's) has."""
     return [getattr(module, name) for name in FORWARDED if hasattr(module, name)]
 
 
 def handle_signals(handler: Callable[[int, object], None]) -> None:
-    for sig in forwarded_signals():
+    for sig in forwarded_signals(signal):
         if signal.getsignal(sig) != signal.SIG_IGN:  # started with it ignored (nohup): the command inherits that
             signal.signal(sig, handler)
 
