@@ -1,12 +1,16 @@
 """`mem-exporter run`: start a command, watch its whole process tree, kill the tree at the limit.
 
 The tree is every process whose ppid chain reaches the wrapper: the command and everything it
-starts, in its process group or not (a `setsid` grandchild such as `ollama serve`). The wrapper
-is a child subreaper (Linux), so a descendant orphaned on the way reparents to the wrapper instead
-of init and stays in the tree; members are remembered by (pid, start time), so a reused pid is
-never mistaken for one. The tree's summed RSS is what the threshold limits.
+starts, in its process group or not (a `setsid` grandchild such as `ollama serve`). On Linux the
+wrapper is a child subreaper, so a descendant orphaned on the way reparents to the wrapper instead
+of init and stays in the tree. Members are remembered by (pid, start time): a reused pid is never
+mistaken for one, and without a subreaper (macOS, Windows) an orphan seen before its parent exited
+stays a member. The tree's summed RSS is what the threshold limits.
 
-One loop on the main thread: reap children, read the tree, log, check the limit. The tree is read
+A Supervisor (supervisor.py) starts the command, forwards signals to the Runner and learns when the
+command exits: the POSIX one with a self-pipe, waitpid and job control on a terminal, the polling
+one (Windows) with Popen.poll() and short sleeps. The Runner keeps one loop on the main thread: ask
+the supervisor for the command's exit, read the tree, log, check the limit. The tree is read
 from the wrapper down through the kernel's child links (tree.py): at least every 0.5 s, and every 50
 to 100 ms near the limit, as the enforcer's fast lane does; system memory is one meminfo read per
 interval. Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
@@ -17,8 +21,7 @@ command's group, grace with re-reads, the hard ceiling, SIGKILL, confirmed death
 tree is exempt: it is the user's own command.
 
     options.py     flags and environment variables
-    supervisor.py  starting the command and learning its exit, signals, subreaper, terminal: POSIX
-                   (self-pipe, waitpid, job control) and polling (Popen.poll, short sleeps; Windows)
+    supervisor.py  starting the command, its exit status, signals, subreaper, terminal: POSIX and polling
     tree.py        the tree through child links
 """
 from __future__ import annotations

@@ -37,8 +37,8 @@ class Supervisor(Protocol):
     subreaper: bool  # whether the tree's orphans are reparented to the wrapper
 
     def start(self, argv: Sequence[str], on_signal: OnSignal) -> int:
-        """Forward signals to on_signal, start the command; its pid. OSError when it cannot be executed
-        (FileNotFoundError: not found), with nothing left changed but the signal handlers."""
+        """Send forwarded signals to on_signal, start the command; its pid. OSError when it cannot be
+        executed (FileNotFoundError: not found), with the terminal the wrapper's again."""
         ...
 
     def reap(self) -> int | None:
@@ -55,6 +55,7 @@ class Supervisor(Protocol):
 
 
 def make_supervisor() -> Supervisor:
+    """The POSIX supervisor on Linux and macOS; the polling one elsewhere (Windows)."""
     return PosixSupervisor() if os.name == "posix" else PollingSupervisor()
 
 
@@ -216,8 +217,9 @@ class PosixSupervisor:
 # --- anywhere: Popen.poll() and short sleeps --------------------------------------------------------
 
 class PollingSupervisor:
-    """Popen and poll(). Windows has no waitpid(-1), no wakeup pipe to select() on, and Ctrl-C does not
-    interrupt a wait on a lock or select(); it does interrupt time.sleep, hence short slices of it."""
+    """Popen and poll(). Windows has no SIGCHLD or waitpid(-1), its select() takes sockets only (no
+    self-pipe), and Ctrl-C does not interrupt a wait on a lock or select() there; it does interrupt
+    time.sleep, hence sleeps in short slices that also check poll() and whether a signal came."""
 
     def __init__(self) -> None:
         self.tty: int | None = None  # the command keeps our console (Windows) or gets a session of its own (POSIX)
