@@ -1,6 +1,8 @@
 """`mem-exporter run` with real commands: tree memory, the kill at the limit, exit statuses, signals, log, terminal.
 
 Every wrapper runs in a session of its own; cleanup signals only the wrapper and pids our hogs reported.
+Each test runs three ways: the procfs source, the psutil source, and the psutil source with the polling
+supervisor (tests/polling_run.py), the pair Windows runs.
 """
 from __future__ import annotations
 
@@ -19,13 +21,17 @@ from conftest import HOG, free_port, http_get, is_hog, metric_value, pid_alive, 
 
 ROOT = Path(__file__).parents[1]
 RUN = [sys.executable, "-m", "mem_exporter", "run"]
+POLLING_RUN = [sys.executable, str(Path(__file__).with_name("polling_run.py"))]  # run, with PollingSupervisor
 MB = 1000**2
+POLLING = "psutil-polling"
 
 
-@pytest.fixture(autouse=True)
-def _each_source(source, monkeypatch):
-    """Every test here runs once per source: procfs, and the portable psutil path (forced on Linux)."""
-    monkeypatch.setenv("MEM_EXPORTER_TEST_SOURCE", source)
+@pytest.fixture(autouse=True, params=["procfs", "psutil", POLLING])
+def variant(request, monkeypatch) -> str:
+    """Every test here runs once per source, procfs and the portable psutil path (forced on Linux), and once
+    more with psutil and the polling supervisor: Windows' way, whose supervisor runs for real here too."""
+    monkeypatch.setenv("MEM_EXPORTER_TEST_SOURCE", request.param.split("-")[0])
+    return request.param
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -46,11 +52,11 @@ def hog(*args: str) -> list[str]:
 
 
 class Wrapped:
-    def __init__(self, tmp_path: Path, args: list[str], env: dict | None = None, **popen):
+    def __init__(self, tmp_path: Path, run: list[str], args: list[str], env: dict | None = None, **popen):
         self.tmp_path = tmp_path
         self.err_path = tmp_path / f"stderr-{time.monotonic_ns()}"
         self.err = open(self.err_path, "w+")
-        self.proc = subprocess.Popen(RUN + args, cwd=ROOT, env=env or clean_env(tmp_path), stderr=self.err,
+        self.proc = subprocess.Popen(run + args, cwd=ROOT, env=env or clean_env(tmp_path), stderr=self.err,
                                      stdout=popen.pop("stdout", subprocess.DEVNULL), start_new_session=True, **popen)
 
     def wait(self, timeout: float = 40.0) -> int:
@@ -83,11 +89,12 @@ def ready_pids(path: Path) -> list[int]:
 
 
 @pytest.fixture
-def wrap(tmp_path):
+def wrap(tmp_path, variant):
     started: list[Wrapped] = []
+    run = POLLING_RUN if variant == POLLING else RUN
 
     def start(*args: str, env: dict | None = None, **popen) -> Wrapped:
-        w = Wrapped(tmp_path, list(args), env, **popen)
+        w = Wrapped(tmp_path, run, list(args), env, **popen)
         started.append(w)
         return w
 
@@ -120,7 +127,7 @@ def test_shell_children_count_in_the_tree_memory(wrap, tmp_path):
     assert records(log)[-1] == {**records(log)[-1], "type": "exit", "cause": "exited", "exit_status": 0}
 
 
-def test_over_the_limit_the_whole_tree_dies_with_137_setsid_grandchild_too(wrap, tmp_path):
+def test_over_the_limit_the_whole_tree_dies_with_137_setsid_grandchild_too(wrap, tmp_path, variant):
     ready, log = tmp_path / "ready", tmp_path / "run.jsonl"
     # the hog grows only once its child and the child's setsid grandchild are up
     w = wrap("-t", "150", "-i", "0.5", "--grace", "2", "-l", str(log), "--",
@@ -130,6 +137,7 @@ def test_over_the_limit_the_whole_tree_dies_with_137_setsid_grandchild_too(wrap,
     child = ready_pids(ready)
     grandchild = ready_pids(Path(f"{ready}.child0"))
     leader = records(log)[0]["command_pid"]
+    assert records(log)[0]["subreaper"] is (variant != POLLING)  # the polling supervisor is none
     assert len(child) == 1 and len(grandchild) == 1
     for pid in [leader, *child, *grandchild]:
         wait_for(lambda pid=pid: not pid_alive(pid), 10, what=f"pid {pid} gone")
@@ -155,8 +163,10 @@ def test_the_commands_own_exit_status_passes_through(wrap, tmp_path, script, sta
 
 def test_an_orphan_left_running_is_stopped_when_the_command_exits(wrap, tmp_path):
     pid_file = tmp_path / "ready-orphan"
-    # the shell exits at once; its background hog is reparented to the wrapper (a subreaper)
-    script = f"{sys.executable} {HOG} --mb 5 & echo $! > {pid_file}; sleep 0.5; exit 5"
+    # the shell exits soon; its background hog is reparented to the wrapper (a subreaper), or without one
+    # (the polling supervisor) stays in the tree as a member seen while its parent lived: the sleep
+    # outlasts the 0.5 s between readings
+    script = f"{sys.executable} {HOG} --mb 5 & echo $! > {pid_file}; sleep 1; exit 5"
     w = wrap("--grace", "1", "--", "sh", "-c", script)
     assert w.wait() == 5, w.stderr()
     orphan = ready_pids(pid_file)
@@ -250,7 +260,10 @@ def test_an_unwritable_log_is_an_error_before_the_command_starts(wrap, tmp_path)
 
 # --- the terminal -----------------------------------------------------------------------------
 
-def test_on_a_terminal_the_command_gets_the_foreground(wrap, tmp_path):
+def test_on_a_terminal_the_command_gets_the_foreground(wrap, tmp_path, variant):
+    if variant == POLLING:
+        pytest.skip("the polling supervisor shares no terminal: the command gets a session of its own "
+                    "(POSIX) or keeps the console (Windows)")
     import fcntl
     import pty
     import termios

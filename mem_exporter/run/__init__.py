@@ -1,12 +1,16 @@
 """`mem-exporter run`: start a command, watch its whole process tree, kill the tree at the limit.
 
 The tree is every process whose ppid chain reaches the wrapper: the command and everything it
-starts, in its process group or not (a `setsid` grandchild such as `ollama serve`). The wrapper
-is a child subreaper (Linux), so a descendant orphaned on the way reparents to the wrapper instead
-of init and stays in the tree; members are remembered by (pid, start time), so a reused pid is
-never mistaken for one. The tree's summed RSS is what the threshold limits.
+starts, in its process group or not (a `setsid` grandchild such as `ollama serve`). On Linux the
+wrapper is a child subreaper, so a descendant orphaned on the way reparents to the wrapper instead
+of init and stays in the tree. Members are remembered by (pid, start time): a reused pid is never
+mistaken for one, and without a subreaper (macOS, Windows) an orphan seen before its parent exited
+stays a member. The tree's summed RSS is what the threshold limits.
 
-One loop on the main thread: reap children, read the tree, log, check the limit. The tree is read
+A Supervisor (supervisor.py) starts the command, forwards signals to the Runner and learns when the
+command exits: the POSIX one with a self-pipe, waitpid and job control on a terminal, the polling
+one (Windows) with Popen.poll() and short sleeps. The Runner keeps one loop on the main thread: ask
+the supervisor for the command's exit, read the tree, log, check the limit. The tree is read
 from the wrapper down through the kernel's child links (tree.py): at least every 0.5 s, and every 50
 to 100 ms near the limit, as the enforcer's fast lane does; system memory is one meminfo read per
 interval. Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
@@ -17,18 +21,15 @@ command's group, grace with re-reads, the hard ceiling, SIGKILL, confirmed death
 tree is exempt: it is the user's own command.
 
     options.py     flags and environment variables
-    supervisor.py  subreaper, terminal, exit statuses
+    supervisor.py  starting the command, its exit status, signals, subreaper, terminal: POSIX and polling
     tree.py        the tree through child links
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
-import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -51,7 +52,7 @@ from ..sampler import Sampler
 from ..signals import SIGKILL, signal_name
 from ..zones import zone_for
 from .options import EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError, options_from
-from .supervisor import _set_foreground, _take_terminal, become_subreaper, exit_code, foreground_tty
+from .supervisor import Supervisor, make_supervisor
 from .tree import TreeWalk, links_available
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by
 TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
 TTY_STATUS_EVERY = 0.2
-FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 COLOURS = {"safe": "32", "caution": "33", "critical": "31"}  # green, yellow, red
 
 _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read succeeds
@@ -90,8 +90,10 @@ def processes(n: int) -> str:
 
 
 class Runner:
-    def __init__(self, opts: RunOptions, environ: Mapping[str, str] = os.environ):
+    def __init__(self, opts: RunOptions, environ: Mapping[str, str] = os.environ,
+                 supervisor: Supervisor | None = None):
         self.opts = opts
+        self.supervisor = supervisor if supervisor is not None else make_supervisor()
         self.name = os.path.basename(opts.command[0]) or opts.command[0]
         self.started = time.time()
         self.log_path = resolve_path(opts.log, opts.command[0], self.started, os.getpid(), environ)
@@ -111,13 +113,11 @@ class Runner:
         self._cpu: float | None = None
         self.peak = 0
         self.tally = Tally()
-        self.proc: subprocess.Popen | None = None
         self.cmd_pid = 0
         self.cmd_status: int | None = None
         self.signalled: int | None = None
         self.stopping = False
         self.hurry = False
-        self.tty: int | None = None
         self.log: RunLog | None = None
         self.server: MetricsServer | None = None
         self.exposition: Exposition | None = None
@@ -126,8 +126,6 @@ class Runner:
         self._last_logged = self._last_status = 0.0
         self._status_line = False
         self._serving = False
-        self.subreaper = False
-        self._wake_r = -1
 
     @property
     def run_log(self) -> RunLog:
@@ -139,17 +137,13 @@ class Runner:
     # --- the whole run ----------------------------------------------------------------------
     def run(self) -> int:
         self._open_outputs()  # SetupError: nothing has started yet
-        self.subreaper = become_subreaper()
         procfs = self.config.paths.procfs
         reader = self.sampler.reader
         if isinstance(reader, ProcfsReader) and links_available(procfs, os.getpid()):
             self.tree = TreeWalk(reader, procfs, os.getpid())
-        self._install_signals()
         try:
-            self._spawn()
+            self.cmd_pid = self.supervisor.start(self.opts.command, self._on_signal)
         except OSError as e:
-            if self.tty is not None:  # the child may have taken the terminal before its exec failed
-                _set_foreground(self.tty, os.getpgrp())
             status = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_NOT_EXECUTABLE
             print(f"mem-exporter: {self.opts.command[0]}: {e.strerror or e}", file=sys.stderr)
             self._write_header()
@@ -166,8 +160,7 @@ class Runner:
             first = self.signalled if cause == "signal" and self.signalled is not None else signal.SIGTERM
             event = self._terminate(first, cause)
             self._reap()
-            if self.tty is not None:
-                _set_foreground(self.tty, os.getpgrp())
+            self.supervisor.restore()
             status = self._exit_status(cause, event)
             self._report(cause, event, status)
             self._finish_log(cause, status, event)
@@ -201,47 +194,20 @@ class Runner:
                 self.server.server_close()
             raise SetupError(f"cannot write the log {self.log_path}: {e.strerror or e}") from None
 
-    def _install_signals(self) -> None:
-        r, w = os.pipe()  # the loop sleeps in select() on r; any signal writes to w and wakes it
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wake_r = r
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for sig in FORWARDED:
-            if signal.getsignal(sig) != signal.SIG_IGN:  # started with it ignored (nohup): the command inherits that
-                signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so a child's exit wakes the loop too
-
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int) -> None:
+        """A forwarded signal (SIGINT, SIGTERM, SIGHUP, SIGBREAK), called by the supervisor's handler."""
         if self.stopping or self.signalled:
             self.hurry = True  # a second Ctrl-C, or a signal while stopping: SIGKILL without waiting
         else:
             self.signalled = signum
 
-    def _spawn(self) -> None:
-        self.tty = foreground_tty()
-        if self.tty is not None:  # keep the terminal: own group in our session, in the foreground
-            # from now on the wrapper may be in the background: it must not be stopped for taking
-            # the terminal or writing to it (whichever of parent and child runs first)
-            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            self.proc = subprocess.Popen(list(self.opts.command),
-                                         preexec_fn=functools.partial(_take_terminal, self.tty))
-            try:
-                os.setpgid(self.proc.pid, self.proc.pid)  # as the child does: whichever runs first wins the race
-            except OSError:
-                pass
-            _set_foreground(self.tty, self.proc.pid)
-        else:  # no terminal to share: a session of its own
-            self.proc = subprocess.Popen(list(self.opts.command), start_new_session=True)
-        self.cmd_pid = self.proc.pid
-        signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # only now: the command's SIGTTOU stays default
-
     def _write_header(self) -> None:
         self.run_log.write(session_header(self.name, self.started, command=list(self.opts.command),
                                           command_pid=self.cmd_pid or None, threshold_bytes=self.opts.threshold,
                                           threshold_mb=mb(self.opts.threshold), interval=self.opts.interval,
-                                          grace=self.opts.grace, memtype="rss", terminal=self.tty is not None,
-                                          subreaper=self.subreaper))
+                                          grace=self.opts.grace, memtype="rss",
+                                          terminal=self.supervisor.tty is not None,
+                                          subreaper=self.supervisor.subreaper))
         self.run_log.flush()
 
     # --- watching ---------------------------------------------------------------------------
@@ -263,7 +229,7 @@ class Runner:
                 return "memory"
             period = min(TREE_EVERY, poll_period(self.opts.threshold - group.rss_bytes, self.growth.rate(RULE),
                                               self.opts.interval))
-            self._sleep(min(next_full, time.monotonic() + period) - time.monotonic())
+            self.supervisor.sleep(min(next_full, time.monotonic() + period) - time.monotonic())
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
         """Re-read the tree; `full` once per interval: system memory too, a log line, the exposition."""
@@ -384,48 +350,11 @@ class Runner:
         except OSError:
             pass
 
-    def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            select.select([self._wake_r], [], [], seconds)
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
-
     def _reap(self) -> None:
-        """Collect every exited child: the command (its status kept) and the tree's reparented orphans."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid != self.cmd_pid:
-                continue
-            if os.WIFSTOPPED(status):
-                self._suspend()
-                continue
-            self.cmd_status = exit_code(status)
-            if self.proc is not None:  # Popen must not wait for it again
-                self.proc.returncode = os.waitstatus_to_exitcode(status)
-
-    def _suspend(self) -> None:
-        """The command stopped (Ctrl-Z): stop the wrapper too, so the shell sees its job stopped; resume both."""
-        if self.tty is None:
-            return
-        _set_foreground(self.tty, os.getpgrp())
-        os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us (fg or bg)
-        try:
-            if os.tcgetpgrp(self.tty) == os.getpgrp():  # `fg`: hand the terminal back; `bg`: leave it to the shell
-                _set_foreground(self.tty, self.cmd_pid)
-        except OSError:
-            pass
-        try:
-            os.killpg(self.cmd_pid, signal.SIGCONT)
-        except OSError:
-            pass
+        """Let the supervisor collect exited children; keep the command's status once it has one."""
+        status = self.supervisor.reap()
+        if status is not None:
+            self.cmd_status = status
 
     # --- stopping the tree --------------------------------------------------------------------
     def _terminate(self, first: int, cause: str) -> dict | None:
@@ -525,9 +454,10 @@ class Runner:
             self.server.server_close()
 
 
-def main(args, environ: Mapping[str, str] = os.environ) -> int:
+def main(args, environ: Mapping[str, str] = os.environ, supervisor: Supervisor | None = None) -> int:
+    """`mem-exporter run`; the OS's supervisor (make_supervisor) unless one is given (tests force polling)."""
     try:
-        runner = Runner(options_from(args, environ), environ)
+        runner = Runner(options_from(args, environ), environ, supervisor)
         return runner.run()
     except SetupError as e:
         print(f"mem-exporter run: {e}", file=sys.stderr)
