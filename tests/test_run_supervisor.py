@@ -35,7 +35,8 @@ def test_a_popen_returncode_reads_as_a_shell_reports_it():
     assert returncode_status(3, posix=True) == 3
     assert returncode_status(-signal.SIGTERM, posix=True) == 128 + signal.SIGTERM  # Popen's -N: killed by N
     assert returncode_status(1, posix=False) == 1
-    assert returncode_status(0xC000013A, posix=False) == 0xC000013A  # Windows' exit code as is (here: Ctrl-C)
+    assert returncode_status(0xC000013A, posix=False) == -1073741510  # Windows' Ctrl-C, signed as PowerShell shows it
+    assert returncode_status(-1073741510, posix=False) == -1073741510
 
 
 def test_only_the_signals_this_os_has_are_forwarded():

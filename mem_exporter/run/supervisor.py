@@ -76,8 +76,12 @@ def exit_code(status: int) -> int:
 
 
 def returncode_status(returncode: int, posix: bool = os.name == "posix") -> int:
-    """Popen.returncode as a shell reports it: on POSIX -N (killed by signal N) is 128 + N; Windows' exit code as is."""
-    return 128 - returncode if posix and returncode < 0 else returncode
+    """Popen.returncode as a shell reports it: on POSIX -N (killed by signal N) is 128 + N. On Windows the
+    exit code as a signed 32-bit number, as PowerShell's $LASTEXITCODE shows it (0xC000013A, Ctrl-C, is
+    -1073741510); sys.exit passes that on unchanged on every Python, where an unsigned one above 2**31 may not."""
+    if posix:
+        return 128 - returncode if returncode < 0 else returncode
+    return returncode - 2**32 if returncode >= 2**31 else returncode
 
 
 # --- POSIX: subreaper, self-pipe, terminal --------------------------------------------------------
