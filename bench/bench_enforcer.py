@@ -21,6 +21,7 @@ and the enforcer's CPU use at the default interval with --procs sleeping process
 Safety: only processes this bench started are signalled (its hogs, its sleeps, its earlyoom and
 enforcer children), by pid; the enforcer's rule and earlyoom's preference select only the hogs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,9 +73,25 @@ class Trial:
         self.avail_below: int | None = None  # earlyoom trials: its trigger, in MemAvailable bytes
         self.rss_at_trigger: int | None = None
         ready = tmp / f"ready-{uuid.uuid4().hex[:8]}"
-        cmd = [sys.executable, str(HOG), "--grow", str(rate), "--max-mb", str(4 * limit // MIB), "--grow-on-signal",
-               "--step-ms", "2",
-               "--comm", "membenchhog", "--oom-score-adj", "1000", "--tag", tag, "--ready", str(ready)]
+        cmd = [
+            sys.executable,
+            str(HOG),
+            "--grow",
+            str(rate),
+            "--max-mb",
+            str(4 * limit // MIB),
+            "--grow-on-signal",
+            "--step-ms",
+            "2",
+            "--comm",
+            "membenchhog",
+            "--oom-score-adj",
+            "1000",
+            "--tag",
+            tag,
+            "--ready",
+            str(ready),
+        ]
         if ignore_term:
             cmd += ["--ignore", "SIGTERM"]
         self.proc = subprocess.Popen(cmd, start_new_session=True)
@@ -125,9 +142,11 @@ class Trial:
             self._done.wait(10)
 
     def result(self) -> dict:
-        out = {"peak_mib": self.peak / MIB if self.peak else None,
-               "overshoot_mib": (self.peak - self.limit) / MIB if self.peak else None,
-               "cross_to_death_s": (self.died - self.crossed) if self.crossed and self.died else None}
+        out = {
+            "peak_mib": self.peak / MIB if self.peak else None,
+            "overshoot_mib": (self.peak - self.limit) / MIB if self.peak else None,
+            "cross_to_death_s": (self.died - self.crossed) if self.crossed and self.died else None,
+        }
         if self.avail_below:  # earlyoom: measured from the point where its own trigger was met
             out["peak_vs_limit_mib"] = out["overshoot_mib"]
             out["rss_at_trigger_mib"] = self.rss_at_trigger / MIB if self.rss_at_trigger else None
@@ -156,15 +175,32 @@ def run_earlyoom_trial(tag, rate, limit, tmp) -> dict:
         time.sleep(0.3)
         avail, hog_rss = mem_available(), rss(t.pid) or 0
         total_kib = mem_total_kib()
+
         # earlyoom 1.7 turns -M into a percentage of total: pick a size that is an exact 0.01 %,
         # so its trigger point is known to the byte (and sits just below the limit, never above)
         def exact(target_bytes):
             return int(int(target_bytes / 1024 * 10000 / total_kib + 1) * total_kib / 10000)
+
         term_kib = exact(avail - (limit - hog_rss))
         kill_kib = exact(avail - (int(limit * 1.1) - hog_rss))
-        eo = subprocess.Popen([EARLYOOM, "-M", f"{term_kib},{kill_kib}", "-s", "100,100", "-r", "0",
-                               "--prefer", "^membenchhog$", "--avoid", "^([^m]|m[^e]|me[^m]|mem[^b]|memb[^e])"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        eo = subprocess.Popen(
+            [
+                EARLYOOM,
+                "-M",
+                f"{term_kib},{kill_kib}",
+                "-s",
+                "100,100",
+                "-r",
+                "0",
+                "--prefer",
+                "^membenchhog$",
+                "--avoid",
+                "^([^m]|m[^e]|me[^m]|mem[^b]|memb[^e])",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         t.avail_below = term_kib * 1024
         time.sleep(0.5)
         if eo.poll() is not None:
@@ -186,14 +222,27 @@ def run_earlyoom_trial(tag, rate, limit, tmp) -> dict:
 
 def start_enforcer(tag: str, limit: int, tmp: Path, port: int) -> subprocess.Popen:
     cfg = tmp / "bench-enforcer.yaml"
-    cfg.write_text(json.dumps({  # JSON is YAML
-        "listen": f"127.0.0.1:{port}", "gpu": {"backend": "none"},
-        "enforcer": {"event_log": str(tmp / "events.jsonl"),
-                     "rules": [{"name": "bench", "match": {"cmdline": f"hog\\.py.*--tag {tag}"}, "max_rss": limit}]},
-    }))
-    proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", "enforce", "--config", str(cfg)], cwd=ROOT,
-                            stdout=open(tmp / "enforcer.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    cfg.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "listen": f"127.0.0.1:{port}",
+                "gpu": {"backend": "none"},
+                "enforcer": {
+                    "event_log": str(tmp / "events.jsonl"),
+                    "rules": [{"name": "bench", "match": {"cmdline": f"hog\\.py.*--tag {tag}"}, "max_rss": limit}],
+                },
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mem_exporter", "enforce", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=open(tmp / "enforcer.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     import urllib.request
+
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -215,11 +264,20 @@ def measure_cpu(enforcer_pid: int, port: int, procs: int, seconds: float) -> dic
         time.sleep(seconds)
         c1, t1 = cpu_seconds(enforcer_pid), time.monotonic()
         import urllib.request  # after the window: a scrape costs the daemon CPU too
+
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            walk = next(float(line.split()[1]) for line in r.read().decode().splitlines()
-                        if line.startswith("mem_exporter_sample_duration_seconds "))
-        return {"procs": len(sleeps), "cpu_share": (c1 - c0) / (t1 - t0), "seconds": t1 - t0,
-                "walk_seconds": walk, "walk_share": walk / 2.0}
+            walk = next(
+                float(line.split()[1])
+                for line in r.read().decode().splitlines()
+                if line.startswith("mem_exporter_sample_duration_seconds ")
+            )
+        return {
+            "procs": len(sleeps),
+            "cpu_share": (c1 - c0) / (t1 - t0),
+            "seconds": t1 - t0,
+            "walk_seconds": walk,
+            "walk_share": walk / 2.0,
+        }
     finally:
         for s in sleeps:
             s.kill()
@@ -280,15 +338,19 @@ def main() -> int:
     if os.path.exists(EARLYOOM):
         version = subprocess.run([EARLYOOM, "-v"], capture_output=True, text=True)
         earlyoom = (version.stdout + version.stderr).strip()
-    print(f"limit {a.limit_mib} MiB, {a.repeat} trials per cell, medians; enforcer at default settings "
-          f"(interval 2s, grace 5s, hard ceiling 10%); earlyoom {earlyoom}")
+    print(
+        f"limit {a.limit_mib} MiB, {a.repeat} trials per cell, medians; enforcer at default settings "
+        f"(interval 2s, grace 5s, hard ceiling 10%); earlyoom {earlyoom}"
+    )
     print()
     # Overshoot is the peak above the limit for both. earlyoom watches MemAvailable, which does not
     # fall one-for-one with the hog's RSS, so its trigger lands past the limit; its overshoot above
     # its own trigger point (its reaction lag alone) is shown too, as the stricter comparison.
-    print("| rate MiB/s | enforcer overshoot MiB | earlyoom overshoot MiB | ratio | target (<= 1/3) "
-          "| earlyoom past its own trigger MiB | ratio to that "
-          "| enforcer crossing->death s | earlyoom trigger->death s |")
+    print(
+        "| rate MiB/s | enforcer overshoot MiB | earlyoom overshoot MiB | ratio | target (<= 1/3) "
+        "| earlyoom past its own trigger MiB | ratio to that "
+        "| enforcer crossing->death s | earlyoom trigger->death s |"
+    )
     print("| ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: |")
     for rate in rates:
         e = results.get(("enforcer", rate), [])
@@ -299,21 +361,29 @@ def main() -> int:
         ratio = (max(eo_, 0) / vs_limit) if eo_ is not None and vs_limit else None
         strict = (max(eo_, 0) / vs_trigger) if eo_ is not None and vs_trigger else None
         ok = ratio is not None and ratio <= 1 / 3
-        print(f"| {rate:.0f} | {fmt(eo_)} (max {fmt(max((x.get('overshoot_mib') or 0 for x in e), default=None))}) | "
-              f"{fmt(vs_limit)} | {fmt(ratio, '.2f')} | {'yes' if ok else 'no'} | {fmt(vs_trigger)} | "
-              f"{fmt(strict, '.2f')} | {fmt(et, '.2f')} | {fmt(ot, '.2f')} |")
+        print(
+            f"| {rate:.0f} | {fmt(eo_)} (max {fmt(max((x.get('overshoot_mib') or 0 for x in e), default=None))}) | "
+            f"{fmt(vs_limit)} | {fmt(ratio, '.2f')} | {'yes' if ok else 'no'} | {fmt(vs_trigger)} | "
+            f"{fmt(strict, '.2f')} | {fmt(et, '.2f')} | {fmt(ot, '.2f')} |"
+        )
     print()
-    print(f"SIGTERM-ignoring hog at 200 MiB/s (enforcer): peak {fmt(ignore.get('peak_mib'))} MiB = "
-          f"limit + {fmt(ignore.get('overshoot_mib'))} MiB (hard ceiling at +{a.limit_mib * 0.1:.0f} MiB), "
-          f"crossing->death {fmt(ignore.get('cross_to_death_s'), '.2f')} s")
-    print(f"enforcer CPU at interval 2s with {cpu['procs']} extra processes: "
-          f"{cpu['cpu_share'] * 100:.2f} % of one core over {cpu['seconds']:.0f} s "
-          f"(target < 2 %: {'yes' if cpu['cpu_share'] < 0.02 else 'no'}); of which the shared /proc walk "
-          f"(last sample {cpu['walk_seconds'] * 1000:.0f} ms per 2 s) is about {cpu['walk_share'] * 100:.2f} %")
+    print(
+        f"SIGTERM-ignoring hog at 200 MiB/s (enforcer): peak {fmt(ignore.get('peak_mib'))} MiB = "
+        f"limit + {fmt(ignore.get('overshoot_mib'))} MiB (hard ceiling at +{a.limit_mib * 0.1:.0f} MiB), "
+        f"crossing->death {fmt(ignore.get('cross_to_death_s'), '.2f')} s"
+    )
+    print(
+        f"enforcer CPU at interval 2s with {cpu['procs']} extra processes: "
+        f"{cpu['cpu_share'] * 100:.2f} % of one core over {cpu['seconds']:.0f} s "
+        f"(target < 2 %: {'yes' if cpu['cpu_share'] < 0.02 else 'no'}); of which the shared /proc walk "
+        f"(last sample {cpu['walk_seconds'] * 1000:.0f} ms per 2 s) is about {cpu['walk_share'] * 100:.2f} %"
+    )
     kills = [e for e in events if e["action"] in ("term", "kill")]
     ceilings = sum(1 for e in kills if e.get("hard_ceiling"))
-    print(f"enforcer events: {len(kills)} kills, hard ceiling used in {ceilings}; "
-          f"bench took {time.monotonic() - began:.0f} s")
+    print(
+        f"enforcer events: {len(kills)} kills, hard ceiling used in {ceilings}; "
+        f"bench took {time.monotonic() - began:.0f} s"
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ temporary directory's file system, where fd/ has no descriptor count as its size
 on every read there. The host row scans this host's own /proc, where (Linux 6.2+) an fd/ whose size
 (its descriptor count) is unchanged is not listed again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,17 @@ def stub_box() -> StubNvml:
     for i in range(8):
         compute = [(5000 + i, 62 * GIB)] + ([(6100, 6 * GIB)] if i == 7 else [])
         graphics = [(6200, 180 * MIB)] if i == 7 else []
-        cards.append(StubCard(uuid=f"GPU-h100{i:04d}", name="NVIDIA H100 80GB HBM3", memory_total=81559 * MIB,
-                              memory_used=62 * GIB, memory_reserved=520 * MIB, compute=compute, graphics=graphics))
+        cards.append(
+            StubCard(
+                uuid=f"GPU-h100{i:04d}",
+                name="NVIDIA H100 80GB HBM3",
+                memory_total=81559 * MIB,
+                memory_used=62 * GIB,
+                memory_reserved=520 * MIB,
+                compute=compute,
+                graphics=graphics,
+            )
+        )
     return StubNvml(cards, driver="550.90.07")
 
 
@@ -111,11 +121,15 @@ def drm_rows(processes: int, reads: int) -> None:
         steady = DrmSource(str(root / "proc"), str(root / "sys"))
         steady.read(0.0)
         nocache = DrmSource(str(root / "proc"), str(root / "sys"), recheck=0.0)
-        rows = [("first read (cold)", time_scan(steady, max(1, reads // 4), fresh=True), None),
-                ("steady (cached)", time_scan(steady, reads), dict(steady.cost)),
-                ("cache off", time_scan(nocache, max(1, reads // 4)), dict(nocache.cost))]
-        print(f"\nDRM fdinfo scan: {processes} processes, {fds} descriptors, "
-              f"{len(steady.read(1e9).cards[0].processes)} DRM clients (fixture on {tmp.split('/')[1]})")
+        rows = [
+            ("first read (cold)", time_scan(steady, max(1, reads // 4), fresh=True), None),
+            ("steady (cached)", time_scan(steady, reads), dict(steady.cost)),
+            ("cache off", time_scan(nocache, max(1, reads // 4)), dict(nocache.cost)),
+        ]
+        print(
+            f"\nDRM fdinfo scan: {processes} processes, {fds} descriptors, "
+            f"{len(steady.read(1e9).cards[0].processes)} DRM clients (fixture on {tmp.split('/')[1]})"
+        )
         print(f"{'read':<22} {'ms/read':>9} {'of a 2 s interval':>18}  syscalls (stat/listdir/readlink/fdinfo)")
         for name, seconds, cost in rows:
             calls = "-" if cost is None else "/".join(str(cost[k]) for k in ("stat", "listdir", "readlink", "fdinfo"))
@@ -125,9 +139,11 @@ def drm_rows(processes: int, reads: int) -> None:
     cold = _timed(lambda: host.scan_processes({}, {}, 0.0))
     n, fds = host.cost["stat"], host.cost["readlink"]
     seconds = min(_timed(lambda: host.scan_processes({}, {}, 1.0)) for _ in range(max(3, reads // 4)))
-    print(f"this host's /proc: {n} processes, {fds} descriptors; first read {cold * 1e3:.1f} ms, steady "
-          f"{seconds * 1e3:.1f} ms ({seconds / max(1, n) * 1e6:.1f} us/process, {host.cost['listdir']} listings: "
-          f"fd/ sizes as counts {'on' if host._counted else 'off'})")
+    print(
+        f"this host's /proc: {n} processes, {fds} descriptors; first read {cold * 1e3:.1f} ms, steady "
+        f"{seconds * 1e3:.1f} ms ({seconds / max(1, n) * 1e6:.1f} us/process, {host.cost['listdir']} listings: "
+        f"fd/ sizes as counts {'on' if host._counted else 'off'})"
+    )
 
 
 def _timed(fn) -> float:

@@ -5,6 +5,7 @@ counter. Only process groups this script started are ever signalled.
 
     python bench/bench_kill_busy.py [--background 3000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ while time.time() < end:
 
 def wait_dead(pids, timeout=20.0) -> bool:
     from conftest import pid_alive
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if not any(pid_alive(p) for p in pids):
@@ -49,17 +51,31 @@ def wait_dead(pids, timeout=20.0) -> bool:
 
 def enforce_case(tmp: Path, name: str, cmd: list[str], limit: str) -> dict:
     from conftest import metric_value
+
     events = tmp / f"{name}.jsonl"
     tag = f"busy{name}{os.getpid()}"
     victim = subprocess.Popen(cmd + ["--tag", tag] if cmd[1] == HOG else cmd + [tag], start_new_session=True)
     config = tmp / f"{name}.yaml"
-    config.write_text(json.dumps({"interval": "1s", "gpu": {"backend": "none"},
-                                  "enforcer": {"event_log": str(events), "rules": [
-                                      {"name": name, "match": {"cmdline": tag}, "max_rss": limit, "grace": "1s"}]}}))
+    config.write_text(
+        json.dumps(
+            {
+                "interval": "1s",
+                "gpu": {"backend": "none"},
+                "enforcer": {
+                    "event_log": str(events),
+                    "rules": [{"name": name, "match": {"cmdline": tag}, "max_rss": limit, "grace": "1s"}],
+                },
+            }
+        )
+    )
     from benchlib import free_port, wait_http
+
     port = free_port()
-    daemon = subprocess.Popen([sys.executable, "-m", "mem_exporter", "enforce", "-c", str(config),
-                               "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mem_exporter", "enforce", "-c", str(config), "--listen", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
     started = time.monotonic()
     try:
         wait_http(f"http://127.0.0.1:{port}/metrics")
@@ -69,12 +85,18 @@ def enforce_case(tmp: Path, name: str, cmd: list[str], limit: str) -> dict:
         ev = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
         kill = next((e for e in ev if e["action"] in ("term", "kill")), None)
         import urllib.request
+
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         pids = [s["pid"] for s in kill["signalled"]] if kill else []
-        return {"case": name, "event": kill["action"] if kill else None, "outcome": kill and kill["outcome"],
-                "signalled": len(pids), "all dead": wait_dead(pids + [victim.pid]),
-                "kills_total": metric_value(body, "mem_exporter_enforcer_kills_total", rule=name),
-                "time_to_death_s": kill and kill["time_to_death_seconds"]}
+        return {
+            "case": name,
+            "event": kill["action"] if kill else None,
+            "outcome": kill and kill["outcome"],
+            "signalled": len(pids),
+            "all dead": wait_dead(pids + [victim.pid]),
+            "kills_total": metric_value(body, "mem_exporter_enforcer_kills_total", rule=name),
+            "time_to_death_s": kill and kill["time_to_death_seconds"],
+        }
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
@@ -87,13 +109,45 @@ def enforce_case(tmp: Path, name: str, cmd: list[str], limit: str) -> dict:
 
 def run_case(tmp: Path) -> dict:
     log = tmp / "run.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "mem_exporter", "run", "-t", "150", "-l", str(log), "--",
-                           sys.executable, HOG, "--mb", "20", "--grow", "200", "--max-mb", "800", "--children", "2",
-                           "--ignore", "SIGTERM"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mem_exporter",
+            "run",
+            "-t",
+            "150",
+            "-l",
+            str(log),
+            "--",
+            sys.executable,
+            HOG,
+            "--mb",
+            "20",
+            "--grow",
+            "200",
+            "--max-mb",
+            "800",
+            "--children",
+            "2",
+            "--ignore",
+            "SIGTERM",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     ev = next(json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event")
-    return {"case": "run, SIGTERM ignored, 2 children", "event": ev["action"], "outcome": ev["outcome"],
-            "signalled": len(ev["signalled"]), "all dead": wait_dead([s["pid"] for s in ev["signalled"]]),
-            "kills_total": f"exit {proc.returncode}", "time_to_death_s": ev["time_to_death_seconds"]}
+    return {
+        "case": "run, SIGTERM ignored, 2 children",
+        "event": ev["action"],
+        "outcome": ev["outcome"],
+        "signalled": len(ev["signalled"]),
+        "all dead": wait_dead([s["pid"] for s in ev["signalled"]]),
+        "kills_total": f"exit {proc.returncode}",
+        "time_to_death_s": ev["time_to_death_seconds"],
+    }
 
 
 def main() -> None:
@@ -106,8 +160,25 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             rows = [
-                enforce_case(tmp, "ignoreterm", [sys.executable, HOG, "--mb", "20", "--grow", "200", "--max-mb", "800",
-                                                 "--children", "3", "--ignore", "SIGTERM"], "200MiB"),
+                enforce_case(
+                    tmp,
+                    "ignoreterm",
+                    [
+                        sys.executable,
+                        HOG,
+                        "--mb",
+                        "20",
+                        "--grow",
+                        "200",
+                        "--max-mb",
+                        "800",
+                        "--children",
+                        "3",
+                        "--ignore",
+                        "SIGTERM",
+                    ],
+                    "200MiB",
+                ),
                 enforce_case(tmp, "forker", [sys.executable, "-c", FORKER], "300MiB"),
                 run_case(tmp),
             ]
@@ -117,8 +188,10 @@ def main() -> None:
     print("| case | action | outcome | processes signalled | all dead | kills_total / exit | time to death |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['case']} | {r['event']} | {r['outcome']} | {r['signalled']} | {r['all dead']} | "
-              f"{r['kills_total']} | {r['time_to_death_s']} s |")
+        print(
+            f"| {r['case']} | {r['event']} | {r['outcome']} | {r['signalled']} | {r['all dead']} | "
+            f"{r['kills_total']} | {r['time_to_death_s']} s |"
+        )
 
 
 if __name__ == "__main__":

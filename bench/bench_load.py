@@ -15,6 +15,7 @@ polled every 5 ms) to its death, and the enforcer's own time_to_death from its e
 Safety: only what this run started is signalled (the daemon's and the hog's process groups);
 the rule selects only the hog; everything listens on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,31 +105,88 @@ def flood(port: int, scrapers: int, seconds: float, out) -> None:
     for t in threads:
         for k, v in t.failures.items():
             failures[k] = failures.get(k, 0) + v
-    out.send({"latencies": sorted(x for t in threads for x in t.latencies), "failures": failures,
-              "timestamps": sorted({ts for t in threads for ts in t.timestamps})})
+    out.send(
+        {
+            "latencies": sorted(x for t in threads for x in t.latencies),
+            "failures": failures,
+            "timestamps": sorted({ts for t in threads for ts in t.timestamps}),
+        }
+    )
     out.close()
 
 
-def run(workdir: Path, scrapers: int = 50, seconds: float = 20.0, interval: float = 1.0, limit_mib: int = 200,
-        grow_mib: float = 100.0, grace: float = 1.0, log=print) -> dict:
+def run(
+    workdir: Path,
+    scrapers: int = 50,
+    seconds: float = 20.0,
+    interval: float = 1.0,
+    limit_mib: int = 200,
+    grow_mib: float = 100.0,
+    grace: float = 1.0,
+    log=print,
+) -> dict:
     """One run: daemon, hog, flood; the numbers as a dict. Cleans up what it started."""
     tag = "load" + uuid.uuid4().hex[:12]
     events = workdir / f"events-{tag}.jsonl"
     cfg = workdir / f"load-{tag}.yaml"
-    cfg.write_text(json.dumps({
-        "interval": interval,
-        "enforcer": {"enabled": True, "event_log": str(events), "rules": [{
-            "name": "load-hog", "match": {"cmdline": rf"hog\.py.*--tag {tag}"},
-            "max_rss": f"{limit_mib}MiB", "grace": grace}]},
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "interval": interval,
+                "enforcer": {
+                    "enabled": True,
+                    "event_log": str(events),
+                    "rules": [
+                        {
+                            "name": "load-hog",
+                            "match": {"cmdline": rf"hog\.py.*--tag {tag}"},
+                            "max_rss": f"{limit_mib}MiB",
+                            "grace": grace,
+                        }
+                    ],
+                },
+            }
+        )
+    )
     port = free_port()
     daemon_log = open(workdir / f"daemon-{tag}.log", "w+")
-    daemon = subprocess.Popen([sys.executable, "-m", "mem_exporter", "serve", "--config", str(cfg), "--gpu-backend",
-                               "none", "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=daemon_log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mem_exporter",
+            "serve",
+            "--config",
+            str(cfg),
+            "--gpu-backend",
+            "none",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        stdout=daemon_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     ready = workdir / f"ready-{tag}"
-    hog = subprocess.Popen([sys.executable, str(HOG), "--mb", "10", "--grow", str(grow_mib), "--max-mb", "4000",
-                            "--grow-on-signal", "--tag", tag, "--ready", str(ready)], start_new_session=True)
+    hog = subprocess.Popen(
+        [
+            sys.executable,
+            str(HOG),
+            "--mb",
+            "10",
+            "--grow",
+            str(grow_mib),
+            "--max-mb",
+            "4000",
+            "--grow-on-signal",
+            "--tag",
+            tag,
+            "--ready",
+            str(ready),
+        ],
+        start_new_session=True,
+    )
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     scraping = None
@@ -164,10 +222,14 @@ def run(workdir: Path, scrapers: int = 50, seconds: float = 20.0, interval: floa
         gaps = [b - a for a, b in pairwise(stamps)]
         event = _kill_event(events, hog.pid)
         return {
-            "scrapers": scrapers, "seconds": round(duration, 1), "interval": interval,
-            "scrapes": len(latencies), "scrapes_per_second": round(len(latencies) / seconds, 1),
+            "scrapers": scrapers,
+            "seconds": round(duration, 1),
+            "interval": interval,
+            "scrapes": len(latencies),
+            "scrapes_per_second": round(len(latencies) / seconds, 1),
             "failures": flooded["failures"],
-            "latency_p50_ms": _ms(_pct(latencies, 50)), "latency_p99_ms": _ms(_pct(latencies, 99)),
+            "latency_p50_ms": _ms(_pct(latencies, 50)),
+            "latency_p99_ms": _ms(_pct(latencies, 99)),
             "latency_max_ms": _ms(latencies[-1] if latencies else None),
             "samples_seen": len(stamps),
             "sample_gap_median_s": round(statistics.median(gaps), 3) if gaps else None,

@@ -27,6 +27,7 @@ Safety: only processes this bench started are signalled (its hogs, its spawner a
 children, its earlyoom and enforcer children), by pid or by the process group it created; the
 enforcer's rules and earlyoom's preference select only the bench's hogs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,7 @@ while True:
 
 # --- reading the machine ------------------------------------------------------------------------
 
+
 def meminfo_kib(field: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -123,7 +125,7 @@ class Monitor:
                 f.seek(0)
                 data = f.read(4096)
                 i = data.index(b"MemAvailable:")
-                avail = int(data[i + 13:data.index(b"kB", i)]) * 1024
+                avail = int(data[i + 13 : data.index(b"kB", i)]) * 1024
                 if self.lowest is None or avail < self.lowest:
                     self.lowest = avail
                 if self.crossed is None and avail < self.threshold:
@@ -140,8 +142,22 @@ class Hog:
 
     def __init__(self, tag: str, rate: float, max_mib: float, tmp: Path, on_signal: bool):
         ready = tmp / f"ready-{uuid.uuid4().hex[:8]}"
-        cmd = [sys.executable, str(HOG), "--grow", str(rate), "--max-mb", str(max_mib), "--step-ms", "2",
-               "--comm", HOG_COMM, "--oom-score-adj", "1000", "--tag", tag]
+        cmd = [
+            sys.executable,
+            str(HOG),
+            "--grow",
+            str(rate),
+            "--max-mb",
+            str(max_mib),
+            "--step-ms",
+            "2",
+            "--comm",
+            HOG_COMM,
+            "--oom-score-adj",
+            "1000",
+            "--tag",
+            tag,
+        ]
         if on_signal:
             cmd += ["--grow-on-signal", "--ready", str(ready)]
         self.born = time.monotonic()
@@ -186,13 +202,24 @@ class Enforcer:
     def __init__(self, rules: list[dict], tmp: Path):
         self.port = free_port()
         cfg = tmp / f"enforce-{self.port}.yaml"
-        cfg.write_text(json.dumps({  # JSON is YAML
-            "listen": f"127.0.0.1:{self.port}", "gpu": {"backend": "none"},
-            "enforcer": {"event_log": str(tmp / "events.jsonl"), "rules": rules}}))
+        cfg.write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "listen": f"127.0.0.1:{self.port}",
+                    "gpu": {"backend": "none"},
+                    "enforcer": {"event_log": str(tmp / "events.jsonl"), "rules": rules},
+                }
+            )
+        )
         env = {**os.environ, "MEM_EXPORTER_PHASE_FILE": str(tmp / "phase")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", "enforce", "--config", str(cfg)], cwd=ROOT,
-                                     stdout=open(tmp / "enforcer.log", "a"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mem_exporter", "enforce", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=open(tmp / "enforcer.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
         self.pid = self.proc.pid
         deadline = time.monotonic() + 30
         while self.last_sample() is None:
@@ -238,6 +265,7 @@ def sleep_until_wall(t: float) -> None:
 
 # --- (a) system threshold -----------------------------------------------------------------------
 
+
 def system_trial(who: str, rate: float, phase: float, tmp: Path) -> dict:
     tag = "sys" + uuid.uuid4().hex[:10]
     hog = Hog(tag, rate, (THRESHOLD_GAP + 2500 * MIB) / MIB, tmp, on_signal=True)
@@ -246,13 +274,29 @@ def system_trial(who: str, rate: float, phase: float, tmp: Path) -> dict:
     try:
         threshold = exact_point(meminfo_kib("MemAvailable") * 1024 - THRESHOLD_GAP)
         if who == "mem-exporter":
-            peer = Enforcer([{"name": "low-memory", "match": {"cmdline": f"--tag {tag}"},
-                              "system_available_below": threshold}], tmp)
+            peer = Enforcer(
+                [{"name": "low-memory", "match": {"cmdline": f"--tag {tag}"}, "system_available_below": threshold}], tmp
+            )
             sleep_until_wall(peer.next_full_sample() + phase * INTERVAL)
         else:
-            peer = subprocess.Popen([EARLYOOM, "-M", f"{threshold // 1024},{(threshold - EARLYOOM_KILL_GAP) // 1024}",
-                                     "-s", "100,100", "-r", "0", "--prefer", f"^{HOG_COMM}$", "--avoid", AVOID_OTHERS],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            peer = subprocess.Popen(
+                [
+                    EARLYOOM,
+                    "-M",
+                    f"{threshold // 1024},{(threshold - EARLYOOM_KILL_GAP) // 1024}",
+                    "-s",
+                    "100,100",
+                    "-r",
+                    "0",
+                    "--prefer",
+                    f"^{HOG_COMM}$",
+                    "--avoid",
+                    AVOID_OTHERS,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             time.sleep(0.5 + phase * INTERVAL)
             if peer.poll() is not None:
                 return {"error": f"earlyoom exited with {peer.returncode}"}
@@ -260,8 +304,7 @@ def system_trial(who: str, rate: float, phase: float, tmp: Path) -> dict:
         hog.go()
         if not hog.wait((THRESHOLD_GAP + 2500 * MIB) / MIB / rate + 20):
             log = (tmp / "enforcer.log").read_text().splitlines()[-5:] if who == "mem-exporter" else []
-            return {"error": "not killed", "lowest_below_threshold_mib": (threshold - monitor.lowest) / MIB,
-                    "log": log}
+            return {"error": "not killed", "lowest_below_threshold_mib": (threshold - monitor.lowest) / MIB, "log": log}
         time.sleep(0.05)  # the lowest point is at the death; memory comes back after it
         monitor.stop()
         if monitor.crossed is None:
@@ -284,6 +327,7 @@ def system_trial(who: str, rate: float, phase: float, tmp: Path) -> dict:
 
 # --- (b) groups born between full samples -------------------------------------------------------
 
+
 def newborn_trial(enf: Enforcer, tag: str, phase: float, tmp: Path) -> dict:
     ts = enf.next_full_sample()
     sleep_until_wall(ts + phase * INTERVAL)
@@ -292,17 +336,23 @@ def newborn_trial(enf: Enforcer, tag: str, phase: float, tmp: Path) -> dict:
     try:
         if not hog.wait(3 * NEWBORN_LIMIT / MIB / NEWBORN_RATE + 10):
             return {"error": "not killed", "phase": (born - ts) / INTERVAL}
-        return {"phase": (born - ts) / INTERVAL, "peak_mb": hog.peak / 1e6,
-                "over_pct": 100 * (hog.peak - NEWBORN_LIMIT) / NEWBORN_LIMIT, "birth_to_death_s": hog.died - hog.born}
+        return {
+            "phase": (born - ts) / INTERVAL,
+            "peak_mb": hog.peak / 1e6,
+            "over_pct": 100 * (hog.peak - NEWBORN_LIMIT) / NEWBORN_LIMIT,
+            "birth_to_death_s": hog.died - hog.born,
+        }
     finally:
         hog.cleanup()
 
 
 # --- (c) CPU ------------------------------------------------------------------------------------
 
+
 def spawn_background(n: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", SPAWNER, str(n)], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SPAWNER, str(n)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the spawner of background processes failed")
     return proc
@@ -331,6 +381,7 @@ def cpu_share(rules: list[dict], seconds: float, tmp: Path) -> float:
 
 # --- the tables ---------------------------------------------------------------------------------
 
+
 def med(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -348,8 +399,9 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="200,500", help="MiB/s for (a), comma separated")
-    ap.add_argument("--phases", type=int, default=4,
-                    help="(a): trials per rate and side, at phases k/N of the interval")
+    ap.add_argument(
+        "--phases", type=int, default=4, help="(a): trials per rate and side, at phases k/N of the interval"
+    )
     ap.add_argument("--newborn-phases", type=int, default=8, help="(b): trials at phases k/N of the interval")
     ap.add_argument("--procs", default="1000,10000", help="(c): background processes, comma separated")
     ap.add_argument("--cpu-seconds", type=float, default=20)
@@ -381,11 +433,14 @@ def main() -> int:
             finally:
                 enf.stop()
         if "c" not in skip:
-            configs = {"no rules": [],
-                       "one group rule": [{"name": "g", "match": {"cmdline": "--tag nosuchtag"}, "max_rss": "1GB"}],
-                       "one group rule + one system rule": [
-                           {"name": "g", "match": {"cmdline": "--tag nosuchtag"}, "max_rss": "1GB"},
-                           {"name": "s", "match": {"cmdline": "--tag nosuchtag"}, "system_available_below": "5%"}]}
+            configs = {
+                "no rules": [],
+                "one group rule": [{"name": "g", "match": {"cmdline": "--tag nosuchtag"}, "max_rss": "1GB"}],
+                "one group rule + one system rule": [
+                    {"name": "g", "match": {"cmdline": "--tag nosuchtag"}, "max_rss": "1GB"},
+                    {"name": "s", "match": {"cmdline": "--tag nosuchtag"}, "system_available_below": "5%"},
+                ],
+            }
             for n in [int(x) for x in a.procs.split(",")]:
                 spawner = spawn_background(n)
                 try:
@@ -399,42 +454,54 @@ def main() -> int:
     eo_version = (eo.stdout + eo.stderr).strip()
     print()
     if system:
-        print(f"(a) system_available_below vs {eo_version}, same MemAvailable point ({THRESHOLD_GAP // MIB} MiB below "
-              f"MemAvailable at the trial's start), {a.phases} phase-stratified trials per cell; median (max)")
+        print(
+            f"(a) system_available_below vs {eo_version}, same MemAvailable point ({THRESHOLD_GAP // MIB} MiB below "
+            f"MemAvailable at the trial's start), {a.phases} phase-stratified trials per cell; median (max)"
+        )
         print()
-        print("| rate MiB/s | mem-exporter overshoot MiB | earlyoom overshoot MiB "
-              "| ratio of medians (target <= 1, aim 0.5) "
-              "| mem-exporter crossing->death s | earlyoom crossing->death s |")
+        print(
+            "| rate MiB/s | mem-exporter overshoot MiB | earlyoom overshoot MiB "
+            "| ratio of medians (target <= 1, aim 0.5) "
+            "| mem-exporter crossing->death s | earlyoom crossing->death s |"
+        )
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for rate in rates:
             ours, theirs = system.get(("mem-exporter", rate), []), system.get(("earlyoom", rate), [])
             o_med, t_med = med([x.get("overshoot_mib") for x in ours]), med([x.get("overshoot_mib") for x in theirs])
             ratio = max(o_med, 0) / t_med if o_med is not None and t_med and t_med > 0 else None
             errors = sum("error" in x for x in ours + theirs)
-            print(f"| {rate:.0f} | {fmt(o_med)} ({fmt(top([x.get('overshoot_mib') for x in ours]))}) "
-                  f"| {fmt(t_med)} ({fmt(top([x.get('overshoot_mib') for x in theirs]))}) | {fmt(ratio, '.2f')} "
-                  f"| {fmt(med([x.get('cross_to_death_s') for x in ours]), '.3f')} "
-                  f"({fmt(top([x.get('cross_to_death_s') for x in ours]), '.3f')}) "
-                  f"| {fmt(med([x.get('cross_to_death_s') for x in theirs]), '.3f')} "
-                  f"({fmt(top([x.get('cross_to_death_s') for x in theirs]), '.3f')}) |"
-                  + (f" {errors} trial(s) failed" if errors else ""))
+            print(
+                f"| {rate:.0f} | {fmt(o_med)} ({fmt(top([x.get('overshoot_mib') for x in ours]))}) "
+                f"| {fmt(t_med)} ({fmt(top([x.get('overshoot_mib') for x in theirs]))}) | {fmt(ratio, '.2f')} "
+                f"| {fmt(med([x.get('cross_to_death_s') for x in ours]), '.3f')} "
+                f"({fmt(top([x.get('cross_to_death_s') for x in ours]), '.3f')}) "
+                f"| {fmt(med([x.get('cross_to_death_s') for x in theirs]), '.3f')} "
+                f"({fmt(top([x.get('cross_to_death_s') for x in theirs]), '.3f')}) |"
+                + (f" {errors} trial(s) failed" if errors else "")
+            )
         print()
     if newborn:
-        print(f"(b) groups born at phase k/{a.newborn_phases} of the 2 s interval after a full sample, growing at "
-              f"200 MB/s past max_rss 300 MB (target: every trial within 10 %)")
+        print(
+            f"(b) groups born at phase k/{a.newborn_phases} of the 2 s interval after a full sample, growing at "
+            f"200 MB/s past max_rss 300 MB (target: every trial within 10 %)"
+        )
         print()
         print("| born at (share of the interval) | peak MB | over the limit | birth->death s |")
         print("| ---: | ---: | ---: | ---: |")
         for r in newborn:
-            print(f"| {fmt(r.get('phase'), '.2f')} | {fmt(r.get('peak_mb'))} | {fmt(r.get('over_pct'), '.1f')} % "
-                  f"| {fmt(r.get('birth_to_death_s'), '.2f')} |" + (f" {r['error']}" if "error" in r else ""))
+            print(
+                f"| {fmt(r.get('phase'), '.2f')} | {fmt(r.get('peak_mb'))} | {fmt(r.get('over_pct'), '.1f')} % "
+                f"| {fmt(r.get('birth_to_death_s'), '.2f')} |" + (f" {r['error']}" if "error" in r else "")
+            )
         worst = top([r.get("over_pct") for r in newborn])
         ok = worst is not None and worst <= 10 and all("error" not in r for r in newborn)
         print(f"\nworst {fmt(worst, '.1f')} % over (target <= 10 %: {'yes' if ok else 'no'})")
         print()
     if cpu:
-        print(f"(c) CPU of `mem-exporter enforce` (interval 2 s) over {a.cpu_seconds:.0f} s, % of one core "
-              f"(target < 2 % at 1000 with the default config)")
+        print(
+            f"(c) CPU of `mem-exporter enforce` (interval 2 s) over {a.cpu_seconds:.0f} s, % of one core "
+            f"(target < 2 % at 1000 with the default config)"
+        )
         print()
         names = list(dict.fromkeys(name for _, name in cpu))
         counts = list(dict.fromkeys(n for n, _ in cpu))

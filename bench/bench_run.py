@@ -9,6 +9,7 @@ window, after their first two samples. The background processes are forked from 
 into one new process group and wait in signal.pause(); each group is killed by its pgid at the end.
 Only process groups the bench started are ever signalled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def host_processes() -> int:
 
 def checkout(ref: str, into: Path) -> Path:
     """REF's mem_exporter package, unpacked from git (the repository's worktrees are left alone)."""
-    data = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "mem_exporter"], check=True,
-                          capture_output=True).stdout
+    data = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "mem_exporter"], check=True, capture_output=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(into, filter="data")
     return into
@@ -64,13 +66,24 @@ class Wrapper:
         self.name, self.code = name, code
         self.log = tmp / f"{name}-{time.monotonic_ns()}.jsonl"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEM_EXPORTER_")}
-        where = subprocess.run([sys.executable, "-c", "import mem_exporter; print(mem_exporter.__file__)"],
-                               cwd=code, env=env, capture_output=True, text=True, check=True).stdout.strip()
+        where = subprocess.run(
+            [sys.executable, "-c", "import mem_exporter; print(mem_exporter.__file__)"],
+            cwd=code,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         if not where.startswith(str(code)):
             raise RuntimeError(f"{name}: imports {where}, not the code under {code}")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", *COMMAND[:1], "-l", str(self.log),
-                                      *COMMAND[1:]], cwd=code, env=env, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mem_exporter", *COMMAND[:1], "-l", str(self.log), *COMMAND[1:]],
+            cwd=code,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def samples(self) -> int:
         try:
@@ -136,18 +149,25 @@ def main() -> int:
             for g in groups:
                 os.killpg(g.pid, signal.SIGKILL)
                 g.wait(60)
-    print(f"`mem-exporter run -t 2000 -- sleep 40`, CPU of the wrapper (utime+stime) over {args.seconds:g} s, "
-          f"before = {args.before}, {os.cpu_count()} CPUs")
+    print(
+        f"`mem-exporter run -t 2000 -- sleep 40`, CPU of the wrapper (utime+stime) over {args.seconds:g} s, "
+        f"before = {args.before}, {os.cpu_count()} CPUs"
+    )
     print()
-    print("| host processes | before, utime+stime | after, utime+stime | ratio | before, schedstat | "
-          "after, schedstat | ratio |")
+    print(
+        "| host processes | before, utime+stime | after, utime+stime | ratio | before, schedstat | "
+        "after, schedstat | ratio |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.0f}x" if b > 0 else "n/a"
+
     for host, before, after in rows:
-        print(f"| {host} | {before[0]:.2%} | {after[0]:.2%} | {ratio(before[0], after[0])} | {before[1]:.3%} | "
-              f"{after[1]:.3%} | {ratio(before[1], after[1])} |")
+        print(
+            f"| {host} | {before[0]:.2%} | {after[0]:.2%} | {ratio(before[0], after[0])} | {before[1]:.3%} | "
+            f"{after[1]:.3%} | {ratio(before[1], after[1])} |"
+        )
     print("\n(% of one core; schedstat: the scheduler's nanosecond count, finer than the 10 ms clock tick)")
     return 0
 

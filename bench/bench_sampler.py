@@ -9,6 +9,7 @@ minimal C walk of stat+statm (the floor), Debian's prometheus-process-exporter s
 exporter daemon the /metrics scrape p50/p99 and its RSS. The processes are
 `sleep`s in one process group that the bench starts and kills itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,8 @@ class Population:
         self.leader = subprocess.Popen(["sleep", "3600"], preexec_fn=os.setpgrp)
         self.pgid = self.leader.pid
         self.procs = [self.leader] + [
-            subprocess.Popen(["sleep", "3600"], preexec_fn=lambda: os.setpgid(0, self.pgid)) for _ in range(count - 1)]
+            subprocess.Popen(["sleep", "3600"], preexec_fn=lambda: os.setpgid(0, self.pgid)) for _ in range(count - 1)
+        ]
 
     def close(self) -> None:
         os.killpg(self.pgid, signal.SIGKILL)
@@ -64,6 +66,7 @@ def median_ms(fn, rounds: int) -> float:
 
 def psutil_loop() -> None:
     import psutil
+
     for p in psutil.process_iter(["pid", "ppid", "name", "memory_info"]):
         _ = p.info  # process_iter reads the attributes; touching them is the cost measured
 
@@ -89,8 +92,11 @@ def process_exporter_ms(rounds: int) -> float | None:
     with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
         f.write("process_names:\n  - name: '{{.Comm}}'\n    cmdline: ['.+']\n")
     port = free_port()
-    proc = subprocess.Popen([binary, "-config.path", f.name, "-web.listen-address", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "-config.path", f.name, "-web.listen-address", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         wait_http(url)
@@ -104,9 +110,23 @@ def process_exporter_ms(rounds: int) -> float | None:
 def exporter_scrape(rounds: int) -> tuple[float, float, float]:
     """(p50 ms, p99 ms, RSS MiB) of `mem-exporter serve` at the current population."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mem_exporter", "serve", "--gpu-backend", "none", "--interval", "1s",
-                             "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mem_exporter",
+            "serve",
+            "--gpu-backend",
+            "none",
+            "--interval",
+            "1s",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         wait_http(url)
@@ -154,14 +174,18 @@ def main() -> None:
     shutil.rmtree(build)
 
     print(f"\nFull sample, median ms (host: {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
-    print("| processes | mem-exporter | with pss | psutil source | psutil source / ours | psutil loop | C floor | "
-          "process-exporter | ours / C | process-exporter / ours | scrape p50 | scrape p99 | exporter RSS |")
+    print(
+        "| processes | mem-exporter | with pss | psutil source | psutil source / ours | psutil loop | C floor | "
+        "process-exporter | ours / C | process-exporter / ours | scrape p50 | scrape p99 | exporter RSS |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, ours, pss, portable, ps, floor, pe, p50, p99, rss in rows:
         pe_text = f"{pe:.1f}" if pe is not None else "n/a"
         ratio = f"{pe / ours:.1f}x" if pe is not None else "n/a"
-        print(f"| {n} | {ours:.1f} | {pss:.1f} | {portable:.1f} | {portable / ours:.1f}x | {ps:.1f} | {floor:.1f} | "
-              f"{pe_text} | {ours / floor:.2f}x | {ratio} | {p50:.2f} | {p99:.2f} | {rss:.1f} MiB |")
+        print(
+            f"| {n} | {ours:.1f} | {pss:.1f} | {portable:.1f} | {portable / ours:.1f}x | {ps:.1f} | {floor:.1f} | "
+            f"{pe_text} | {ours / floor:.2f}x | {ratio} | {p50:.2f} | {p99:.2f} | {rss:.1f} MiB |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Small helpers the benchmarks share: free ports on 127.0.0.1, a process's RSS, waiting for HTTP."""
+
 from __future__ import annotations
 
 import os
@@ -40,11 +41,13 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 def background(n: int) -> subprocess.Popen:
     """n processes forked from one Python process in a new process group (its pgid is its pid)."""
-    code = ("import os, signal\n"
-            f"for _ in range({n}):\n"
-            "    if os.fork() == 0:\n"
-            "        signal.pause(); os._exit(0)\n"
-            "print('up', flush=True); signal.pause()\n")
+    code = (
+        "import os, signal\n"
+        f"for _ in range({n}):\n"
+        "    if os.fork() == 0:\n"
+        "        signal.pause(); os._exit(0)\n"
+        "print('up', flush=True); signal.pause()\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
     if p.stdout.readline().strip() != "up":
         raise RuntimeError("background processes did not start")

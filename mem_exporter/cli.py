@@ -1,4 +1,5 @@
 """The `mem-exporter` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,24 +20,36 @@ def _add_daemon_options(p: argparse.ArgumentParser, listen_default: str) -> None
     p.add_argument("--gpu-backend", metavar="BACKEND", help="auto | nvml | drm | none | fake:FILE (default: auto)")
     _add_source_option(p)
     p.add_argument("--interval", metavar="DURATION", help="sampling interval, e.g. 2s (default: 2s)")
-    p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
-                   help="TLS and basic auth for every endpoint, in exporter-toolkit's web-config.yml format")
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="TLS and basic auth for every endpoint, in exporter-toolkit's web-config.yml format",
+    )
 
 
 def _add_source_option(p: argparse.ArgumentParser, env: str | None = None) -> None:
-    p.add_argument("--source", choices=("auto", "procfs", "psutil"),
-                   help="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced); "
-                        f"default: the config's `source`, auto{f' (env {env})' if env else ''}")
+    p.add_argument(
+        "--source",
+        choices=("auto", "procfs", "psutil"),
+        help="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced); "
+        f"default: the config's `source`, auto{f' (env {env})' if env else ''}",
+    )
 
 
 def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phase-file", metavar="FILE", help="the phase file to follow (default: as `mem-exporter phase`)")
     p.add_argument("--log-dir", metavar="DIR", help="write this session's samples and events under DIR")
     p.add_argument("--session", metavar="NAME", help="session name in the log file names (default: the command)")
-    p.add_argument("--log-format", choices=("jsonl", "csv"), default="jsonl",
-                   help="jsonl (default), or csv: one file for system and groups, one for GPUs")
-    p.add_argument("--log-max-size", metavar="SIZE", default="50MB",
-                   help="rotate a log file at this size (default: 50MB)")
+    p.add_argument(
+        "--log-format",
+        choices=("jsonl", "csv"),
+        default="jsonl",
+        help="jsonl (default), or csv: one file for system and groups, one for GPUs",
+    )
+    p.add_argument(
+        "--log-max-size", metavar="SIZE", default="50MB", help="rotate a log file at this size (default: 50MB)"
+    )
     p.add_argument("--log-keep", metavar="N", type=int, default=4, help="rotated files kept per log (default: 4)")
 
 
@@ -46,10 +59,17 @@ def open_session_log(args: argparse.Namespace, command: str, config):
         return None
     from .sessionlog import SessionLog
     from .units import parse_size
+
     try:
         info = {"command": command, "interval": config.interval, "memtype": config.memory}
-        return SessionLog(args.log_dir, args.session or command, args.log_format, parse_size(args.log_max_size),
-                          args.log_keep, info=info)
+        return SessionLog(
+            args.log_dir,
+            args.session or command,
+            args.log_format,
+            parse_size(args.log_max_size),
+            args.log_keep,
+            info=info,
+        )
     except OSError as e:
         raise ValueError(f"cannot write session logs in {args.log_dir}: {e.strerror or e}") from None
 
@@ -57,7 +77,8 @@ def open_session_log(args: argparse.Namespace, command: str, config):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mem-exporter",
-        description="Per-process-group memory and GPU exporter, and an enforcer that kills runaway groups.")
+        description="Per-process-group memory and GPU exporter, and an enforcer that kills runaway groups.",
+    )
     parser.add_argument("--version", action="version", version=f"mem-exporter {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -80,38 +101,59 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(func=cmd_schema)
 
-    phase = sub.add_parser("phase", help="mark the current phase (Idle, Model-Loading, ...) for exporters and runs "
-                           "on this host; without NAME print it")
-    phase.add_argument("name", nargs="?", metavar="NAME",
-                       help="any name, e.g. Idle, Model-Loading, Model-Active, Full-Processing")
+    phase = sub.add_parser(
+        "phase",
+        help="mark the current phase (Idle, Model-Loading, ...) for exporters and runs "
+        "on this host; without NAME print it",
+    )
+    phase.add_argument(
+        "name", nargs="?", metavar="NAME", help="any name, e.g. Idle, Model-Loading, Model-Active, Full-Processing"
+    )
     phase.add_argument("--clear", action="store_true", help="no phase from now on")
-    phase.add_argument("--phase-file", metavar="FILE", help="default: $MEM_EXPORTER_PHASE_FILE, "
-                       "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /tmp/mem-exporter-UID/phase")
+    phase.add_argument(
+        "--phase-file",
+        metavar="FILE",
+        help="default: $MEM_EXPORTER_PHASE_FILE, "
+        "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /tmp/mem-exporter-UID/phase",
+    )
     phase.set_defaults(func=cmd_phase)
 
-    report = sub.add_parser("report",
-                            help="write a Markdown memory report with PNG charts from session logs or Prometheus")
-    report.add_argument("logs", nargs="*", metavar="LOG",
-                        help="session log files or directories (JSONL, CSV, event logs)")
-    report.add_argument("-o", "--output", default="report.md",
-                        help="the Markdown file; charts go next to it (default: report.md)")
-    report.add_argument("--prometheus", metavar="URL",
-                        help="read the run from this Prometheus instead of (or beside) logs")
-    report.add_argument("--since", default="1h", metavar="DURATION",
-                        help="with --prometheus: how far back (default: 1h)")
-    report.add_argument("--until", metavar="DURATION", default="0s",
-                        help="with --prometheus: end this long ago (default: now)")
-    report.add_argument("--step", metavar="DURATION",
-                        help="with --prometheus: resolution (default: the range / 2000, at least 1s)")
-    report.add_argument("--selector", default="", metavar="LABELS",
-                        help="with --prometheus: extra label matchers, e.g. 'instance=\"gpu-box:9713\"'")
-    report.add_argument("--memtype", choices=("rss", "pss"), default="rss",
-                        help="with --prometheus: which group memory")
+    report = sub.add_parser(
+        "report", help="write a Markdown memory report with PNG charts from session logs or Prometheus"
+    )
+    report.add_argument(
+        "logs", nargs="*", metavar="LOG", help="session log files or directories (JSONL, CSV, event logs)"
+    )
+    report.add_argument(
+        "-o", "--output", default="report.md", help="the Markdown file; charts go next to it (default: report.md)"
+    )
+    report.add_argument(
+        "--prometheus", metavar="URL", help="read the run from this Prometheus instead of (or beside) logs"
+    )
+    report.add_argument(
+        "--since", default="1h", metavar="DURATION", help="with --prometheus: how far back (default: 1h)"
+    )
+    report.add_argument(
+        "--until", metavar="DURATION", default="0s", help="with --prometheus: end this long ago (default: now)"
+    )
+    report.add_argument(
+        "--step", metavar="DURATION", help="with --prometheus: resolution (default: the range / 2000, at least 1s)"
+    )
+    report.add_argument(
+        "--selector",
+        default="",
+        metavar="LABELS",
+        help="with --prometheus: extra label matchers, e.g. 'instance=\"gpu-box:9713\"'",
+    )
+    report.add_argument(
+        "--memtype", choices=("rss", "pss"), default="rss", help="with --prometheus: which group memory"
+    )
     report.add_argument("--top", type=int, default=8, metavar="N", help="groups in the tables and charts (default: 8)")
     report.add_argument("--no-charts", action="store_true", help="Markdown only")
     report.add_argument("-c", "--config", help="take the zones (`zones:`) from this config (default: built-in zones)")
-    report.add_argument("--progress", action="store_true", default=None,
-                        help="show progress even when stderr is not a terminal")
+    report.add_argument(
+        "--progress", action="store_true", default=None, help="show progress even when stderr is not a terminal"
+    )
     report.set_defaults(func=cmd_report)
 
     top = sub.add_parser("top", help="live view of RAM, swap, GPUs and the largest groups, coloured by zone (q quits)")
@@ -124,20 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--phase-file", metavar="FILE", help="the phase file to follow (default: as `mem-exporter phase`)")
     top.set_defaults(func=cmd_top)
     run = sub.add_parser(
-        "run", help="run a command; kill its whole process tree if it uses too much memory (docs/run.md)",
+        "run",
+        help="run a command; kill its whole process tree if it uses too much memory (docs/run.md)",
         description="Run CMD in a new process group, watch its whole process tree (sessions of its own included) "
-                    "and kill the tree (SIGTERM, grace, SIGKILL) when its summed RSS passes the threshold. "
-                    "Exit status: CMD's own (128+N for a signal), 137 when killed for memory, 2 for a setup error.")
-    run.add_argument("-t", "--threshold", metavar="SIZE",
-                     help="limit for the whole tree: MB (10^6 bytes) when bare (800), or with a unit (1.5GB, 2GiB); "
-                          "default 800 (env MEM_EXPORTER_THRESHOLD)")
-    run.add_argument("-i", "--interval", metavar="DURATION",
-                     help="sampling interval, faster near the limit; default 2s (env MEM_EXPORTER_INTERVAL)")
-    run.add_argument("-l", "--log", metavar="FILE", help="JSON-lines log (a directory: a new file in it); default "
-                     "$XDG_STATE_HOME/mem-exporter/runs/CMD-DATE-PID.jsonl (env MEM_EXPORTER_LOG)")
-    run.add_argument("-v", "--verbose", action="store_true",
-                     help="live status on stderr: memory, peak, processes, share of the limit "
-                          "(env MEM_EXPORTER_VERBOSE=1)")
+        "and kill the tree (SIGTERM, grace, SIGKILL) when its summed RSS passes the threshold. "
+        "Exit status: CMD's own (128+N for a signal), 137 when killed for memory, 2 for a setup error.",
+    )
+    run.add_argument(
+        "-t",
+        "--threshold",
+        metavar="SIZE",
+        help="limit for the whole tree: MB (10^6 bytes) when bare (800), or with a unit (1.5GB, 2GiB); "
+        "default 800 (env MEM_EXPORTER_THRESHOLD)",
+    )
+    run.add_argument(
+        "-i",
+        "--interval",
+        metavar="DURATION",
+        help="sampling interval, faster near the limit; default 2s (env MEM_EXPORTER_INTERVAL)",
+    )
+    run.add_argument(
+        "-l",
+        "--log",
+        metavar="FILE",
+        help="JSON-lines log (a directory: a new file in it); default "
+        "$XDG_STATE_HOME/mem-exporter/runs/CMD-DATE-PID.jsonl (env MEM_EXPORTER_LOG)",
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="live status on stderr: memory, peak, processes, share of the limit (env MEM_EXPORTER_VERBOSE=1)",
+    )
     run.add_argument("--notify", action="store_true", help="desktop notification when the tree is killed")
     run.add_argument("--grace", metavar="SECONDS", help="between SIGTERM and SIGKILL; default 5s")
     run.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics for the tree while it runs")
@@ -148,13 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {"listen": args.listen, "paths.procfs": args.procfs, "paths.sysfs": args.sysfs,
-            "gpu.backend": args.gpu_backend, "interval": args.interval, "web.config_file": args.web_config_file,
-            "source": args.source}
+    return {
+        "listen": args.listen,
+        "paths.procfs": args.procfs,
+        "paths.sysfs": args.sysfs,
+        "gpu.backend": args.gpu_backend,
+        "interval": args.interval,
+        "web.config_file": args.web_config_file,
+        "source": args.source,
+    }
 
 
 def _run_service(args: argparse.Namespace, enforce: bool) -> int:
     from .service import Service
+
     overrides = _overrides(args)
     try:
         if enforce:
@@ -213,6 +280,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_phase(args: argparse.Namespace) -> int:
     from .phase import read_phase, resolve, write_phase
+
     path = resolve(args.phase_file)
     try:
         if args.clear or args.name is not None:
@@ -238,6 +306,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .report import Run, read_logs, read_prometheus, write_report
     from .units import parse_duration
+
     if not args.logs and not args.prometheus:
         print("mem-exporter: report needs LOG files or directories, or --prometheus URL", file=sys.stderr)
         return 2
@@ -254,8 +323,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.prometheus:
             end = time.time() - parse_duration(args.until)
             step = parse_duration(args.step) if args.step else None
-            read_prometheus(args.prometheus, end - parse_duration(args.since), end, step, args.selector, args.memtype,
-                            run, args.progress)
+            read_prometheus(
+                args.prometheus,
+                end - parse_duration(args.since),
+                end,
+                step,
+                args.selector,
+                args.memtype,
+                run,
+                args.progress,
+            )
     except (OSError, ValueError, urllib.error.URLError) as e:
         print(f"mem-exporter: {e}", file=sys.stderr)
         return 1
@@ -273,8 +350,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     from .top import run_top
-    overrides = {"paths.procfs": args.procfs, "paths.sysfs": args.sysfs, "gpu.backend": args.gpu_backend,
-                 "interval": args.interval, "source": args.source}
+
+    overrides = {
+        "paths.procfs": args.procfs,
+        "paths.sysfs": args.sysfs,
+        "gpu.backend": args.gpu_backend,
+        "interval": args.interval,
+        "source": args.source,
+    }
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:
@@ -286,14 +369,18 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import main as run_main
+
     return run_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

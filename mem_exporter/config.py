@@ -3,6 +3,7 @@
 `load_config(path)` returns a `Config` or raises `ConfigError`, whose `problems`
 are one-line messages naming the file, the key path and what is wrong.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,22 +65,29 @@ def _listen(value: str) -> str:
     return value
 
 
-_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0},
-                          {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"}],
-                "description": "bytes, or a number with a unit: 800MB, 1.5GiB"}
-_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0},
-                              {"type": "string", "pattern": r"^\s*[0-9.]+\s*(ms|s|m|min|h)?\s*$"}],
-                    "description": "seconds, or a number with a unit: 500ms, 2s, 1m"}
-_RATIO_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1},
-                           {"type": "string", "pattern": r"^\s*[0-9.]+\s*%\s*$"}],
-                 "description": "a ratio 0..1 or a percentage: 0.1, 10%"}
+_SIZE_SCHEMA = {
+    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"}],
+    "description": "bytes, or a number with a unit: 800MB, 1.5GiB",
+}
+_DURATION_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*(ms|s|m|min|h)?\s*$"}],
+    "description": "seconds, or a number with a unit: 500ms, 2s, 1m",
+}
+_RATIO_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*%\s*$"}],
+    "description": "a ratio 0..1 or a percentage: 0.1, 10%",
+}
 
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Ratio = Annotated[float, BeforeValidator(parse_ratio), WithJsonSchema(_RATIO_SCHEMA)]
-SizeOrRatio = Annotated[float, BeforeValidator(_size_or_ratio),
-                        WithJsonSchema({"anyOf": [_SIZE_SCHEMA, _RATIO_SCHEMA],
-                                        "description": "a size (800MB) or a share of total memory (10%)"})]
+SizeOrRatio = Annotated[
+    float,
+    BeforeValidator(_size_or_ratio),
+    WithJsonSchema(
+        {"anyOf": [_SIZE_SCHEMA, _RATIO_SCHEMA], "description": "a size (800MB) or a share of total memory (10%)"}
+    ),
+]
 Regex = Annotated[str, AfterValidator(_regex)]
 SignalName = Annotated[str, AfterValidator(_signal_name)]
 Listen = Annotated[str, AfterValidator(_listen)]
@@ -99,8 +107,9 @@ class Matcher(_Strict):
     _compiled: dict = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, __context: Any) -> None:
-        self._compiled.update({k: re.compile(v) for k in ("comm", "exe", "cmdline", "user")
-                               if (v := getattr(self, k)) is not None})
+        self._compiled.update(
+            {k: re.compile(v) for k in ("comm", "exe", "cmdline", "user") if (v := getattr(self, k)) is not None}
+        )
 
     @property
     def is_empty(self) -> bool:
@@ -135,15 +144,19 @@ class NamedGroup(_Strict):
 
 class Groups(_Strict):
     by: Literal["pgid", "cgroup", "container"] = Field(
-        "pgid", description="what makes a group: process group id, cgroup path, or container (container, pod or "
-                            "systemd service; other processes keep their PGID group)")
+        "pgid",
+        description="what makes a group: process group id, cgroup path, or container (container, pod or "
+        "systemd service; other processes keep their PGID group)",
+    )
     named: list[NamedGroup] = Field(default_factory=list, description="named groups by regex; first match wins")
-    max_groups: int = Field(50, ge=1, le=10000,
-                            description="most group series exported; the rest sum into group=\"other\"")
-    min_memory: Size = Field(parse_size("10MB"), description="smaller groups are summed into group=\"other\"")
+    max_groups: int = Field(
+        50, ge=1, le=10000, description='most group series exported; the rest sum into group="other"'
+    )
+    min_memory: Size = Field(parse_size("10MB"), description='smaller groups are summed into group="other"')
     top_processes: int = Field(5, ge=1, le=1000, description="largest members kept per group for logs and events")
-    cmdline_label: bool = Field(False,
-                                description="add a `cmdline` label to group_info (command lines may hold secrets)")
+    cmdline_label: bool = Field(
+        False, description="add a `cmdline` label to group_info (command lines may hold secrets)"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -155,17 +168,24 @@ class Groups(_Strict):
 
 
 class Gpu(_Strict):
-    backend: str = Field("auto", pattern=r"^(auto|nvml|drm|none|fake:.+)$",
-                         description="auto (NVML for NVIDIA cards, DRM for amdgpu/i915/xe) | nvml | drm | none "
-                                     "| fake:FILE (a YAML scenario)")
+    backend: str = Field(
+        "auto",
+        pattern=r"^(auto|nvml|drm|none|fake:.+)$",
+        description="auto (NVML for NVIDIA cards, DRM for amdgpu/i915/xe) | nvml | drm | none "
+        "| fake:FILE (a YAML scenario)",
+    )
     retry_max: Duration = Field(60.0, gt=0, description="longest wait between retries after a GPU error")
 
 
 class RuleMatch(Matcher):
     group: Regex | None = Field(None, description="regex on the group label")
     all_members: bool = Field(False, description="require every member (not any member) to match comm/exe/cmdline/user")
-    every_group: bool = Field(False, alias="all", description="`all: true`: the rule watches every group (alone; "
-                                                              "written on purpose, never implied by an empty match)")
+    every_group: bool = Field(
+        False,
+        alias="all",
+        description="`all: true`: the rule watches every group (alone; "
+        "written on purpose, never implied by an empty match)",
+    )
 
     @model_validator(mode="after")
     def _all_alone(self):
@@ -186,8 +206,11 @@ class PressureCondition(_Strict):
     avg10: Ratio | None = Field(None, description="fire when the 10 s average stall share exceeds this")
     stall: Duration | None = Field(None, description="fire when tasks stalled this long within `window`")
     window: Duration = Field(1.0, ge=0.5, le=10.0, description="the window for `stall` (the kernel allows 500ms..10s)")
-    cgroup: str | None = Field(None, description="watch this cgroup v2's memory.pressure (a path under paths.cgroupfs, "
-                                                 "or absolute) instead of the host's")
+    cgroup: str | None = Field(
+        None,
+        description="watch this cgroup v2's memory.pressure (a path under paths.cgroupfs, "
+        "or absolute) instead of the host's",
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self):
@@ -207,29 +230,45 @@ class PressureCondition(_Strict):
 
 class Rule(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
-    match: RuleMatch = Field(default_factory=RuleMatch, description="which groups the rule watches (required in a "
-                                                                    "config file; `{all: true}` for every group)")
+    match: RuleMatch = Field(
+        default_factory=RuleMatch,
+        description="which groups the rule watches (required in a config file; `{all: true}` for every group)",
+    )
     max_rss: Size | None = Field(None, description="kill a group whose summed RSS exceeds this")
     max_pss: Size | None = Field(None, description="kill a group whose summed PSS exceeds this (needs memory: pss)")
     max_gpu_memory: Size | None = Field(None, description="kill a group whose summed GPU memory exceeds this")
     gpu_memory_above: Ratio | None = Field(
-        None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user")
+        None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user"
+    )
     system_available_below: SizeOrRatio | None = Field(
-        None, description="when system available memory is below this, kill the largest selected group")
+        None, description="when system available memory is below this, kill the largest selected group"
+    )
     memory_pressure_above: Annotated[PressureCondition | None, BeforeValidator(_pressure_shorthand)] = Field(
-        None, description="when memory pressure (PSI) crosses this, kill the largest selected group")
+        None, description="when memory pressure (PSI) crosses this, kill the largest selected group"
+    )
     for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
     grace: Duration = Field(5.0, description="wait between the first and the last signal")
-    signals: list[SignalName] = Field(["SIGTERM", "SIGKILL"], min_length=1,
-                                      description="signals in order; the last is sent after the grace period")
-    cooldown: Duration = Field(30.0, description="no second kill by this rule within this time (per group for "
-                                                 "max_rss, max_pss, max_gpu_memory; per card for gpu_memory_above)")
+    signals: list[SignalName] = Field(
+        ["SIGTERM", "SIGKILL"], min_length=1, description="signals in order; the last is sent after the grace period"
+    )
+    cooldown: Duration = Field(
+        30.0,
+        description="no second kill by this rule within this time (per group for "
+        "max_rss, max_pss, max_gpu_memory; per card for gpu_memory_above)",
+    )
     hard_ceiling: Ratio = Field(
-        0.10, description="during the grace period, a group this far over its limit is killed at once")
+        0.10, description="during the grace period, a group this far over its limit is killed at once"
+    )
     other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
 
-    CONDITIONS: ClassVar[tuple[str, ...]] = ("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above",
-                                             "system_available_below", "memory_pressure_above")
+    CONDITIONS: ClassVar[tuple[str, ...]] = (
+        "max_rss",
+        "max_pss",
+        "max_gpu_memory",
+        "gpu_memory_above",
+        "system_available_below",
+        "memory_pressure_above",
+    )
 
     @property
     def condition(self) -> str:
@@ -246,8 +285,10 @@ class Rule(_Strict):
     def _one_condition(self):
         given = [c for c in self.CONDITIONS if getattr(self, c) is not None]
         if len(given) != 1:
-            raise ValueError(f"a rule needs exactly one condition of {', '.join(self.CONDITIONS)}; "
-                             f"got {', '.join(given) if given else 'none'}")
+            raise ValueError(
+                f"a rule needs exactly one condition of {', '.join(self.CONDITIONS)}; "
+                f"got {', '.join(given) if given else 'none'}"
+            )
         return self
 
 
@@ -262,17 +303,26 @@ class EnforcerConfig(_Strict):
     dry_run: bool = Field(False, description="log what would be killed, kill nothing")
     event_log: str | None = Field(None, description="append one JSON line per action to this file")
     event_log_max_size: Size = Field(16 * 2**20, gt=0, description="the event log rotates at this size")
-    event_log_keep: int = Field(3, ge=0, le=100, description="rotated event logs kept (NAME.1 ... NAME.N); the oldest "
-                                                             "is deleted")
-    protect: list[Matcher] = Field(default_factory=list,
-                                   description="never signal processes matching these (added to the built-in list)")
+    event_log_keep: int = Field(
+        3, ge=0, le=100, description="rotated event logs kept (NAME.1 ... NAME.N); the oldest is deleted"
+    )
+    protect: list[Matcher] = Field(
+        default_factory=list, description="never signal processes matching these (added to the built-in list)"
+    )
     rules: list[Rule] = Field(default_factory=list)
     notify: Notify = Field(default_factory=Notify)
-    mlock: bool = Field(True, description="lock the enforcer's memory (mlockall) so its kill path never waits on "
-                                          "swap; needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK")
-    oom_score_adj: int = Field(-900, ge=-1000, le=1000,
-                               description="the enforcer's own oom_score_adj, so the kernel "
-                                           "OOM killer spares it; lowering needs CAP_SYS_RESOURCE")
+    mlock: bool = Field(
+        True,
+        description="lock the enforcer's memory (mlockall) so its kill path never waits on "
+        "swap; needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK",
+    )
+    oom_score_adj: int = Field(
+        -900,
+        ge=-1000,
+        le=1000,
+        description="the enforcer's own oom_score_adj, so the kernel "
+        "OOM killer spares it; lowering needs CAP_SYS_RESOURCE",
+    )
 
     @model_validator(mode="after")
     def _unique_rules(self):
@@ -296,6 +346,7 @@ class Zone(_Strict):
 
 class Zones(_Strict):
     """Safe / caution / critical per resource; used by the report, `top`, `run -v` (docs/deploy.md#zones)."""
+
     system_memory: Zone = Field(Zone(caution=0.85, critical=0.90), description="share of system RAM in use")
     gpu_memory: Zone = Field(Zone(caution=0.67, critical=0.83), description="share of a card's memory in use")
     limit: Zone = Field(Zone(caution=0.67, critical=0.83), description="share of a group's enforcer limit")
@@ -308,9 +359,10 @@ class Paths(_Strict):
 
 
 class Web(_Strict):
-    config_file: str | None = Field(None,
-                                    description="exporter-toolkit web config (TLS, basic auth) for every endpoint; "
-                                                "--web.config.file overrides it")
+    config_file: str | None = Field(
+        None,
+        description="exporter-toolkit web config (TLS, basic auth) for every endpoint; --web.config.file overrides it",
+    )
     max_connections: int = Field(100, ge=1, le=10000, description="open HTTP connections at most; beyond, answered 503")
     timeout: Duration = Field(10.0, gt=0, description="a client idle this long in the middle of a request is dropped")
 
@@ -318,10 +370,13 @@ class Web(_Strict):
 class Config(_Strict):
     interval: Duration = Field(2.0, gt=0, le=3600, description="normal sampling interval")
     source: Literal["auto", "procfs", "psutil"] = Field(
-        "auto", description="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced), "
-                            "auto: procfs where paths.procfs exists, psutil elsewhere")
+        "auto",
+        description="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced), "
+        "auto: procfs where paths.procfs exists, psutil elsewhere",
+    )
     memory: Literal["rss", "pss"] = Field(
-        "rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)")
+        "rss", description="which memory counts for ranking and limits; pss reads smaps_rollup (costly)"
+    )
     listen: Listen = Field(DEFAULT_LISTEN, description="HOST:PORT the HTTP server binds")
     groups: Groups = Field(default_factory=Groups)
     gpu: Gpu = Field(default_factory=Gpu)
@@ -341,10 +396,13 @@ class Config(_Strict):
     def _rules_say_what_they_watch(self):
         """Every group is a choice one writes, never what a forgotten or empty `match` means."""
         for i, rule in enumerate(self.enforcer.rules):
-            if "match" not in rule.model_fields_set or (rule.match.is_empty and rule.match.group is None
-                                                         and not rule.match.every_group):
-                raise ValueError(f"enforcer.rules[{i}].match: say which groups rule {rule.name!r} watches, e.g. "
-                                 "match: {cmdline: 'bun test'}, or match: {all: true} for every group")
+            if "match" not in rule.model_fields_set or (
+                rule.match.is_empty and rule.match.group is None and not rule.match.every_group
+            ):
+                raise ValueError(
+                    f"enforcer.rules[{i}].match: say which groups rule {rule.name!r} watches, e.g. "
+                    "match: {cmdline: 'bun test'}, or match: {all: true} for every group"
+                )
         return self
 
 
@@ -375,7 +433,7 @@ def _problem_text(err: ErrorDetails) -> str:
     msg = err.get("msg", "invalid")
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     return msg

@@ -9,6 +9,7 @@ Paths are parsed segment by segment, so layouts seen from inside a cgroup namesp
 (`/../../kubepods-...slice/...`) and nested runtimes (kind: a node in a Docker
 container) work too; the innermost container and pod win.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,14 +18,21 @@ from functools import lru_cache
 
 SHORT_ID = 12  # `docker ps` length; unique enough on one host
 
-_RUNTIME_PREFIX = {"docker": "docker", "cri-containerd": "containerd", "crio": "cri-o", "libpod": "podman",
-                   "nerdctl": "containerd"}
+_RUNTIME_PREFIX = {
+    "docker": "docker",
+    "cri-containerd": "containerd",
+    "crio": "cri-o",
+    "libpod": "podman",
+    "nerdctl": "containerd",
+}
 # docker-<id>.scope (systemd driver), libpod-<id> (podman on v1); crio-conmon-<id> is the monitor, not the container
 _SCOPED_ID = re.compile(r"^(docker|cri-containerd|crio|libpod|nerdctl)-([0-9a-f]{64})(?:\.scope)?$")
 _BARE_ID = re.compile(r"^[0-9a-f]{64}$")
 # pod<uid> (cgroupfs driver) or kubepods-<qos>-pod<uid with _ for ->.slice (systemd driver); static pods have 32 hex
-_POD = re.compile(r"^(?:kubepods(?:-[a-z]+)*-)?pod([0-9a-f]{8}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{4}"
-                  r"[-_]?[0-9a-f]{12})(?:\.slice)?$")
+_POD = re.compile(
+    r"^(?:kubepods(?:-[a-z]+)*-)?pod([0-9a-f]{8}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{4}"
+    r"[-_]?[0-9a-f]{12})(?:\.slice)?$"
+)
 _USER_MANAGER = re.compile(r"^user@(\d+)\.service$")
 # units that hold unrelated work (a login session, PID 1): their processes keep their PGID groups
 _NOT_A_GROUP = re.compile(r"^(init\.scope|session-.+\.scope|user@\d+\.service|user-runtime-dir@\d+\.service)$")
@@ -84,8 +92,9 @@ def _unit(segments: list[str]) -> CgroupOwner | None:
             continue
         if _NOT_A_GROUP.match(seg):
             return None
-        manager = next((m.group(0)[:-len(".service")] for s in reversed(segments[:i])
-                        if (m := _USER_MANAGER.match(s))), None)
+        manager = next(
+            (m.group(0)[: -len(".service")] for s in reversed(segments[:i]) if (m := _USER_MANAGER.match(s))), None
+        )
         return CgroupOwner(unit=f"{manager}/{seg}" if manager else seg)
     return None
 

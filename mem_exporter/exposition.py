@@ -2,6 +2,7 @@
 
 A scrape renders what the sampler last produced; it never reads /proc.
 """
+
 from __future__ import annotations
 
 import html
@@ -54,14 +55,20 @@ class SampleCollector:
         m = s.system
         for name, doc, value in (
             ("system_memory_total_bytes", "Total usable RAM.", m.total_bytes),
-            ("system_memory_available_bytes", "RAM available for new work without swapping (MemAvailable).",
-             m.available_bytes),
+            (
+                "system_memory_available_bytes",
+                "RAM available for new work without swapping (MemAvailable).",
+                m.available_bytes,
+            ),
             ("system_memory_used_bytes", "RAM in use: total minus available.", m.used_bytes),
             ("system_memory_free_bytes", "RAM not used at all (MemFree).", m.free_bytes),
             ("system_swap_total_bytes", "Total swap space.", m.swap_total_bytes),
             ("system_swap_used_bytes", "Swap space in use.", m.swap_used_bytes),
-            ("processes", "Processes counted in the last sample (kernel threads and zombies excluded).",
-             s.process_count),
+            (
+                "processes",
+                "Processes counted in the last sample (kernel threads and zombies excluded).",
+                s.process_count,
+            ),
         ):
             g = _gauge(name, doc)
             g.add_metric([], value)
@@ -71,11 +78,17 @@ class SampleCollector:
             g.add_metric([], s.cpu_usage_ratio)
             yield g
         if s.pressure is not None:
-            ratio = _gauge("system_memory_pressure_ratio", "Share of wall time tasks stalled on memory (PSI), "
-                           "some: at least one task, full: all non-idle tasks at once; by averaging window.",
-                           ["kind", "window"])
-            stall = CounterMetricFamily(P + "system_memory_pressure_stall_seconds",
-                                        "Time tasks stalled on memory since boot (PSI total).", labels=["kind"])
+            ratio = _gauge(
+                "system_memory_pressure_ratio",
+                "Share of wall time tasks stalled on memory (PSI), "
+                "some: at least one task, full: all non-idle tasks at once; by averaging window.",
+                ["kind", "window"],
+            )
+            stall = CounterMetricFamily(
+                P + "system_memory_pressure_stall_seconds",
+                "Time tasks stalled on memory since boot (PSI total).",
+                labels=["kind"],
+            )
             for kind in ("some", "full"):
                 line = s.pressure.line(kind)
                 if line is not None:
@@ -83,8 +96,11 @@ class SampleCollector:
                         ratio.add_metric([kind, window], getattr(line, window))
                     stall.add_metric([kind], line.total_seconds)
             yield from (ratio, stall)
-        g = _gauge("skipped_processes",
-                   "Processes left out of the last sample (or, for permission, read in part), by reason.", ["reason"])
+        g = _gauge(
+            "skipped_processes",
+            "Processes left out of the last sample (or, for permission, read in part), by reason.",
+            ["reason"],
+        )
         for reason in ("vanished", "zombie", "kernel_thread", "permission"):
             g.add_metric([reason], s.skipped.get(reason, 0))
         yield g
@@ -96,17 +112,28 @@ class SampleCollector:
     def _groups(self, s: Sample) -> Iterable[Metric]:
         cfg = self.get_groups_config()
         groups = s.exported  # capped once per sample, by the sampler
-        mem = _gauge("group_memory_bytes", "Memory summed over a group's processes, by memory type.",
-                     ["group", "memtype"])
+        mem = _gauge(
+            "group_memory_bytes", "Memory summed over a group's processes, by memory type.", ["group", "memtype"]
+        )
         count = _gauge("group_processes", "Processes in a group.", ["group"])
         by_container = cfg.by == "container"  # only then: the other layouts keep their label sets
-        info_labels = (["group", "kind", "pgid", "leader"] + (["container", "pod"] if by_container else [])
-                       + (["cmdline"] if cfg.cmdline_label else []))
-        info = _gauge("group_info", "A group's identity: kind (pgid, named, cgroup, container, unit, other), PGID, "
-                      "leader command, and with groups.by=container the short container ID and pod UID.", info_labels)
+        info_labels = (
+            ["group", "kind", "pgid", "leader"]
+            + (["container", "pod"] if by_container else [])
+            + (["cmdline"] if cfg.cmdline_label else [])
+        )
+        info = _gauge(
+            "group_info",
+            "A group's identity: kind (pgid, named, cgroup, container, unit, other), PGID, "
+            "leader command, and with groups.by=container the short container ID and pod UID.",
+            info_labels,
+        )
         vram = _gauge("group_gpu_memory_bytes", "GPU memory used by a group's processes, per card.", ["group", "gpu"])
-        gtt = _gauge("group_gpu_gtt_memory_bytes", "System memory mapped by a DRM card (GTT) for a group's processes, "
-                     "per card.", ["group", "gpu"])
+        gtt = _gauge(
+            "group_gpu_gtt_memory_bytes",
+            "System memory mapped by a DRM card (GTT) for a group's processes, per card.",
+            ["group", "gpu"],
+        )
         for g in groups:
             mem.add_metric([g.label, "rss"], g.rss_bytes)
             if g.pss_bytes is not None:
@@ -132,39 +159,56 @@ class SampleCollector:
     def _gpus(self, s: Sample) -> Iterable[Metric]:
         if not s.gpus:
             return
-        info = _gauge("gpu_info", "A GPU's identity; always 1.",
-                      ["gpu", "uuid", "name", "driver_version", "vendor", "pci_bus_id"])
+        info = _gauge(
+            "gpu_info", "A GPU's identity; always 1.", ["gpu", "uuid", "name", "driver_version", "vendor", "pci_bus_id"]
+        )
         fields = (
             ("gpu_memory_total_bytes", "Total GPU memory.", "memory_total_bytes"),
             ("gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
             ("gpu_memory_free_bytes", "GPU memory free.", "memory_free_bytes"),
             ("gpu_memory_reserved_bytes", "GPU memory reserved by the driver.", "memory_reserved_bytes"),
-            ("gpu_utilization_ratio", "Share of time a kernel ran on the GPU over the last sample period (0..1).",
-             "utilization_ratio"),
-            ("gpu_memory_utilization_ratio", "Share of time GPU memory was read or written (0..1).",
-             "memory_utilization_ratio"),
+            (
+                "gpu_utilization_ratio",
+                "Share of time a kernel ran on the GPU over the last sample period (0..1).",
+                "utilization_ratio",
+            ),
+            (
+                "gpu_memory_utilization_ratio",
+                "Share of time GPU memory was read or written (0..1).",
+                "memory_utilization_ratio",
+            ),
             ("gpu_temperature_celsius", "GPU core temperature.", "temperature_celsius"),
             ("gpu_power_watts", "GPU power draw.", "power_watts"),
             ("gpu_power_limit_watts", "Enforced GPU power limit.", "power_limit_watts"),
             ("gpu_gtt_memory_total_bytes", "System memory a DRM card may map (GTT).", "gtt_memory_total_bytes"),
             ("gpu_gtt_memory_used_bytes", "System memory a DRM card maps now (GTT).", "gtt_memory_used_bytes"),
-            ("gpu_unreadable_processes", "Processes whose GPU use could not be read (other users' descriptors "
-             "without privilege): unknown, not zero.", "unreadable_processes"),
+            (
+                "gpu_unreadable_processes",
+                "Processes whose GPU use could not be read (other users' descriptors "
+                "without privilege): unknown, not zero.",
+                "unreadable_processes",
+            ),
             ("gpu_performance_state", "Performance state: 0 is the highest, 15 the lowest.", "performance_state"),
             ("gpu_last_xid", "The last XID error code seen on the card (0: none since start).", "last_xid"),
         )
         families = {attr: _gauge(name, doc, ["gpu"]) for name, doc, attr in fields}
-        energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU since the driver loaded.",
-                                     labels=["gpu"])
+        energy = CounterMetricFamily(
+            P + "gpu_energy_joules", "Energy used by the GPU since the driver loaded.", labels=["gpu"]
+        )
         clock = _gauge("gpu_clock_hertz", "Current GPU clock.", ["gpu", "clock"])
         clock_max = _gauge("gpu_clock_max_hertz", "Highest GPU clock the card supports.", ["gpu", "clock"])
         procs = _gauge("gpu_processes", "Processes using a GPU.", ["gpu"])
-        throttle = _gauge("gpu_throttle_active", "Whether a clock-event (throttle) reason holds the clocks down "
-                          "now (1) or not (0).", ["gpu", "reason"])
-        xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver since start.",
-                                  labels=["gpu"])
-        ecc = CounterMetricFamily(P + "gpu_ecc_errors", "ECC errors since the driver loaded (volatile counters).",
-                                  labels=["gpu", "type"])
+        throttle = _gauge(
+            "gpu_throttle_active",
+            "Whether a clock-event (throttle) reason holds the clocks down now (1) or not (0).",
+            ["gpu", "reason"],
+        )
+        xid = CounterMetricFamily(
+            P + "gpu_xid_errors", "XID errors reported by the driver since start.", labels=["gpu"]
+        )
+        ecc = CounterMetricFamily(
+            P + "gpu_ecc_errors", "ECC errors since the driver loaded (volatile counters).", labels=["gpu", "type"]
+        )
         mig_used = _gauge("gpu_mig_memory_used_bytes", "Memory used in a MIG GPU instance.", ["gpu", "mig"])
         mig_total = _gauge("gpu_mig_memory_total_bytes", "Memory of a MIG GPU instance.", ["gpu", "mig"])
         for card in s.gpus:
@@ -188,8 +232,10 @@ class SampleCollector:
                     fam.add_metric([idx], value)
             if card.energy_joules is not None:
                 energy.add_metric([idx], card.energy_joules)
-            for name, cur, top in (("sm", card.clock_sm_hertz, card.clock_sm_max_hertz),
-                                   ("memory", card.clock_memory_hertz, card.clock_memory_max_hertz)):
+            for name, cur, top in (
+                ("sm", card.clock_sm_hertz, card.clock_sm_max_hertz),
+                ("memory", card.clock_memory_hertz, card.clock_memory_max_hertz),
+            ):
                 if cur is not None:
                     clock.add_metric([idx, name], cur)
                 if top is not None:
@@ -278,8 +324,10 @@ LANDING = """<!doctype html><html><head><title>mem-exporter</title></head><body>
 
 
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers together; a scraper sends a few hundred bytes
-_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\n"
-              b"Connection: close\r\n\r\nrequest head too large\n")
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\n"
+    b"Connection: close\r\n\r\nrequest head too large\n"
+)
 
 
 class _HeadTooLarge(Exception):
@@ -335,8 +383,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if not self.web.authorized(self.headers.get("Authorization")):
-            self._send(401, "text/plain; charset=utf-8", b"Unauthorized\n",
-                       {"WWW-Authenticate": 'Basic realm="mem-exporter"'})
+            self._send(
+                401, "text/plain; charset=utf-8", b"Unauthorized\n", {"WWW-Authenticate": 'Basic realm="mem-exporter"'}
+            )
             return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -365,10 +414,14 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
 
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 17\r\n"
-         b"Connection: close\r\nRetry-After: 1\r\n\r\ntoo many clients\n")
-_NOT_TLS = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-            b"Client sent an HTTP request to an HTTPS server.\n")
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 17\r\n"
+    b"Connection: close\r\nRetry-After: 1\r\n\r\ntoo many clients\n"
+)
+_NOT_TLS = (
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"Client sent an HTTP request to an HTTPS server.\n"
+)
 
 
 class MetricsServer(ThreadingHTTPServer):
@@ -381,8 +434,15 @@ class MetricsServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # listen backlog: 50 scrapers connecting at once must not wait for SYN retries
 
-    def __init__(self, listen: str, exposition: Exposition, health: Callable[[], tuple[bool, str]],
-                 web: WebConfig | None = None, max_connections: int = 100, client_timeout: float = 10.0):
+    def __init__(
+        self,
+        listen: str,
+        exposition: Exposition,
+        health: Callable[[], tuple[bool, str]],
+        web: WebConfig | None = None,
+        max_connections: int = 100,
+        client_timeout: float = 10.0,
+    ):
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         if ":" in host:
@@ -460,15 +520,19 @@ class MetricsServer(ThreadingHTTPServer):
         now = time.monotonic()
         if now - self._last_refusal_log > 60:
             self._last_refusal_log = now
-            log.warning("HTTP: %d open connections, the most allowed (web.max_connections); refusing more "
-                        "(%d refused so far)", self.max_connections, self.refused)
+            log.warning(
+                "HTTP: %d open connections, the most allowed (web.max_connections); refusing more (%d refused so far)",
+                self.max_connections,
+                self.refused,
+            )
 
     def handle_error(self, request, client_address) -> None:  # a client gone mid-response is no error of ours
         log.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
 
 
-def sample_health(get_sample: Callable[[], Sample | None],
-                  interval: Callable[[], float]) -> Callable[[], tuple[bool, str]]:
+def sample_health(
+    get_sample: Callable[[], Sample | None], interval: Callable[[], float]
+) -> Callable[[], tuple[bool, str]]:
     def health() -> tuple[bool, str]:
         s = get_sample()
         if s is None:
@@ -477,4 +541,5 @@ def sample_health(get_sample: Callable[[], Sample | None],
         fresh = age <= max(3 * interval(), 10.0)
         state = "ok" if fresh else "stale"
         return fresh, f"{state}: last sample {age:.1f}s ago, {s.process_count} processes, {len(s.groups)} groups"
+
     return health

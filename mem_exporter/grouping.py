@@ -1,4 +1,5 @@
 """From processes to groups: named groups first (first match wins), then PGID, cgroup or container."""
+
 from __future__ import annotations
 
 try:
@@ -46,10 +47,17 @@ def _sum_optional(values: Iterable[int | None]) -> int | None:
     return total if seen else None
 
 
-def make_group(key: str, kind: str, members: list[ProcessInfo], memtype: str = "rss",
-               gpu_memory: dict[int, int] | None = None, gtt_memory: dict[int, int] | None = None) -> GroupSample:
-    members.sort(key=lambda p: (p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes),
-                 reverse=True)
+def make_group(
+    key: str,
+    kind: str,
+    members: list[ProcessInfo],
+    memtype: str = "rss",
+    gpu_memory: dict[int, int] | None = None,
+    gtt_memory: dict[int, int] | None = None,
+) -> GroupSample:
+    members.sort(
+        key=lambda p: p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes, reverse=True
+    )
     pgid = None
     if kind == "pgid":
         pgid = int(key[5:])
@@ -59,15 +67,24 @@ def make_group(key: str, kind: str, members: list[ProcessInfo], memtype: str = "
         label = key.partition(":")[2]
     else:
         label = key[7:] or "/"
-    return GroupSample(key=key, label=label, kind=kind, rss_bytes=sum(p.rss_bytes for p in members),
-                       processes=len(members), members=tuple(members),
-                       pss_bytes=_sum_optional(p.pss_bytes for p in members),
-                       swap_bytes=_sum_optional(p.swap_bytes for p in members),
-                       pgid=pgid, gpu_memory_bytes=gpu_memory or {}, gpu_gtt_memory_bytes=gtt_memory or {})
+    return GroupSample(
+        key=key,
+        label=label,
+        kind=kind,
+        rss_bytes=sum(p.rss_bytes for p in members),
+        processes=len(members),
+        members=tuple(members),
+        pss_bytes=_sum_optional(p.pss_bytes for p in members),
+        swap_bytes=_sum_optional(p.swap_bytes for p in members),
+        pgid=pgid,
+        gpu_memory_bytes=gpu_memory or {},
+        gpu_gtt_memory_bytes=gtt_memory or {},
+    )
 
 
-def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "rss",
-                    gpus: Sequence[GpuCard] = ()) -> tuple[GroupSample, ...]:
+def group_processes(
+    procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "rss", gpus: Sequence[GpuCard] = ()
+) -> tuple[GroupSample, ...]:
     """Every group, largest first by `memtype`."""
     buckets: dict[str, tuple[str, list[ProcessInfo]]] = {}
     key_of_pid: dict[int, str] = {}
@@ -89,14 +106,17 @@ def group_processes(procs: Sequence[ProcessInfo], cfg: Groups, memtype: str = "r
             if owner is not None and gp.gtt_memory_bytes is not None:
                 per_card = gtt_by_key.setdefault(owner, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gtt_memory_bytes
-    groups = [make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
-              for key, (kind, members) in buckets.items()]
+    groups = [
+        make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
+        for key, (kind, members) in buckets.items()
+    ]
     groups.sort(key=lambda g: g.memory_bytes(memtype), reverse=True)
     return tuple(groups)
 
 
-def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
-               memtype: str = "rss") -> list[GroupSample]:
+def cap_groups(
+    groups: Sequence[GroupSample], max_groups: int, min_memory: int, memtype: str = "rss"
+) -> list[GroupSample]:
     """The groups that get their own series; the rest summed into one `other` group.
 
     Named groups are always kept (the config asked for them by name). Groups using
@@ -107,8 +127,11 @@ def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
     by_gpu = sorted((g for g in groups if g.gpu_memory_bytes), key=lambda g: g.gpu_memory_total_bytes, reverse=True)
     gpu_ranked = {g.key for g in by_gpu[:max_groups]}
     for g in groups:  # already largest first
-        if (g.kind == "named" or g.key in gpu_ranked
-                or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory)):
+        if (
+            g.kind == "named"
+            or g.key in gpu_ranked
+            or (len(keep) < max_groups and g.memory_bytes(memtype) >= min_memory)
+        ):
             keep.append(g)
         else:
             rest.append(g)
@@ -120,11 +143,20 @@ def cap_groups(groups: Sequence[GroupSample], max_groups: int, min_memory: int,
                 gpu[idx] = gpu.get(idx, 0) + b
             for idx, b in g.gpu_gtt_memory_bytes.items():
                 gtt[idx] = gtt.get(idx, 0) + b
-        keep.append(GroupSample(key=OTHER, label=OTHER, kind=OTHER, rss_bytes=sum(g.rss_bytes for g in rest),
-                                processes=sum(g.processes for g in rest), members=(),
-                                pss_bytes=_sum_optional(g.pss_bytes for g in rest),
-                                swap_bytes=_sum_optional(g.swap_bytes for g in rest), gpu_memory_bytes=gpu,
-                                gpu_gtt_memory_bytes=gtt))
+        keep.append(
+            GroupSample(
+                key=OTHER,
+                label=OTHER,
+                kind=OTHER,
+                rss_bytes=sum(g.rss_bytes for g in rest),
+                processes=sum(g.processes for g in rest),
+                members=(),
+                pss_bytes=_sum_optional(g.pss_bytes for g in rest),
+                swap_bytes=_sum_optional(g.swap_bytes for g in rest),
+                gpu_memory_bytes=gpu,
+                gpu_gtt_memory_bytes=gtt,
+            )
+        )
     return keep
 
 

@@ -10,6 +10,7 @@ symlink or a FIFO someone planted is never followed, never waited on) and accept
 only a small regular file owned by its uid or root. Anything else is ignored, with
 one warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,10 @@ def default_path() -> Path:
         return ROOT_DIR / "phase"
     if sys.platform in ("darwin", "win32"):
         import platformdirs
+
         return platformdirs.user_runtime_path("mem-exporter", appauthor=False) / "phase"
     from .runlog import state_dir
+
     return state_dir() / "phase"
 
 
@@ -66,6 +69,7 @@ def check_name(name: str) -> str:
 def _private_dir(directory: Path) -> None:
     """Create the directory (0700, parents too); refuse one that someone else owns or others may write."""
     from .records import make_private_dirs
+
     make_private_dirs(directory)
     st = directory.stat()
     uid = _uid()

@@ -16,6 +16,7 @@ user on some kernels), the watch falls back to reading the file every `period` a
 total's growth over the window (or avg10) with the threshold. `poll()` is used, never `select()`:
 a descriptor above 1024 must not break the enforcer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,12 @@ FALLBACK_PERIOD = 0.1  # seconds between reads when the kernel refuses a trigger
 
 def _line(fields: list[bytes]) -> PressureLine:
     values = dict(f.split(b"=", 1) for f in fields)
-    return PressureLine(avg10=float(values[b"avg10"]) / 100, avg60=float(values[b"avg60"]) / 100,
-                        avg300=float(values[b"avg300"]) / 100, total_seconds=int(values[b"total"]) / 1e6)
+    return PressureLine(
+        avg10=float(values[b"avg10"]) / 100,
+        avg60=float(values[b"avg60"]) / 100,
+        avg300=float(values[b"avg300"]) / 100,
+        total_seconds=int(values[b"total"]) / 1e6,
+    )
 
 
 def parse_pressure(data: bytes) -> MemoryPressure:
@@ -231,8 +236,13 @@ class PressureWatches:
     Pass only the pressure rules to `decide` with a refreshed sample: its groups are as old as the last walk.
     """
 
-    def __init__(self, watches: list[PressureWatch], procfs: str = "/proc", cgroupfs: str = "/sys/fs/cgroup",
-                 cgroups: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        watches: list[PressureWatch],
+        procfs: str = "/proc",
+        cgroupfs: str = "/sys/fs/cgroup",
+        cgroups: tuple[str, ...] = (),
+    ):
         self.watches = watches
         self.procfs, self.cgroupfs, self.cgroups = procfs, cgroupfs, cgroups
         self._poll: select.poll | None = None
@@ -252,8 +262,9 @@ class PressureWatches:
                 continue
             if c.cgroup is not None and c.cgroup not in cgroups:
                 cgroups.append(c.cgroup)
-            path = (host_pressure_path(paths.procfs) if c.cgroup is None
-                    else cgroup_pressure_path(c.cgroup, paths.cgroupfs))
+            path = (
+                host_pressure_path(paths.procfs) if c.cgroup is None else cgroup_pressure_path(c.cgroup, paths.cgroupfs)
+            )
             if os.path.exists(path):
                 watches.append(PressureWatch(path, Threshold(c.kind, c.stall, c.window, c.avg10), trigger=trigger))
         return cls(watches, paths.procfs, paths.cgroupfs, tuple(cgroups))
@@ -291,8 +302,12 @@ class PressureWatches:
             reading = read_pressure(cgroup_pressure_path(key, self.cgroupfs))
             if reading is not None:
                 cgroups[key] = reading
-        return dataclasses.replace(sample, monotonic=time.monotonic(), cgroup_pressure=cgroups,
-                                   pressure=read_pressure(host_pressure_path(self.procfs)))
+        return dataclasses.replace(
+            sample,
+            monotonic=time.monotonic(),
+            cgroup_pressure=cgroups,
+            pressure=read_pressure(host_pressure_path(self.procfs)),
+        )
 
     def close(self) -> None:
         for w in self.watches:

@@ -5,6 +5,7 @@ What never changes for a process (uid, cmdline, exe, cgroup) is cached by
 (pid, start time, comm): comm changes on exec, which also changes the cmdline.
 Only stat and statm (and smaps_rollup when PSS is on) are read every tick.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,6 +32,7 @@ class DescriptorBudget:
 
     def __init__(self) -> None:
         import resource
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
         if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -81,7 +83,7 @@ def live_task(base: str, pid: int) -> str | None:
             data = read_file(f"{base}task/{tid}/stat")
         except OSError:
             continue
-        state = data[data.rfind(b")") + 2:data.rfind(b")") + 3]
+        state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
         if state not in (b"Z", b"X"):
             return f"{base}task/{tid}/"
     return None
@@ -116,7 +118,7 @@ def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
     """comm and the fields after it up to starttime (fields[0] is state; field N of proc(5) is fields[N-3])."""
     open_paren = data.find(b"(")
     close_paren = data.rfind(b")")
-    return data[open_paren + 1:close_paren].decode(errors="replace"), data[close_paren + 2:].split(None, 20)
+    return data[open_paren + 1 : close_paren].decode(errors="replace"), data[close_paren + 2 :].split(None, 20)
 
 
 def parse_meminfo(data: bytes) -> dict[str, int]:
@@ -245,8 +247,13 @@ class ProcfsReader:
         if available is None:  # kernels before 3.14
             available = m.get("MemFree", 0) + m.get("Buffers", 0) + m.get("Cached", 0)
         swap_total = m.get("SwapTotal", 0)
-        return SystemMemory(total_bytes=total, available_bytes=available, free_bytes=m.get("MemFree", 0),
-                            swap_total_bytes=swap_total, swap_used_bytes=swap_total - m.get("SwapFree", 0))
+        return SystemMemory(
+            total_bytes=total,
+            available_bytes=available,
+            free_bytes=m.get("MemFree", 0),
+            swap_total_bytes=swap_total,
+            swap_used_bytes=swap_total - m.get("SwapFree", 0),
+        )
 
     def read_cpu_times(self) -> tuple[float, float]:
         """(busy, total) jiffies summed over all CPUs."""
@@ -280,7 +287,7 @@ class ProcfsReader:
             else:  # partial reads, or over the descriptor budget: open, read, close
                 data, statm = read_file(base + "stat"), read_file(base + "statm")
             close_paren = data.rfind(b")")
-            f = data[close_paren + 2:].split(None, 20)
+            f = data[close_paren + 2 :].split(None, 20)
             state = f[0]
             if state == b"Z" or state == b"X":
                 task = live_task(base, pid) if state == b"Z" and int(f[17]) > 1 else None
@@ -302,7 +309,7 @@ class ProcfsReader:
                 return None, "kernel_thread"
             resident = int(statm.split(None, 2)[1]) * PAGE_SIZE
             start_time = int(f[19])
-            comm = data[data.find(b"(") + 1:close_paren].decode(errors="replace")
+            comm = data[data.find(b"(") + 1 : close_paren].decode(errors="replace")
             if known is None or known.start_time != start_time or known.comm != comm:
                 fresh = self._read_static(base, start_time, comm)
                 if known is not None:  # the same process after exec: its descriptors still hold
@@ -339,9 +346,22 @@ class ProcfsReader:
                 pass  # gone since, or a kernel before 4.14
         ints = self._ints
         ppid, pgid, sid = int(f[1]), int(f[2]), int(f[3])
-        proc = ProcessInfo(pid, ints.setdefault(ppid, ppid), ints.setdefault(pgid, pgid), ints.setdefault(sid, sid),
-                           known.uid, known.comm, known.cmdline, known.start_time,
-                           _STATES.get(state) or state.decode(), resident, pss, swap, known.cgroup, known.exe)
+        proc = ProcessInfo(
+            pid,
+            ints.setdefault(ppid, ppid),
+            ints.setdefault(pgid, pgid),
+            ints.setdefault(sid, sid),
+            known.uid,
+            known.comm,
+            known.cmdline,
+            known.start_time,
+            _STATES.get(state) or state.decode(),
+            resident,
+            pss,
+            swap,
+            known.cgroup,
+            known.exe,
+        )
         if known.last == proc:
             proc = known.last  # unchanged since the last walk: share it, so two samples cost one record
         elif keep_open:

@@ -10,6 +10,7 @@ What each OS gives:
 `start_time` is kept in the same unit as procfs (clock ticks after boot; 100 per second outside
 Linux), so (pid, start_time) identities agree between sources and with the actuators.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,19 +25,40 @@ from .sample import ProcessInfo, SystemMemory
 
 # `uids` exists only where the OS has numeric users (not Windows): asking psutil for it there is an error.
 _ATTRS = ["pid", "ppid", "name", "cmdline", "create_time", "status", "memory_info"] + (
-    ["uids"] if hasattr(psutil.Process, "uids") else [])
+    ["uids"] if hasattr(psutil.Process, "uids") else []
+)
 IS_WINDOWS = sys.platform == "win32"
 IS_LINUX = sys.platform.startswith("linux")
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and sys.platform.startswith("linux") else 100
 
 # Windows processes whose children each start a tree of their own: the shells, the desktop, the
 # service control manager and the service host, and the system's own processes (lower case).
-TREE_HOSTS = frozenset({
-    "system", "system idle process", "registry", "smss.exe", "csrss.exe", "wininit.exe", "winlogon.exe",
-    "services.exe", "svchost.exe", "explorer.exe", "userinit.exe", "sihost.exe", "runtimebroker.exe",
-    "cmd.exe", "powershell.exe", "pwsh.exe", "windowsterminal.exe", "openconsole.exe", "conhost.exe",
-    "code.exe", "bash.exe", "wsl.exe",
-})
+TREE_HOSTS = frozenset(
+    {
+        "system",
+        "system idle process",
+        "registry",
+        "smss.exe",
+        "csrss.exe",
+        "wininit.exe",
+        "winlogon.exe",
+        "services.exe",
+        "svchost.exe",
+        "explorer.exe",
+        "userinit.exe",
+        "sihost.exe",
+        "runtimebroker.exe",
+        "cmd.exe",
+        "powershell.exe",
+        "pwsh.exe",
+        "windowsterminal.exe",
+        "openconsole.exe",
+        "conhost.exe",
+        "code.exe",
+        "bash.exe",
+        "wsl.exe",
+    }
+)
 
 
 def start_ticks(create_time: float, boot_time: float | None = None) -> int:
@@ -95,8 +117,14 @@ def tree_roots(records: Iterable[TreeRecord], is_host: Callable[[TreeRecord], bo
 
 
 class PsutilReader:
-    def __init__(self, pss: bool = False, exe: bool = False, cgroup: bool = False, trees: bool | None = None,
-                 is_host: Callable[[TreeRecord], bool] = is_tree_host):
+    def __init__(
+        self,
+        pss: bool = False,
+        exe: bool = False,
+        cgroup: bool = False,
+        trees: bool | None = None,
+        is_host: Callable[[TreeRecord], bool] = is_tree_host,
+    ):
         self.pss = pss  # memory_full_info: pss and swap on Linux; elsewhere uss is the closest
         self.exe = exe
         self.attrs = _ATTRS + (["exe"] if exe else [])  # exe costs a readlink per process: only when a matcher needs it
@@ -107,8 +135,13 @@ class PsutilReader:
     def read_system(self) -> SystemMemory:
         vm = psutil.virtual_memory()
         sw = psutil.swap_memory()
-        return SystemMemory(total_bytes=vm.total, available_bytes=vm.available, free_bytes=vm.free,
-                            swap_total_bytes=sw.total, swap_used_bytes=sw.used)
+        return SystemMemory(
+            total_bytes=vm.total,
+            available_bytes=vm.available,
+            free_bytes=vm.free,
+            swap_total_bytes=sw.total,
+            swap_used_bytes=sw.used,
+        )
 
     def read_cpu_times(self) -> tuple[float, float]:
         t = psutil.cpu_times()
@@ -138,8 +171,9 @@ class PsutilReader:
                 continue
             rows.append((p, info))
         if self.trees and pids is None:
-            self._roots = tree_roots([TreeRecord(i["pid"], i["ppid"] or 0, i["name"] or "", i["create_time"])
-                                      for _, i in rows], self.is_host)
+            self._roots = tree_roots(
+                [TreeRecord(i["pid"], i["ppid"] or 0, i["name"] or "", i["create_time"]) for _, i in rows], self.is_host
+            )
         boot = psutil.boot_time()
         procs: list[ProcessInfo] = []
         for p, info in rows:
@@ -164,18 +198,35 @@ class PsutilReader:
                 except (psutil.AccessDenied, psutil.NoSuchProcess):
                     pass
             uids = info.get("uids")
-            procs.append(ProcessInfo(
-                pid=pid, ppid=info["ppid"] or 0, pgid=pgid, sid=sid,
-                uid=uids.real if uids else -1, comm=info["name"] or "",
-                cmdline=" ".join(info["cmdline"] or []), start_time=start_ticks(info["create_time"], boot),
-                state=_STATE.get(info["status"], "S"), rss_bytes=info["memory_info"].rss,
-                pss_bytes=pss, swap_bytes=swap, exe=info.get("exe") if self.exe else None))
+            procs.append(
+                ProcessInfo(
+                    pid=pid,
+                    ppid=info["ppid"] or 0,
+                    pgid=pgid,
+                    sid=sid,
+                    uid=uids.real if uids else -1,
+                    comm=info["name"] or "",
+                    cmdline=" ".join(info["cmdline"] or []),
+                    start_time=start_ticks(info["create_time"], boot),
+                    state=_STATE.get(info["status"], "S"),
+                    rss_bytes=info["memory_info"].rss,
+                    pss_bytes=pss,
+                    swap_bytes=swap,
+                    exe=info.get("exe") if self.exe else None,
+                )
+            )
         return procs, skipped
 
 
-_STATE: Mapping[str, str] = {psutil.STATUS_RUNNING: "R", psutil.STATUS_SLEEPING: "S", psutil.STATUS_DISK_SLEEP: "D",
-                             psutil.STATUS_STOPPED: "T", psutil.STATUS_ZOMBIE: "Z", psutil.STATUS_IDLE: "I",
-                             psutil.STATUS_DEAD: "X"}
+_STATE: Mapping[str, str] = {
+    psutil.STATUS_RUNNING: "R",
+    psutil.STATUS_SLEEPING: "S",
+    psutil.STATUS_DISK_SLEEP: "D",
+    psutil.STATUS_STOPPED: "T",
+    psutil.STATUS_ZOMBIE: "Z",
+    psutil.STATUS_IDLE: "I",
+    psutil.STATUS_DEAD: "X",
+}
 
 
 def _processes(pids: Iterable[int], skipped: Counter):

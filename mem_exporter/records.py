@@ -17,6 +17,7 @@ log. What it guarantees, and why:
 - fsync on request: inline (`sync()`), or on a short-lived thread (`sync(background=True)`) so a caller
   holding a lock of its own never waits for the disk. The writer has its own lock.
 """
+
 from __future__ import annotations
 
 import errno
@@ -63,26 +64,53 @@ def dumps(record: dict[str, Any]) -> bytes:
 
 # --- record shapes --------------------------------------------------------------------------------
 
+
 def session_header(session: str, started: float, **info: Any) -> dict[str, Any]:
     """The `type: session` line: the session's name, start, host and writer; `info` adds what the writer
     knows (command, interval, memtype, format, threshold...)."""
-    return {"type": "session", "schema": SCHEMA, "session": session, "started": iso(started),
-            "t": round(started, 3), "host": socket.gethostname(), "pid": os.getpid(), **info}
+    return {
+        "type": "session",
+        "schema": SCHEMA,
+        "session": session,
+        "started": iso(started),
+        "t": round(started, 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        **info,
+    }
 
 
 def exit_record(now: float, started: float, cause: str, exit_status: int, **info: Any) -> dict[str, Any]:
     """The last line of a `run` log: why it ended, with what status, after how long."""
-    return {"type": "exit", "timestamp": iso(now), "t": round(now, 3), "cause": cause, "exit_status": exit_status,
-            **info, "duration_seconds": round(now - started, 3)}
+    return {
+        "type": "exit",
+        "timestamp": iso(now),
+        "t": round(now, 3),
+        "cause": cause,
+        "exit_status": exit_status,
+        **info,
+        "duration_seconds": round(now - started, 3),
+    }
 
 
 def run_member(p: ProcessInfo) -> dict[str, Any]:
-    return {"pid": p.pid, "comm": p.comm, "command": p.cmdline[:300], "memory_bytes": p.rss_bytes,
-            "memory_mb": mb(p.rss_bytes)}
+    return {
+        "pid": p.pid,
+        "comm": p.comm,
+        "command": p.cmdline[:300],
+        "memory_bytes": p.rss_bytes,
+        "memory_mb": mb(p.rss_bytes),
+    }
 
 
-def run_sample_record(tree: GroupSample, threshold: int, timestamp: float, system: SystemMemory | None,
-                      fast: bool = False, phase: str | None = None) -> dict[str, Any]:
+def run_sample_record(
+    tree: GroupSample,
+    threshold: int,
+    timestamp: float,
+    system: SystemMemory | None,
+    fast: bool = False,
+    phase: str | None = None,
+) -> dict[str, Any]:
     """One reading of a `run`'s tree. `groups` repeats the total in the session-log shape, so `report` reads it."""
     rec: dict[str, Any] = {
         "type": "sample",
@@ -99,12 +127,24 @@ def run_sample_record(tree: GroupSample, threshold: int, timestamp: float, syste
         "fast": fast,
         "phase": phase,
         "memtype": "rss",
-        "groups": [{"group": tree.label, "key": tree.key, "kind": tree.kind, "pgid": tree.pgid,
-                    "processes": tree.processes, "rss_bytes": tree.rss_bytes, "limits": {"run": threshold}}],
+        "groups": [
+            {
+                "group": tree.label,
+                "key": tree.key,
+                "kind": tree.kind,
+                "pgid": tree.pgid,
+                "processes": tree.processes,
+                "rss_bytes": tree.rss_bytes,
+                "limits": {"run": threshold},
+            }
+        ],
     }
     if system is not None and system.total_bytes:
-        rec["system"] = {"total_bytes": system.total_bytes, "available_bytes": system.available_bytes,
-                         "used_bytes": system.used_bytes}
+        rec["system"] = {
+            "total_bytes": system.total_bytes,
+            "available_bytes": system.available_bytes,
+            "used_bytes": system.used_bytes,
+        }
     return rec
 
 
@@ -124,8 +164,13 @@ def session_sample_record(sample: Sample, groups: Iterable[GroupSample], limits:
     by_group = _limits_by_group(limits)
     out_groups = []
     for g in groups:
-        rec: dict[str, Any] = {"group": g.label, "key": g.key, "kind": g.kind, "processes": g.processes,
-                               "rss_bytes": g.rss_bytes}
+        rec: dict[str, Any] = {
+            "group": g.label,
+            "key": g.key,
+            "kind": g.kind,
+            "processes": g.processes,
+            "rss_bytes": g.rss_bytes,
+        }
         if g.pgid is not None:
             rec["pgid"] = g.pgid
         if g.members:
@@ -145,16 +190,31 @@ def session_sample_record(sample: Sample, groups: Iterable[GroupSample], limits:
         "t": round(sample.timestamp, 3),
         "phase": sample.phase,
         "memtype": sample.memtype,
-        "system": {"total_bytes": s.total_bytes, "available_bytes": s.available_bytes, "used_bytes": s.used_bytes,
-                   "free_bytes": s.free_bytes, "swap_total_bytes": s.swap_total_bytes,
-                   "swap_used_bytes": s.swap_used_bytes},
+        "system": {
+            "total_bytes": s.total_bytes,
+            "available_bytes": s.available_bytes,
+            "used_bytes": s.used_bytes,
+            "free_bytes": s.free_bytes,
+            "swap_total_bytes": s.swap_total_bytes,
+            "swap_used_bytes": s.swap_used_bytes,
+        },
         "cpu_ratio": None if sample.cpu_usage_ratio is None else round(sample.cpu_usage_ratio, 4),
         "processes": sample.process_count,
         "groups": out_groups,
-        "gpus": [{"gpu": c.index, "uuid": c.uuid, "name": c.name, "memory_total_bytes": c.memory_total_bytes,
-                  "memory_used_bytes": c.memory_used_bytes, "utilization_ratio": c.utilization_ratio,
-                  "temperature_celsius": c.temperature_celsius, "power_watts": c.power_watts,
-                  "power_limit_watts": c.power_limit_watts} for c in sample.gpus],
+        "gpus": [
+            {
+                "gpu": c.index,
+                "uuid": c.uuid,
+                "name": c.name,
+                "memory_total_bytes": c.memory_total_bytes,
+                "memory_used_bytes": c.memory_used_bytes,
+                "utilization_ratio": c.utilization_ratio,
+                "temperature_celsius": c.temperature_celsius,
+                "power_watts": c.power_watts,
+                "power_limit_watts": c.power_limit_watts,
+            }
+            for c in sample.gpus
+        ],
     }
 
 
@@ -201,36 +261,100 @@ _STR = {"type": "string"}
 _OPT_STR = {"type": ["string", "null"]}
 _OPT_INT = {"type": ["integer", "null"]}
 _OPT_NUM = {"type": ["number", "null"]}
-_GROUP = {"type": "object", "required": ["group", "key", "kind", "processes", "rss_bytes"], "properties": {
-    "group": _STR, "key": _STR, "kind": _STR, "processes": _INT, "rss_bytes": _INT, "pss_bytes": _INT,
-    "swap_bytes": _INT, "pgid": _OPT_INT, "leader": _STR,
-    "gpu_memory_bytes": {"type": "object", "additionalProperties": _INT},
-    "limits": {"type": "object", "additionalProperties": _NUM}}}
-_MEMBER = {"type": "object", "required": ["pid", "comm", "memory_bytes"], "properties": {
-    "pid": _INT, "comm": _STR, "command": _STR, "uid": _OPT_INT, "memory_bytes": _OPT_INT}}
+_GROUP = {
+    "type": "object",
+    "required": ["group", "key", "kind", "processes", "rss_bytes"],
+    "properties": {
+        "group": _STR,
+        "key": _STR,
+        "kind": _STR,
+        "processes": _INT,
+        "rss_bytes": _INT,
+        "pss_bytes": _INT,
+        "swap_bytes": _INT,
+        "pgid": _OPT_INT,
+        "leader": _STR,
+        "gpu_memory_bytes": {"type": "object", "additionalProperties": _INT},
+        "limits": {"type": "object", "additionalProperties": _NUM},
+    },
+}
+_MEMBER = {
+    "type": "object",
+    "required": ["pid", "comm", "memory_bytes"],
+    "properties": {"pid": _INT, "comm": _STR, "command": _STR, "uid": _OPT_INT, "memory_bytes": _OPT_INT},
+}
 
 LINE_SCHEMAS: dict[str, dict[str, Any]] = {
-    "session": {"type": "object", "required": ["type", "schema", "session", "started", "t", "host", "pid"],
-                "properties": {"type": {"const": "session"}, "schema": {"const": SCHEMA}, "session": _STR,
-                               "started": _STR, "t": _NUM, "host": _STR, "pid": _INT, "format": _STR,
-                               "memtype": {"enum": ["rss", "pss"]}, "interval": _NUM}},
-    "sample": {"type": "object", "required": ["type", "t", "memtype", "groups"],
-               "properties": {"type": {"const": "sample"}, "t": _NUM, "timestamp": _STR, "phase": _OPT_STR,
-                              "memtype": {"enum": ["rss", "pss"]}, "processes": _INT, "cpu_ratio": _OPT_NUM,
-                              "groups": {"type": "array", "items": _GROUP},
-                              "members": {"type": "array", "items": _MEMBER},
-                              "system": {"type": "object", "required": ["total_bytes", "available_bytes"],
-                                         "additionalProperties": _OPT_INT},
-                              "gpus": {"type": "array", "items": {"type": "object", "required": ["gpu"]}}}},
-    "event": {"type": "object", "required": ["rule", "action"],
-              "properties": {"type": {"const": "event"}, "timestamp": _STR, "t": _NUM, "rule": _STR, "action": _STR,
-                             "condition": _STR, "group": _OPT_STR, "group_key": _OPT_STR, "pgid": _OPT_INT,
-                             "memory_bytes": _OPT_INT, "processes": _INT, "outcome": _STR,
-                             "members": {"type": "array", "items": _MEMBER}}},
-    "exit": {"type": "object", "required": ["type", "t", "cause", "exit_status", "duration_seconds"],
-             "properties": {"type": {"const": "exit"}, "timestamp": _STR, "t": _NUM, "cause": _STR,
-                            "exit_status": {"type": "integer"}, "command_status": {"type": ["integer", "null"]},
-                            "peak_bytes": _INT, "duration_seconds": _NUM}},
+    "session": {
+        "type": "object",
+        "required": ["type", "schema", "session", "started", "t", "host", "pid"],
+        "properties": {
+            "type": {"const": "session"},
+            "schema": {"const": SCHEMA},
+            "session": _STR,
+            "started": _STR,
+            "t": _NUM,
+            "host": _STR,
+            "pid": _INT,
+            "format": _STR,
+            "memtype": {"enum": ["rss", "pss"]},
+            "interval": _NUM,
+        },
+    },
+    "sample": {
+        "type": "object",
+        "required": ["type", "t", "memtype", "groups"],
+        "properties": {
+            "type": {"const": "sample"},
+            "t": _NUM,
+            "timestamp": _STR,
+            "phase": _OPT_STR,
+            "memtype": {"enum": ["rss", "pss"]},
+            "processes": _INT,
+            "cpu_ratio": _OPT_NUM,
+            "groups": {"type": "array", "items": _GROUP},
+            "members": {"type": "array", "items": _MEMBER},
+            "system": {
+                "type": "object",
+                "required": ["total_bytes", "available_bytes"],
+                "additionalProperties": _OPT_INT,
+            },
+            "gpus": {"type": "array", "items": {"type": "object", "required": ["gpu"]}},
+        },
+    },
+    "event": {
+        "type": "object",
+        "required": ["rule", "action"],
+        "properties": {
+            "type": {"const": "event"},
+            "timestamp": _STR,
+            "t": _NUM,
+            "rule": _STR,
+            "action": _STR,
+            "condition": _STR,
+            "group": _OPT_STR,
+            "group_key": _OPT_STR,
+            "pgid": _OPT_INT,
+            "memory_bytes": _OPT_INT,
+            "processes": _INT,
+            "outcome": _STR,
+            "members": {"type": "array", "items": _MEMBER},
+        },
+    },
+    "exit": {
+        "type": "object",
+        "required": ["type", "t", "cause", "exit_status", "duration_seconds"],
+        "properties": {
+            "type": {"const": "exit"},
+            "timestamp": _STR,
+            "t": _NUM,
+            "cause": _STR,
+            "exit_status": {"type": "integer"},
+            "command_status": {"type": ["integer", "null"]},
+            "peak_bytes": _INT,
+            "duration_seconds": _NUM,
+        },
+    },
 }
 # Every line of every log: the enforcer's events carry no `type`, so they are told apart by `action` and `rule`.
 LINE_SCHEMA: dict[str, Any] = {
@@ -254,6 +378,7 @@ def line_kind(record: dict[str, Any]) -> str | None:
 
 # --- files and directories ------------------------------------------------------------------------
 
+
 class LogFileError(OSError):
     """A place where no log may be written (a symlink, a FIFO...): `strerror` says why in words."""
 
@@ -273,17 +398,30 @@ def make_private_dirs(directory: Path) -> None:
 
 
 def _refuse(path: Path, st: os.stat_result) -> LogFileError:
-    what = ("a symbolic link (logs never follow links)" if stat.S_ISLNK(st.st_mode) else
-            "a FIFO, not a regular file" if stat.S_ISFIFO(st.st_mode) else
-            "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+    what = (
+        "a symbolic link (logs never follow links)"
+        if stat.S_ISLNK(st.st_mode)
+        else "a FIFO, not a regular file"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a directory"
+        if stat.S_ISDIR(st.st_mode)
+        else "not a regular file"
+    )
     return LogFileError(errno.EINVAL, what, str(path))
 
 
 def open_append(path: Path, exclusive: bool = False) -> int:
     """A descriptor appending to the regular file `path` (created 0640 when missing): never through a
     symlink, never blocking on a FIFO. LogFileError (an OSError) names what is in the way."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
-        | getattr(os, "O_NONBLOCK", 0) | (os.O_EXCL if exclusive else 0)
+    flags = (
+        os.O_WRONLY
+        | os.O_APPEND
+        | os.O_CREAT
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | (os.O_EXCL if exclusive else 0)
+    )
     try:
         fd = os.open(path, flags, FILE_MODE)
     except OSError as e:
@@ -305,6 +443,7 @@ def open_append(path: Path, exclusive: bool = False) -> int:
 
 
 # --- the writer -----------------------------------------------------------------------------------
+
 
 class LogFile:
     """Appends whole lines to one file; rotates at `max_bytes` (0: never) keeping `keep` older files
@@ -343,8 +482,12 @@ class LogFile:
         with self._lock:
             if self._fd is None:
                 return False
-            if self.max_bytes and self.size + len(data) > self.max_bytes and self.size > self._header_len \
-                    and self.size >= self._rotate_at:
+            if (
+                self.max_bytes
+                and self.size + len(data) > self.max_bytes
+                and self.size > self._header_len
+                and self.size >= self._rotate_at
+            ):
                 self._rotate()
             return self._append(data)
 
@@ -449,8 +592,11 @@ class LogFile:
                 except OSError:
                     pass
             self._rotate_at = self.size + max(64 * 1024, self.max_bytes // 16)
-            log.error("log %s: cannot rotate (%s); kept files untouched, writing on in the current file",
-                      self.path, e.strerror or e)
+            log.error(
+                "log %s: cannot rotate (%s); kept files untouched, writing on in the current file",
+                self.path,
+                e.strerror or e,
+            )
             return
         if os.path.lexists(parked):
             try:
@@ -530,8 +676,9 @@ class LogFile:
                 self._append(b"")
                 if self._backlog:
                     self.lost += len(self._backlog)
-                    log.error("log %s: closed with %d record(s) that could not be written", self.path,
-                              len(self._backlog))
+                    log.error(
+                        "log %s: closed with %d record(s) that could not be written", self.path, len(self._backlog)
+                    )
             fd, self._fd = self._fd, None
         self._sync_and_close(fd)
 
@@ -556,8 +703,11 @@ def shared_log(path: str | os.PathLike, max_bytes: int | None = None, keep: int 
     with _shared_lock:
         f = _shared.get(key)
         if f is None or f._fd is None:
-            f = _shared[key] = LogFile(key, DEFAULT_EVENT_MAX_BYTES if max_bytes is None else max_bytes,
-                                       DEFAULT_EVENT_KEEP if keep is None else keep)
+            f = _shared[key] = LogFile(
+                key,
+                DEFAULT_EVENT_MAX_BYTES if max_bytes is None else max_bytes,
+                DEFAULT_EVENT_KEEP if keep is None else keep,
+            )
         else:
             with f._lock:
                 if max_bytes is not None:

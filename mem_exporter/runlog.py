@@ -5,6 +5,7 @@ an error the user sees at once. Each line is one write to the page cache; `flush
 full sample, asks for an fsync on a thread of its own, so a slow disk never costs the command's time;
 `close()` fsyncs before it returns. Record shapes are in `records` and documented in docs/run.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
     XDG path is ignored, per the spec); on macOS and Windows the OS's convention, through platformdirs."""
     if sys.platform in ("darwin", "win32"):
         import platformdirs
+
         return platformdirs.user_state_path(APP, appauthor=False)
     state = environ.get("XDG_STATE_HOME", "")
     home = Path(environ.get("HOME") or os.path.expanduser("~"))
@@ -45,8 +47,9 @@ def log_name(command: str, started: float, pid: int) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}-{pid}.jsonl"
 
 
-def resolve_path(requested: str | None, command: str, started: float, pid: int,
-                 environ: Mapping[str, str] = os.environ) -> Path:
+def resolve_path(
+    requested: str | None, command: str, started: float, pid: int, environ: Mapping[str, str] = os.environ
+) -> Path:
     """The log file: `requested`, or a fresh name inside it when it is a directory (existing, or written
     with a trailing slash), or the default."""
     if not requested:

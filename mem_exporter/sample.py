@@ -4,6 +4,7 @@ Everything is plain data in base units (bytes, seconds, watts, hertz, celsius,
 ratios 0..1). `None` means "not measured" (not supported, not configured),
 never zero.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -4,6 +4,7 @@
 Sample to its consumers (exposition, enforcer, logs); a scrape only ever reads
 the latest Sample and never waits on /proc.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -68,18 +69,26 @@ def resolve_source(config: Config) -> str:
     """`source: auto` is procfs where the configured procfs root exists (a fixture tree counts), psutil elsewhere."""
     if config.source != "auto":
         return config.source
-    return "procfs" if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or \
-        config.paths.procfs != "/proc" else "psutil"
+    return (
+        "procfs"
+        if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or config.paths.procfs != "/proc"
+        else "psutil"
+    )
 
 
 def make_reader(config: Config) -> tuple[str, Reader]:
-    needs_exe = any(g.match.needs_exe for g in config.groups.named) or any(
-        r.match.needs_exe for r in config.enforcer.rules) or any(m.needs_exe for m in config.enforcer.protect)
+    needs_exe = (
+        any(g.match.needs_exe for g in config.groups.named)
+        or any(r.match.needs_exe for r in config.enforcer.rules)
+        or any(m.needs_exe for m in config.enforcer.protect)
+    )
     pss, cgroup = config.memory == "pss", config.groups.by in ("cgroup", "container")
     if resolve_source(config) == "procfs":
         from .procfs import ProcfsReader
+
         return "procfs", ProcfsReader(config.paths.procfs, pss=pss, exe=needs_exe, cgroup=cgroup)
     from .psutil_source import PsutilReader
+
     return "psutil", PsutilReader(pss=pss, exe=needs_exe, cgroup=cgroup)
 
 
@@ -134,12 +143,26 @@ class Sampler:
         if self.phase_watcher is not None:
             self.phase = self.phase_watcher.read()
         pressure, cgroup_pressure = self._pressure()
-        return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=time.perf_counter() - start,
-                      system=system, cpu_usage_ratio=cpu, process_count=len(procs), groups=groups,
-                      processes=tuple(procs), gpus=tuple(gpus), memtype=cfg.memory, sources_up=up,
-                      skipped=dict(skipped), errors_total=dict(self.errors_total), phase=self.phase,
-                      exported=exported, pressure=pressure, cgroup_pressure=cgroup_pressure,
-                      interval_seconds=cfg.interval)
+        return Sample(
+            timestamp=time.time(),
+            monotonic=time.monotonic(),
+            duration_seconds=time.perf_counter() - start,
+            system=system,
+            cpu_usage_ratio=cpu,
+            process_count=len(procs),
+            groups=groups,
+            processes=tuple(procs),
+            gpus=tuple(gpus),
+            memtype=cfg.memory,
+            sources_up=up,
+            skipped=dict(skipped),
+            errors_total=dict(self.errors_total),
+            phase=self.phase,
+            exported=exported,
+            pressure=pressure,
+            cgroup_pressure=cgroup_pressure,
+            interval_seconds=cfg.interval,
+        )
 
     def _pressure(self) -> tuple[MemoryPressure | None, dict[str, MemoryPressure]]:
         """The host's PSI, and that of each cgroup a pressure rule names (a few small reads; None without PSI)."""

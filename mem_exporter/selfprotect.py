@@ -15,6 +15,7 @@ missing, and the gauges `mem_exporter_enforcer_memory_locked` and
   first. Raising it is always allowed; lowering it needs CAP_SYS_RESOURCE. A lower negative value
   set by a privileged parent (kubelet, systemd) is kept.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -94,10 +95,13 @@ class SelfProtection:
             self._refuse("memory not locked: mlockall is used on Linux only")
             return
         import resource  # Unix only
+
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if not has_capability(CAP_IPC_LOCK, self.procfs) and soft != resource.RLIM_INFINITY:
-            self._refuse(f"memory not locked: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is {soft} bytes "
-                         "(add the capability, or set the memlock ulimit to unlimited)")
+            self._refuse(
+                f"memory not locked: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is {soft} bytes "
+                "(add the capability, or set the memlock ulimit to unlimited)"
+            )
             return
         err = _mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
         if err == errno.EINVAL:  # a kernel before 4.4: no MCL_ONFAULT
@@ -126,8 +130,10 @@ class SelfProtection:
             with open(path, "w") as f:
                 f.write(str(value))
         except PermissionError:
-            self._refuse(f"oom_score_adj not set to {value}: lowering it needs CAP_SYS_RESOURCE "
-                         f"(it stays {self._read_oom_score_adj()})")
+            self._refuse(
+                f"oom_score_adj not set to {value}: lowering it needs CAP_SYS_RESOURCE "
+                f"(it stays {self._read_oom_score_adj()})"
+            )
         except OSError as e:
             self._refuse(f"oom_score_adj not set to {value}: {path}: {e.strerror or e}")
         self.oom_score_adj_now = self._read_oom_score_adj()
@@ -146,13 +152,15 @@ class SelfProtectionCollector:
 
     def collect(self):
         p = self.protection
-        locked = GaugeMetricFamily("mem_exporter_enforcer_memory_locked",
-                                   "1 when the enforcer's memory is locked in RAM (mlockall), else 0.")
+        locked = GaugeMetricFamily(
+            "mem_exporter_enforcer_memory_locked", "1 when the enforcer's memory is locked in RAM (mlockall), else 0."
+        )
         locked.add_metric([], 1 if p.memory_locked else 0)
         yield locked
         if p.oom_score_adj_now is not None:
-            adj = GaugeMetricFamily("mem_exporter_enforcer_oom_score_adj",
-                                    "The enforcer's oom_score_adj (-1000..1000; lower: the kernel OOM killer "
-                                    "spares it).")
+            adj = GaugeMetricFamily(
+                "mem_exporter_enforcer_oom_score_adj",
+                "The enforcer's oom_score_adj (-1000..1000; lower: the kernel OOM killer spares it).",
+            )
             adj.add_metric([], p.oom_score_adj_now)
             yield adj

@@ -1,4 +1,5 @@
 """The long-running daemon behind `serve` and `enforce`: sampler, consumers, HTTP, signals, reload."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,14 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config_path: str | None, overrides: dict[str, Any] | None = None, enforce: bool = False,
-                 phase_file: str | None = None, session_log=None):
+    def __init__(
+        self,
+        config_path: str | None,
+        overrides: dict[str, Any] | None = None,
+        enforce: bool = False,
+        phase_file: str | None = None,
+        session_log=None,
+    ):
         self.config_path = config_path
         self.overrides = overrides or {}
         self.config: Config = load_config(config_path, self.overrides)  # ConfigError goes to the caller
@@ -25,8 +32,10 @@ class Service:
         self._stop = threading.Event()
         self._reload = threading.Event()
         from .gpu import open_gpu_source
+
         self.gpu = open_gpu_source(self.config.gpu.backend, self.config.gpu.retry_max, log=log, paths=self.config.paths)
         from .phase import PhaseWatcher
+
         # `mem-exporter phase NAME` reaches this daemon
         self.sampler = Sampler(self.config, gpu=self.gpu, phase_watcher=PhaseWatcher(phase_file))
         self.loop = SamplingLoop(self.sampler)
@@ -35,11 +44,13 @@ class Service:
         self.protection = None
         if enforce or self.config.enforcer.enabled:
             from .enforcer import Enforcer
+
             # only `--dry-run` holds across reloads; the file's `dry_run` follows the file
             self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")))
             self.loop.consumers.append(self.enforcer.on_sample)
             collectors.append(self.enforcer.collector)
             from .selfprotect import SelfProtection, SelfProtectionCollector
+
             self.protection = SelfProtection.from_config(self.config.enforcer)  # applied in start(); never plain serve
             collectors.append(SelfProtectionCollector(self.protection))
         self.session_log = session_log  # a sessionlog.SessionLog, or None
@@ -51,9 +62,14 @@ class Service:
         self.loop.consumers.append(self.exposition.refresh)  # last: after the enforcer has acted on the sample
         if self.enforcer is not None:  # a kill between samples shows in the next scrape, not one interval later
             self.enforcer.listeners.append(lambda _event: self.exposition.invalidate())
-        self.server = MetricsServer(self.config.listen, self.exposition,
-                                    sample_health(lambda: self.loop.latest, lambda: self.config.interval),
-                                    web, self.config.web.max_connections, self.config.web.timeout)
+        self.server = MetricsServer(
+            self.config.listen,
+            self.exposition,
+            sample_health(lambda: self.loop.latest, lambda: self.config.interval),
+            web,
+            self.config.web.max_connections,
+            self.config.web.timeout,
+        )
 
     def start(self) -> Service:
         quiet_gc()
@@ -61,8 +77,13 @@ class Service:
             self.protection.apply()
         self.loop.start()
         self.server.start()
-        log.info("serving %s/metrics (interval %.3gs, groups by %s%s)", self.server.url, self.config.interval,
-                 self.config.groups.by, ", enforcer on" if self.enforcer else "")
+        log.info(
+            "serving %s/metrics (interval %.3gs, groups by %s%s)",
+            self.server.url,
+            self.config.interval,
+            self.config.groups.by,
+            ", enforcer on" if self.enforcer else "",
+        )
         return self
 
     def reload(self) -> bool:

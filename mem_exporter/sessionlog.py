@@ -7,6 +7,7 @@ so logging never slows sampling. Each file is capped and rotated (`NAME` -> `NAM
 the writer thread fsyncs when it has caught up (at most once a second) and at the end.
 Record shapes live in `records`; they are documented in docs/report.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,18 +38,56 @@ from .sample import Sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "GPU_CSV_COLUMNS", "MEMORY_CSV_COLUMNS", "SCHEMA", "RotatingFile", "SessionLog", "csv_rows",
-           "sample_record", "session_paths"]
+__all__ = [
+    "FORMATS",
+    "GPU_CSV_COLUMNS",
+    "MEMORY_CSV_COLUMNS",
+    "SCHEMA",
+    "RotatingFile",
+    "SessionLog",
+    "csv_rows",
+    "sample_record",
+    "session_paths",
+]
 
 FORMATS = ("jsonl", "csv")
 SYNC_EVERY = 1.0  # seconds between fsyncs of a busy session log
 
 # `local_time` is for spreadsheets: Excel reads "YYYY-MM-DD HH:MM:SS" as a date and time, not a Unix timestamp.
-MEMORY_CSV_COLUMNS = ("timestamp", "local_time", "phase", "kind", "name", "key", "memory_bytes", "rss_bytes",
-                      "pss_bytes", "swap_bytes", "processes", "gpu_memory_bytes", "limit_bytes", "limit_rule",
-                      "total_bytes", "available_bytes", "swap_total_bytes", "swap_used_bytes")
-GPU_CSV_COLUMNS = ("timestamp", "local_time", "phase", "gpu", "uuid", "name", "memory_total_bytes", "memory_used_bytes",
-                   "utilization_ratio", "temperature_celsius", "power_watts", "power_limit_watts")
+MEMORY_CSV_COLUMNS = (
+    "timestamp",
+    "local_time",
+    "phase",
+    "kind",
+    "name",
+    "key",
+    "memory_bytes",
+    "rss_bytes",
+    "pss_bytes",
+    "swap_bytes",
+    "processes",
+    "gpu_memory_bytes",
+    "limit_bytes",
+    "limit_rule",
+    "total_bytes",
+    "available_bytes",
+    "swap_total_bytes",
+    "swap_used_bytes",
+)
+GPU_CSV_COLUMNS = (
+    "timestamp",
+    "local_time",
+    "phase",
+    "gpu",
+    "uuid",
+    "name",
+    "memory_total_bytes",
+    "memory_used_bytes",
+    "utilization_ratio",
+    "temperature_celsius",
+    "power_watts",
+    "power_limit_watts",
+)
 
 
 def safe_session(name: str) -> str:
@@ -78,17 +117,57 @@ def csv_rows(record: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
     """(memory rows, gpu rows) of a sample record, in MEMORY_CSV_COLUMNS / GPU_CSV_COLUMNS order."""
     t, phase, s = record["t"], record["phase"] or "", record["system"]
     at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-    memory = [(t, at, phase, "system", "system", "", s["used_bytes"], "", "", "", "", "", "", "",
-               s["total_bytes"], s["available_bytes"], s["swap_total_bytes"], s["swap_used_bytes"])]
+    memory = [
+        (
+            t,
+            at,
+            phase,
+            "system",
+            "system",
+            "",
+            s["used_bytes"],
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            s["total_bytes"],
+            s["available_bytes"],
+            s["swap_total_bytes"],
+            s["swap_used_bytes"],
+        )
+    ]
     for g in record["groups"]:
         mem = g.get("pss_bytes", g["rss_bytes"]) if record["memtype"] == "pss" else g["rss_bytes"]
         limit_rule, limit = min((g.get("limits") or {}).items(), key=lambda kv: kv[1], default=("", ""))
-        memory.append((t, at, phase, "group", g["group"], g["key"], mem, g["rss_bytes"], g.get("pss_bytes", ""),
-                       g.get("swap_bytes", ""), g["processes"], sum((g.get("gpu_memory_bytes") or {}).values()) or "",
-                       limit, limit_rule, "", "", "", ""))
-    gpus = [(t, at, phase, c["gpu"], c["uuid"], c["name"],
-             *("" if c[k] is None else c[k] for k in GPU_CSV_COLUMNS[6:]))
-            for c in record["gpus"]]
+        memory.append(
+            (
+                t,
+                at,
+                phase,
+                "group",
+                g["group"],
+                g["key"],
+                mem,
+                g["rss_bytes"],
+                g.get("pss_bytes", ""),
+                g.get("swap_bytes", ""),
+                g["processes"],
+                sum((g.get("gpu_memory_bytes") or {}).values()) or "",
+                limit,
+                limit_rule,
+                "",
+                "",
+                "",
+                "",
+            )
+        )
+    gpus = [
+        (t, at, phase, c["gpu"], c["uuid"], c["name"], *("" if c[k] is None else c[k] for k in GPU_CSV_COLUMNS[6:]))
+        for c in record["gpus"]
+    ]
     return memory, gpus
 
 
@@ -124,10 +203,19 @@ class SessionLog:
     """Writes one session's samples (and events) under `directory`. Reusable by any command that owns a
     SamplingLoop: append `on_sample` to its consumers, call `close()` at the end."""
 
-    def __init__(self, directory: str | os.PathLike, session: str = "session", fmt: str = "jsonl",
-                 max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP, *,
-                 limits: Callable[[], Limits] | None = None,
-                 info: dict[str, Any] | None = None, started: float | None = None, queue_size: int = 10_000):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        session: str = "session",
+        fmt: str = "jsonl",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        keep: int = DEFAULT_KEEP,
+        *,
+        limits: Callable[[], Limits] | None = None,
+        info: dict[str, Any] | None = None,
+        started: float | None = None,
+        queue_size: int = 10_000,
+    ):
         self.started = time.time() if started is None else started
         self.directory = Path(directory)
         make_private_dirs(self.directory)
@@ -140,8 +228,10 @@ class SessionLog:
             self._files = {"samples": LogFile(self.paths["samples"], max_bytes, keep, header)}
         else:
             columns = {"memory": MEMORY_CSV_COLUMNS, "gpu": GPU_CSV_COLUMNS}
-            self._files = {name: RotatingFile(self.paths[name], max_bytes, keep, csv_header(cols))
-                           for name, cols in columns.items()}
+            self._files = {
+                name: RotatingFile(self.paths[name], max_bytes, keep, csv_header(cols))
+                for name, cols in columns.items()
+            }
         self._events: LogFile | None = None  # opened with the first event (the enforcer may be writing it too)
         self._synced = time.monotonic()
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)

@@ -1,5 +1,6 @@
 """Signal names and numbers on every OS. Windows has no SIGKILL (nor SIGHUP): rules and `run` still name
 it, and the portable actuator ends a process with TerminateProcess whatever the number."""
+
 from __future__ import annotations
 
 import signal

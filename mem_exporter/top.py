@@ -3,6 +3,7 @@
 It runs its own Sampler (the same code path as the exporter). `screen()` turns a Sample into
 lines of (text, zone) pieces without touching the terminal; `run_top` draws them with curses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,12 @@ def _bar(ratio: float) -> str:
 def _meter(label: str, used: float, total: float, kind: Kind, zones: Zones | None, extra: str = "") -> list[Piece]:
     ratio = used / total if total else 0.0
     z = zone_for(kind, ratio, zones) if total else None
-    return [(f"{label:<10}", None), (_bar(ratio), z),
-            (f" {format_bytes(used):>10} / {format_bytes(total):<10} {ratio:4.0%}", z), (extra, None)]
+    return [
+        (f"{label:<10}", None),
+        (_bar(ratio), z),
+        (f" {format_bytes(used):>10} / {format_bytes(total):<10} {ratio:4.0%}", z),
+        (extra, None),
+    ]
 
 
 def _elapsed(seconds: float) -> str:
@@ -37,32 +42,56 @@ def _elapsed(seconds: float) -> str:
 def screen(sample: Sample, elapsed: float, rows: int = 40, zones: Zones | None = None) -> list[list[Piece]]:
     """The lines to show for one sample, at most `rows` of them, coloured by `zones` (the config's)."""
     s = sample.system
-    lines: list[list[Piece]] = [[
-        (f"mem-exporter top   elapsed {_elapsed(elapsed)}   phase: {sample.phase or '-'}   "
-         f"{sample.process_count} processes   q quits", None)], []]
-    lines.append(_meter("RAM", s.used_bytes, s.total_bytes, "system_memory", zones,
-                        f"  available {format_bytes(s.available_bytes)}"))
+    lines: list[list[Piece]] = [
+        [
+            (
+                f"mem-exporter top   elapsed {_elapsed(elapsed)}   phase: {sample.phase or '-'}   "
+                f"{sample.process_count} processes   q quits",
+                None,
+            )
+        ],
+        [],
+    ]
+    lines.append(
+        _meter(
+            "RAM", s.used_bytes, s.total_bytes, "system_memory", zones, f"  available {format_bytes(s.available_bytes)}"
+        )
+    )
     if s.swap_total_bytes:
         lines.append(_meter("Swap", s.swap_used_bytes, s.swap_total_bytes, "system_memory", zones))
     else:
         lines.append([(f"{'Swap':<10}none", None)])
     for c in sample.gpus:
         # a card may not report some of these (None): format only what is there
-        extra = "".join(f"  {fmt.format(value)}" for fmt, value in (
-            ("util {:.0%}", c.utilization_ratio), ("{:.0f}°C", c.temperature_celsius),
-            ("{:.0f} W", c.power_watts)) if value is not None) + f"  {c.name}"
+        extra = (
+            "".join(
+                f"  {fmt.format(value)}"
+                for fmt, value in (
+                    ("util {:.0%}", c.utilization_ratio),
+                    ("{:.0f}°C", c.temperature_celsius),
+                    ("{:.0f} W", c.power_watts),
+                )
+                if value is not None
+            )
+            + f"  {c.name}"
+        )
         if c.memory_total_bytes:
-            lines.append(_meter(f"GPU {c.index}", c.memory_used_bytes or 0, c.memory_total_bytes, "gpu_memory", zones,
-                                extra))
+            lines.append(
+                _meter(f"GPU {c.index}", c.memory_used_bytes or 0, c.memory_total_bytes, "gpu_memory", zones, extra)
+            )
         else:
             lines.append([(f"GPU {c.index:<6}memory not reported{extra}", None)])
     lines += [[], [(f"{'GROUP':<32} {'PROCS':>6} {'MEMORY':>11} {'GPU':>11} {'RAM %':>6}", None)]]
-    for g in sample.groups[:max(0, rows - len(lines))]:
+    for g in sample.groups[: max(0, rows - len(lines))]:
         mem = g.memory_bytes(sample.memtype)
         ratio = mem / s.total_bytes if s.total_bytes else 0.0
         gpu = format_bytes(g.gpu_memory_total_bytes) if g.gpu_memory_bytes else "-"
-        lines.append([(f"{g.label[:32]:<32} {g.processes:>6} {format_bytes(mem):>11} {gpu:>11} ", None),
-                      (f"{ratio:6.1%}", zone_for("system_memory", ratio, zones))])
+        lines.append(
+            [
+                (f"{g.label[:32]:<32} {g.processes:>6} {format_bytes(mem):>11} {gpu:>11} ", None),
+                (f"{ratio:6.1%}", zone_for("system_memory", ratio, zones)),
+            ]
+        )
     return lines[:rows]
 
 
@@ -72,6 +101,7 @@ def run_top(config: Config, phase_file: str | None = None) -> int:
     from .gpu import open_gpu_source
     from .phase import PhaseWatcher
     from .sampler import Sampler
+
     logging.getLogger().setLevel(logging.ERROR)  # log lines would scribble over the screen
     gpu = open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)
     sampler = Sampler(config, gpu=gpu, phase_watcher=PhaseWatcher(phase_file))
@@ -85,11 +115,13 @@ def run_top(config: Config, phase_file: str | None = None) -> int:
 
 def _loop(stdscr, sampler, interval: float) -> int:
     import curses
+
     colours: dict[str | None, int] = {None: 0}
     if curses.has_colors():
         curses.use_default_colors()
-        for n, (zone, fg) in enumerate((("safe", curses.COLOR_GREEN), ("caution", curses.COLOR_YELLOW),
-                                        ("critical", curses.COLOR_RED)), 1):
+        for n, (zone, fg) in enumerate(
+            (("safe", curses.COLOR_GREEN), ("caution", curses.COLOR_YELLOW), ("critical", curses.COLOR_RED)), 1
+        ):
             curses.init_pair(n, fg, -1)
             colours[zone] = curses.color_pair(n) | (curses.A_BOLD if zone == "critical" else 0)
     try:

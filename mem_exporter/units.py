@@ -1,14 +1,28 @@
 """Sizes, durations and ratios written the way people write them: `800MB`, `1.5GiB`, `2s`, `10%`."""
+
 from __future__ import annotations
 
 import re
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
-    "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2,
-    "gi": 1024**3, "gib": 1024**3, "ti": 1024**4, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
 }
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
@@ -78,6 +92,7 @@ def parse_ratio(value: int | float | str) -> float:
 def read_yaml(path) -> object:
     """The parsed YAML in `path`, or ValueError with one line: `file: [line L column C: ]problem`."""
     import yaml
+
     source = str(path)
     try:
         with open(path) as f:
@@ -96,6 +111,7 @@ def read_yaml(path) -> object:
 def iso_utc(ts: float) -> str:
     """ISO 8601 UTC with milliseconds, as every log and event of the project writes time."""
     from datetime import datetime, timezone
+
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -11,6 +11,7 @@ serves node_exporter and mem-exporter alike:
 Keys whose behaviour Python's ssl module cannot reproduce are refused by name rather
 than ignored: a silently dropped security setting is worse than a clear error.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,19 +29,32 @@ from pydantic import Field, ValidationError, field_validator
 from .config import ConfigError, _problem_line, _Strict
 from .units import read_yaml
 
-TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
-                "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-               "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
 TlsVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
-HEADERS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options", "X-XSS-Protection",
-           "Strict-Transport-Security")
+HEADERS = (
+    "Content-Security-Policy",
+    "X-Frame-Options",
+    "X-Content-Type-Options",
+    "X-XSS-Protection",
+    "Strict-Transport-Security",
+)
 UNSUPPORTED = {
     "tls_server_config.cert": "give the certificate as cert_file",
     "tls_server_config.key": "give the key as key_file",
     "tls_server_config.client_ca": "give the CA as client_ca_file",
-    "tls_server_config.client_allowed_sans":
-        "not supported by mem-exporter; issue client certificates from a dedicated CA",
+    "tls_server_config.client_allowed_sans": (
+        "not supported by mem-exporter; issue client certificates from a dedicated CA"
+    ),
     "tls_server_config.cipher_suites": "not supported by mem-exporter (OpenSSL's defaults apply)",
     "tls_server_config.curve_preferences": "not supported by mem-exporter (OpenSSL's defaults apply)",
     "rate_limit": "not supported by mem-exporter (see max_connections in the main config)",
@@ -95,8 +109,13 @@ class WebConfigError(ConfigError):
 class WebConfig:
     """What the HTTP server applies per connection (TLS) and per request (auth, headers)."""
 
-    def __init__(self, source: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 users: dict[str, str] | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        source: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        users: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         self.source = source
         self.ssl_context = ssl_context
         self.users = {u: h.encode() for u, h in (users or {}).items()}
@@ -106,6 +125,7 @@ class WebConfig:
         self._dummy = b""
         if self.users:
             import bcrypt
+
             self._bcrypt = bcrypt
             first = _BCRYPT_COST.match(next(iter(self.users.values())))
             if first is None:  # loading the file checks every hash; this guards direct construction
@@ -164,25 +184,35 @@ def _ssl_context(tls: TlsServerConfig, base: Path, source: str) -> ssl.SSLContex
     except (ValueError, ssl.SSLError) as e:
         raise WebConfigError([f"{source}: tls_server_config.min_version: {e}"]) from None
     if TLS_VERSIONS[tls.min_version] > TLS_VERSIONS[tls.max_version]:
-        raise WebConfigError([f"{source}: tls_server_config.min_version: {tls.min_version} is above max_version "
-                              f"{tls.max_version}"])
+        raise WebConfigError(
+            [f"{source}: tls_server_config.min_version: {tls.min_version} is above max_version {tls.max_version}"]
+        )
     if tls.prefer_server_cipher_suites:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         ctx.load_cert_chain(_path(base, tls.cert_file), _path(base, tls.key_file))
     except (OSError, ssl.SSLError) as e:
-        raise WebConfigError([f"{source}: tls_server_config.cert_file: cannot load {tls.cert_file} with "
-                              f"{tls.key_file}: {getattr(e, 'strerror', None) or e}"]) from None
+        raise WebConfigError(
+            [
+                f"{source}: tls_server_config.cert_file: cannot load {tls.cert_file} with "
+                f"{tls.key_file}: {getattr(e, 'strerror', None) or e}"
+            ]
+        ) from None
     ctx.verify_mode = CLIENT_AUTH[tls.client_auth_type]
     if tls.client_ca_file:
         try:
             ctx.load_verify_locations(_path(base, tls.client_ca_file))
         except (OSError, ssl.SSLError) as e:
-            raise WebConfigError([f"{source}: tls_server_config.client_ca_file: cannot load {tls.client_ca_file}: "
-                                  f"{getattr(e, 'strerror', None) or e}"]) from None
+            raise WebConfigError(
+                [
+                    f"{source}: tls_server_config.client_ca_file: cannot load {tls.client_ca_file}: "
+                    f"{getattr(e, 'strerror', None) or e}"
+                ]
+            ) from None
     elif ctx.verify_mode != ssl.CERT_NONE:
-        raise WebConfigError([f"{source}: tls_server_config.client_ca_file: needed by client_auth_type "
-                              f"{tls.client_auth_type}"])
+        raise WebConfigError(
+            [f"{source}: tls_server_config.client_ca_file: needed by client_auth_type {tls.client_auth_type}"]
+        )
     return ctx
 
 
@@ -210,8 +240,9 @@ def load_web_config(path: str | None) -> WebConfig:
         try:
             import bcrypt  # noqa: F401
         except ImportError:
-            raise WebConfigError([f"{source}: basic_auth_users: needs the Python package bcrypt "
-                                  "(pip install bcrypt)"]) from None
+            raise WebConfigError(
+                [f"{source}: basic_auth_users: needs the Python package bcrypt (pip install bcrypt)"]
+            ) from None
     base = Path(path).resolve().parent
     ctx = _ssl_context(parsed.tls_server_config, base, source) if parsed.tls_server_config else None
     return WebConfig(source, ctx, parsed.basic_auth_users, parsed.http_server_config.headers)

@@ -5,6 +5,7 @@ thresholds and the alert rules (the last two are static files; tests hold them t
 Defaults follow the monitors this project grew from: GPU memory 67 % / 83 % (8 and 10 GB of a 12 GB card),
 system RAM 85 % / 90 %; a group's share of its enforcer limit uses the GPU figures.
 """
+
 from __future__ import annotations
 
 from typing import Literal

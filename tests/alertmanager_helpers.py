@@ -7,6 +7,7 @@
 Alertmanager runs on 127.0.0.1 with a random port, clustering off (`--cluster.listen-address=`),
 a storage path under tmp_path, and a route that sends everything to the webhook with short waits.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ class WebhookReceiver:
                 self._cond.wait(left)
 
 
-def alertmanager_config(webhook_url: str, group_wait: str = "100ms", group_interval: str = "1s",
-                        repeat_interval: str = "1h") -> str:
+def alertmanager_config(
+    webhook_url: str, group_wait: str = "100ms", group_interval: str = "1s", repeat_interval: str = "1h"
+) -> str:
     return f"""route:
   receiver: test-hook
   group_by: ['...']
@@ -95,17 +97,23 @@ receivers:
 class Alertmanager:
     """`prometheus-alertmanager` as a child process of the test, stopped on exit."""
 
-    def __init__(self, tmp_path: Path, webhook_url: str | None = None, config_text: str | None = None,
-                 binary: str = ALERTMANAGER):
+    def __init__(
+        self, tmp_path: Path, webhook_url: str | None = None, config_text: str | None = None, binary: str = ALERTMANAGER
+    ):
         self.dir = Path(tmp_path) / f"alertmanager-{os.getpid()}-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (self.dir / "alertmanager.yml").write_text(config_text or alertmanager_config(webhook_url))
         self.log_path = self.dir / "alertmanager.log"
-        self.cmd = [binary, f"--config.file={self.dir / 'alertmanager.yml'}", f"--storage.path={self.dir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=",
-                    "--log.level=debug"]
+        self.cmd = [
+            binary,
+            f"--config.file={self.dir / 'alertmanager.yml'}",
+            f"--storage.path={self.dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",
+            "--log.level=debug",
+        ]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> Alertmanager:
@@ -129,8 +137,12 @@ class Alertmanager:
             return json.loads(r.read())
 
     def post_alerts(self, alerts: list) -> None:
-        req = urllib.request.Request(self.url + "/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + "/api/v2/alerts",
+            data=json.dumps(alerts).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=5) as r:
             r.read()
 

@@ -1,4 +1,5 @@
 """Shared test helpers: process groups the test itself starts (and always cleans up), free ports."""
+
 from __future__ import annotations
 
 import os
@@ -126,6 +127,7 @@ def spawn_group(tmp_path):
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     import urllib.error
     import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read().decode()
@@ -141,8 +143,14 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(cwd or ".") / f"daemon-{self.port}.log", "w+") if cwd else subprocess.DEVNULL
         command = [sys.executable, "-m", "mem_exporter", *args, "--listen", f"127.0.0.1:{self.port}"]
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parents[1],
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
 
     def wait_healthy(self, timeout: float = 15.0) -> Daemon:
         def healthy():
@@ -151,6 +159,7 @@ class Daemon:
                 return http_get(self.url + "/healthz", timeout=1)[0] == 200
             except OSError:
                 return False
+
         wait_for(healthy, timeout, what="the daemon's /healthz")
         return self
 
@@ -189,6 +198,7 @@ def daemon(tmp_path):
 def metric_value(text: str, name: str, **labels) -> float | None:
     """The value of one series in an exposition text, or None."""
     from prometheus_client.parser import text_string_to_metric_families
+
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
@@ -197,6 +207,7 @@ def metric_value(text: str, name: str, **labels) -> float | None:
 
 
 # --- an in-process enforcer on a real sampling loop ----------------------------------------------
+
 
 @pytest.fixture
 def tag():
@@ -213,9 +224,14 @@ def enforcer(tmp_path):
     started = []
 
     def start(rules, dry_run=False, protect=(), interval="0.3s", source="auto", **kwargs):
-        cfg = validate_config({"interval": interval, "gpu": {"backend": "none"}, "source": source,
-                               "enforcer": {"event_log": str(tmp_path / "events.jsonl"), "protect": list(protect),
-                                            "rules": rules}})
+        cfg = validate_config(
+            {
+                "interval": interval,
+                "gpu": {"backend": "none"},
+                "source": source,
+                "enforcer": {"event_log": str(tmp_path / "events.jsonl"), "protect": list(protect), "rules": rules},
+            }
+        )
         loop = SamplingLoop(Sampler(cfg))
         enf = Enforcer(cfg, dry_run=dry_run, **kwargs)
         loop.consumers.append(enf.on_sample)

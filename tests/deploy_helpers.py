@@ -1,5 +1,6 @@
 """Shared helpers for the deploy tests: repository paths, the known metric names,
 the alert rules, the dashboards' PromQL and the runbook's anchors."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_BASE = "https://github.com/mem-exporter/mem-exporter/blob/main/docs/runbook.md"
 
 # Every metric the exporter and the enforcer publish, plus Prometheus's own series.
-METRICS = frozenset("""
+METRICS = frozenset(
+    """
 mem_exporter_system_memory_total_bytes mem_exporter_system_memory_available_bytes
 mem_exporter_system_memory_free_bytes mem_exporter_system_swap_total_bytes mem_exporter_system_swap_used_bytes
 mem_exporter_system_cpu_usage_ratio mem_exporter_processes
@@ -40,7 +42,8 @@ mem_exporter_gpu_last_xid mem_exporter_gpu_gtt_memory_total_bytes mem_exporter_g
 mem_exporter_gpu_mig_memory_total_bytes mem_exporter_group_gpu_gtt_memory_bytes mem_exporter_gpu_unreadable_processes
 mem_exporter_system_memory_pressure_stall_seconds_total mem_exporter_enforcer_oom_score_adj
 up ALERTS
-""".split())
+""".split()
+)
 
 # Values for the dashboards' template variables when their queries run outside Grafana.
 DEFAULT_VARIABLES = {
@@ -53,14 +56,16 @@ DEFAULT_VARIABLES = {
     "__range": "1h",
 }
 
-_FUNCTIONS = frozenset("""
+_FUNCTIONS = frozenset(
+    """
 abs absent absent_over_time avg avg_over_time bottomk ceil changes clamp clamp_max clamp_min count
 count_over_time count_values delta deriv exp floor group histogram_quantile holt_winters idelta increase
 irate label_join label_replace last_over_time ln log10 log2 max max_over_time min min_over_time
 predict_linear quantile quantile_over_time rate resets round scalar sgn sort sort_desc sqrt stddev
 stdvar sum sum_over_time time timestamp topk vector by without on ignoring group_left group_right
 and or unless bool offset
-""".split())
+""".split()
+)
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -138,11 +143,11 @@ def dashboard_queries(variables: dict[str, str] | None = None) -> list[tuple[str
 
 def metric_names(expr: str) -> set[str]:
     """Identifiers in a PromQL expression that name series (not functions, labels or keywords)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)          # string literals
-    expr = re.sub(r"\{[^}]*\}", "{}", expr)                   # label matchers
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    expr = re.sub(r"\{[^}]*\}", "{}", expr)  # label matchers
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r"\[[^\]]*\]", "", expr)                    # range selectors and subqueries
-    expr = re.sub(r"\boffset\s+-?[0-9a-z]+", "", expr)        # offsets, negative ones too
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range selectors and subqueries
+    expr = re.sub(r"\boffset\s+-?[0-9a-z]+", "", expr)  # offsets, negative ones too
     names = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
     return {n for n in names if n not in _FUNCTIONS and not re.fullmatch(r"\d.*|e|inf|nan", n, re.I)}
 

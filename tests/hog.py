@@ -3,6 +3,7 @@
 Run as `python hog.py --mb 200 --children 2 --child-mb 20 --ready FILE`.
 It touches every page it allocates, so RSS is real, then sleeps until killed.
 """
+
 import argparse
 import os
 import signal
@@ -35,8 +36,9 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="ignored: a marker for rules to select only this test's hogs")
     p.add_argument("--setsid-grandchild", action="store_true", help="the first child starts a child in its own session")
     p.add_argument("--comm", default=None, help="set the process name (/proc/PID/comm) to this")
-    p.add_argument("--grow-on-signal", action="store_true",
-                   help="start growing only once SIGUSR1 arrives (after --ready)")
+    p.add_argument(
+        "--grow-on-signal", action="store_true", help="start growing only once SIGUSR1 arrives (after --ready)"
+    )
     p.add_argument("--oom-score-adj", type=int, default=None, help="write this to /proc/self/oom_score_adj")
     a = p.parse_args()
     if a.oom_score_adj is not None:
@@ -46,6 +48,7 @@ def main() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     if a.comm:
         import ctypes
+
         ctypes.CDLL(None).prctl(15, a.comm.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     for name in a.ignore:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
@@ -57,8 +60,9 @@ def main() -> None:
         args = child_args + (["--setsid-child"] if i == 0 and a.setsid_grandchild else [])
         kids.append(subprocess.Popen(args + ["--ready", f"{a.ready}.child{i}"] if a.ready else args))
     if a.setsid_child:
-        kids.append(subprocess.Popen(child_args + (["--ready", f"{a.ready}.setsid"] if a.ready else []),
-                                     start_new_session=True))
+        kids.append(
+            subprocess.Popen(child_args + (["--ready", f"{a.ready}.setsid"] if a.ready else []), start_new_session=True)
+        )
     held = [allocate(a.mb)] if a.mb else []
     if a.ready:
         deadline = time.time() + 30

@@ -1,7 +1,8 @@
 """`mem-exporter run ARGS` with the polling supervisor forced: what Windows runs, run for real on this OS.
 
-    python tests/polling_run.py [run's options] [--] CMD [ARGS...]
+python tests/polling_run.py [run's options] [--] CMD [ARGS...]
 """
+
 from __future__ import annotations
 
 import sys

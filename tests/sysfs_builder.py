@@ -3,6 +3,7 @@
 The layout is the kernel's: the PCI device directory under devices/, its drm/cardN and drm/renderDN,
 class/drm/cardN -> that drm/cardN, cardN/device -> the PCI device, bus/pci/devices/SLOT -> the device.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ class FakeSys:
         for d in ("class/drm", "bus/pci/devices", "devices/pci0000:00"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
 
-    def add_card(self, fixture: str, *, slot: str | None = None, minor: int | None = None,
-                 **overrides: str | None) -> Path:
+    def add_card(
+        self, fixture: str, *, slot: str | None = None, minor: int | None = None, **overrides: str | None
+    ) -> Path:
         """A card from tests/fixtures/drm/FIXTURE.yaml; `overrides` replace (or, None, remove) device files."""
         spec = yaml.safe_load((DRM_FIXTURES / f"{fixture}.yaml").read_text())
         slot = slot or spec["slot"]

@@ -1,4 +1,5 @@
 """Config: units, validation errors (one line naming file and key), check-config, the shipped schema."""
+
 import json
 import re
 import subprocess
@@ -15,10 +16,18 @@ from mem_exporter.units import parse_duration, parse_ratio, parse_size
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("800MB", 800_000_000), ("1.5GiB", 1536 * 1024**2), ("1024", 1024), (2048, 2048), ("10 KiB", 10240),
-    ("1gb", 10**9), ("0", 0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("800MB", 800_000_000),
+        ("1.5GiB", 1536 * 1024**2),
+        ("1024", 1024),
+        (2048, 2048),
+        ("10 KiB", 10240),
+        ("1gb", 10**9),
+        ("0", 0),
+    ],
+)
 def test_sizes(text, expected):
     assert parse_size(text) == expected
 
@@ -43,56 +52,98 @@ BAD = [
     ("listen: localhost\n", "listen: 'localhost' is not HOST:PORT (example: 127.0.0.1:9713)"),
     ("groups: {by: pod}\n", "groups.by: Input should be 'pgid', 'cgroup' or 'container' (got 'pod')"),
     ("groups: {max_groups: 0}\n", "groups.max_groups: Input should be greater than or equal to 1 (got 0)"),
-    ("groups: {min_memory: 10XB}\n",
-     "groups.min_memory: '10XB': unknown size unit 'xb' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
-    ("groups: {named: [{name: a, match: {comm: '(unclosed'}}]}\n",
-     "groups.named[0].match.comm: bad regular expression '(unclosed': "
-     "missing ), unterminated subpattern at position 0"),
-    ("groups: {named: [{name: a, match: {}}]}\n",
-     "groups.named[0]: match needs at least one of comm, exe, cmdline, user"),
-    ("groups: {named: [{name: other, match: {comm: x}}]}\n",
-     "groups.named[0].name: 'other' is reserved for the groups beyond max_groups"),
-    ("groups: {named: [{name: a, match: {comm: x}}, {name: a, match: {comm: y}}]}\n",
-     "groups: named group names must be unique; repeated: a"),
+    (
+        "groups: {min_memory: 10XB}\n",
+        "groups.min_memory: '10XB': unknown size unit 'xb' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)",
+    ),
+    (
+        "groups: {named: [{name: a, match: {comm: '(unclosed'}}]}\n",
+        "groups.named[0].match.comm: bad regular expression '(unclosed': "
+        "missing ), unterminated subpattern at position 0",
+    ),
+    (
+        "groups: {named: [{name: a, match: {}}]}\n",
+        "groups.named[0]: match needs at least one of comm, exe, cmdline, user",
+    ),
+    (
+        "groups: {named: [{name: other, match: {comm: x}}]}\n",
+        "groups.named[0].name: 'other' is reserved for the groups beyond max_groups",
+    ),
+    (
+        "groups: {named: [{name: a, match: {comm: x}}, {name: a, match: {comm: y}}]}\n",
+        "groups: named group names must be unique; repeated: a",
+    ),
     ("groups: {named: [{name: a, match: {cmd: x}}]}\n", "groups.named[0].match.cmd: unknown key"),
-    ("gpu: {backend: cuda}\n",
-     "gpu.backend: String should match pattern '^(auto|nvml|drm|none|fake:.+)$' (got 'cuda')"),
-    ("enforcer: {rules: [{name: r}]}\n",
-     "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
-     "system_available_below, memory_pressure_above; got none"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB, max_gpu_memory: 1GB}]}\n",
-     "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
-     "system_available_below, memory_pressure_above; got max_rss, max_gpu_memory"),
-    ("enforcer: {rules: [{name: r, max_rss: -5MB}]}\n",
-     "enforcer.rules[0].max_rss: '-5MB' is not a size (examples: 800MB, 1.5GiB, 1048576)"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB, signals: [SIGTERM, SIGBOGUS]}]}\n",
-     "enforcer.rules[0].signals[1]: unknown signal 'SIGBOGUS'"),
-    ("enforcer: {rules: [{name: r, gpu_memory_above: 120%}]}\n",
-     "enforcer.rules[0].gpu_memory_above: '120%' is outside 0..1 (0%..100%)"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB, for: soon}]}\n",
-     "enforcer.rules[0].for: 'soon' is not a duration (examples: 2s, 500ms, 1m)"),
+    (
+        "gpu: {backend: cuda}\n",
+        "gpu.backend: String should match pattern '^(auto|nvml|drm|none|fake:.+)$' (got 'cuda')",
+    ),
+    (
+        "enforcer: {rules: [{name: r}]}\n",
+        "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
+        "system_available_below, memory_pressure_above; got none",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, max_gpu_memory: 1GB}]}\n",
+        "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
+        "system_available_below, memory_pressure_above; got max_rss, max_gpu_memory",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: -5MB}]}\n",
+        "enforcer.rules[0].max_rss: '-5MB' is not a size (examples: 800MB, 1.5GiB, 1048576)",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, signals: [SIGTERM, SIGBOGUS]}]}\n",
+        "enforcer.rules[0].signals[1]: unknown signal 'SIGBOGUS'",
+    ),
+    (
+        "enforcer: {rules: [{name: r, gpu_memory_above: 120%}]}\n",
+        "enforcer.rules[0].gpu_memory_above: '120%' is outside 0..1 (0%..100%)",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, for: soon}]}\n",
+        "enforcer.rules[0].for: 'soon' is not a duration (examples: 2s, 500ms, 1m)",
+    ),
     ("enforcer: {rules: [{name: r, max_pss: 1GB}]}\n", "enforcer.rules[0].max_pss: needs `memory: pss`"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB}, {name: r, max_rss: 2GB}]}\n",
-     "enforcer: rule names must be unique; repeated: r"),
-    ("enforcer: {rules: [{name: r, max_rss: 0, match: {all: true}}]}\n",
-     "enforcer.rules[0].max_rss: must be above 0, got 0"),
-    ("enforcer: {rules: [{name: r, gpu_memory_above: 0%, match: {all: true}}]}\n",
-     "enforcer.rules[0].gpu_memory_above: must be above 0, got 0"),
-    ("enforcer: {rules: [{name: r, system_available_below: 0, match: {all: true}}]}\n",
-     "enforcer.rules[0].system_available_below: must be above 0, got 0"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB}]}\n",
-     "enforcer.rules[0].match: say which groups rule 'r' watches, e.g. match: {cmdline: 'bun test'}, "
-     "or match: {all: true} for every group"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB, match: {}}]}\n",
-     "enforcer.rules[0].match: say which groups rule 'r' watches, e.g. match: {cmdline: 'bun test'}, "
-     "or match: {all: true} for every group"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB, match: {all: true, comm: x}}]}\n",
-     "enforcer.rules[0].match: `all: true` selects every group: give it alone, or drop it and keep the regexes"),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB}, {name: r, max_rss: 2GB}]}\n",
+        "enforcer: rule names must be unique; repeated: r",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 0, match: {all: true}}]}\n",
+        "enforcer.rules[0].max_rss: must be above 0, got 0",
+    ),
+    (
+        "enforcer: {rules: [{name: r, gpu_memory_above: 0%, match: {all: true}}]}\n",
+        "enforcer.rules[0].gpu_memory_above: must be above 0, got 0",
+    ),
+    (
+        "enforcer: {rules: [{name: r, system_available_below: 0, match: {all: true}}]}\n",
+        "enforcer.rules[0].system_available_below: must be above 0, got 0",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB}]}\n",
+        "enforcer.rules[0].match: say which groups rule 'r' watches, e.g. match: {cmdline: 'bun test'}, "
+        "or match: {all: true} for every group",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, match: {}}]}\n",
+        "enforcer.rules[0].match: say which groups rule 'r' watches, e.g. match: {cmdline: 'bun test'}, "
+        "or match: {all: true} for every group",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, match: {all: true, comm: x}}]}\n",
+        "enforcer.rules[0].match: `all: true` selects every group: give it alone, or drop it and keep the regexes",
+    ),
     ("enforcer: {event_log_max_size: 0}\n", "enforcer.event_log_max_size: Input should be greater than 0 (got 0)"),
-    ("enforcer: {rules: [{name: r, max_rss: 1GB, match: {group: '[x'}}]}\n",
-     "enforcer.rules[0].match.group: bad regular expression '[x': unterminated character set at position 0"),
-    ("enforcer: {enabled: maybe}\n",
-     "enforcer.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')"),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, match: {group: '[x'}}]}\n",
+        "enforcer.rules[0].match.group: bad regular expression '[x': unterminated character set at position 0",
+    ),
+    (
+        "enforcer: {enabled: maybe}\n",
+        "enforcer.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')",
+    ),
     ("- just\n- a list\n", "(top level): must be a mapping of keys, got list"),
     ("interval: [2s\n", "line 2 column 1: YAML syntax error: expected ',' or ']', but got '<stream end>'"),
 ]
@@ -146,8 +197,10 @@ def test_check_config_ok_and_bad(tmp_path):
     bad.write_text("interval: fast\ngroups: {max_groups: -1}\n")
     r = run_cli("check-config", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
-    assert r.stdout.splitlines() == [f"{bad}: interval: 'fast' is not a duration (examples: 2s, 500ms, 1m)",
-                                     f"{bad}: groups.max_groups: Input should be greater than or equal to 1 (got -1)"]
+    assert r.stdout.splitlines() == [
+        f"{bad}: interval: 'fast' is not a duration (examples: 2s, 500ms, 1m)",
+        f"{bad}: groups.max_groups: Input should be greater than or equal to 1 (got -1)",
+    ]
 
 
 def test_check_config_refuses_a_zero_limit_that_would_select_everything(tmp_path):
@@ -160,7 +213,8 @@ def test_check_config_refuses_a_zero_limit_that_would_select_everything(tmp_path
     r = run_cli("check-config", str(bad))
     assert r.returncode == 2 and r.stdout.splitlines() == [
         f"{bad}: enforcer.rules[0].match: say which groups rule 'oops' watches, e.g. match: {{cmdline: 'bun test'}}, "
-        "or match: {all: true} for every group"]
+        "or match: {all: true} for every group"
+    ]
 
 
 def test_serve_refuses_a_bad_config_with_exit_2(tmp_path):
@@ -199,8 +253,11 @@ def test_example_documents_every_key():
 
     text = (ROOT / "config.example.yaml").read_text()
     # a key is documented when it is set in the example or named in its comments (the matcher keys)
-    missing = {k for k in set(keys(schema, schema["$defs"])) - set(present(example))
-               if not re.search(rf"\b{re.escape(k.split('.')[-1].lstrip('[]'))}\b", text)}
+    missing = {
+        k
+        for k in set(keys(schema, schema["$defs"])) - set(present(example))
+        if not re.search(rf"\b{re.escape(k.split('.')[-1].lstrip('[]'))}\b", text)
+    }
     assert not missing, f"config.example.yaml does not document: {sorted(missing)}"
 
 

@@ -1,4 +1,5 @@
 """Container-aware grouping: container, pod and systemd unit from /proc/PID/cgroup, in every common layout."""
+
 from pathlib import Path
 
 import pytest
@@ -44,25 +45,36 @@ def test_cgroup_files_give_container_pod_and_unit(name, owner, label):
         assert owner.label == label
 
 
-@pytest.mark.parametrize("path,owner", [
-    # guaranteed QoS (no qos slice), a pod-level process, a static pod's hash UID
-    (f"/kubepods.slice/kubepods-pod{POD.replace('-', '_')}.slice/cri-containerd-{K8S}.scope",
-     CgroupOwner("containerd", K8S, POD)),
-    (f"/kubepods/besteffort/pod{POD}", CgroupOwner(pod=POD)),
-    (f"/kubepods/burstable/pod{'ab' * 16}/{K8S}", CgroupOwner(None, K8S, "ab" * 16)),
-    # seen from inside a cgroup namespace, and a kind node (Kubernetes inside a Docker container)
-    (f"/../../kubepods-besteffort-pod{POD.replace('-', '_')}.slice/crio-{CRIO}.scope", CgroupOwner("cri-o", CRIO, POD)),
-    (f"/system.slice/docker-{DOCKER}.scope/kubepods/burstable/pod{POD}/{K8S}", CgroupOwner(None, K8S, POD)),
-    (f"/system.slice/docker-{DOCKER}.scope/system.slice/kubelet.service", CgroupOwner("docker", DOCKER)),
-    # podman on cgroup v1, nerdctl, and conmon (the monitor beside a CRI-O container, not in it)
-    (f"/libpod_parent/libpod-{PODMAN}", CgroupOwner("podman", PODMAN)),
-    (f"/system.slice/nerdctl-{K8S}.scope", CgroupOwner("containerd", K8S)),
-    (f"/kubepods.slice/kubepods-pod{POD.replace('-', '_')}.slice/crio-conmon-{CRIO}.scope", CgroupOwner(pod=POD)),
-    ("/system.slice/crio-conmon-" + CRIO + ".scope", CgroupOwner(unit=f"crio-conmon-{CRIO}.scope")),
-    # no ID to be had: the root, a namespaced view with nothing below it, a user manager itself
-    ("/", None), ("", None), (None, None), ("/user.slice/user-1000.slice/user@1000.service/init.scope", None),
-    ("/pod-not-kube/abc", None),
-])
+@pytest.mark.parametrize(
+    "path,owner",
+    [
+        # guaranteed QoS (no qos slice), a pod-level process, a static pod's hash UID
+        (
+            f"/kubepods.slice/kubepods-pod{POD.replace('-', '_')}.slice/cri-containerd-{K8S}.scope",
+            CgroupOwner("containerd", K8S, POD),
+        ),
+        (f"/kubepods/besteffort/pod{POD}", CgroupOwner(pod=POD)),
+        (f"/kubepods/burstable/pod{'ab' * 16}/{K8S}", CgroupOwner(None, K8S, "ab" * 16)),
+        # seen from inside a cgroup namespace, and a kind node (Kubernetes inside a Docker container)
+        (
+            f"/../../kubepods-besteffort-pod{POD.replace('-', '_')}.slice/crio-{CRIO}.scope",
+            CgroupOwner("cri-o", CRIO, POD),
+        ),
+        (f"/system.slice/docker-{DOCKER}.scope/kubepods/burstable/pod{POD}/{K8S}", CgroupOwner(None, K8S, POD)),
+        (f"/system.slice/docker-{DOCKER}.scope/system.slice/kubelet.service", CgroupOwner("docker", DOCKER)),
+        # podman on cgroup v1, nerdctl, and conmon (the monitor beside a CRI-O container, not in it)
+        (f"/libpod_parent/libpod-{PODMAN}", CgroupOwner("podman", PODMAN)),
+        (f"/system.slice/nerdctl-{K8S}.scope", CgroupOwner("containerd", K8S)),
+        (f"/kubepods.slice/kubepods-pod{POD.replace('-', '_')}.slice/crio-conmon-{CRIO}.scope", CgroupOwner(pod=POD)),
+        ("/system.slice/crio-conmon-" + CRIO + ".scope", CgroupOwner(unit=f"crio-conmon-{CRIO}.scope")),
+        # no ID to be had: the root, a namespaced view with nothing below it, a user manager itself
+        ("/", None),
+        ("", None),
+        (None, None),
+        ("/user.slice/user-1000.slice/user@1000.service/init.scope", None),
+        ("/pod-not-kube/abc", None),
+    ],
+)
 def test_more_layouts(path, owner):
     assert parse_container(path) == owner
 
@@ -88,8 +100,15 @@ def test_grouping_by_container_through_a_synthetic_proc(tmp_path):
     cfg = Groups.model_validate({"by": "container", "named": [{"name": "db", "match": {"comm": "^named-db$"}}]})
     procs, _ = ProcfsReader(str(fp.root), cgroup=True).read_processes()
     groups = {g.label: g for g in group_processes(procs, cfg)}
-    assert set(groups) == {f"docker/{DOCKER[:12]}", f"pod/{POD}/{K8S[:12]}", f"pod/{POD}/{CRIO[:12]}",
-                           "ollama.service", "bash-40", "vim-50", "db"}
+    assert set(groups) == {
+        f"docker/{DOCKER[:12]}",
+        f"pod/{POD}/{K8S[:12]}",
+        f"pod/{POD}/{CRIO[:12]}",
+        "ollama.service",
+        "bash-40",
+        "vim-50",
+        "db",
+    }
     docker = groups[f"docker/{DOCKER[:12]}"]
     assert (docker.kind, docker.processes, docker.rss_bytes) == ("container", 3, 180_000 * 1024)
     assert docker.key == f"container:docker/{DOCKER[:12]}" and docker.pgid is None
@@ -104,11 +123,20 @@ def test_group_info_carries_container_and_pod_labels(tmp_path):
     sample = Sampler(cfg).tick()
     exposition = Exposition(build_registry(SampleCollector(lambda: sample, lambda: cfg.groups)))
     body, _ = exposition.render("")
-    info = {s.labels["group"]: s.labels for fam in text_string_to_metric_families(body.decode())
-            if fam.name == "mem_exporter_group_info" for s in fam.samples}
+    info = {
+        s.labels["group"]: s.labels
+        for fam in text_string_to_metric_families(body.decode())
+        if fam.name == "mem_exporter_group_info"
+        for s in fam.samples
+    }
     assert info[f"pod/{POD}/{K8S[:12]}"] | {"leader": ""} == {
-        "group": f"pod/{POD}/{K8S[:12]}", "kind": "container", "pgid": "", "leader": "", "container": K8S[:12],
-        "pod": POD}
+        "group": f"pod/{POD}/{K8S[:12]}",
+        "kind": "container",
+        "pgid": "",
+        "leader": "",
+        "container": K8S[:12],
+        "pod": POD,
+    }
     assert (info[f"docker/{DOCKER[:12]}"]["container"], info[f"docker/{DOCKER[:12]}"]["pod"]) == (DOCKER[:12], "")
     assert (info["ollama.service"]["kind"], info["ollama.service"]["container"]) == ("unit", "")
     assert (info["bash-40"]["kind"], info["bash-40"]["pgid"], info["bash-40"]["container"]) == ("pgid", "40", "")

@@ -1,5 +1,6 @@
 """The example Alertmanager config: valid, routes by severity, and a critical alert
 inhibits the warning of the same alert on the same host (checked on a real Alertmanager)."""
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,19 @@ def test_config_passes_amtool_check_config():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("labels, receiver", [
-    (["alertname=MemExporterSystemMemoryLow", "severity=critical"], "page"),
-    (["alertname=MemExporterSystemMemoryLow", "severity=warning"], "team"),
-    (["alertname=MemExporterEnforcerKilled", "severity=info"], "log"),
-    (["alertname=SomethingElse"], "team"),
-])
+@pytest.mark.parametrize(
+    "labels, receiver",
+    [
+        (["alertname=MemExporterSystemMemoryLow", "severity=critical"], "page"),
+        (["alertname=MemExporterSystemMemoryLow", "severity=warning"], "team"),
+        (["alertname=MemExporterEnforcerKilled", "severity=info"], "log"),
+        (["alertname=SomethingElse"], "team"),
+    ],
+)
 def test_alerts_route_by_severity(labels, receiver):
-    result = run(AMTOOL, "config", "routes", "test", f"--config.file={CONFIG}",
-                 f"--verify.receivers={receiver}", *labels)
+    result = run(
+        AMTOOL, "config", "routes", "test", f"--config.file={CONFIG}", f"--verify.receivers={receiver}", *labels
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -39,8 +44,9 @@ def _get(url: str):
 
 
 def _post(url: str, body) -> None:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=2):
         pass
 
@@ -56,10 +62,18 @@ def alertmanager(tmp_path):
             hook["url"] = dead
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    proc = subprocess.Popen([ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}",
-                             f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--cluster.listen-address="],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            ALERTMANAGER,
+            f"--config.file={tmp_path / 'alertmanager.yml'}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 15
@@ -87,18 +101,25 @@ def _alert(name, severity, **labels):
 
 
 def test_critical_inhibits_the_warning_of_the_same_alert_and_host_only(alertmanager):
-    _post(f"{alertmanager}/api/v2/alerts", [
-        _alert("MemExporterSystemMemoryLow", "critical", instance="a"),
-        _alert("MemExporterSystemMemoryLow", "warning", instance="a"),
-        _alert("MemExporterSystemMemoryLow", "warning", instance="b"),
-        _alert("MemExporterGPUMemoryHigh", "critical", instance="a", gpu="0"),
-        _alert("MemExporterGPUMemoryHigh", "warning", instance="a", gpu="1"),
-    ])
+    _post(
+        f"{alertmanager}/api/v2/alerts",
+        [
+            _alert("MemExporterSystemMemoryLow", "critical", instance="a"),
+            _alert("MemExporterSystemMemoryLow", "warning", instance="a"),
+            _alert("MemExporterSystemMemoryLow", "warning", instance="b"),
+            _alert("MemExporterGPUMemoryHigh", "critical", instance="a", gpu="0"),
+            _alert("MemExporterGPUMemoryHigh", "warning", instance="a", gpu="1"),
+        ],
+    )
     deadline = time.monotonic() + 10
     while True:
         alerts = _get(f"{alertmanager}/api/v2/alerts")
-        state = {(a["labels"]["alertname"], a["labels"]["severity"], a["labels"]["instance"],
-                  a["labels"].get("gpu")): a["status"]["state"] for a in alerts}
+        state = {
+            (a["labels"]["alertname"], a["labels"]["severity"], a["labels"]["instance"], a["labels"].get("gpu")): a[
+                "status"
+            ]["state"]
+            for a in alerts
+        }
         if len(state) == 5 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -112,15 +133,20 @@ def test_critical_inhibits_the_warning_of_the_same_alert_and_host_only(alertmana
 
 
 def test_a_down_target_inhibits_its_stale_samples_alert(alertmanager):
-    _post(f"{alertmanager}/api/v2/alerts", [
-        _alert("MemExporterDown", "critical", instance="a", job="mem-exporter"),
-        _alert("MemExporterSamplesStale", "warning", instance="a", job="mem-exporter"),
-        _alert("MemExporterSamplesStale", "warning", instance="a", job="mem-exporter-enforcer"),
-    ])
+    _post(
+        f"{alertmanager}/api/v2/alerts",
+        [
+            _alert("MemExporterDown", "critical", instance="a", job="mem-exporter"),
+            _alert("MemExporterSamplesStale", "warning", instance="a", job="mem-exporter"),
+            _alert("MemExporterSamplesStale", "warning", instance="a", job="mem-exporter-enforcer"),
+        ],
+    )
     deadline = time.monotonic() + 10
     while True:
-        state = {(a["labels"]["alertname"], a["labels"]["job"]): a["status"]["state"]
-                 for a in _get(f"{alertmanager}/api/v2/alerts")}
+        state = {
+            (a["labels"]["alertname"], a["labels"]["job"]): a["status"]["state"]
+            for a in _get(f"{alertmanager}/api/v2/alerts")
+        }
         if len(state) == 3 or time.monotonic() > deadline:
             break
         time.sleep(0.1)

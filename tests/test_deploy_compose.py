@@ -1,4 +1,5 @@
 """The docker-compose lab, the Dockerfile and the lab's mem-exporter config."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -47,7 +48,7 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_runs_mem_exporter_as_a_non_root_user():
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
     assert lines[0] == "FROM python:3.12-slim"
-    assert "ENTRYPOINT [\"mem-exporter\"]" in lines
+    assert 'ENTRYPOINT ["mem-exporter"]' in lines
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert any("pip install ." in line for line in lines)
@@ -55,7 +56,7 @@ def test_dockerfile_runs_mem_exporter_as_a_non_root_user():
 
 def test_dockerignore_keeps_the_build_context_small():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
-    assert lines[lines.index("*") + 1:] and "!mem_exporter/" in lines and "!pyproject.toml" in lines
+    assert lines[lines.index("*") + 1 :] and "!mem_exporter/" in lines and "!pyproject.toml" in lines
 
 
 def _services():
@@ -136,9 +137,21 @@ def test_lab_enforcer_kills_the_demo_workload_for_real(tmp_path):
     data["gpu"] = {"backend": "none"}
     config = tmp_path / "lab.yaml"
     config.write_text(yaml.safe_dump(data))
-    workload = subprocess.Popen([sys.executable, str(DEPLOY / "lab" / "demo-workload.py"), DEMO_MARKER,
-                                 "--grow-mb-per-s", "60", "--max-mb", "450", "--tag", tag],
-                                start_new_session=True, stderr=subprocess.DEVNULL)
+    workload = subprocess.Popen(
+        [
+            sys.executable,
+            str(DEPLOY / "lab" / "demo-workload.py"),
+            DEMO_MARKER,
+            "--grow-mb-per-s",
+            "60",
+            "--max-mb",
+            "450",
+            "--tag",
+            tag,
+        ],
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+    )
     enforcer = Daemon("enforce", "--config", str(config), cwd=tmp_path)
     try:
         cmdline = (Path("/proc") / str(workload.pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -150,8 +163,11 @@ def test_lab_enforcer_kills_the_demo_workload_for_real(tmp_path):
         kills = [e for e in events if e.get("rule") == "lab-demo" and e.get("action") in ("term", "kill")]
         assert kills and all(e["group"].endswith(f"-{workload.pid}") for e in kills), events
         # the counter is rendered with the next sample after the kill is confirmed
-        wait_for(lambda: metric_value(enforcer.metrics(), "mem_exporter_enforcer_kills_total", rule="lab-demo") == 1,
-                 15, what="the lab rule's kill counter at 1")
+        wait_for(
+            lambda: metric_value(enforcer.metrics(), "mem_exporter_enforcer_kills_total", rule="lab-demo") == 1,
+            15,
+            what="the lab rule's kill counter at 1",
+        )
     finally:
         if workload.poll() is None:
             os.killpg(workload.pid, signal.SIGKILL)
@@ -176,5 +192,6 @@ def test_fake_gpu_scenario_ships_in_the_package():
         relative = scenario.removeprefix(SITE_PACKAGES)
         assert (ROOT / relative).is_file(), f"{relative} is missing from the repository"
         inside = relative.removeprefix("mem_exporter/")
-        assert any(fnmatch.fnmatch(inside, p) for p in patterns), \
+        assert any(fnmatch.fnmatch(inside, p) for p in patterns), (
             f"pyproject package-data for mem_exporter ({patterns}) does not ship {inside}"
+        )

@@ -1,5 +1,6 @@
 """The Grafana dashboards and provisioning: valid JSON, stable unique uids, every panel on
 the $datasource variable, every query on published metrics and valid PromQL."""
+
 from __future__ import annotations
 
 import re
@@ -89,8 +90,14 @@ def test_queries_use_only_published_metrics(uid, title, expr):
 
 def test_every_query_is_valid_promql(tmp_path):
     """promtool parses each expression as a recording rule (2.42 has no standalone expression check)."""
-    rules = {"groups": [{"name": "dashboards", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, _, expr) in enumerate(QUERIES)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboards",
+                "rules": [{"record": f"dashboard:query_{i}", "expr": expr} for i, (_, _, expr) in enumerate(QUERIES)],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = run(PROMTOOL, "check", "rules", str(path))
@@ -101,11 +108,19 @@ def test_every_query_is_valid_promql(tmp_path):
 def test_overview_shows_every_required_view():
     dash = _dashboards()["mem-exporter-overview.json"]
     exprs = " ".join(t["expr"] for p in iter_panels(dash["panels"]) for t in p.get("targets", []))
-    for metric in ("mem_exporter_system_memory_available_bytes", "mem_exporter_system_swap_used_bytes",
-                   "mem_exporter_gpu_memory_used_bytes", "mem_exporter_gpu_utilization_ratio",
-                   "mem_exporter_gpu_temperature_celsius", "mem_exporter_gpu_power_watts",
-                   "mem_exporter_gpu_clock_hertz", "mem_exporter_group_memory_bytes",
-                   "mem_exporter_group_gpu_memory_bytes", "ALERTS", "mem_exporter_phase_info"):
+    for metric in (
+        "mem_exporter_system_memory_available_bytes",
+        "mem_exporter_system_swap_used_bytes",
+        "mem_exporter_gpu_memory_used_bytes",
+        "mem_exporter_gpu_utilization_ratio",
+        "mem_exporter_gpu_temperature_celsius",
+        "mem_exporter_gpu_power_watts",
+        "mem_exporter_gpu_clock_hertz",
+        "mem_exporter_group_memory_bytes",
+        "mem_exporter_group_gpu_memory_bytes",
+        "ALERTS",
+        "mem_exporter_phase_info",
+    ):
         assert metric in exprs, metric
     annotation_exprs = [a["expr"] for a in dash["annotations"]["list"] if "expr" in a]
     assert any("mem_exporter_enforcer_kills_total" in e for e in annotation_exprs)
@@ -124,14 +139,22 @@ def test_ram_and_gpu_panels_show_the_alert_zones():
     ram_style = panels["RAM used (share of total)"]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]
     assert ram_style["mode"] == "line+area"
     assert _steps(panels["GPU memory used (share of total)"]) == [
-        (None, "green"), (z.gpu_memory.caution, "yellow"), (z.gpu_memory.critical, "red")]
+        (None, "green"),
+        (z.gpu_memory.caution, "yellow"),
+        (z.gpu_memory.critical, "red"),
+    ]
     for title in ("RAM used", "RAM used (share of total)"):
         assert panels[title]["targets"][0]["expr"].startswith("instance:mem_exporter_memory_utilisation:ratio{")
     assert panels["GPU memory used (share of total)"]["targets"][0]["expr"].startswith(
-        "instance_gpu:mem_exporter_gpu_memory_utilisation:ratio{")
+        "instance_gpu:mem_exporter_gpu_memory_utilisation:ratio{"
+    )
     groups = {p["title"]: p for p in iter_panels(_dashboards()["mem-exporter-groups.json"]["panels"])}
-    assert _steps(groups["Share of limit"]) == [(None, "green"), (z.limit.caution, "yellow"),
-                                                (z.limit.critical, "red"), (1, "dark-red")]
+    assert _steps(groups["Share of limit"]) == [
+        (None, "green"),
+        (z.limit.caution, "yellow"),
+        (z.limit.critical, "red"),
+        (1, "dark-red"),
+    ]
 
 
 def test_group_panel_draws_the_enforcer_limit():
@@ -228,9 +251,14 @@ def test_gpu_panels_say_when_there_is_no_gpu_and_name_the_vendor():
 
 def test_overview_shows_dry_run_locking_pressure_throttling_and_xid_errors():
     exprs = " ".join(e for p in _panels("mem-exporter-overview.json") for e in _exprs(p))
-    for metric in ("mem_exporter_enforcer_dry_run", "mem_exporter_gpu_throttle_active",
-                   "mem_exporter_gpu_xid_errors_total", "mem_exporter_sample_interval_seconds",
-                   "mem_exporter_enforcer_memory_locked", "mem_exporter_system_memory_pressure_ratio"):
+    for metric in (
+        "mem_exporter_enforcer_dry_run",
+        "mem_exporter_gpu_throttle_active",
+        "mem_exporter_gpu_xid_errors_total",
+        "mem_exporter_sample_interval_seconds",
+        "mem_exporter_enforcer_memory_locked",
+        "mem_exporter_system_memory_pressure_ratio",
+    ):
         assert metric in exprs, metric
 
 

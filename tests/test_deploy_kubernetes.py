@@ -1,6 +1,7 @@
 """The Kubernetes manifests: schema-valid (kubernetes-validate --strict for built-in kinds;
 the Prometheus Operator kinds checked here, since kubernetes-validate has no schema for
 them), least privilege, and a PrometheusRule that carries exactly the rule file."""
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,12 @@ def test_builtin_manifest_passes_kubernetes_validate_strict(path):
 def test_generated_configmap_passes_kubernetes_validate_strict(tmp_path):
     [generator] = KUSTOMIZATION["configMapGenerator"]
     data = {f.split("/")[-1]: (KUBE / f).read_text() for f in generator["files"]}
-    manifest = {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": generator["name"], "namespace": KUSTOMIZATION["namespace"]}, "data": data}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": generator["name"], "namespace": KUSTOMIZATION["namespace"]},
+        "data": data,
+    }
     path = tmp_path / "configmap.yaml"
     path.write_text(yaml.safe_dump(manifest))
     result = run(KUBERNETES_VALIDATE, "--strict", str(path))

@@ -1,5 +1,6 @@
 """The Prometheus alert rules: valid, unit-tested for firing and for staying quiet,
 annotated, linked to the runbook; the lab's Prometheus config is valid."""
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,12 @@ def test_unit_tests_load_every_rule_file():
 
 @pytest.mark.parametrize("rule", recording_rules(), ids=[r["record"] for r in recording_rules()])
 def test_every_recording_rule_has_a_unit_test_and_uses_published_metrics(rule):
-    tested = {case["expr"] for path in RULE_TESTS for test in load_yaml(path)["tests"]
-              for case in test.get("promql_expr_test", [])}
+    tested = {
+        case["expr"]
+        for path in RULE_TESTS
+        for test in load_yaml(path)["tests"]
+        for case in test.get("promql_expr_test", [])
+    }
     assert any(rule["record"] in expr for expr in tested), f"no promql_expr_test reads {rule['record']}"
     unknown = metric_names(rule["expr"]) - METRICS
     assert not unknown, f"{rule['record']}: unknown metrics {sorted(unknown)}"
@@ -157,8 +162,9 @@ def test_an_info_alert_uses_the_log_route():
 
 def test_lab_prometheus_scrapes_exporter_and_enforcer_and_alerts_to_alertmanager():
     config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
-    targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
-               for job in config["scrape_configs"]}
+    targets = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+    }
     assert targets["mem-exporter"] == ["exporter:9713"]
     assert targets["mem-exporter-enforcer"] == ["enforcer:9714"]
     am = [t for a in config["alerting"]["alertmanagers"] for sc in a["static_configs"] for t in sc["targets"]]

@@ -1,4 +1,5 @@
 """The actuator at its narrowest seams: PID reuse (identity check before every signal), cgroup v2 cgroup.kill."""
+
 import os
 import signal
 import time
@@ -15,8 +16,10 @@ def live_info(pid):
     return p
 
 
-MODES = [pytest.param(True, id="pidfd", marks=pytest.mark.skipif(not HAVE_PIDFD, reason="no pidfd")),
-         pytest.param(False, id="kill")]
+MODES = [
+    pytest.param(True, id="pidfd", marks=pytest.mark.skipif(not HAVE_PIDFD, reason="no pidfd")),
+    pytest.param(False, id="kill"),
+]
 
 
 @pytest.mark.parametrize("use_pidfd", MODES)

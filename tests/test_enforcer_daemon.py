@@ -1,6 +1,7 @@
 """`mem-exporter enforce` for real: a kill shows in the event log, in a real scrape, in a real
 Alertmanager (which delivers it to a webhook served here), and at a generic webhook; SIGHUP with a
 bad config keeps the old rules; SIGTERM stops cleanly."""
+
 import json
 import signal
 import uuid
@@ -33,10 +34,12 @@ enforcer:
         def steady_limit():
             text = d.metrics()
             from prometheus_client.parser import text_string_to_metric_families
+
             for fam in text_string_to_metric_families(text):
                 for s in fam.samples:
                     if s.name == "mem_exporter_enforcer_limit_bytes" and s.labels["group"].endswith(f"-{steady.pgid}"):
                         return s
+
         s = wait_for(steady_limit, 15, what="the limit line of the steady group")
         assert s.labels["rule"] == "runaway" and s.value == 200 * 2**20
         assert metric_value(d.metrics(), "mem_exporter_enforcer_kills_total", rule="runaway") == 0
@@ -49,6 +52,7 @@ enforcer:
                 return None
             lines = [json.loads(x) for x in events.read_text().splitlines()]
             return next((x for x in lines if x["pgid"] == hog.pgid and x["action"] in ("term", "kill")), None)
+
         ev = wait_for(logged, 40, what=f"the kill event in {events}")
         assert ev["rule"] == "runaway" and ev["outcome"] == "dead" and ev["limit"] == 200 * 2**20
         assert ev["timestamp"].endswith("Z") and ev["memory_bytes"] > 200 * 2**20 and ev["processes"] == 2
@@ -59,6 +63,7 @@ enforcer:
         def counted():
             t = d.metrics()
             return t if metric_value(t, "mem_exporter_enforcer_kills_total", rule="runaway") == 1 else None
+
         text = wait_for(counted, 10, what="kills_total 1 in a scrape")
         assert metric_value(text, "mem_exporter_enforcer_actions_total", rule="runaway", action=ev["action"]) == 1
         assert metric_value(text, "mem_exporter_system_memory_total_bytes") > 0  # the samples it acted on, too

@@ -2,6 +2,7 @@
 
 Every rule selects only this test's own hogs by a unique `--tag`, so nothing else is ever at risk.
 """
+
 import functools
 import json
 import os
@@ -52,8 +53,9 @@ def test_under_the_limit_and_protected_groups_survive(enforcer, spawn_group, tag
     shielded = spawn_group("--mb", "200", "--tag", tag + "shielded")
     small.wait_ready()
     shielded.wait_ready()
-    enf = enforcer([{"name": "cap", "match": sel(tag), "max_rss": "100MiB"}],
-                   protect=[{"cmdline": f"--tag {tag}shielded"}])
+    enf = enforcer(
+        [{"name": "cap", "match": sel(tag), "max_rss": "100MiB"}], protect=[{"cmdline": f"--tag {tag}shielded"}]
+    )
     ev = wait_for(lambda: event_for(enf, shielded.pgid, ("skipped_protected",)), 20, what="the skipped_protected event")
     assert "protected by config" in ev["reason"]
     seen = enf.fast_reads
@@ -66,8 +68,9 @@ def test_under_the_limit_and_protected_groups_survive(enforcer, spawn_group, tag
 def test_a_member_ignoring_sigterm_gets_sigkill_after_the_grace_period(enforcer, spawn_group, tag):
     hog = spawn_group("--mb", "150", "--children", "1", "--ignore", "SIGTERM", "--tag", tag)
     kids = hog.wait_ready()
-    enf = enforcer([{"name": "stubborn", "match": sel(tag), "max_rss": "100MiB", "grace": "1s",
-                     "hard_ceiling": "100%"}])
+    enf = enforcer(
+        [{"name": "stubborn", "match": sel(tag), "max_rss": "100MiB", "grace": "1s", "hard_ceiling": "100%"}]
+    )
     ev = wait_for(lambda: event_for(enf, hog.pgid), 30, what="the kill event")
     assert ev["action"] == "kill" and ev["outcome"] == "dead" and ev["hard_ceiling"] is False, ev
     assert [s["signal"] for s in ev["signals_sent"]] == ["SIGTERM", "SIGKILL"]

@@ -1,4 +1,5 @@
 """The enforcer's policy is pure: Samples built from dataclasses in, actions out. No processes here."""
+
 import pytest
 
 from mem_exporter.config import Matcher, Rule
@@ -29,15 +30,41 @@ def inspect_exe(p):
     return p.exe, bool(p.exe) and p.exe.startswith(("/usr/", "/sbin/"))
 
 
-ME = Context(uid=UID, pid=500, pgid=500, ancestors=frozenset({400, 300}), protect=(Matcher(comm="^precious$"),),
-             inspect_exe=inspect_exe)
+ME = Context(
+    uid=UID,
+    pid=500,
+    pgid=500,
+    ancestors=frozenset({400, 300}),
+    protect=(Matcher(comm="^precious$"),),
+    inspect_exe=inspect_exe,
+)
 SSHD = "/usr/sbin/sshd"
 
 
-def proc(pid, pgid=None, rss=10 * MB, comm="python3", cmdline="python3 job.py", uid=UID, ppid=300, start=None,
-         exe="/usr/bin/python3.11"):
-    return ProcessInfo(pid=pid, ppid=ppid, pgid=pgid or pid, sid=pgid or pid, uid=uid, comm=comm, cmdline=cmdline,
-                       start_time=start if start is not None else pid * 10, state="S", rss_bytes=rss, exe=exe)
+def proc(
+    pid,
+    pgid=None,
+    rss=10 * MB,
+    comm="python3",
+    cmdline="python3 job.py",
+    uid=UID,
+    ppid=300,
+    start=None,
+    exe="/usr/bin/python3.11",
+):
+    return ProcessInfo(
+        pid=pid,
+        ppid=ppid,
+        pgid=pgid or pid,
+        sid=pgid or pid,
+        uid=uid,
+        comm=comm,
+        cmdline=cmdline,
+        start_time=start if start is not None else pid * 10,
+        state="S",
+        rss_bytes=rss,
+        exe=exe,
+    )
 
 
 def group(*members, gpu=None):
@@ -47,9 +74,17 @@ def group(*members, gpu=None):
 
 def sample(*groups, t=100.0, avail=8 * GB, total=16 * GB, gpus=(), extra=()):
     procs = tuple(p for g in groups for p in g.members) + tuple(extra)
-    return Sample(timestamp=1_700_000_000 + t, monotonic=t, duration_seconds=0.01,
-                  system=SystemMemory(total, avail, avail, 0, 0), cpu_usage_ratio=None, process_count=len(procs),
-                  groups=tuple(sorted(groups, key=lambda g: g.rss_bytes, reverse=True)), processes=procs, gpus=gpus)
+    return Sample(
+        timestamp=1_700_000_000 + t,
+        monotonic=t,
+        duration_seconds=0.01,
+        system=SystemMemory(total, avail, avail, 0, 0),
+        cpu_usage_ratio=None,
+        process_count=len(procs),
+        groups=tuple(sorted(groups, key=lambda g: g.rss_bytes, reverse=True)),
+        processes=procs,
+        gpus=gpus,
+    )
 
 
 def rule(**kw):
@@ -90,7 +125,8 @@ def test_summed_over_members_and_all_members_selector():
     g = group(proc(1000, rss=600 * MB, cmdline="bash run.sh"), proc(1001, pgid=1000, rss=600 * MB, cmdline="bun test"))
     s = sample(g)
     assert kinds(decide(s, [rule(max_rss="1GiB", match={"cmdline": "bun test"})], PolicyState(), ME)) == [
-        ("kill", "r", "python3-1000")]
+        ("kill", "r", "python3-1000")
+    ]
     every_member = rule(max_rss="1GiB", match={"cmdline": "bun test", "all_members": True})
     assert decide(s, [every_member], PolicyState(), ME) == []
     (a,) = decide(s, [rule(max_rss="1GiB")], PolicyState(), ME)
@@ -130,10 +166,14 @@ def test_busy_groups_are_left_alone_and_the_first_rule_wins():
 def test_several_rules_each_kill_names_its_rule():
     a = group(proc(1000, rss=2 * GB, cmdline="bun test"))
     b = group(proc(2000, rss=3 * GB, cmdline="cargo build"))
-    rules = [rule(name="bun", max_rss="1GiB", match={"cmdline": "bun"}),
-             rule(name="cargo", max_rss="1GiB", match={"cmdline": "cargo"})]
+    rules = [
+        rule(name="bun", max_rss="1GiB", match={"cmdline": "bun"}),
+        rule(name="cargo", max_rss="1GiB", match={"cmdline": "cargo"}),
+    ]
     assert sorted(kinds(decide(sample(a, b), rules, PolicyState(), ME))) == [
-        ("kill", "bun", "python3-1000"), ("kill", "cargo", "python3-2000")]
+        ("kill", "bun", "python3-1000"),
+        ("kill", "cargo", "python3-2000"),
+    ]
 
 
 def test_system_available_below_kills_the_largest_selected_group_once_per_cooldown():
@@ -167,8 +207,15 @@ def test_system_rule_with_no_eligible_group_says_so():
 
 
 def _card(index, used_ratio, procs=()):
-    return GpuCard(index=index, uuid=f"GPU-{index}", name="Fake", driver_version="1", memory_total_bytes=80 * GB,
-                   memory_used_bytes=int(used_ratio * 80 * GB), processes=procs)
+    return GpuCard(
+        index=index,
+        uuid=f"GPU-{index}",
+        name="Fake",
+        driver_version="1",
+        memory_total_bytes=80 * GB,
+        memory_used_bytes=int(used_ratio * 80 * GB),
+        processes=procs,
+    )
 
 
 def test_gpu_memory_above_kills_the_largest_vram_user_on_that_card():
@@ -201,21 +248,40 @@ VENDOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("vendor,used,vram,gtt,r,victim", VENDOR_CASES,
-                         ids=[f"{c[0]}-{next(iter(c[4]))}-{c[5] or 'none'}" for c in VENDOR_CASES])
+@pytest.mark.parametrize(
+    "vendor,used,vram,gtt,r,victim",
+    VENDOR_CASES,
+    ids=[f"{c[0]}-{next(iter(c[4]))}-{c[5] or 'none'}" for c in VENDOR_CASES],
+)
 def test_vram_rules_treat_every_vendor_alike(vendor, used, vram, gtt, r, victim):
     from mem_exporter.config import Groups
     from mem_exporter.grouping import group_processes
     from mem_exporter.sample import GpuProcess
+
     kind = "compute" if vendor == "nvidia" else "drm"
-    card = GpuCard(index=0, uuid="u", name=vendor, driver_version="1", vendor=vendor, memory_total_bytes=80 * GB,
-                   memory_used_bytes=None if used is None else int(used * 80 * GB),
-                   processes=(GpuProcess(1000, vram, kind, gtt), GpuProcess(2000, GB, kind, None)))
+    card = GpuCard(
+        index=0,
+        uuid="u",
+        name=vendor,
+        driver_version="1",
+        vendor=vendor,
+        memory_total_bytes=80 * GB,
+        memory_used_bytes=None if used is None else int(used * 80 * GB),
+        processes=(GpuProcess(1000, vram, kind, gtt), GpuProcess(2000, GB, kind, None)),
+    )
     procs = [proc(1000, rss=GB), proc(1001, pgid=1000), proc(2000, rss=3 * GB)]
     groups = group_processes(procs, Groups(), "rss", (card,))
-    s = Sample(timestamp=1_700_000_100, monotonic=100.0, duration_seconds=0.01,
-               system=SystemMemory(16 * GB, 8 * GB, 8 * GB, 0, 0), cpu_usage_ratio=None, process_count=3,
-               groups=groups, processes=tuple(procs), gpus=(card,))
+    s = Sample(
+        timestamp=1_700_000_100,
+        monotonic=100.0,
+        duration_seconds=0.01,
+        system=SystemMemory(16 * GB, 8 * GB, 8 * GB, 0, 0),
+        cpu_usage_ratio=None,
+        process_count=3,
+        groups=groups,
+        processes=tuple(procs),
+        gpus=(card,),
+    )
     actions = decide(s, [rule(**r)], PolicyState(), ME)
     assert [a.group.label for a in actions if a.kind == "kill"] == ([victim] if victim else [])
 
@@ -242,16 +308,28 @@ SAFETY = [
     ("the enforcer itself", proc(500, pgid=7000), "skipped_protected"),
     ("an ancestor of the enforcer", proc(400, pgid=7000, comm="bash"), "skipped_protected"),
     ("sshd (built in)", proc(7000, comm="sshd", exe=SSHD), "skipped_protected"),
-    ("containerd-shim (built in)", proc(7000, comm="containerd-shim", exe="/usr/bin/containerd-shim-runc-v2"),
-     "skipped_protected"),
+    (
+        "containerd-shim (built in)",
+        proc(7000, comm="containerd-shim", exe="/usr/bin/containerd-shim-runc-v2"),
+        "skipped_protected",
+    ),
     ("kubelet (built in)", proc(7000, comm="kubelet", exe="/usr/bin/kubelet"), "skipped_protected"),
     ("systemd (built in)", proc(7000, comm="systemd", exe="/usr/lib/systemd/systemd"), "skipped_protected"),
-    ("the exporter run by root (built in)", proc(7000, uid=0, cmdline="/usr/bin/python3 -m mem_exporter serve"),
-     "skipped_protected"),
-    ("mem-exporter binary run by root (built in)", proc(7000, uid=0, cmdline="/usr/local/bin/mem-exporter enforce"),
-     "skipped_protected"),
-    ("another user's sshd that cannot be inspected", proc(7000, uid=0, comm="sshd", exe=UNREADABLE),
-     "skipped_protected"),
+    (
+        "the exporter run by root (built in)",
+        proc(7000, uid=0, cmdline="/usr/bin/python3 -m mem_exporter serve"),
+        "skipped_protected",
+    ),
+    (
+        "mem-exporter binary run by root (built in)",
+        proc(7000, uid=0, cmdline="/usr/local/bin/mem-exporter enforce"),
+        "skipped_protected",
+    ),
+    (
+        "another user's sshd that cannot be inspected",
+        proc(7000, uid=0, comm="sshd", exe=UNREADABLE),
+        "skipped_protected",
+    ),
     ("a hog run through a symlink named sshd", proc(7000, comm="sshd", exe="/usr/bin/python3.11"), "kill"),
     ("a copy of a program named sshd in a user's directory", proc(7000, comm="sshd", exe="/home/u/sshd"), "kill"),
     ("a deleted or unresolvable executable named sshd", proc(7000, comm="sshd", exe=None), "kill"),
@@ -314,16 +392,19 @@ def test_limits_lists_watched_groups():
     assert [(rr.name, g.label, lim) for rr, g, lim in limits(sample(a, b), r)] == [("x", "python3-1000", 2 * GB)]
 
 
-@pytest.mark.parametrize("headroom,rate,expected", [
-    (10 * GB, 0, 2.0),  # far away, not growing: the normal interval
-    (50 * MB, 0, 0.5),  # near, no growth seen: FLOOR_RATE decides
-    (500 * MB, 500 * MB, 0.5),  # growing: headroom at twice the rate
-    (100 * MB, 500 * MB, 0.1),  # near and growing: the regular fast lane
-    (10 * MB, 500 * MB, 0.025),  # about to cross: one read just after the predicted crossing
-    (1 * MB, 500 * MB, 0.01),  # never closer than 10 ms
-    (10 * MB, 1 * MB, 0.1),  # hovering below the limit: no prediction from noise
-    (-1, 0, MIN_PERIOD),  # over the limit (a `for:` running): as fast as allowed
-])
+@pytest.mark.parametrize(
+    "headroom,rate,expected",
+    [
+        (10 * GB, 0, 2.0),  # far away, not growing: the normal interval
+        (50 * MB, 0, 0.5),  # near, no growth seen: FLOOR_RATE decides
+        (500 * MB, 500 * MB, 0.5),  # growing: headroom at twice the rate
+        (100 * MB, 500 * MB, 0.1),  # near and growing: the regular fast lane
+        (10 * MB, 500 * MB, 0.025),  # about to cross: one read just after the predicted crossing
+        (1 * MB, 500 * MB, 0.01),  # never closer than 10 ms
+        (10 * MB, 1 * MB, 0.1),  # hovering below the limit: no prediction from noise
+        (-1, 0, MIN_PERIOD),  # over the limit (a `for:` running): as fast as allowed
+    ],
+)
 def test_poll_period_adapts_to_headroom(headroom, rate, expected):
     assert FLOOR_RATE == 100 * MB
     assert poll_period(headroom, rate, 2.0) == pytest.approx(expected)

@@ -1,5 +1,6 @@
 """The psutil actuator for real on Linux, against process groups the test spawns: identity checks (PID reuse
 simulated by a recorded start time that differs), TERM then KILL, the groups and users it never touches."""
+
 import os
 import signal
 import subprocess
@@ -121,6 +122,7 @@ def test_desktop_notifications_per_operating_system():
 
     def having(*names):
         return lambda name: f"/bin/{name}" if name in names else None
+
     mac = desktop_command("darwin", having("osascript"), "killed x", 'rule "r"')
     assert mac[:2] == ["osascript", "-e"] and 'with title "killed x"' in mac[2] and '\\"r\\"' in mac[2]
     win = desktop_command("win32", having("powershell", "msg"), "killed x", "body")

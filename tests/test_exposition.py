@@ -1,5 +1,6 @@
 """/metrics content: a golden file from a fixture /proc tree (the procfs reader), and promtool on real scrapes
 once per source (procfs, and psutil forced with --source)."""
+
 import dataclasses
 import os
 import subprocess
@@ -52,11 +53,23 @@ def golden_sample(tmp_path, **config):
     return cfg, dataclasses.replace(sample, timestamp=1_700_000_000.0, duration_seconds=0.0125, cpu_usage_ratio=0.25)
 
 
-@pytest.mark.parametrize("name,config", [
-    ("rss", {"groups": {"max_groups": 3, "min_memory": "5MB"}}),
-    ("pss-named", {"memory": "pss", "groups": {"named": [{"name": "db", "match": {"comm": "^postgres$"}}],
-                                               "max_groups": 2, "cmdline_label": True}}),
-])
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("rss", {"groups": {"max_groups": 3, "min_memory": "5MB"}}),
+        (
+            "pss-named",
+            {
+                "memory": "pss",
+                "groups": {
+                    "named": [{"name": "db", "match": {"comm": "^postgres$"}}],
+                    "max_groups": 2,
+                    "cmdline_label": True,
+                },
+            },
+        ),
+    ],
+)
 def test_golden_metrics(tmp_path, name, config):
     cfg, sample = golden_sample(tmp_path, **config)
     text = render(sample, cfg)
@@ -86,9 +99,11 @@ def test_a_real_scrape_passes_promtool(daemon, backend, source):
     text = d.metrics()
     assert promtool_check(text) == ""
     from conftest import metric_value
+
     assert metric_value(text, "mem_exporter_source_up", source=source) == 1
     if backend == "auto":  # no NVIDIA driver on this machine: the GPU source is down, and says so
         from conftest import metric_value
+
         assert metric_value(text, "mem_exporter_source_up", source="gpu") == 0
         assert "mem_exporter_gpu_info" not in text
     if backend.startswith("fake:"):
@@ -97,11 +112,14 @@ def test_a_real_scrape_passes_promtool(daemon, backend, source):
 
 def test_serve_reports_a_spawned_group_within_ten_percent(daemon, spawn_group, source):
     from conftest import metric_value, wait_for
+
     hog = spawn_group("--mb", "200", "--children", "1", "--child-mb", "10")
     members = (hog.pid, *hog.wait_ready())
     resident = sum(int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") for pid in members)
     label = f"{open(f'/proc/{hog.pid}/comm').read().strip()}-{hog.pgid}"
     d = daemon("serve", "--interval", "0.3s", "--gpu-backend", "none", "--source", source).wait_healthy()
-    value = wait_for(lambda: metric_value(d.metrics(), "mem_exporter_group_memory_bytes", group=label, memtype="rss"),
-                     what=f"group {label} on /metrics")
+    value = wait_for(
+        lambda: metric_value(d.metrics(), "mem_exporter_group_memory_bytes", group=label, memtype="rss"),
+        what=f"group {label} on /metrics",
+    )
     assert abs(value - resident) <= 0.10 * resident and value >= 210 * 1024 * 1024, (value, resident)

@@ -4,6 +4,7 @@ The trees are built by tests/sysfs_builder.py from tests/fixtures/drm (kernel-do
 README there names the source of every line). /metrics is diffed against golden files and linted by
 promtool.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ def promtool_check(text: str) -> str:
 
 
 # --- fixture trees ------------------------------------------------------------------------------
+
 
 def _proc(root: Path) -> FakeProc:
     fp = FakeProc(root)
@@ -98,8 +100,13 @@ def tree_no_memory_keys(proc: Path, sys_: Path) -> None:
     add_fd(browser, 41, "/dev/dri/renderD128", "i915-engines-only.fdinfo")
 
 
-TREES = {"amd-discrete": tree_amd_discrete, "amd-apu": tree_amd_apu, "intel-xe": tree_intel_xe,
-         "shared-client": tree_shared_client, "no-memory-keys": tree_no_memory_keys}
+TREES = {
+    "amd-discrete": tree_amd_discrete,
+    "amd-apu": tree_amd_apu,
+    "intel-xe": tree_intel_xe,
+    "shared-client": tree_shared_client,
+    "no-memory-keys": tree_no_memory_keys,
+}
 
 
 def build(tmp_path: Path, name: str) -> tuple[Path, Path]:
@@ -121,6 +128,7 @@ def render(sample, config) -> str:
 
 
 # --- /metrics: golden files and promtool ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(TREES))
 def test_golden_metrics(tmp_path, name):
@@ -191,21 +199,27 @@ def test_a_driver_without_memory_keys_lists_the_client_with_unknown_memory(tmp_p
 
 # --- parsing -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [("4096", 4096), ("4 KiB", 4096), ("12 MiB", 12 * MIB), ("0", 0),
-                                           ("12 MB", None), ("x KiB", None), ("", None)])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("4096", 4096), ("4 KiB", 4096), ("12 MiB", 12 * MIB), ("0", 0), ("12 MB", None), ("x KiB", None), ("", None)],
+)
 def test_sizes_in_fdinfo(text, expected):
     assert parse_size(text) == expected
 
 
 def test_resident_wins_over_total_and_the_legacy_alias():
-    c = parse_fdinfo("drm-driver:\tamdgpu\ndrm-client-id:\t1\ndrm-memory-vram:\t10 MiB\ndrm-total-vram:\t8 MiB\n"
-                     "drm-resident-vram:\t6 MiB\ndrm-total-gtt:\t2 MiB\ndrm-resident-cpu:\t1 MiB\n")
+    c = parse_fdinfo(
+        "drm-driver:\tamdgpu\ndrm-client-id:\t1\ndrm-memory-vram:\t10 MiB\ndrm-total-vram:\t8 MiB\n"
+        "drm-resident-vram:\t6 MiB\ndrm-total-gtt:\t2 MiB\ndrm-resident-cpu:\t1 MiB\n"
+    )
     assert (c.driver, c.client_id, c.vram_bytes, c.gtt_bytes) == ("amdgpu", "1", 6 * MIB, 2 * MIB)
 
 
 def test_i915_local_regions_are_vram_and_system_memory_is_not():
-    c = parse_fdinfo("drm-driver:\ti915\ndrm-total-system0:\t5 MiB\ndrm-total-local0:\t7 MiB\n"
-                     "drm-total-stolen-system0:\t0\n")
+    c = parse_fdinfo(
+        "drm-driver:\ti915\ndrm-total-system0:\t5 MiB\ndrm-total-local0:\t7 MiB\ndrm-total-stolen-system0:\t0\n"
+    )
     assert (c.vram_bytes, c.gtt_bytes) == (7 * MIB, None)
 
 
@@ -214,6 +228,7 @@ def test_a_descriptor_without_drm_keys_is_no_client():
 
 
 # --- which cards, which source -------------------------------------------------------------------
+
 
 def test_auto_reads_nvidia_through_nvml_and_numbers_drm_cards_after_it(tmp_path):
     proc, sys_ = build(tmp_path, "amd-discrete")
@@ -251,6 +266,7 @@ def test_auto_leaves_a_card_of_another_driver_out_and_drm_reads_it(tmp_path):
 
 # --- cost and caching ----------------------------------------------------------------------------
 
+
 def test_descriptors_are_resolved_once_per_process_and_again_for_a_new_process(tmp_path):
     proc, sys_ = build(tmp_path, "amd-discrete")
     source = DrmSource(str(proc), str(sys_))
@@ -284,6 +300,7 @@ def test_a_reused_descriptor_number_is_caught_by_the_periodic_recheck(tmp_path):
 
 
 # --- other users' descriptors --------------------------------------------------------------------
+
 
 def scan_as(uid: int, proc: Path, sys_: Path) -> tuple[int | None, list[int]]:
     """DrmSource.read() in a forked child running as `uid` (root drops to it for real; others stay themselves)."""
@@ -342,9 +359,11 @@ for line in sys.stdin:
 def test_on_procfs_an_unchanged_descriptor_count_skips_the_listing_and_a_new_descriptor_does_not(monkeypatch):
     """On the real /proc (Linux 6.2+: fd/'s size is the descriptor count), with a process this test starts."""
     from mem_exporter.gpu import drm
+
     if not drm.fd_dir_size_is_count("/proc"):
         pytest.skip("this kernel does not give fd/ a size (Linux before 6.2)")
     import sys
+
     child = subprocess.Popen([sys.executable, "-c", OPENER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "0"

@@ -3,6 +3,7 @@ and /sys trees (--path.procfs, --path.sysfs). The event log names the group the 
 
 The fixture's PIDs are above the kernel's PID_MAX_LIMIT (4194304): no live process can have them, and a
 dry run signals nothing anyway."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp
     proc, sys_ = amd_box(tmp_path)
     events = tmp_path / "events.jsonl"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"interval: 0.3s\ngpu: {{backend: auto}}\nenforcer:\n  event_log: {events}\n"
-                   f"  rules:\n    - name: vram\n      match: {{all: true}}\n      {condition}\n      grace: 1s\n")
+    cfg.write_text(
+        f"interval: 0.3s\ngpu: {{backend: auto}}\nenforcer:\n  event_log: {events}\n"
+        f"  rules:\n    - name: vram\n      match: {{all: true}}\n      {condition}\n      grace: 1s\n"
+    )
     d = daemon("enforce", "--dry-run", "--config", str(cfg), "--path.procfs", str(proc), "--path.sysfs", str(sys_))
     d.wait_healthy()
     (event,) = wait_for(lambda: events_of(events, "dry_run"), 15, what="the dry_run event")[:1]
@@ -60,8 +63,9 @@ def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp
 def test_serve_on_fixture_trees_shows_the_amd_card_and_group_vram(daemon, tmp_path):
     proc, sys_ = amd_box(tmp_path)
     d = daemon("serve", "--interval", "0.3s", "--path.procfs", str(proc), "--path.sysfs", str(sys_)).wait_healthy()
-    text = wait_for(lambda: next((t for t in [d.metrics()] if "mem_exporter_gpu_info" in t), None), 10,
-                    what="the card in /metrics")
+    text = wait_for(
+        lambda: next((t for t in [d.metrics()] if "mem_exporter_gpu_info" in t), None), 10, what="the card in /metrics"
+    )
     assert 'vendor="amd"' in text and 'pci_bus_id="0000:03:00.0"' in text
     assert metric_value(text, "mem_exporter_group_gpu_memory_bytes", group=f"python3-{TRAIN}", gpu="0") == 6 * GIB
     assert metric_value(text, "mem_exporter_gpu_gtt_memory_total_bytes", gpu="0") == 33554432000

@@ -1,5 +1,6 @@
 """VRAM rules for real: the fake GPU reports real spawned processes as holding VRAM, and the
 enforcer kills the right process group. Only this test's own hogs are selected (by a unique tag)."""
+
 import json
 import uuid
 
@@ -25,10 +26,10 @@ def config(path, tag, rule, events):
 enforcer:
   event_log: {events}
   rules:
-    - name: {rule['name']}
+    - name: {rule["name"]}
       match: {{cmdline: 'hog\\.py.*--tag {tag}'}}
       grace: 1s
-      {rule['condition']}
+      {rule["condition"]}
 """)
 
 

@@ -1,4 +1,5 @@
 """The fake GPU source: YAML scenarios replayed over time, and their validation."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ def rotating() -> FakeGpuSource:
     return open_gpu_source(f"fake:{FIXTURES / 'rotating-12gb.yaml'}")
 
 
-@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.yaml")) + sorted(PACKAGED.glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(FIXTURES.glob("*.yaml")) + sorted(PACKAGED.glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_scenario_loads(path):
     scenario = load_scenario(path)
     assert scenario.cards and scenario.ats
@@ -35,7 +37,10 @@ def test_replay_over_time():
     assert idle.up and idle.error is None
     (c,) = idle.cards
     assert (c.name, c.uuid, c.driver_version) == (
-        "NVIDIA GeForce RTX 3060", "GPU-3060aaaa-1111-4222-8333-444455556666", "550.54.15")
+        "NVIDIA GeForce RTX 3060",
+        "GPU-3060aaaa-1111-4222-8333-444455556666",
+        "550.54.15",
+    )
     assert c.memory_total_bytes == 12 * GIB and c.memory_used_bytes == 0 and c.processes == ()
     assert c.power_limit_watts == 170 and c.clock_sm_max_hertz == 2_100_000_000
 
@@ -61,8 +66,10 @@ def test_loop_starts_over_and_without_loop_the_last_step_holds(tmp_path):
     assert [p.pid for p in src.read(T0 + 145).cards[0].processes] == [4101]  # = 25 s
 
     f = tmp_path / "once.yaml"
-    f.write_text("cards: [{memory_total: 8GiB}]\n"
-                 "steps:\n- {at: 0, cards: {0: {utilization: 10%}}}\n- {at: 10, cards: {0: {utilization: 90%}}}\n")
+    f.write_text(
+        "cards: [{memory_total: 8GiB}]\n"
+        "steps:\n- {at: 0, cards: {0: {utilization: 10%}}}\n- {at: 10, cards: {0: {utilization: 90%}}}\n"
+    )
     once = FakeGpuSource.from_file(f)
     once.read(T0)
     assert once.read(T0 + 1000).cards[0].utilization_ratio == pytest.approx(0.9)
@@ -89,9 +96,11 @@ def test_a_lost_card_is_left_out_and_counted_until_it_comes_back():
 
 def test_pid_self_is_the_exporter(tmp_path):
     f = tmp_path / "self.yaml"
-    f.write_text("cards: [{memory_total: 8GiB}]\n"
-                 "steps: [{at: 0, cards: {0: {processes: "
-                 "[{pid: self, gpu_memory: 1GiB}, {pid: 77, gpu_memory: null}]}}}]\n")
+    f.write_text(
+        "cards: [{memory_total: 8GiB}]\n"
+        "steps: [{at: 0, cards: {0: {processes: "
+        "[{pid: self, gpu_memory: 1GiB}, {pid: 77, gpu_memory: null}]}}}]\n"
+    )
     (c,) = FakeGpuSource.from_file(f).read(T0).cards
     assert [(p.pid, p.gpu_memory_bytes) for p in c.processes] == [(os.getpid(), GIB), (77, None)]
     assert c.memory_used_bytes == GIB
@@ -108,35 +117,51 @@ def test_before_the_first_step_only_static_values():
 CARD = "cards: [{memory_total: 12GiB}]\n"
 
 
-@pytest.mark.parametrize("text, key, problem", [
-    ("- just a list\n", "", "must be a mapping"),
-    ("cards: [{memory_total: 12GiB}]\ncolour: red\n", "colour", "unknown key"),
-    ("loop: true\n", "cards", "required key is missing"),
-    ("cards: []\n", "cards", "at least one card"),
-    ("cards: [{name: x}]\n", "cards[0].memory_total", "required key is missing"),
-    ("cards: [{memory_total: 12 potatoes}]\n", "cards[0].memory_total", "size"),
-    ("cards: [{memory_total: 1GiB}, {index: 0, memory_total: 1GiB}]\n", "cards[1].index", "used twice"),
-    ("cards: [{memory_total: 8GiB, clock_sm_max: 2THz}]\n", "cards[0].clock_sm_max", "unknown frequency unit"),
-    ("cards: [{memory_total: 8GiB, power_limit: lots}]\n", "cards[0].power_limit", "not a power"),
-    (CARD + "steps: [{at: 0, cards: {0: {utilization: 150%}}}]\n", "steps[0].cards.0.utilization", "outside 0..1"),
-    (CARD + "steps: [{cards: {}}]\n", "steps[0].at", "required key is missing"),
-    (CARD + "steps: [{at: 10}, {at: 5}]\n", "steps[1].at", "not after the previous step"),
-    (CARD + "steps: [{at: 0, cards: {3: {}}}]\n", "steps[0].cards.3", "no card with index 3"),
-    (CARD + "steps: [{at: 0, cards: {0: {temprature: 50}}}]\n", "steps[0].cards.0.temprature", "unknown key"),
-    (CARD + "steps: [{at: 0, cards: {0: {lost: maybe}}}]\n", "steps[0].cards.0.lost", "not true or false"),
-    (CARD + "steps: [{at: 0, cards: {0: {processes: [{pid: abc}]}}}]\n",
-     "steps[0].cards.0.processes[0].pid", "not a process id"),
-    (CARD + "steps: [{at: 0, cards: {0: {processes: [{gpu_memory: 1GiB}]}}}]\n",
-     "steps[0].cards.0.processes[0].pid", "required key is missing"),
-    (CARD + "steps: [{at: 0, cards: {0: {processes: [{pid: 1, kind: video}]}}}]\n",
-     "steps[0].cards.0.processes[0].kind", "not compute or graphics"),
-    (CARD + "steps: [{at: 0, cards: {0: {memory_used: 13GiB}}}]\n", "steps[0].cards.0", "exceeds memory_total"),
-    (CARD + "steps: [{at: 0, cards: {0: {processes: [{pid: 1, gpu_memory: 7GiB}, {pid: 2, gpu_memory: 6GiB}]}}}]\n",
-     "steps[0].cards.0", "exceeds memory_total"),
-    (CARD + "loop: true\nsteps: [{at: 0}]\n", "duration", "needs a duration"),
-    (CARD + "loop: true\nduration: 5s\nsteps: [{at: 0}, {at: 10s}]\n", "duration", "after the last step"),
-    ("cards: [{memory_total: 12GiB}\n", "", "YAML syntax error"),
-])
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        ("- just a list\n", "", "must be a mapping"),
+        ("cards: [{memory_total: 12GiB}]\ncolour: red\n", "colour", "unknown key"),
+        ("loop: true\n", "cards", "required key is missing"),
+        ("cards: []\n", "cards", "at least one card"),
+        ("cards: [{name: x}]\n", "cards[0].memory_total", "required key is missing"),
+        ("cards: [{memory_total: 12 potatoes}]\n", "cards[0].memory_total", "size"),
+        ("cards: [{memory_total: 1GiB}, {index: 0, memory_total: 1GiB}]\n", "cards[1].index", "used twice"),
+        ("cards: [{memory_total: 8GiB, clock_sm_max: 2THz}]\n", "cards[0].clock_sm_max", "unknown frequency unit"),
+        ("cards: [{memory_total: 8GiB, power_limit: lots}]\n", "cards[0].power_limit", "not a power"),
+        (CARD + "steps: [{at: 0, cards: {0: {utilization: 150%}}}]\n", "steps[0].cards.0.utilization", "outside 0..1"),
+        (CARD + "steps: [{cards: {}}]\n", "steps[0].at", "required key is missing"),
+        (CARD + "steps: [{at: 10}, {at: 5}]\n", "steps[1].at", "not after the previous step"),
+        (CARD + "steps: [{at: 0, cards: {3: {}}}]\n", "steps[0].cards.3", "no card with index 3"),
+        (CARD + "steps: [{at: 0, cards: {0: {temprature: 50}}}]\n", "steps[0].cards.0.temprature", "unknown key"),
+        (CARD + "steps: [{at: 0, cards: {0: {lost: maybe}}}]\n", "steps[0].cards.0.lost", "not true or false"),
+        (
+            CARD + "steps: [{at: 0, cards: {0: {processes: [{pid: abc}]}}}]\n",
+            "steps[0].cards.0.processes[0].pid",
+            "not a process id",
+        ),
+        (
+            CARD + "steps: [{at: 0, cards: {0: {processes: [{gpu_memory: 1GiB}]}}}]\n",
+            "steps[0].cards.0.processes[0].pid",
+            "required key is missing",
+        ),
+        (
+            CARD + "steps: [{at: 0, cards: {0: {processes: [{pid: 1, kind: video}]}}}]\n",
+            "steps[0].cards.0.processes[0].kind",
+            "not compute or graphics",
+        ),
+        (CARD + "steps: [{at: 0, cards: {0: {memory_used: 13GiB}}}]\n", "steps[0].cards.0", "exceeds memory_total"),
+        (
+            CARD
+            + "steps: [{at: 0, cards: {0: {processes: [{pid: 1, gpu_memory: 7GiB}, {pid: 2, gpu_memory: 6GiB}]}}}]\n",
+            "steps[0].cards.0",
+            "exceeds memory_total",
+        ),
+        (CARD + "loop: true\nsteps: [{at: 0}]\n", "duration", "needs a duration"),
+        (CARD + "loop: true\nduration: 5s\nsteps: [{at: 0}, {at: 10s}]\n", "duration", "after the last step"),
+        ("cards: [{memory_total: 12GiB}\n", "", "YAML syntax error"),
+    ],
+)
 def test_bad_scenarios_fail_with_one_line_naming_file_and_key(tmp_path, text, key, problem):
     f = tmp_path / "scenario.yaml"
     f.write_text(text)

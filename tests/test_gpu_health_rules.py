@@ -1,6 +1,7 @@
 """The GPU health alert rules (deploy/prometheus/rules/mem-exporter-gpu-health.rules.yml): valid, unit-tested
 for firing and for staying quiet, annotated, linked to docs/runbook.md, and written against series the
 exporter publishes under exactly these names."""
+
 from __future__ import annotations
 
 import re

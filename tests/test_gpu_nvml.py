@@ -1,4 +1,5 @@
 """The NVML source against a stubbed `pynvml` that raises the real NVMLError classes."""
+
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,11 @@ def test_a_normal_card_in_base_units():
     assert r == GpuReading(r.cards, True, None)
     (c,) = r.cards
     assert (c.index, c.uuid, c.name, c.driver_version) == (
-        0, "GPU-5a1c2d3e-0000-4000-8000-000000000000", "NVIDIA GeForce RTX 3060", "550.54.15")
+        0,
+        "GPU-5a1c2d3e-0000-4000-8000-000000000000",
+        "NVIDIA GeForce RTX 3060",
+        "550.54.15",
+    )
     assert c.memory_total_bytes == 12 * GIB == 12_884_901_888
     assert c.memory_used_bytes == 5 * GIB
     assert c.memory_reserved_bytes == 300 * MIB
@@ -65,8 +70,13 @@ def test_byte_strings_from_older_bindings_are_decoded():
 
 def test_not_supported_leaves_those_values_out_and_keeps_the_rest():
     card = StubCard()
-    for fn in ("nvmlDeviceGetPowerUsage", "nvmlDeviceGetEnforcedPowerLimit",
-               "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetClockInfo", "nvmlDeviceGetMaxClockInfo"):
+    for fn in (
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetEnforcedPowerLimit",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetClockInfo",
+        "nvmlDeviceGetMaxClockInfo",
+    ):
         card.fail(fn, pynvml.NVML_ERROR_NOT_SUPPORTED)
     stub = StubNvml([card])
     src = source(stub)
@@ -263,8 +273,12 @@ def test_busy_process_lists():
     )
     (c,) = source(StubNvml([card])).read(0.0).cards
     assert [(p.pid, p.gpu_memory_bytes, p.kind) for p in c.processes] == [
-        (100, None, "compute"), (200, None, "compute"), (300, 2 * GIB, "compute"),
-        (400, 512 * MIB, "compute"), (500, 64 * MIB, "graphics")]
+        (100, None, "compute"),
+        (200, None, "compute"),
+        (300, 2 * GIB, "compute"),
+        (400, 512 * MIB, "compute"),
+        (500, 64 * MIB, "graphics"),
+    ]
 
 
 def test_bindings_without_the_v2_memory_call():
@@ -298,8 +312,11 @@ def test_close_shuts_nvml_down():
 
 def test_only_the_nvml_module_imports_pynvml():
     root = Path(__file__).resolve().parents[1] / "mem_exporter"
-    importers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                       if "import pynvml" in p.read_text() or "from pynvml" in p.read_text())
+    importers = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if "import pynvml" in p.read_text() or "from pynvml" in p.read_text()
+    )
     assert importers == ["gpu/nvml.py"]
 
 

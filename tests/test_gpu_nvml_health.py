@@ -1,5 +1,6 @@
 """NVIDIA health: throttle reasons, XID events, ECC, performance state and MIG memory, from a stubbed pynvml
 (the real NVMLError classes), and the series they become (exact names: dashboards and alerts use them)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,7 +106,9 @@ def test_mig_memory_per_gpu_instance_once_however_many_compute_instances():
     stub = StubNvml([StubCard(mig=[(1, 9 * GIB, 40 * GIB), (1, 9 * GIB, 40 * GIB), (2, 1 * GIB, 20 * GIB)])])
     c = card_of(stub, NvmlSource(nvml=stub))
     assert [(m.mig, m.memory_used_bytes, m.memory_total_bytes) for m in c.mig] == [
-        ("1", 9 * GIB, 40 * GIB), ("2", 1 * GIB, 20 * GIB)]
+        ("1", 9 * GIB, 40 * GIB),
+        ("2", 1 * GIB, 20 * GIB),
+    ]
     plain = StubNvml([StubCard()])
     assert card_of(plain, NvmlSource(nvml=plain)).mig == ()
 
@@ -116,14 +119,18 @@ def test_nvidia_cards_say_vendor_and_bus_id_as_sysfs_writes_it():
     assert (c.vendor, c.pci_bus_id) == ("nvidia", "0000:41:00.0")
 
 
-@pytest.mark.parametrize("key,value,problem", [
-    ("throttle", "[too_hot]", "is not a reason"),
-    ("performance_state", "P16", "is not a performance state"),
-    ("xid_errors", "-1", "is not a count"),
-    ("mig", "[{mig: '1'}]", "memory_total: required key is missing"),
-])
+@pytest.mark.parametrize(
+    "key,value,problem",
+    [
+        ("throttle", "[too_hot]", "is not a reason"),
+        ("performance_state", "P16", "is not a performance state"),
+        ("xid_errors", "-1", "is not a count"),
+        ("mig", "[{mig: '1'}]", "memory_total: required key is missing"),
+    ],
+)
 def test_bad_health_values_in_a_scenario_name_the_key(key, value, problem):
     import yaml
+
     data = yaml.safe_load(f"cards: [{{memory_total: 1GiB}}]\nsteps: [{{at: 0, cards: {{0: {{{key}: {value}}}}}}}]")
     with pytest.raises(ScenarioError, match=problem) as e:
         parse_scenario(data, "s.yaml")
@@ -145,13 +152,16 @@ def test_health_series_golden_and_promtool(tmp_path):
     assert text == golden.read_text(), f"/metrics changed; if intended, rerun with UPDATE_GOLDEN=1 and review {golden}"
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
-    for line in ('mem_exporter_gpu_throttle_active{gpu="0",reason="sw_thermal"} 1.0',
-                 'mem_exporter_gpu_throttle_active{gpu="0",reason="hw_thermal"} 0.0',
-                 'mem_exporter_gpu_xid_errors_total{gpu="0"} 2.0', 'mem_exporter_gpu_last_xid{gpu="0"} 79.0',
-                 'mem_exporter_gpu_ecc_errors_total{gpu="0",type="corrected"} 12.0',
-                 'mem_exporter_gpu_ecc_errors_total{gpu="0",type="uncorrected"} 0.0',
-                 'mem_exporter_gpu_performance_state{gpu="1"} 8.0',
-                 'mem_exporter_gpu_mig_memory_used_bytes{gpu="0",mig="1"} 9.663676416e+09',
-                 'mem_exporter_gpu_mig_memory_total_bytes{gpu="0",mig="2"} 2.147483648e+10'):
+    for line in (
+        'mem_exporter_gpu_throttle_active{gpu="0",reason="sw_thermal"} 1.0',
+        'mem_exporter_gpu_throttle_active{gpu="0",reason="hw_thermal"} 0.0',
+        'mem_exporter_gpu_xid_errors_total{gpu="0"} 2.0',
+        'mem_exporter_gpu_last_xid{gpu="0"} 79.0',
+        'mem_exporter_gpu_ecc_errors_total{gpu="0",type="corrected"} 12.0',
+        'mem_exporter_gpu_ecc_errors_total{gpu="0",type="uncorrected"} 0.0',
+        'mem_exporter_gpu_performance_state{gpu="1"} 8.0',
+        'mem_exporter_gpu_mig_memory_used_bytes{gpu="0",mig="1"} 9.663676416e+09',
+        'mem_exporter_gpu_mig_memory_total_bytes{gpu="0",mig="2"} 2.147483648e+10',
+    ):
         assert line in text
     assert 'mem_exporter_gpu_xid_errors_total{gpu="1"}' not in text  # not offered: absent, not 0

@@ -1,4 +1,5 @@
 """Grouping: PGID by default, named groups first-match-wins, capping into `other`, GPU attribution."""
+
 from mem_exporter.config import Groups
 from mem_exporter.grouping import cap_groups, group_processes
 from mem_exporter.sample import GpuCard, GpuProcess, ProcessInfo
@@ -7,9 +8,19 @@ MB = 1024 * 1024
 
 
 def proc(pid, comm, pgid=None, rss_mb=10, cmdline=None, uid=0, pss_mb=None):
-    return ProcessInfo(pid=pid, ppid=1, pgid=pgid or pid, sid=pgid or pid, uid=uid, comm=comm,
-                       cmdline=cmdline or comm, start_time=pid, state="S", rss_bytes=int(rss_mb * MB),
-                       pss_bytes=None if pss_mb is None else int(pss_mb * MB))
+    return ProcessInfo(
+        pid=pid,
+        ppid=1,
+        pgid=pgid or pid,
+        sid=pgid or pid,
+        uid=uid,
+        comm=comm,
+        cmdline=cmdline or comm,
+        start_time=pid,
+        state="S",
+        rss_bytes=int(rss_mb * MB),
+        pss_bytes=None if pss_mb is None else int(pss_mb * MB),
+    )
 
 
 def test_groups_by_pgid_sum_members_and_label_by_leader():
@@ -26,14 +37,22 @@ def test_label_falls_back_when_leader_has_exited():
 
 
 def test_named_groups_first_match_wins_across_pgids():
-    cfg = Groups.model_validate({"named": [
-        {"name": "ollama", "match": {"comm": "^ollama"}},
-        {"name": "anything-serve", "match": {"cmdline": "serve"}},
-        {"name": "root-python", "match": {"comm": "^python", "user": "^root$"}},
-    ]})
-    procs = [proc(10, "ollama", cmdline="ollama serve"), proc(20, "ollama_llama_se", rss_mb=3000),
-             proc(30, "python3", cmdline="python3 -m http.server"), proc(35, "python3", cmdline="python3 app.py"),
-             proc(40, "python3", uid=65534)]
+    cfg = Groups.model_validate(
+        {
+            "named": [
+                {"name": "ollama", "match": {"comm": "^ollama"}},
+                {"name": "anything-serve", "match": {"cmdline": "serve"}},
+                {"name": "root-python", "match": {"comm": "^python", "user": "^root$"}},
+            ]
+        }
+    )
+    procs = [
+        proc(10, "ollama", cmdline="ollama serve"),
+        proc(20, "ollama_llama_se", rss_mb=3000),
+        proc(30, "python3", cmdline="python3 -m http.server"),
+        proc(35, "python3", cmdline="python3 app.py"),
+        proc(40, "python3", uid=65534),
+    ]
     labels = {g.label: g for g in group_processes(procs, cfg)}
     assert labels["ollama"].processes == 2 and labels["ollama"].rss_bytes == 3010 * MB
     assert [m.pid for m in labels["anything-serve"].members] == [30]  # also root python, but the earlier rule won
@@ -60,12 +79,23 @@ def test_min_memory_sends_small_groups_to_other():
 
 
 def test_gpu_memory_is_attributed_to_groups_and_vram_hogs_never_hide_in_other():
-    card = GpuCard(index=0, uuid="GPU-x", name="fake", driver_version="1",
-                   processes=(GpuProcess(pid=11, gpu_memory_bytes=3000 * MB),
-                              GpuProcess(pid=12, gpu_memory_bytes=1000 * MB),
-                              GpuProcess(pid=777, gpu_memory_bytes=5 * MB)))
-    procs = [proc(10, "leader", rss_mb=1), proc(11, "cuda", pgid=10, rss_mb=1), proc(12, "other-user", rss_mb=1),
-             proc(20, "big", rss_mb=900)]
+    card = GpuCard(
+        index=0,
+        uuid="GPU-x",
+        name="fake",
+        driver_version="1",
+        processes=(
+            GpuProcess(pid=11, gpu_memory_bytes=3000 * MB),
+            GpuProcess(pid=12, gpu_memory_bytes=1000 * MB),
+            GpuProcess(pid=777, gpu_memory_bytes=5 * MB),
+        ),
+    )
+    procs = [
+        proc(10, "leader", rss_mb=1),
+        proc(11, "cuda", pgid=10, rss_mb=1),
+        proc(12, "other-user", rss_mb=1),
+        proc(20, "big", rss_mb=900),
+    ]
     groups = group_processes(procs, Groups(), gpus=[card])
     by_label = {g.label: g for g in groups}
     assert dict(by_label["leader-10"].gpu_memory_bytes) == {0: 3000 * MB}

@@ -1,5 +1,6 @@
 """The HTTP server's memory under hostile clients, measured on a real `serve` on 127.0.0.1: headers are read
 before authentication, so what one client can make the server hold must be small and bounded."""
+
 from __future__ import annotations
 
 import socket
@@ -29,8 +30,11 @@ def connect(port: int) -> socket.socket:
 def test_oversized_headers_get_431(daemon):
     d = daemon("serve", "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
     with connect(d.port) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000)
-                                                                   for i in range(20)) + b"\r\n")
+        s.sendall(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20))
+            + b"\r\n"
+        )
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.1 431 ")
     with connect(d.port) as s:  # a request under the cap is served as before
@@ -82,8 +86,10 @@ def test_a_hundred_slow_and_oversized_clients_stay_far_below_the_container_limit
             held.append(s)
         time.sleep(1.0)
         peak_slow = rss_bytes(d.proc.pid)
-        print(f"server RSS: before {before / MiB:.1f} MiB, {CLIENTS} oversized clients {peak_oversized / MiB:.1f} MiB, "
-              f"{CLIENTS} slow clients {peak_slow / MiB:.1f} MiB")
+        print(
+            f"server RSS: before {before / MiB:.1f} MiB, {CLIENTS} oversized clients {peak_oversized / MiB:.1f} MiB, "
+            f"{CLIENTS} slow clients {peak_slow / MiB:.1f} MiB"
+        )
         assert peak_oversized - before < BUDGET and peak_slow - before < BUDGET
     finally:
         for s in held:

@@ -14,6 +14,7 @@ step), counts exactly that one kill, and still one after the enforcer restarts. 
 expression of every dashboard panel returns data from that Prometheus: with the fake GPU, and
 with no GPU at all for every panel but the GPU ones.
 """
+
 import json
 import re
 import shutil
@@ -42,8 +43,12 @@ RANGE_S, DEFAULT_STEP_S = 3600, 15  # the dashboards' default range (now-1h); Gr
 
 def prometheus_config(tmp: Path, exporter: str, enforcer: str, alertmanager: str, own: str) -> Path:
     text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
-    for old, new in (("exporter:9713", exporter), ("enforcer:9714", enforcer), ("alertmanager:9093", alertmanager),
-                     ("localhost:9090", own)):
+    for old, new in (
+        ("exporter:9713", exporter),
+        ("enforcer:9714", enforcer),
+        ("alertmanager:9093", alertmanager),
+        ("localhost:9090", own),
+    ):
         assert old in text, f"prometheus.yml no longer names {old}"
         text = text.replace(old, new)
     text = re.sub(r"(scrape_interval|evaluation_interval): \d+s", r"\1: 1s", text)
@@ -70,9 +75,17 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(tmp / "prometheus.log", "w")
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def query(self, expr: str, at: float | None = None) -> list:
         params = {"query": expr, **({"time": at} if at is not None else {})}
@@ -134,16 +147,34 @@ enforcer:
             daemons["enforcer"].stop()
             daemons["enforcer"] = Daemon("enforce", *common, cwd=tmp_path, env=env_phase, port=enforcer.port)
             return daemons["enforcer"].wait_healthy()
+
         prom_port = free_port()
-        prom = Prometheus(tmp_path, prometheus_config(tmp_path, f"127.0.0.1:{exporter.port}",
-                                                      f"127.0.0.1:{enforcer.port}", am.url[len("http://"):],
-                                                      f"127.0.0.1:{prom_port}"), prom_port)
+        prom = Prometheus(
+            tmp_path,
+            prometheus_config(
+                tmp_path,
+                f"127.0.0.1:{exporter.port}",
+                f"127.0.0.1:{enforcer.port}",
+                am.url[len("http://") :],
+                f"127.0.0.1:{prom_port}",
+            ),
+            prom_port,
+        )
         try:
             exporter.wait_healthy()
             enforcer.wait_healthy()
             wait_for(prom.ready, 30, what="prometheus ready")
-            yield {"tag": tag, "hook": hook, "am": am, "prom": prom, "events": events, "phase_file": phase_file,
-                   "exporter": exporter, "restart_enforcer": restart_enforcer, "gpu": gpu_backend != "none"}
+            yield {
+                "tag": tag,
+                "hook": hook,
+                "am": am,
+                "prom": prom,
+                "events": events,
+                "phase_file": phase_file,
+                "exporter": exporter,
+                "restart_enforcer": restart_enforcer,
+                "gpu": gpu_backend != "none",
+            }
         finally:
             prom.stop()
             exporter.stop()
@@ -152,43 +183,65 @@ enforcer:
 
 def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
     prom, hook = stack["prom"], stack["hook"]
-    subprocess.run([sys.executable, "-m", "mem_exporter", "phase", "Model-Active"], cwd=ROOT, check=True,
-                   env={**__import__("os").environ, "MEM_EXPORTER_PHASE_FILE": str(stack["phase_file"])})
+    subprocess.run(
+        [sys.executable, "-m", "mem_exporter", "phase", "Model-Active"],
+        cwd=ROOT,
+        check=True,
+        env={**__import__("os").environ, "MEM_EXPORTER_PHASE_FILE": str(stack["phase_file"])},
+    )
     steady = spawn_group("--mb", "40", "--tag", stack["tag"])  # under the limit: draws the limit line
     steady.wait_ready()
     # the counter must be in Prometheus at 0 before the kill, or increase() has nothing to compare
-    wait_for(lambda: prom.query('mem_exporter_enforcer_kills_total{rule="integration"} == 0'), 20,
-             what="the kill counter at 0 in Prometheus")
+    wait_for(
+        lambda: prom.query('mem_exporter_enforcer_kills_total{rule="integration"} == 0'),
+        20,
+        what="the kill counter at 0 in Prometheus",
+    )
     hog = spawn_group("--mb", "20", "--grow", "100", "--max-mb", "2000", "--tag", stack["tag"])
     hog.wait_ready()
 
     wait_for(lambda: not pid_alive(hog.pid), 30, what="the enforcer to kill the hog")
     assert pid_alive(steady.pid)
 
-    pushed = hook.wait_for(lambda body: any(a["labels"].get("rule") == "integration" and
-                                            a["labels"].get("alertname") != "MemExporterEnforcerKilled"
-                                            for a in body.get("alerts", [])), 20)
+    pushed = hook.wait_for(
+        lambda body: any(
+            a["labels"].get("rule") == "integration" and a["labels"].get("alertname") != "MemExporterEnforcerKilled"
+            for a in body.get("alerts", [])
+        ),
+        20,
+    )
     assert any(a["labels"]["group"].endswith(f"-{hog.pgid}") for a in pushed["alerts"])
 
-    wait_for(lambda: prom.query('increase(mem_exporter_enforcer_kills_total{rule="integration"}[1m]) > 0'), 20,
-             what="the kill counter's increase in Prometheus")
-    fired = hook.wait_for(lambda body: any(a["labels"].get("alertname") == "MemExporterEnforcerKilled"
-                                           for a in body.get("alerts", [])), 30)
+    wait_for(
+        lambda: prom.query('increase(mem_exporter_enforcer_kills_total{rule="integration"}[1m]) > 0'),
+        20,
+        what="the kill counter's increase in Prometheus",
+    )
+    fired = hook.wait_for(
+        lambda body: any(a["labels"].get("alertname") == "MemExporterEnforcerKilled" for a in body.get("alerts", [])),
+        30,
+    )
     assert fired["alerts"][0]["labels"]["rule"] == "integration"
 
     kills = {"rule": "integration"}
     assert grafana_counts(prom, "enforcer_kills_total", kills) == {
-        "Kills in range": 1, "Enforcer kills": 1, "annotation Enforcer kills": 1}
+        "Kills in range": 1,
+        "Enforcer kills": 1,
+        "annotation Enforcer kills": 1,
+    }
 
     def expected_data(uid: str, title: str, expr: str) -> bool:
         return stack["gpu"] or not GPU_SERIES.search(expr) or title == "GPUs" and "vector(0)" in expr
-    queries = [q for q in dashboard_queries({"instance": ".+", "job": "mem-exporter", "group": ".+"})
-               if expected_data(*q)]
+
+    queries = [
+        q for q in dashboard_queries({"instance": ".+", "job": "mem-exporter", "group": ".+"}) if expected_data(*q)
+    ]
     assert len(queries) > 20
 
     def empty_queries():  # over the last minutes, as a panel (or an annotation, whose point is the kill's) shows it
         now = time.time()
         return [(uid, title, expr) for uid, title, expr in queries if not prom.query_range(expr, now - 300, now, 5)]
+
     missing = empty_queries()
     deadline = time.monotonic() + 15
     while missing and time.monotonic() < deadline:  # rate() and friends need a few points
@@ -201,17 +254,25 @@ def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
 
     # An enforcer restart starts every counter at 0 again: still exactly one kill, no false annotation.
     stack["restart_enforcer"]()
-    wait_for(lambda: prom.query('resets(mem_exporter_enforcer_kills_total{rule="integration"}[10m]) > 0'), 20,
-             what="Prometheus to see the restarted enforcer's counter at 0")
+    wait_for(
+        lambda: prom.query('resets(mem_exporter_enforcer_kills_total{rule="integration"}[10m]) > 0'),
+        20,
+        what="Prometheus to see the restarted enforcer's counter at 0",
+    )
     assert grafana_counts(prom, "enforcer_kills_total", kills) == {
-        "Kills in range": 1, "Enforcer kills": 1, "annotation Enforcer kills": 1}
+        "Kills in range": 1,
+        "Enforcer kills": 1,
+        "annotation Enforcer kills": 1,
+    }
 
     # The action panels count the first action of each rule and action only where every action counter starts
     # at 0 (the enforcer's metric contract on main); before that contract the first `term` never shows.
     if not actions_start_at_zero(prom):
         pytest.xfail("enforcer without zero-started action counters: the first action cannot be counted")
     assert grafana_counts(prom, "enforcer_actions_total", {"rule": "integration", "action": "term"}) == {
-        "Enforcer actions": 1, "Actions in range": 1}
+        "Enforcer actions": 1,
+        "Actions in range": 1,
+    }
 
 
 def actions_start_at_zero(prom: Prometheus) -> bool:
@@ -240,8 +301,9 @@ def grafana_counts(prom: Prometheus, counter: str, labels: dict[str, str]) -> di
             if counter not in t["expr"]:
                 continue
             step = seconds(t.get("interval", f"{DEFAULT_STEP_S}s"))
-            expr = substitute(t["expr"], {"instance": ".+", "job": "mem-exporter", "__range": f"{RANGE_S}s",
-                                          "__interval": f"{step}s"})
+            expr = substitute(
+                t["expr"], {"instance": ".+", "job": "mem-exporter", "__range": f"{RANGE_S}s", "__interval": f"{step}s"}
+            )
             if t["instant"]:
                 out[panel["title"]] = sum(float(r["value"][1]) for r in matching(prom.query(expr, at=end)))
             else:

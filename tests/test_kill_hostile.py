@@ -1,5 +1,6 @@
 """Kills that cannot fail: descriptors above 1023, no descriptor left, a name that mimics a daemon,
 a main thread that exited, a kill thread that cannot start. Every process here is one this test spawned."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def test_a_kill_waits_with_descriptors_above_1023(enforcer, spawn_group, tag):
     """select() refuses descriptors above 1023, which a busy host's sampler reaches: the kill must not care."""
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
-        hog = spawn_group("--mb", "20", "--grow", "200", "--max-mb", "1000", "--ignore", "SIGTERM", "--children", "1",
-                          "--tag", tag)
+        hog = spawn_group(
+            "--mb", "20", "--grow", "200", "--max-mb", "1000", "--ignore", "SIGTERM", "--children", "1", "--tag", tag
+        )
         (child,) = hog.wait_ready()
         enf = enforcer([{"name": "fd", "match": sel(tag), "max_rss": "150MiB", "grace": "1s"}])
         ev = wait_for(lambda: event_for(enf, hog.pgid, ("kill",)), 30, what="SIGKILL after the grace")
@@ -85,10 +87,34 @@ def test_a_hog_run_through_a_symlink_named_sshd_is_killed_by_run(tmp_path):
     link = tmp_path / "sshd"
     link.symlink_to(sys.executable)
     ready = tmp_path / "ready"
-    proc = subprocess.run(RUN + ["-t", "100", "-i", "0.3", "-l", str(tmp_path / "run.jsonl"), "--",
-                                 str(link), HOG, "--mb", "20", "--grow", "200", "--max-mb", "600",
-                                 "--ready", str(ready), "--tag", "mem-exporter"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        RUN
+        + [
+            "-t",
+            "100",
+            "-i",
+            "0.3",
+            "-l",
+            str(tmp_path / "run.jsonl"),
+            "--",
+            str(link),
+            HOG,
+            "--mb",
+            "20",
+            "--grow",
+            "200",
+            "--max-mb",
+            "600",
+            "--ready",
+            str(ready),
+            "--tag",
+            "mem-exporter",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 137, proc.stderr
     pid = int(ready.read_text().split()[0]) if ready.read_text().split() else None
     records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
@@ -116,9 +142,26 @@ def test_a_process_whose_main_thread_exited_is_seen_and_killed(tmp_path):
     ready = tmp_path / "ready"
     script = tmp_path / "main_exit.py"
     script.write_text(MAIN_THREAD_EXIT)
-    proc = subprocess.Popen(RUN + ["-t", "150", "-i", "0.3", "-l", str(tmp_path / "run.jsonl"), "--",
-                                   sys.executable, str(script), "400", str(ready)],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        RUN
+        + [
+            "-t",
+            "150",
+            "-i",
+            "0.3",
+            "-l",
+            str(tmp_path / "run.jsonl"),
+            "--",
+            sys.executable,
+            str(script),
+            "400",
+            str(ready),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.wait(60) == 137, proc.stderr.read()
     finally:
@@ -132,6 +175,7 @@ def test_a_process_whose_main_thread_exited_is_seen_and_killed(tmp_path):
 
 def test_the_zombie_leader_is_read_through_a_live_thread(tmp_path):
     from mem_exporter.procfs import ProcfsReader
+
     ready = tmp_path / "ready"
     script = tmp_path / "main_exit.py"
     script.write_text(MAIN_THREAD_EXIT)
@@ -143,6 +187,7 @@ def test_the_zombie_leader_is_read_through_a_live_thread(tmp_path):
         (p,), skipped = ProcfsReader("/proc").read_processes([proc.pid])
         assert p.rss_bytes > 100 * 2**20 and not skipped
         from mem_exporter.enforcer.actuator import Actuator
+
         assert Actuator().alive(p)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -155,8 +200,9 @@ def test_a_kill_thread_that_cannot_start_still_kills(enforcer, spawn_group, tag)
 
     hog = spawn_group("--mb", "200", "--tag", tag)
     hog.wait_ready()
-    enf = enforcer([{"name": "nothread", "match": sel(tag), "max_rss": "100MiB", "grace": "1s"}],
-                   start_thread=no_threads)
+    enf = enforcer(
+        [{"name": "nothread", "match": sel(tag), "max_rss": "100MiB", "grace": "1s"}], start_thread=no_threads
+    )
     ev = wait_for(lambda: event_for(enf, hog.pgid), 20, what="the kill, on the enforcer thread")
     assert ev["outcome"] == "dead"
     assert enf.state.busy == set() and enf.kills_in_progress() == 0
@@ -166,18 +212,39 @@ def test_a_kill_thread_that_cannot_start_still_kills(enforcer, spawn_group, tag)
 def test_run_listen_exports_the_enforcer_contract(tmp_path, flag):
     """`run --listen` limit series carry memtype, as the alert rules join on; counters start at 0."""
     from conftest import free_port, http_get, metric_value
+
     port = free_port()
     ready = tmp_path / "ready"
-    proc = subprocess.Popen(RUN + ["-t", "1GiB", "-i", "0.3", flag, f"127.0.0.1:{port}", "--", sys.executable, HOG,
-                                   "--mb", "10", "--ready", str(ready)], cwd=ROOT, start_new_session=True,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        RUN
+        + [
+            "-t",
+            "1GiB",
+            "-i",
+            "0.3",
+            flag,
+            f"127.0.0.1:{port}",
+            "--",
+            sys.executable,
+            HOG,
+            "--mb",
+            "10",
+            "--ready",
+            str(ready),
+        ],
+        cwd=ROOT,
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def scraped():
             try:
                 body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=2)[1]
             except OSError:
                 return None
             return body if "mem_exporter_enforcer_limit_bytes" in body else None
+
         body = wait_for(scraped, 20, what="a scrape")
         name = os.path.basename(sys.executable)
         assert metric_value(body, "mem_exporter_enforcer_limit_bytes", rule="run", group=name, memtype="rss") == 2**30
@@ -192,9 +259,34 @@ def test_run_uses_the_hard_ceiling(tmp_path):
     """A tree that ignores SIGTERM and keeps growing gets SIGKILL at limit + 10 %, long before a 30 s grace ends."""
     log = tmp_path / "run.jsonl"
     started = time.monotonic()
-    proc = subprocess.run(RUN + ["-t", "100", "-i", "0.3", "--grace", "30", "-l", str(log), "--", sys.executable, HOG,
-                                 "--mb", "20", "--grow", "200", "--max-mb", "2000", "--ignore", "SIGTERM"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        RUN
+        + [
+            "-t",
+            "100",
+            "-i",
+            "0.3",
+            "--grace",
+            "30",
+            "-l",
+            str(log),
+            "--",
+            sys.executable,
+            HOG,
+            "--mb",
+            "20",
+            "--grow",
+            "200",
+            "--max-mb",
+            "2000",
+            "--ignore",
+            "SIGTERM",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 137, proc.stderr
     assert time.monotonic() - started < 25
     (event,) = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event"]
@@ -206,6 +298,7 @@ def test_the_lane_readers_cache_stays_as_big_as_the_process_table():
     """A reader that never walks fully (the fast lane, kills) must not keep every short-lived process."""
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import GroupReader
+
     reader = GroupReader(validate_config({}))
     for _ in range(5):
         procs = [subprocess.Popen(["/bin/sleep", "0.05"]) for _ in range(40)]
@@ -223,6 +316,7 @@ def test_a_reload_never_closes_descriptors_a_tick_is_reading():
 
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import Sampler
+
     cfg = validate_config({"gpu": {"backend": "none"}})
     sampler = Sampler(cfg)
     reader = sampler.reader
@@ -248,10 +342,37 @@ def test_run_with_the_psutil_source_kills_the_whole_tree(tmp_path):
     """`--source psutil` (what macOS and Windows use), forced on Linux: same exit, same dead tree."""
     log = tmp_path / "run.jsonl"
     ready = tmp_path / "ready"
-    proc = subprocess.run(RUN + ["-t", "200", "-i", "0.3", "--source", "psutil", "-l", str(log), "--", sys.executable,
-                                 HOG, "--mb", "20", "--grow", "150", "--max-mb", "800", "--children", "1",
-                                 "--setsid-child", "--ready", str(ready)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        RUN
+        + [
+            "-t",
+            "200",
+            "-i",
+            "0.3",
+            "--source",
+            "psutil",
+            "-l",
+            str(log),
+            "--",
+            sys.executable,
+            HOG,
+            "--mb",
+            "20",
+            "--grow",
+            "150",
+            "--max-mb",
+            "800",
+            "--children",
+            "1",
+            "--setsid-child",
+            "--ready",
+            str(ready),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 137, proc.stderr
     (event,) = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event"]
     assert event["outcome"] == "dead" and len(event["signalled"]) >= 3, event

@@ -3,6 +3,7 @@
 The run itself is bench/bench_load.py (one harness for the numbers and for this check).
 MEM_EXPORTER_LOAD_SECONDS sets its length (default 15; the issue's figure is 20).
 """
+
 import os
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ GRACE = 1.0
 
 
 def test_scrape_flood_delays_neither_sampling_nor_a_kill(tmp_path):
-    r = bench_load.run(tmp_path, scrapers=50, seconds=SECONDS, interval=INTERVAL, limit_mib=200, grow_mib=100,
-                       grace=GRACE)
+    r = bench_load.run(
+        tmp_path, scrapers=50, seconds=SECONDS, interval=INTERVAL, limit_mib=200, grow_mib=100, grace=GRACE
+    )
     print(r)
     assert r["failures"] == {}, r  # 50 connections are within web.max_connections: every scrape answered
     assert r["scrapes_per_second"] >= 10, r

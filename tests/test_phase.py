@@ -1,4 +1,5 @@
 """`mem-exporter phase`: a state file written atomically, followed by every sampler on the host."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,14 @@ ROOT = Path(__file__).parents[1]
 
 
 def phase_cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mem_exporter", "phase", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mem_exporter", "phase", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
 
 
 def test_set_print_and_clear(tmp_path):
@@ -62,6 +69,7 @@ def test_default_path_is_per_user(monkeypatch, tmp_path):
 
 
 # --- what others may plant at the phase path --------------------------------------------------
+
 
 def _planted(tmp_path: Path, kind: str) -> Path:
     f = tmp_path / "phase"
@@ -108,8 +116,11 @@ def test_serve_keeps_sampling_with_a_fifo_as_phase_file(daemon, tmp_path):
     fifo = _planted(tmp_path, "fifo")
     d = daemon("serve", "--interval", "0.2s", "--gpu-backend", "none", "--phase-file", str(fifo)).wait_healthy()
     first = metric_value(d.metrics(), "mem_exporter_last_sample_timestamp_seconds")
-    wait_for(lambda: metric_value(d.metrics(), "mem_exporter_last_sample_timestamp_seconds") > first, 10,
-             what="a newer sample")
+    wait_for(
+        lambda: metric_value(d.metrics(), "mem_exporter_last_sample_timestamp_seconds") > first,
+        10,
+        what="a newer sample",
+    )
     assert "mem_exporter_phase_info" not in d.metrics()
     assert d.output().count("phase file") == 1
 
@@ -153,8 +164,11 @@ def test_serve_exports_the_phase(daemon, tmp_path):
     d = daemon("serve", "--interval", "0.2s", "--gpu-backend", "none", "--phase-file", f).wait_healthy()
     assert "mem_exporter_phase_info" not in d.metrics()
     assert phase_cli("Model-Loading", "--phase-file", f).returncode == 0
-    wait_for(lambda: metric_value(d.metrics(), "mem_exporter_phase_info", phase="Model-Loading") == 1,
-             timeout=15, what="phase_info{phase=Model-Loading}")
+    wait_for(
+        lambda: metric_value(d.metrics(), "mem_exporter_phase_info", phase="Model-Loading") == 1,
+        timeout=15,
+        what="phase_info{phase=Model-Loading}",
+    )
     assert phase_cli("--clear", "--phase-file", f).returncode == 0
     wait_for(lambda: "mem_exporter_phase_info" not in d.metrics(), timeout=15, what="the phase to go")
 

@@ -1,5 +1,6 @@
 """Memory pressure (PSI): parsing, the kernel trigger's fallback on this kernel, and the rule's decisions
 from fixture pressure files read by the real sampler."""
+
 import dataclasses
 import os
 import threading
@@ -27,9 +28,11 @@ HOST_PSI = "/proc/pressure/memory"
 
 # --- parsing ------------------------------------------------------------------------------------
 
+
 def test_parse_a_psi_file():
-    p = parse_pressure(b"some avg10=12.50 avg60=3.00 avg300=0.25 total=1500000\n"
-                       b"full avg10=1.00 avg60=0.00 avg300=0.00 total=250000\n")
+    p = parse_pressure(
+        b"some avg10=12.50 avg60=3.00 avg300=0.25 total=1500000\nfull avg10=1.00 avg60=0.00 avg300=0.00 total=250000\n"
+    )
     assert (p.some.avg10, p.some.avg60, p.some.avg300, p.some.total_seconds) == (0.125, 0.03, 0.0025, 1.5)
     assert (p.full.avg10, p.full.total_seconds) == (0.01, 0.25)
 
@@ -65,6 +68,7 @@ def test_cgroup_path_relative_to_the_mount_or_its_unified_tree(tmp_path):
 
 # --- the stall window -------------------------------------------------------------------------
 
+
 def test_stall_window_from_frequent_and_sparse_readings():
     w = StallWindow(1.0)
     assert w.add(0.0, 10.0) is None
@@ -79,6 +83,7 @@ def test_stall_window_from_frequent_and_sparse_readings():
 
 
 # --- the watch: trigger where accepted, fallback where refused ---------------------------------
+
 
 @pytest.mark.skipif(not os.path.exists(HOST_PSI), reason="kernel without PSI")
 def test_watch_on_the_real_host_file_trigger_or_fallback():
@@ -104,6 +109,7 @@ def test_fallback_wakes_on_a_stall_in_a_fixture_file(tmp_path):
     def stall_later():
         time.sleep(0.15)
         fp.pressure(some=(5, 1, 0, 1_000_000 + 300_000))  # 300 ms of stall appears
+
     t = threading.Thread(target=stall_later)
     t.start()
     try:
@@ -124,27 +130,45 @@ def test_fallback_avg10_threshold_on_full(tmp_path):
 
 # --- config --------------------------------------------------------------------------------------
 
+
 def test_config_forms_and_errors():
-    cfg = validate_config({"enforcer": {"rules": [
-        {"name": "a", "match": {"all": True}, "memory_pressure_above": "20%"},
-        {"name": "b", "match": {"all": True},
-         "memory_pressure_above": {"kind": "full", "stall": "150ms", "window": "1s", "cgroup": "/job"}}]}})
+    cfg = validate_config(
+        {
+            "enforcer": {
+                "rules": [
+                    {"name": "a", "match": {"all": True}, "memory_pressure_above": "20%"},
+                    {
+                        "name": "b",
+                        "match": {"all": True},
+                        "memory_pressure_above": {"kind": "full", "stall": "150ms", "window": "1s", "cgroup": "/job"},
+                    },
+                ]
+            }
+        }
+    )
     a, b = cfg.enforcer.rules
     assert a.condition == "memory_pressure_above" and a.memory_pressure_above.avg10 == 0.2
     assert (b.memory_pressure_above.kind, b.memory_pressure_above.stall, b.memory_pressure_above.source) == (
-        "full", 0.15, "/job")
-    for bad, words in [({"stall": "2s", "window": "1s"}, "at most window"),
-                       ({"avg10": "10%", "stall": "1s"}, "exactly one of avg10, stall"),
-                       ({"stall": "100ms", "window": "20s"}, "window"),
-                       ({"kind": "most", "avg10": 0.1}, "kind"),
-                       ({"avg10": "0%"}, "avg10 must be above 0")]:
+        "full",
+        0.15,
+        "/job",
+    )
+    for bad, words in [
+        ({"stall": "2s", "window": "1s"}, "at most window"),
+        ({"avg10": "10%", "stall": "1s"}, "exactly one of avg10, stall"),
+        ({"stall": "100ms", "window": "20s"}, "window"),
+        ({"kind": "most", "avg10": 0.1}, "kind"),
+        ({"avg10": "0%"}, "avg10 must be above 0"),
+    ]:
         with pytest.raises(ConfigError) as e:
-            validate_config({"enforcer": {"rules": [{"name": "p", "match": {"all": True},
-                                                     "memory_pressure_above": bad}]}}, "c.yaml")
+            validate_config(
+                {"enforcer": {"rules": [{"name": "p", "match": {"all": True}, "memory_pressure_above": bad}]}}, "c.yaml"
+            )
         assert "c.yaml: enforcer.rules[0].memory_pressure_above" in str(e.value) and words in str(e.value)
 
 
 # --- decisions from fixture pressure files, through the real sampler -----------------------------
+
 
 def _tree(tmp_path):
     fp = FakeProc(tmp_path / "proc")  # the fixture's processes belong to the test's user, like ME
@@ -155,9 +179,13 @@ def _tree(tmp_path):
 
 
 def _sampler(tmp_path, rule: dict) -> Sampler:
-    cfg = validate_config({"paths": {"procfs": str(tmp_path / "proc"), "cgroupfs": str(tmp_path / "cg")},
-                           "gpu": {"backend": "none"},
-                           "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]}})
+    cfg = validate_config(
+        {
+            "paths": {"procfs": str(tmp_path / "proc"), "cgroupfs": str(tmp_path / "cg")},
+            "gpu": {"backend": "none"},
+            "enforcer": {"rules": [{"name": "psi", "match": {"all": True}, **rule}]},
+        }
+    )
     return Sampler(cfg)
 
 
@@ -233,6 +261,7 @@ def test_watches_from_a_config_wake_the_enforcer_and_refresh_the_sample(tmp_path
     """What the enforcer thread does between full samples: wait on every pressure rule's watch at once, then
     judge the pressure rules on the latest sample with PSI read now."""
     from mem_exporter.pressure import PressureWatches
+
     fp = _tree(tmp_path)
     fp.pressure(some=(0, 0, 0, 0))
     cg = fp.pressure(some=(0, 0, 0, 2_000_000), path=tmp_path / "cg" / "job" / "memory.pressure")
@@ -247,6 +276,7 @@ def test_watches_from_a_config_wake_the_enforcer_and_refresh_the_sample(tmp_path
     def stall_later():
         time.sleep(0.1)
         fp.pressure(some=(30, 5, 1, 2_400_000), path=cg)  # 400 ms of stall in the cgroup
+
     t = threading.Thread(target=stall_later)
     t.start()
     try:
@@ -262,6 +292,7 @@ def test_watches_from_a_config_wake_the_enforcer_and_refresh_the_sample(tmp_path
 
 def test_no_pressure_rules_no_watches(tmp_path):
     from mem_exporter.pressure import PressureWatches
+
     _tree(tmp_path)
     assert not PressureWatches.from_config(_sampler(tmp_path, {"max_rss": "1GB"}).config)
 
@@ -271,6 +302,7 @@ def test_the_enforcer_acts_on_pressure_between_full_samples(tmp_path):
     signalled) long before the next full sample of a 60 s interval."""
     from mem_exporter.enforcer import Enforcer
     from mem_exporter.sampler import SamplingLoop
+
     fp = _tree(tmp_path)
     fp.pressure(some=(1, 1, 1, 0))
     s = _sampler(tmp_path, {"memory_pressure_above": "20%", "match": {"comm": "^(big|small)$"}})

@@ -1,4 +1,5 @@
 """The procfs reader against synthetic and captured trees."""
+
 import os
 from pathlib import Path
 
@@ -148,6 +149,7 @@ def test_partial_reads_keep_nothing_open_and_the_budget_is_a_fallback_not_a_limi
     reader.read_processes([os.getpid()])
     assert reader._open_count == 0
     from mem_exporter.procfs import DescriptorBudget
+
     reader._budget = DescriptorBudget()
     reader._budget.pairs = 0
     procs, _ = reader.read_processes()

@@ -1,5 +1,6 @@
 """The portable psutil path gives the same records as the procfs fast path (run here on Linux), once per
 source where a test reads through the Sampler; process trees (Windows' groups) from in-memory tables."""
+
 import os
 import sys
 import time
@@ -62,6 +63,7 @@ def test_start_ticks_inverts_psutils_create_time():
 
 # --- once per source, through the Sampler ------------------------------------------------------
 
+
 def test_the_configured_source_is_used_and_reads_a_spawned_group(source, spawn_group):
     hog = spawn_group("--mb", "60", "--children", "2", "--child-mb", "20", "--setsid-child")
     kids = hog.wait_ready()
@@ -81,10 +83,12 @@ def test_the_configured_source_is_used_and_reads_a_spawned_group(source, spawn_g
 def test_source_auto_follows_procfs_presence(monkeypatch):
     """`auto`: procfs where /proc exists, psutil where it does not (macOS, Windows)."""
     import mem_exporter.sampler as sampler_module
+
     assert Sampler(validate_config({"gpu": {"backend": "none"}})).source_name == "procfs"
     real_exists = os.path.exists
-    monkeypatch.setattr(sampler_module.os.path, "exists",
-                        lambda p: False if str(p).startswith("/proc") else real_exists(p))
+    monkeypatch.setattr(
+        sampler_module.os.path, "exists", lambda p: False if str(p).startswith("/proc") else real_exists(p)
+    )
     s = Sampler(validate_config({"gpu": {"backend": "none"}}))
     assert s.source_name == "psutil"
     sample = s.tick()
@@ -93,24 +97,33 @@ def test_source_auto_follows_procfs_presence(monkeypatch):
 
 # --- process trees: how Windows groups are made ----------------------------------------------------
 
+
 def rec(pid, ppid, name, t=100.0):
     return TreeRecord(pid, ppid, name, t)
 
 
 WINDOWS_TABLE = [
-    rec(0, 0, "System Idle Process", 0), rec(4, 0, "System", 1), rec(600, 4, "smss.exe", 2),
-    rec(700, 600, "wininit.exe", 3), rec(800, 700, "services.exe", 4), rec(900, 800, "svchost.exe", 5),
-    rec(950, 900, "WmiPrvSE.exe", 50),                    # a service host's child: a tree of its own
-    rec(1000, 800, "ollama.exe", 10),                     # a service: its own tree
-    rec(1010, 1000, "ollama_llama_server.exe", 60),       # ... with its runner
-    rec(2000, 1990, "explorer.exe", 8),                   # the desktop (its parent userinit.exe has exited)
-    rec(2100, 2000, "WindowsTerminal.exe", 20), rec(2200, 2100, "pwsh.exe", 21),
-    rec(2300, 2200, "bun.exe", 30),                       # `bun test` typed in the shell: a tree
-    rec(2310, 2300, "node.exe", 31), rec(2320, 2310, "node.exe", 32),   # grandchildren stay in it
-    rec(2400, 2200, "python.exe", 40),                    # a second command in the same shell: another tree
-    rec(3000, 2000, "chrome.exe", 12), rec(3010, 3000, "chrome.exe", 13),
-    rec(5000, 4242, "orphan.exe", 70), rec(5010, 5000, "child.exe", 71),  # parent gone: the orphan is a root
-    rec(6000, 2300, "late.exe", 25),   # claims bun.exe (started at 30) as parent: a reused PID, not its parent
+    rec(0, 0, "System Idle Process", 0),
+    rec(4, 0, "System", 1),
+    rec(600, 4, "smss.exe", 2),
+    rec(700, 600, "wininit.exe", 3),
+    rec(800, 700, "services.exe", 4),
+    rec(900, 800, "svchost.exe", 5),
+    rec(950, 900, "WmiPrvSE.exe", 50),  # a service host's child: a tree of its own
+    rec(1000, 800, "ollama.exe", 10),  # a service: its own tree
+    rec(1010, 1000, "ollama_llama_server.exe", 60),  # ... with its runner
+    rec(2000, 1990, "explorer.exe", 8),  # the desktop (its parent userinit.exe has exited)
+    rec(2100, 2000, "WindowsTerminal.exe", 20),
+    rec(2200, 2100, "pwsh.exe", 21),
+    rec(2300, 2200, "bun.exe", 30),  # `bun test` typed in the shell: a tree
+    rec(2310, 2300, "node.exe", 31),
+    rec(2320, 2310, "node.exe", 32),  # grandchildren stay in it
+    rec(2400, 2200, "python.exe", 40),  # a second command in the same shell: another tree
+    rec(3000, 2000, "chrome.exe", 12),
+    rec(3010, 3000, "chrome.exe", 13),
+    rec(5000, 4242, "orphan.exe", 70),
+    rec(5010, 5000, "child.exe", 71),  # parent gone: the orphan is a root
+    rec(6000, 2300, "late.exe", 25),  # claims bun.exe (started at 30) as parent: a reused PID, not its parent
 ]
 
 

@@ -2,6 +2,7 @@
 the next one (the newcomer scan), and a system-memory rule acts between full samples on fresh
 readings (the system lane). The interval is long (5 s) so that "between samples" is unambiguous;
 every rule selects only this test's own hogs by a unique tag."""
+
 import signal
 
 from conftest import pid_alive, wait_for
@@ -19,21 +20,27 @@ def meminfo_available() -> int:
 
 def next_full_sample(enf, after: float | None = None) -> float:
     """The timestamp of the first full sample the enforcer has taken in after `after`."""
-    return wait_for(lambda: enf.latest is not None and (after is None or enf.latest.timestamp > after)
-                    and enf.latest.timestamp, 20, 0.005, what="a full sample")
+    return wait_for(
+        lambda: enf.latest is not None and (after is None or enf.latest.timestamp > after) and enf.latest.timestamp,
+        20,
+        0.005,
+        what="a full sample",
+    )
 
 
 def kills_seen(enf) -> list[tuple[dict, float]]:
     """Each kill event with the timestamp of the latest full sample at the moment it was recorded."""
     seen: list[tuple[dict, float]] = []
-    enf.listeners.append(lambda ev: seen.append((ev, enf.latest.timestamp)) if ev["action"] in ("term", "kill")
-                         else None)
+    enf.listeners.append(
+        lambda ev: seen.append((ev, enf.latest.timestamp)) if ev["action"] in ("term", "kill") else None
+    )
     return seen
 
 
 def test_group_born_after_a_full_sample_dies_before_the_next(enforcer, spawn_group, tag):
-    enf = enforcer([{"name": "newborn", "match": {"cmdline": f"--tag {tag}"}, "max_rss": "150MB", "grace": "1s"}],
-                   interval="5s")
+    enf = enforcer(
+        [{"name": "newborn", "match": {"cmdline": f"--tag {tag}"}, "max_rss": "150MB", "grace": "1s"}], interval="5s"
+    )
     seen = kills_seen(enf)
     first = next_full_sample(enf)
     born_after = next_full_sample(enf, first)  # right after a full sample: the longest wait for the next one
@@ -47,14 +54,22 @@ def test_group_born_after_a_full_sample_dies_before_the_next(enforcer, spawn_gro
 
 def test_system_rule_kills_the_largest_matching_group_between_full_samples(enforcer, spawn_group, tag):
     from mem_exporter.config import validate_config
+
     small = spawn_group("--mb", "30", "--tag", tag)
     big = spawn_group("--mb", "60", "--grow", "200", "--max-mb", "2500", "--grow-on-signal", "--tag", tag)
     small.wait_ready()
     big.wait_ready()
 
     def rules(threshold: int) -> list[dict]:
-        return [{"name": "low-memory", "match": {"cmdline": f"--tag {tag}"}, "system_available_below": threshold,
-                 "grace": "1s"}]
+        return [
+            {
+                "name": "low-memory",
+                "match": {"cmdline": f"--tag {tag}"},
+                "system_available_below": threshold,
+                "grace": "1s",
+            }
+        ]
+
     enf = enforcer(rules(1), interval="5s")  # never crossed until the real threshold comes in
     seen = kills_seen(enf)
     first = next_full_sample(enf)
@@ -65,8 +80,11 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
     # moves it; only this test's hogs are selected, and the big one is the largest whatever the amounts)
     threshold = meminfo_available() - 400 * MB
     events = enf.config.enforcer.event_log
-    enf.configure(validate_config({"interval": "5s", "gpu": {"backend": "none"},
-                                   "enforcer": {"event_log": events, "rules": rules(threshold)}}))
+    enf.configure(
+        validate_config(
+            {"interval": "5s", "gpu": {"backend": "none"}, "enforcer": {"event_log": events, "rules": rules(threshold)}}
+        )
+    )
     big.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: not pid_alive(big.pid), 30, what="the largest matching group killed")
     ev, latest_then = wait_for(lambda: seen and seen[0], 10, what="the kill event")
@@ -79,11 +97,13 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
 
 # --- the newcomer scan's cheap parts, on fixture trees and on this machine's /proc --------------
 
+
 def test_new_processes_reports_the_pids_it_will_never_watch(tmp_path):
     from procfs_builder import FakeProc
 
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import GroupReader
+
     fake = FakeProc(tmp_path / "proc")
     fake.add(100, "bash", rss_kb=4096)
     fake.add(200, "kworker/0:1", ppid=2, flags=0x00200040, rss_kb=0)  # PF_KTHREAD
@@ -97,6 +117,7 @@ def test_new_processes_reports_the_pids_it_will_never_watch(tmp_path):
 
 def test_pid_watch_follows_loadavg_only_in_its_own_pid_namespace(tmp_path, spawn_group):
     from mem_exporter.enforcer.lane import PidWatch
+
     watch = PidWatch("/proc")  # this machine's own namespace
     assert watch.moved()  # the first look always does
     spawn_group("--tag", "pidwatch").wait_ready()
@@ -111,6 +132,7 @@ def test_pid_watch_follows_loadavg_only_in_its_own_pid_namespace(tmp_path, spawn
 
 def test_system_period_reads_sooner_near_the_threshold_and_just_after_a_predicted_crossing():
     from mem_exporter.enforcer.lane import SYSTEM_MIN_PERIOD, SYSTEM_MIN_SPACING, system_period
+
     mib = 1024 * 1024
     assert system_period(20_000 * mib, 0, 2.0) == 2.0  # far from it: the interval
     assert system_period(600 * mib, 0, 2.0) < 0.2  # at earlyoom's fastest fill rate, 6000 KiB/ms
@@ -124,8 +146,17 @@ def test_system_lane_below_the_threshold_keeps_the_cooldown_and_keeps_running(en
     first = spawn_group("--mb", "20", "--tag", tag)
     first.wait_ready()
     always = meminfo_kib_total() * 1024  # MemAvailable is always below MemTotal: the condition always holds
-    enf = enforcer([{"name": "low-memory", "match": {"cmdline": f"--tag {tag}"}, "system_available_below": always,
-                     "grace": "1s", "cooldown": "10min"}])
+    enf = enforcer(
+        [
+            {
+                "name": "low-memory",
+                "match": {"cmdline": f"--tag {tag}"},
+                "system_available_below": always,
+                "grace": "1s",
+                "cooldown": "10min",
+            }
+        ]
+    )
     wait_for(lambda: not pid_alive(first.pid), 20, what="the first matching group killed")
     second = spawn_group("--mb", "20", "--tag", tag)
     second.wait_ready()

@@ -1,5 +1,6 @@
 """The one record writer and the shapes of every log line: the schema, a full disk, links and FIFOs where a
 log goes, modes, rotation that fails, and `report` on damaged files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,16 +30,24 @@ T0 = 1_700_000_000.0
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mem_exporter", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mem_exporter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def sample_line(i: int) -> dict:
     """A session-log sample in the documented shape, big enough that a few fill a small file."""
-    return {"type": "sample", "t": T0 + i, "phase": None, "memtype": "rss",
-            "system": {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30, "used_bytes": 8 * 2**30},
-            "processes": 1, "groups": [{"group": "job-1", "key": "pgid:1", "kind": "pgid", "processes": 1,
-                                        "rss_bytes": (100 + i) * MiB}], "gpus": [], "pad": "x" * 100}
+    return {
+        "type": "sample",
+        "t": T0 + i,
+        "phase": None,
+        "memtype": "rss",
+        "system": {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30, "used_bytes": 8 * 2**30},
+        "processes": 1,
+        "groups": [{"group": "job-1", "key": "pgid:1", "kind": "pgid", "processes": 1, "rss_bytes": (100 + i) * MiB}],
+        "gpus": [],
+        "pad": "x" * 100,
+    }
 
 
 def lines(path: Path) -> list[dict]:
@@ -46,35 +55,51 @@ def lines(path: Path) -> list[dict]:
 
 
 def run_child(code: str, *args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     return r
 
 
 # --- shapes ---------------------------------------------------------------------------------------
 
+
 def a_sample() -> Sample:
     p = ProcessInfo(4101, 1, 4101, 4101, os.getuid(), "python3", "python3 serve.py", 100, "S", 900 * MiB)
     g = make_group("pgid:4101", "pgid", [p], "rss")
-    return Sample(timestamp=T0, monotonic=1.0, duration_seconds=0.01,
-                  system=SystemMemory(16 * 2**30, 8 * 2**30, 8 * 2**30, 0, 0), cpu_usage_ratio=0.2, process_count=1,
-                  groups=(g,), processes=(p,), exported=(g,))
+    return Sample(
+        timestamp=T0,
+        monotonic=1.0,
+        duration_seconds=0.01,
+        system=SystemMemory(16 * 2**30, 8 * 2**30, 8 * 2**30, 0, 0),
+        cpu_usage_ratio=0.2,
+        process_count=1,
+        groups=(g,),
+        processes=(p,),
+        exported=(g,),
+    )
 
 
 def test_every_line_of_every_log_matches_the_schema(tmp_path):
     """The session log, a real `run` log and the enforcer's event log, line by line, against LINE_SCHEMA."""
     jsonschema.Draft202012Validator.check_schema(LINE_SCHEMA)
     s = a_sample()
-    session = SessionLog(tmp_path / "s", "unit", started=T0, info={"command": "serve", "interval": 2.0,
-                                                                   "memtype": "rss"})
+    session = SessionLog(
+        tmp_path / "s", "unit", started=T0, info={"command": "serve", "interval": 2.0, "memtype": "rss"}
+    )
     session.on_sample(s)
     session.close()
     run_log = tmp_path / "run.jsonl"
     r = cli("run", "-t", "500MB", "--log", str(run_log), "--", sys.executable, "-c", "pass")
     assert r.returncode == 0, r.stderr
-    (action,) = decide(s, [Rule(name="cap", max_rss="500MiB", match={"all": True})], PolicyState(),
-                       Context(uid=os.getuid(), pid=1, pgid=1), full=True)
+    (action,) = decide(
+        s,
+        [Rule(name="cap", max_rss="500MiB", match={"all": True})],
+        PolicyState(),
+        Context(uid=os.getuid(), pid=1, pgid=1),
+        full=True,
+    )
     events = tmp_path / "events.jsonl"
     EventLog(str(events)).write(make_event(action, T0, outcome="dead"))
     seen = set()
@@ -124,6 +149,7 @@ def test_a_full_disk_loses_no_record_and_glues_none(tmp_path):
 
 
 # --- what sits where a log goes -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
 def test_a_link_or_fifo_where_the_run_log_goes_is_refused(tmp_path, kind):
@@ -242,6 +268,7 @@ def test_a_link_among_the_kept_files_stops_rotation_not_writing(tmp_path):
 
 # --- report on damaged files ----------------------------------------------------------------------
 
+
 def test_report_skips_exactly_the_damaged_jsonl_line(tmp_path):
     good = [json.dumps(sample_line(i)) for i in range(10)]
     good[4] = good[4][:57]  # cut by a crash: the next record starts on its own line all the same
@@ -250,6 +277,7 @@ def test_report_skips_exactly_the_damaged_jsonl_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{tmp_path / 'memory-x.jsonl'}: skipped 1 damaged record" in r.stderr
     from mem_exporter.report import read_logs
+
     assert len(read_logs([tmp_path / "memory-x.jsonl"]).times) == 9
 
 
@@ -261,6 +289,7 @@ def test_report_skips_a_sample_without_its_time(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{tmp_path / 'memory-x.jsonl'}: skipped 1 damaged record" in r.stderr
     from mem_exporter.report import read_logs
+
     assert read_logs([tmp_path / "memory-x.jsonl"]).times == [T0, T0 + 2]
 
 
@@ -278,12 +307,14 @@ def test_report_skips_exactly_the_damaged_csv_row(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("skipped 1 damaged record") == 1 and str(memory) in r.stderr
     from mem_exporter.report import read_logs
+
     run = read_logs([tmp_path / "logs"])
     assert len(run.times) == 9  # that sample's system row is gone; its group row, intact, still counts
     assert len(run.groups["python3-4101"].values) == 10
 
 
 # --- the event log --------------------------------------------------------------------------------
+
 
 def test_event_log_is_capped_and_rotated(tmp_path):
     path = tmp_path / "events.jsonl"
@@ -301,6 +332,7 @@ def test_event_log_is_capped_and_rotated(tmp_path):
 def test_event_log_fsync_never_runs_on_the_callers_thread(tmp_path, monkeypatch):
     """The enforcer writes events holding its lock: a slow disk must not hold up its decisions."""
     import threading
+
     synced_on: list[str] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced_on.append(threading.current_thread().name) or real_fsync(fd))
@@ -311,6 +343,7 @@ def test_event_log_fsync_never_runs_on_the_callers_thread(tmp_path, monkeypatch)
             log.write({"rule": "r", "action": "kill", "i": i, "pad": "x" * 60})
     assert threading.current_thread().name not in synced_on
     from conftest import wait_for
+
     wait_for(lambda: "log-sync" in synced_on, 10, what="an fsync on the log's own thread")
     log.close()  # the caller asked: fsync here
     assert threading.current_thread().name in synced_on

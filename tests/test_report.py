@@ -1,6 +1,7 @@
 """`mem-exporter report`: from a real session's log (and from a real Prometheus) to Markdown and PNGs.
 
 The numbers in the report are checked against the log's own records, computed here independently."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mem_exporter", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mem_exporter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def set_phase(phase_file: Path, name: str) -> None:
@@ -53,6 +55,7 @@ def section(md: str, title: str) -> str:
 
 def assert_png(path: Path) -> None:
     import matplotlib.image
+
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 100 and image.shape[1] > 100
@@ -65,11 +68,21 @@ def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
     grow.wait_ready()
     logs, phase_file = tmp_path / "logs", tmp_path / "phase"
     set_phase(phase_file, "Idle")
-    d = daemon("serve", "--interval", "0.2s", "--gpu-backend", GPU_SCENARIO, "--log-dir", str(logs),
-               "--phase-file", str(phase_file)).wait_healthy()
+    d = daemon(
+        "serve",
+        "--interval",
+        "0.2s",
+        "--gpu-backend",
+        GPU_SCENARIO,
+        "--log-dir",
+        str(logs),
+        "--phase-file",
+        str(phase_file),
+    ).wait_healthy()
 
     def samples_in(phase: str, n: int):
         return lambda: sum(r["phase"] == phase for r in records(logs)) >= n
+
     for phase in ("Idle", "Model-Loading", "Model-Active", "Idle"):
         set_phase(phase_file, phase)
         before = sum(r["phase"] == phase for r in records(logs))
@@ -125,11 +138,20 @@ scrape_configs:
   - job_name: mem
     static_configs: [{{targets: ['127.0.0.1:{d.port}']}}]
 """)
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def points():
             q = urllib.parse.urlencode({"query": "count_over_time(mem_exporter_system_memory_total_bytes[1m])"})
             try:
@@ -138,6 +160,7 @@ scrape_configs:
                 return False
             result = json.loads(body)["data"]["result"] if status == 200 else []
             return result and float(result[0]["value"][1]) >= 5
+
         wait_for(points, 20, interval=0.3, what="five scrapes in Prometheus")
         out = tmp_path / "prom.md"
         done = cli("report", "--prometheus", url, "--since", "1m", "--step", "1s", "-o", str(out))
@@ -155,8 +178,14 @@ scrape_configs:
 
 # --- the analysis on made-up runs -----------------------------------------------------------------
 
-def synthetic(values_by_group: dict[str, list[float]], limits: dict[str, float] | None = None,
-              phases: list[str] | None = None, ram: list[float] | None = None, total: float = 1000.0) -> Run:
+
+def synthetic(
+    values_by_group: dict[str, list[float]],
+    limits: dict[str, float] | None = None,
+    phases: list[str] | None = None,
+    ram: list[float] | None = None,
+    total: float = 1000.0,
+) -> Run:
     run = Run()
     n = len(next(iter(values_by_group.values())))
     for i in range(n):
@@ -196,8 +225,12 @@ def test_fit_percentile_and_zones():
 
 def test_zones_near_misses_and_advice():
     ram = [500.0] * 5 + [950.0] * 5  # critical (above 90 % of RAM) for half the run
-    run = synthetic({"model-42": [100.0] * 8 + [185.0, 186.0]}, limits={"model-42": 200.0}, ram=ram,
-                    phases=["Idle"] * 5 + ["Full-Processing"] * 5)
+    run = synthetic(
+        {"model-42": [100.0] * 8 + [185.0, 186.0]},
+        limits={"model-42": 200.0},
+        ram=ram,
+        phases=["Idle"] * 5 + ["Full-Processing"] * 5,
+    )
     a = analyse(run)
     assert a.system.zones == {"safe": 10.0, "caution": 0.0, "critical": 10.0}
     assert a.system.peak == 950 and a.system.mean == 725
@@ -215,8 +248,18 @@ def test_kills_from_events_and_memory_kept_after_a_phase(tmp_path):
     gpu = run.gpu("0", "Card", 12 * GiB)
     for t, v in zip(run.times, vram, strict=True):
         gpu.add(t, v)
-    run.events.append({"t": run.times[3], "action": "kill", "rule": "vram", "group": "llm-7",
-                       "condition": "max_gpu_memory", "memory_bytes": 9 * GiB, "limit": 8 * GiB, "outcome": "dead"})
+    run.events.append(
+        {
+            "t": run.times[3],
+            "action": "kill",
+            "rule": "vram",
+            "group": "llm-7",
+            "condition": "max_gpu_memory",
+            "memory_bytes": 9 * GiB,
+            "limit": 8 * GiB,
+            "outcome": "dead",
+        }
+    )
     run.events.append({"t": run.times[3], "action": "skipped_protected", "rule": "vram", "group": "sshd-1"})
     md, pngs = write_report(run, tmp_path / "r.md", charts=False)
     text = md.read_text()
@@ -234,9 +277,21 @@ def test_zones_come_from_the_config(tmp_path):
     a = analyse(synthetic({"model-42": [100.0] * 10}, ram=ram), zones=calm)
     assert a.system.zones == {"safe": 20.0, "caution": 0.0, "critical": 0.0}
     log = tmp_path / "run.jsonl"
-    log.write_text("".join(json.dumps({"type": "sample", "t": 1000.0 + i, "pgid": 7, "memory_bytes": 10 * MiB,
-                                       "system": {"total_bytes": 1000 * MiB, "available_bytes": 80 * MiB}}) + "\n"
-                           for i in range(5)))
+    log.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "type": "sample",
+                    "t": 1000.0 + i,
+                    "pgid": 7,
+                    "memory_bytes": 10 * MiB,
+                    "system": {"total_bytes": 1000 * MiB, "available_bytes": 80 * MiB},
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     config = tmp_path / "zones.yaml"
     config.write_text("zones: {system_memory: {caution: 95%, critical: 99%}}\n")
     out = tmp_path / "r.md"
@@ -245,7 +300,8 @@ def test_zones_come_from_the_config(tmp_path):
     config.write_text("zones: {system_memory: {caution: 99%, critical: 95%}}\n")
     done = cli("report", str(log), "-o", str(out), "-c", str(config))
     assert done.returncode == 2 and done.stderr.strip() == (
-        f"mem-exporter: {config}: zones.system_memory: caution (0.99) must be below critical (0.95)")
+        f"mem-exporter: {config}: zones.system_memory: caution (0.99) must be below critical (0.95)"
+    )
 
 
 def test_report_needs_some_input(tmp_path):
@@ -259,6 +315,7 @@ def test_progress_bar_only_when_asked(tmp_path):
     from io import StringIO
 
     from mem_exporter.report.progress import Progress
+
     quiet, loud = StringIO(), StringIO()
     for stream, enabled in ((quiet, None), (loud, True)):
         bar = Progress(10, "reading logs", enabled, stream)
@@ -275,11 +332,32 @@ def test_reads_a_run_log(tmp_path):
     lines = []
     for i in range(12):
         rss = (50 + 4 * i) * MiB
-        lines.append({"type": "sample", "timestamp": "ignored", "t": 1000.0 + i, "pgid": 77, "memory_bytes": rss,
-                      "threshold_bytes": 100 * MiB, "processes": 2, "members": [], "fast": False, "memtype": "rss",
-                      "groups": [{"group": "bun-77", "key": "pgid:77", "kind": "pgid", "pgid": 77, "processes": 2,
-                                  "rss_bytes": rss, "limits": {"run": 100 * MiB}}],
-                      "system": {"total_bytes": 8 * 2**30, "available_bytes": 6 * 2**30, "used_bytes": 2 * 2**30}})
+        lines.append(
+            {
+                "type": "sample",
+                "timestamp": "ignored",
+                "t": 1000.0 + i,
+                "pgid": 77,
+                "memory_bytes": rss,
+                "threshold_bytes": 100 * MiB,
+                "processes": 2,
+                "members": [],
+                "fast": False,
+                "memtype": "rss",
+                "groups": [
+                    {
+                        "group": "bun-77",
+                        "key": "pgid:77",
+                        "kind": "pgid",
+                        "pgid": 77,
+                        "processes": 2,
+                        "rss_bytes": rss,
+                        "limits": {"run": 100 * MiB},
+                    }
+                ],
+                "system": {"total_bytes": 8 * 2**30, "available_bytes": 6 * 2**30, "used_bytes": 2 * 2**30},
+            }
+        )
     lines.append({"type": "exit", "t": 1012.0, "exit_code": 0})
     log = tmp_path / "bun-20250101-000000-9.jsonl"
     log.write_text("".join(json.dumps(x) + "\n" for x in lines))

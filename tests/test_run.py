@@ -4,6 +4,7 @@ Every wrapper runs in a session of its own; cleanup signals only the wrapper and
 Each test runs three ways: the procfs source, the psutil source, and the psutil source with the polling
 supervisor (tests/polling_run.py), the pair Windows runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,15 @@ class Wrapped:
         self.tmp_path = tmp_path
         self.err_path = tmp_path / f"stderr-{time.monotonic_ns()}"
         self.err = open(self.err_path, "w+")
-        self.proc = subprocess.Popen(run + args, cwd=ROOT, env=env or clean_env(tmp_path), stderr=self.err,
-                                     stdout=popen.pop("stdout", subprocess.DEVNULL), start_new_session=True, **popen)
+        self.proc = subprocess.Popen(
+            run + args,
+            cwd=ROOT,
+            env=env or clean_env(tmp_path),
+            stderr=self.err,
+            stdout=popen.pop("stdout", subprocess.DEVNULL),
+            start_new_session=True,
+            **popen,
+        )
 
     def wait(self, timeout: float = 40.0) -> int:
         return self.proc.wait(timeout)
@@ -111,6 +119,7 @@ def wait_ready(path: Path, w: Wrapped, timeout: float = 30.0) -> list[int]:
 
 # --- the tree and its memory -----------------------------------------------------------------
 
+
 def test_shell_children_count_in_the_tree_memory(wrap, tmp_path):
     log = tmp_path / "run.jsonl"
     script = f"{HOG} --mb 30 --sleep 2 & {HOG} --mb 30 --sleep 2 & wait"
@@ -130,9 +139,30 @@ def test_shell_children_count_in_the_tree_memory(wrap, tmp_path):
 def test_over_the_limit_the_whole_tree_dies_with_137_setsid_grandchild_too(wrap, tmp_path, variant):
     ready, log = tmp_path / "ready", tmp_path / "run.jsonl"
     # the hog grows only once its child and the child's setsid grandchild are up
-    w = wrap("-t", "150", "-i", "0.5", "--grace", "2", "-l", str(log), "--",
-             *hog("--mb", "30", "--grow", "100", "--children", "1", "--child-mb", "20", "--setsid-grandchild",
-                  "--ready", str(ready)))
+    w = wrap(
+        "-t",
+        "150",
+        "-i",
+        "0.5",
+        "--grace",
+        "2",
+        "-l",
+        str(log),
+        "--",
+        *hog(
+            "--mb",
+            "30",
+            "--grow",
+            "100",
+            "--children",
+            "1",
+            "--child-mb",
+            "20",
+            "--setsid-grandchild",
+            "--ready",
+            str(ready),
+        ),
+    )
     assert w.wait() == 137, w.stderr()
     child = ready_pids(ready)
     grandchild = ready_pids(Path(f"{ready}.child0"))
@@ -182,10 +212,17 @@ def test_unknown_command_is_127(wrap):
 
 # --- signals ----------------------------------------------------------------------------------
 
+
 def test_sigint_reaches_the_whole_tree_even_where_ignored(wrap, tmp_path):
     ready, log = tmp_path / "ready", tmp_path / "run.jsonl"
-    w = wrap("--grace", "1", "-l", str(log), "--",
-             *hog("--ignore", "SIGINT", "--children", "1", "--setsid-child", "--ready", str(ready)))
+    w = wrap(
+        "--grace",
+        "1",
+        "-l",
+        str(log),
+        "--",
+        *hog("--ignore", "SIGINT", "--children", "1", "--setsid-child", "--ready", str(ready)),
+    )
     kids = wait_ready(ready, w)
     leader = records(log)[0]["command_pid"]
     assert len(kids) == 2 and all(pid_alive(p) for p in [leader, *kids])
@@ -200,8 +237,9 @@ def test_sigint_reaches_the_whole_tree_even_where_ignored(wrap, tmp_path):
 
 def test_listen_serves_the_tree_and_its_limit(wrap, tmp_path):
     ready, port = tmp_path / "ready", free_port()
-    w = wrap("-t", "1GiB", "-i", "0.3", "--listen", f"127.0.0.1:{port}", "--",
-             *hog("--mb", "30", "--ready", str(ready)))
+    w = wrap(
+        "-t", "1GiB", "-i", "0.3", "--listen", f"127.0.0.1:{port}", "--", *hog("--mb", "30", "--ready", str(ready))
+    )
     wait_ready(ready, w)
     name = os.path.basename(sys.executable)
 
@@ -222,9 +260,15 @@ def test_listen_serves_the_tree_and_its_limit(wrap, tmp_path):
 
 # --- options, environment, log path -----------------------------------------------------------
 
+
 def test_environment_sets_options_and_flags_win(wrap, tmp_path):
-    env = clean_env(tmp_path, MEM_EXPORTER_THRESHOLD="1", MEM_EXPORTER_INTERVAL="300ms",
-                    MEM_EXPORTER_LOG=str(tmp_path / "env.jsonl"), MEM_EXPORTER_VERBOSE="1")
+    env = clean_env(
+        tmp_path,
+        MEM_EXPORTER_THRESHOLD="1",
+        MEM_EXPORTER_INTERVAL="300ms",
+        MEM_EXPORTER_LOG=str(tmp_path / "env.jsonl"),
+        MEM_EXPORTER_VERBOSE="1",
+    )
     sleeper = [sys.executable, "-c", "import time; time.sleep(20)"]
     w = wrap("--grace", "1", "--", *sleeper, env=env)
     assert w.wait() == 137  # 1 MB: any Python is over it
@@ -260,18 +304,33 @@ def test_an_unwritable_log_is_an_error_before_the_command_starts(wrap, tmp_path)
 
 # --- the terminal -----------------------------------------------------------------------------
 
+
 def test_on_a_terminal_the_command_gets_the_foreground(wrap, tmp_path, variant):
     if variant == POLLING:
-        pytest.skip("the polling supervisor shares no terminal: the command gets a session of its own "
-                    "(POSIX) or keeps the console (Windows)")
+        pytest.skip(
+            "the polling supervisor shares no terminal: the command gets a session of its own "
+            "(POSIX) or keeps the console (Windows)"
+        )
     import fcntl
     import pty
     import termios
+
     master, slave = pty.openpty()
-    code = ("import os; print('fg', os.tcgetpgrp(0) == os.getpgrp(), 'own-group', os.getpgrp() == os.getpid(), "
-            "'same-session', os.getsid(0) == os.getsid(os.getppid()), flush=True)")
-    w = wrap("-l", str(tmp_path / "run.jsonl"), "--", sys.executable, "-c", code,
-             stdin=slave, stdout=slave, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    code = (
+        "import os; print('fg', os.tcgetpgrp(0) == os.getpgrp(), 'own-group', os.getpgrp() == os.getpid(), "
+        "'same-session', os.getsid(0) == os.getsid(os.getppid()), flush=True)"
+    )
+    w = wrap(
+        "-l",
+        str(tmp_path / "run.jsonl"),
+        "--",
+        sys.executable,
+        "-c",
+        code,
+        stdin=slave,
+        stdout=slave,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
     os.close(slave)
     out = b""
     deadline = time.monotonic() + 30
@@ -294,12 +353,14 @@ def test_on_a_terminal_the_command_gets_the_foreground(wrap, tmp_path, variant):
 
 # --- pure parts -------------------------------------------------------------------------------
 
+
 def test_tree_members_follow_ppid_links_and_identity():
     from mem_exporter.run import tree_members
     from mem_exporter.sample import ProcessInfo
 
     def p(pid, ppid, start=1):
         return ProcessInfo(pid, ppid, pid, pid, 0, "x", "x", start, "S", 1)
+
     previous = {200: p(200, 1), 201: p(201, 1, start=5)}
     procs = [p(100, 50), p(101, 100), p(102, 101), p(103, 102), p(200, 1), p(201, 1, start=9), p(300, 1)]
     assert sorted(tree_members(procs, previous, root=100)) == [101, 102, 103, 200]  # 201: a reused pid
@@ -311,11 +372,24 @@ def test_options_flags_over_environment():
     from mem_exporter.run import SetupError, options_from
 
     def args(**kw):
-        base = dict(command=["--", "x"], threshold=None, interval=None, log=None, verbose=False, notify=False,
-                    grace=None, listen=None)
+        base = dict(
+            command=["--", "x"],
+            threshold=None,
+            interval=None,
+            log=None,
+            verbose=False,
+            notify=False,
+            grace=None,
+            listen=None,
+        )
         return argparse.Namespace(**{**base, **kw})
-    env = {"MEM_EXPORTER_THRESHOLD": "1.5GB", "MEM_EXPORTER_INTERVAL": "500ms", "MEM_EXPORTER_LOG": "/x.jsonl",
-           "MEM_EXPORTER_VERBOSE": "yes"}
+
+    env = {
+        "MEM_EXPORTER_THRESHOLD": "1.5GB",
+        "MEM_EXPORTER_INTERVAL": "500ms",
+        "MEM_EXPORTER_LOG": "/x.jsonl",
+        "MEM_EXPORTER_VERBOSE": "yes",
+    }
     o = options_from(args(), env)
     assert (o.command, o.threshold, o.interval, o.log, o.verbose) == (("x",), 1_500_000_000, 0.5, "/x.jsonl", True)
     o = options_from(args(threshold="800", interval="2", log="/y.jsonl"), env)
@@ -330,11 +404,14 @@ def test_options_flags_over_environment():
 
 def test_log_path_defaults_and_directories(tmp_path):
     from mem_exporter.runlog import resolve_path
+
     started = time.mktime((2024, 6, 1, 14, 22, 33, 0, 0, -1))
-    assert resolve_path(None, "/usr/bin/bun", started, 42, {"XDG_STATE_HOME": "/state", "HOME": "/home/u"}) == \
-        Path("/state/mem-exporter/runs/bun-20240601-142233-42.jsonl")
-    assert resolve_path(None, "bun", started, 42, {"XDG_STATE_HOME": "relative", "HOME": "/home/u"}) == \
-        Path("/home/u/.local/state/mem-exporter/runs/bun-20240601-142233-42.jsonl")
+    assert resolve_path(None, "/usr/bin/bun", started, 42, {"XDG_STATE_HOME": "/state", "HOME": "/home/u"}) == Path(
+        "/state/mem-exporter/runs/bun-20240601-142233-42.jsonl"
+    )
+    assert resolve_path(None, "bun", started, 42, {"XDG_STATE_HOME": "relative", "HOME": "/home/u"}) == Path(
+        "/home/u/.local/state/mem-exporter/runs/bun-20240601-142233-42.jsonl"
+    )
     assert resolve_path(str(tmp_path), "bun", started, 42, {}) == tmp_path / "bun-20240601-142233-42.jsonl"
     assert resolve_path(str(tmp_path / "x.jsonl"), "bun", started, 42, {}) == tmp_path / "x.jsonl"
     assert resolve_path(f"{tmp_path}/new/", "bun", started, 42, {}) == tmp_path / "new" / "bun-20240601-142233-42.jsonl"

@@ -2,6 +2,7 @@
 
 The polling supervisor also runs every wrapper test of test_run.py for real (the `psutil-polling` variant).
 """
+
 from __future__ import annotations
 
 import os
@@ -57,10 +58,16 @@ def windows_signals(monkeypatch) -> dict:
     """The supervisor module sees a signal module with Windows' names only (no SIGHUP, SIGCHLD, SIGSTOP, SIGTTOU,
     set_wakeup_fd); handlers are recorded here, never installed in the test process."""
     handlers: dict = {}
-    fake = SimpleNamespace(SIGINT=signal.SIGINT, SIGTERM=signal.SIGTERM, SIGBREAK=SIGBREAK, SIGABRT=signal.SIGABRT,
-                           SIG_DFL=signal.SIG_DFL, SIG_IGN=signal.SIG_IGN,
-                           getsignal=lambda sig: handlers.get(sig, signal.SIG_DFL),
-                           signal=lambda sig, handler: handlers.__setitem__(sig, handler))
+    fake = SimpleNamespace(
+        SIGINT=signal.SIGINT,
+        SIGTERM=signal.SIGTERM,
+        SIGBREAK=SIGBREAK,
+        SIGABRT=signal.SIGABRT,
+        SIG_DFL=signal.SIG_DFL,
+        SIG_IGN=signal.SIG_IGN,
+        getsignal=lambda sig: handlers.get(sig, signal.SIG_DFL),
+        signal=lambda sig, handler: handlers.__setitem__(sig, handler),
+    )
     monkeypatch.setattr(supervisor, "signal", fake)
     return handlers
 

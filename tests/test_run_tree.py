@@ -3,6 +3,7 @@
 A real `mem-exporter run` in a process of its own, with the Sampler's full tick and every listing of
 the procfs root counted (the counters call through to the real ones); and TreeWalk on fixture trees.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,9 +81,34 @@ def test_a_grandchild_past_the_limit_is_killed_with_the_tree(tmp_path, mode):
     counts, log, pid_file = tmp_path / "counts.json", tmp_path / "run.jsonl", tmp_path / "grandchild"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEM_EXPORTER_")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen([sys.executable, "-c", COUNTED_RUN, str(counts), mode, "-t", "150", "-i", "0.2",
-                             "--grace", "2", "-l", str(log), "--", sys.executable, "-c", FORKING, HOG, str(pid_file)],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            COUNTED_RUN,
+            str(counts),
+            mode,
+            "-t",
+            "150",
+            "-i",
+            "0.2",
+            "--grace",
+            "2",
+            "-l",
+            str(log),
+            "--",
+            sys.executable,
+            "-c",
+            FORKING,
+            HOG,
+            str(pid_file),
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.wait(60) == 137, proc.stderr.read()
     finally:
@@ -113,6 +139,7 @@ def test_a_grandchild_past_the_limit_is_killed_with_the_tree(tmp_path, mode):
 
 # --- TreeWalk on fixture trees -------------------------------------------------------------------
 
+
 def children(fake: FakeProc, pid: int, threads: dict[int, list[int]]) -> None:
     """/proc/PID/task/TID/children for each thread of the process."""
     for tid, kids in threads.items():
@@ -124,6 +151,7 @@ def children(fake: FakeProc, pid: int, threads: dict[int, list[int]]) -> None:
 def walk(fake: FakeProc, root: int = 100):
     from mem_exporter.procfs import ProcfsReader
     from mem_exporter.run.tree import TreeWalk
+
     return TreeWalk(ProcfsReader(str(fake.root)), str(fake.root), root)
 
 
@@ -146,6 +174,7 @@ def test_every_threads_children_are_followed_down_the_tree(tmp_path):
 
 def test_a_reused_pid_never_joins_and_a_known_member_stays(tmp_path):
     from mem_exporter.sample import ProcessInfo
+
     fake = FakeProc(tmp_path)
     fake.add(100, "run", ppid=1)
     children(fake, 100, {100: [101, 107]})
@@ -157,12 +186,14 @@ def test_a_reused_pid_never_joins_and_a_known_member_stays(tmp_path):
 
     def known(pid: int, start: int) -> ProcessInfo:
         return ProcessInfo(pid, 1, pid, pid, 0, "x", "x", start, "S", 1)
+
     members = walk(fake).read({108: known(108, 500), 109: known(109, 700)})
     assert sorted(members) == [101, 108]
 
 
 def test_child_links_are_detected(tmp_path):
     from mem_exporter.run.tree import links_available
+
     fake = FakeProc(tmp_path)
     fake.add(100, "run")
     assert not links_available(str(fake.root), 100)

@@ -1,5 +1,6 @@
 """Self-protection for real: mlockall and oom_score_adj in child processes (never in the test process itself),
 applied when permitted, reported (and 0 in the metric) when not."""
+
 import json
 import os
 import resource
@@ -33,8 +34,14 @@ print(json.dumps({"locked": p.memory_locked, "adj": p.oom_score_adj_now, "proble
 
 
 def probe(adj: int, preexec=None, prefix=()) -> dict:
-    r = subprocess.run([*prefix, sys.executable, "-c", PROBE, str(adj)], capture_output=True, text=True, cwd=ROOT,
-                       preexec_fn=preexec, timeout=60)
+    r = subprocess.run(
+        [*prefix, sys.executable, "-c", PROBE, str(adj)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=preexec,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     out["log"] = r.stderr
@@ -66,11 +73,15 @@ def test_lowering_oom_score_adj_applied_or_reported():
         assert metric_value(out["metrics"], "mem_exporter_enforcer_oom_score_adj") == 0
 
 
-@pytest.mark.skipif(not os.path.exists(SETPRIV) or os.geteuid() != 0,
-                    reason="needs root and setpriv to drop capabilities")
+@pytest.mark.skipif(
+    not os.path.exists(SETPRIV) or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities"
+)
 def test_reported_without_the_capabilities_and_with_memlock_zero():
-    out = probe(-900, preexec=_capabilities_and_memlock_cut,
-                prefix=(SETPRIV, "--bounding-set=-ipc_lock,-sys_resource", "--inh-caps=-ipc_lock,-sys_resource"))
+    out = probe(
+        -900,
+        preexec=_capabilities_and_memlock_cut,
+        prefix=(SETPRIV, "--bounding-set=-ipc_lock,-sys_resource", "--inh-caps=-ipc_lock,-sys_resource"),
+    )
     assert not out["locked"] and out["vmlck_kb"] == 0
     assert any("no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0 bytes" in p for p in out["problems"]), out["problems"]
     assert any("needs CAP_SYS_RESOURCE" in p for p in out["problems"])
@@ -79,10 +90,18 @@ def test_reported_without_the_capabilities_and_with_memlock_zero():
     assert out["log"].count("self-protection:") == 2  # one line per refusal, and the process goes on
 
 
-@pytest.mark.parametrize("current,asked,write", [
-    (0, -900, True), (0, 500, True), (300, -900, True), (-500, -900, True),
-    (-997, -900, False),  # kubelet's Guaranteed pod value: raising it would weaken the protection
-    (-1000, 0, False), (None, -900, True)])
+@pytest.mark.parametrize(
+    "current,asked,write",
+    [
+        (0, -900, True),
+        (0, 500, True),
+        (300, -900, True),
+        (-500, -900, True),
+        (-997, -900, False),  # kubelet's Guaranteed pod value: raising it would weaken the protection
+        (-1000, 0, False),
+        (None, -900, True),
+    ],
+)
 def test_a_lower_value_from_a_privileged_parent_is_kept(current, asked, write):
     assert should_write_oom_score_adj(current, asked) is write
 
@@ -98,8 +117,10 @@ def test_enforce_locks_itself_and_plain_serve_does_not(daemon, tmp_path):
     cfg.write_text("gpu: {backend: none}\nenforcer: {oom_score_adj: 300}\n")
     enforcer = daemon("enforce", "-c", str(cfg), "--interval", "0.5s").wait_healthy()
     exporter = daemon("serve", "-c", str(cfg), "--interval", "0.5s").wait_healthy()
-    text = wait_for(lambda: next((t for t in [enforcer.metrics()] if "mem_exporter_enforcer_memory_locked" in t), None),
-                    what="the self-protection gauges")
+    text = wait_for(
+        lambda: next((t for t in [enforcer.metrics()] if "mem_exporter_enforcer_memory_locked" in t), None),
+        what="the self-protection gauges",
+    )
     assert metric_value(text, "mem_exporter_enforcer_memory_locked") == 1
     assert metric_value(text, "mem_exporter_enforcer_oom_score_adj") == 300
     assert _status(enforcer.proc.pid, "VmLck") > 0

@@ -1,4 +1,5 @@
 """The exporter for real: a spawned process group shows up in a real scrape; signals; reload."""
+
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from conftest import MB, http_get, metric_value, wait_for
 
 def group_label_for_pgid(text: str, pgid: int) -> str | None:
     from prometheus_client.parser import text_string_to_metric_families
+
     for fam in text_string_to_metric_families(text):
         if fam.name == "mem_exporter_group_info":
             for s in fam.samples:
@@ -31,8 +33,12 @@ def test_a_spawned_group_appears_with_its_summed_rss(daemon, spawn_group):
     def scraped_rss():
         text = d.metrics()
         label = group_label_for_pgid(text, hog.pgid)
-        return label and (label, metric_value(text, "mem_exporter_group_memory_bytes", group=label, memtype="rss"),
-                          metric_value(text, "mem_exporter_group_processes", group=label))
+        return label and (
+            label,
+            metric_value(text, "mem_exporter_group_memory_bytes", group=label, memtype="rss"),
+            metric_value(text, "mem_exporter_group_processes", group=label),
+        )
+
     label, rss, processes = wait_for(scraped_rss, 10, what="the hog's group in /metrics")
     assert label.endswith(f"-{hog.pgid}")
     assert processes == 3
@@ -75,12 +81,16 @@ def test_sighup_reloads_and_a_bad_reload_keeps_the_last_good_config(daemon, tmp_
     d = daemon("serve", "--config", str(cfg)).wait_healthy()
     wait_for(lambda: group_label_for_pgid(d.metrics(), hog.pgid), what="the hog's pgid group")
 
-    named = ("interval: 0.3s\ngpu: {backend: none}\n"
-             f"groups: {{named: [{{name: the-hog, match: {{cmdline: 'hog.py --mb 20 --tag {tag}'}}}}]}}\n")
+    named = (
+        "interval: 0.3s\ngpu: {backend: none}\n"
+        f"groups: {{named: [{{name: the-hog, match: {{cmdline: 'hog.py --mb 20 --tag {tag}'}}}}]}}\n"
+    )
     cfg.write_text(named)
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: metric_value(d.metrics(), "mem_exporter_group_processes", group="the-hog") == 1,
-             what="the named group after a good reload")
+    wait_for(
+        lambda: metric_value(d.metrics(), "mem_exporter_group_processes", group="the-hog") == 1,
+        what="the named group after a good reload",
+    )
 
     cfg.write_text("interval: never\n")
     d.proc.send_signal(signal.SIGHUP)
@@ -95,12 +105,17 @@ def test_cannot_listen_is_one_line(tmp_path):
     import socket
     import sys
     from pathlib import Path
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "mem_exporter", "serve", "--gpu-backend", "none", "--listen",
-                            f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=20,
-                           cwd=Path(__file__).parents[1])
+        r = subprocess.run(
+            [sys.executable, "-m", "mem_exporter", "serve", "--gpu-backend", "none", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            cwd=Path(__file__).parents[1],
+        )
     assert r.returncode == 1
     assert r.stderr.strip().endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use")

@@ -1,4 +1,5 @@
 """The service's reload: a config file's `dry_run` follows the file; `--dry-run` holds across reloads."""
+
 from conftest import free_port
 
 from mem_exporter.service import Service

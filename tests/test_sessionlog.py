@@ -1,5 +1,6 @@
 """Session logs: record shapes, JSONL and CSV that read back the same, rotation, a writer that never
 blocks the sampler, and the files a real `serve` / `enforce --log-dir` session leaves."""
+
 from __future__ import annotations
 
 import csv
@@ -23,16 +24,35 @@ T0 = 1_700_000_000.0
 
 def make_sample(i: int, phase: str | None = "Idle") -> Sample:
     """A sample with two groups (one growing) and one card."""
+
     def group(pgid: int, comm: str, rss: int, gpu: int = 0) -> GroupSample:
         p = ProcessInfo(pgid, 1, pgid, pgid, 1000, comm, f"{comm} --serve", 100 + pgid, "S", rss)
-        return GroupSample(f"pgid:{pgid}", f"{comm}-{pgid}", "pgid", rss, 1, (p,), pgid=pgid,
-                           gpu_memory_bytes={0: gpu} if gpu else {})
+        return GroupSample(
+            f"pgid:{pgid}", f"{comm}-{pgid}", "pgid", rss, 1, (p,), pgid=pgid, gpu_memory_bytes={0: gpu} if gpu else {}
+        )
+
     groups = (group(200, "grower", (100 + 5 * i) * MiB, gpu=2048 * MiB), group(300, "flat", 80 * MiB))
-    card = GpuCard(0, "GPU-x", "Test Card", "550", memory_total_bytes=12 * 1024 * MiB,
-                   memory_used_bytes=(2048 + i) * MiB, utilization_ratio=0.5)
-    return Sample(timestamp=T0 + i, monotonic=float(i), duration_seconds=0.01,
-                  system=SystemMemory(16 * 1024 * MiB, (12 * 1024 - i) * MiB, 8 * 1024 * MiB, 0, 0),
-                  cpu_usage_ratio=0.1, process_count=2, groups=groups, gpus=(card,), phase=phase, exported=groups)
+    card = GpuCard(
+        0,
+        "GPU-x",
+        "Test Card",
+        "550",
+        memory_total_bytes=12 * 1024 * MiB,
+        memory_used_bytes=(2048 + i) * MiB,
+        utilization_ratio=0.5,
+    )
+    return Sample(
+        timestamp=T0 + i,
+        monotonic=float(i),
+        duration_seconds=0.01,
+        system=SystemMemory(16 * 1024 * MiB, (12 * 1024 - i) * MiB, 8 * 1024 * MiB, 0, 0),
+        cpu_usage_ratio=0.1,
+        process_count=2,
+        groups=groups,
+        gpus=(card,),
+        phase=phase,
+        exported=groups,
+    )
 
 
 def write_session(directory, fmt: str, n: int = 30, **kw) -> SessionLog:
@@ -54,8 +74,16 @@ def test_jsonl_records_have_the_documented_shape(tmp_path):
     assert first["t"] == T0 and first["phase"] == "Idle" and first["memtype"] == "rss"
     assert first["system"]["used_bytes"] == 4 * 1024 * MiB and first["system"]["total_bytes"] == 16 * 1024 * MiB
     grower, flat = first["groups"]
-    assert grower == {"group": "grower-200", "key": "pgid:200", "kind": "pgid", "processes": 1, "rss_bytes": 100 * MiB,
-                      "pgid": 200, "leader": "grower", "gpu_memory_bytes": {"0": 2048 * MiB}}
+    assert grower == {
+        "group": "grower-200",
+        "key": "pgid:200",
+        "kind": "pgid",
+        "processes": 1,
+        "rss_bytes": 100 * MiB,
+        "pgid": 200,
+        "leader": "grower",
+        "gpu_memory_bytes": {"0": 2048 * MiB},
+    }
     assert flat["limits"] == {"cap": 100 * MiB}
     assert first["gpus"][0]["memory_used_bytes"] == 2048 * MiB and first["gpus"][0]["name"] == "Test Card"
     event = json.loads(log.event_log_path.read_text())
@@ -147,15 +175,33 @@ def test_csv_opens_in_a_spreadsheet_and_old_csv_still_reads(tmp_path):
 
 def test_serve_writes_csv_session_logs(daemon, tmp_path):
     logs = tmp_path / "logs"
-    d = daemon("serve", "--interval", "0.2s", "--gpu-backend", GPU_SCENARIO, "--log-dir", str(logs),
-               "--log-format", "csv", "--session", "stress test",
-               "--phase-file", str(tmp_path / "phase")).wait_healthy()
-    wait_for(lambda: len(list(logs.glob("memory-*.csv"))) == 1 and
-             next(logs.glob("memory-*.csv")).read_text().count(",system,system,") > 10, 20, what="ten samples")
+    d = daemon(
+        "serve",
+        "--interval",
+        "0.2s",
+        "--gpu-backend",
+        GPU_SCENARIO,
+        "--log-dir",
+        str(logs),
+        "--log-format",
+        "csv",
+        "--session",
+        "stress test",
+        "--phase-file",
+        str(tmp_path / "phase"),
+    ).wait_healthy()
+    wait_for(
+        lambda: (
+            len(list(logs.glob("memory-*.csv"))) == 1
+            and next(logs.glob("memory-*.csv")).read_text().count(",system,system,") > 10
+        ),
+        20,
+        what="ten samples",
+    )
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(15) == 0
-    memory, = logs.glob("memory-*.csv")
-    gpu, = logs.glob("gpu-memory-*.csv")
+    (memory,) = logs.glob("memory-*.csv")
+    (gpu,) = logs.glob("gpu-memory-*.csv")
     assert re.fullmatch(r"memory-stress-test-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.csv", memory.name)
     assert gpu.name == "gpu-" + memory.name
     run = read_logs([logs])
@@ -175,8 +221,9 @@ enforcer:
       grace: 1s
 """)
     logs = tmp_path / "logs"
-    d = daemon("enforce", "--config", str(cfg), "--interval", "0.2s", "--gpu-backend", "none",
-               "--log-dir", str(logs)).wait_healthy()
+    d = daemon(
+        "enforce", "--config", str(cfg), "--interval", "0.2s", "--gpu-backend", "none", "--log-dir", str(logs)
+    ).wait_healthy()
     hog = spawn_group("--mb", "20", "--grow", "100", "--max-mb", "1000", "--tag", tag + "kill")
     hog.wait_ready()
 
@@ -184,6 +231,7 @@ enforcer:
         events = list(logs.glob("events-enforce-*.jsonl"))
         lines = [json.loads(x) for x in events[0].read_text().splitlines()] if events else []
         return next((e for e in lines if e.get("pgid") == hog.pgid and e["action"] in ("term", "kill")), None)
+
     wait_for(kill_logged, 40, what="the kill in the session's event log")
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(15) == 0

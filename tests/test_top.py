@@ -1,4 +1,5 @@
 """`mem-exporter top` in a real pseudo-terminal: it draws RAM, the GPU, a group and the phase, and `q` quits."""
+
 from __future__ import annotations
 
 import fcntl
@@ -47,6 +48,7 @@ class Terminal:
         def seen():
             self.pump()
             return text.encode() in self.output
+
         wait_for(seen, timeout, interval=0, what=f"{text!r} on the screen")
 
     def exit_status(self, timeout: float = 15.0) -> int | None:
@@ -82,6 +84,7 @@ def test_top_draws_and_quits_on_q(spawn_group, tmp_path):
         def redrawn():  # curses sends only what changed: the elapsed seconds at least
             term.pump()
             return len(term.output) > drawn
+
         wait_for(redrawn, 30, interval=0, what="a refresh")
         os.write(term.fd, b"q")
         assert term.exit_status() == 0
@@ -93,9 +96,16 @@ def test_screen_colours_by_zone():
     total = 1000
     member = ProcessInfo(7, 1, 7, 7, 0, "big", "big", 1, "S", 950)
     big = GroupSample("pgid:7", "big-7", "pgid", 950, 1, (member,), pgid=7)
-    sample = Sample(timestamp=0.0, monotonic=0.0, duration_seconds=0.0,
-                    system=SystemMemory(total, 50, 25, 0, 0), cpu_usage_ratio=None, process_count=1,
-                    groups=(big,), phase="Full-Processing")
+    sample = Sample(
+        timestamp=0.0,
+        monotonic=0.0,
+        duration_seconds=0.0,
+        system=SystemMemory(total, 50, 25, 0, 0),
+        cpu_usage_ratio=None,
+        process_count=1,
+        groups=(big,),
+        phase="Full-Processing",
+    )
     lines = screen(sample, 75.0)
     text = "\n".join("".join(t for t, _ in line) for line in lines)
     assert "elapsed 00:01:15" in text and "phase: Full-Processing" in text and "Swap      none" in text
@@ -106,11 +116,19 @@ def test_screen_colours_by_zone():
 
 
 def test_screen_uses_the_ram_zones_for_ram_and_the_gpu_zones_for_cards():
-    card = GpuCard(index=0, uuid="GPU-0", name="demo", driver_version="1", memory_total_bytes=1000,
-                   memory_used_bytes=880)
-    sample = Sample(timestamp=0.0, monotonic=0.0, duration_seconds=0.0,
-                    system=SystemMemory(1000, 120, 60, 0, 0), cpu_usage_ratio=None, process_count=0,
-                    groups=(), gpus=(card,))
+    card = GpuCard(
+        index=0, uuid="GPU-0", name="demo", driver_version="1", memory_total_bytes=1000, memory_used_bytes=880
+    )
+    sample = Sample(
+        timestamp=0.0,
+        monotonic=0.0,
+        duration_seconds=0.0,
+        system=SystemMemory(1000, 120, 60, 0, 0),
+        cpu_usage_ratio=None,
+        process_count=0,
+        groups=(),
+        gpus=(card,),
+    )
     lines = {line[0][0].strip(): line for line in screen(sample, 0.0) if line and len(line) > 1}
     assert lines["RAM"][1][1] == "caution"  # 88 % of RAM: caution (85 % / 90 %)
     assert lines["GPU 0"][1][1] == "critical"  # 88 % of a card: critical (67 % / 83 %)

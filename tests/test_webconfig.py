@@ -1,5 +1,6 @@
 """Endpoint hardening: the exporter-toolkit web config (TLS, basic auth), checked with a real Prometheus;
 bad files are one clear line; SIGHUP re-reads; connections are capped and slow clients dropped."""
+
 import base64
 import json
 import shutil
@@ -34,18 +35,43 @@ def cert(tmp_path_factory):
     if not have("openssl"):
         pytest.skip("needs the openssl command")
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            OPENSSL,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return d / "cert.pem", d / "key.pem"
 
 
 def write_web_config(path, cert, users: dict[str, str]) -> None:
-    path.write_text(json.dumps({  # JSON is YAML
-        "tls_server_config": {"cert_file": str(cert[0]), "key_file": str(cert[1]), "min_version": "TLS12"},
-        "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff"}},
-        "basic_auth_users": users,
-    }))
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "tls_server_config": {"cert_file": str(cert[0]), "key_file": str(cert[1]), "min_version": "TLS12"},
+                "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff"}},
+                "basic_auth_users": users,
+            }
+        )
+    )
 
 
 def get(url: str, cafile=None, auth: tuple[str, str] | None = None, timeout: float = 5.0):
@@ -69,23 +95,37 @@ def test_no_file_means_plain_http_without_auth():
 BAD = [
     ("tls_server_config: {cert_file: c, key_file: k, bogus: 1}\n", "tls_server_config.bogus: unknown key"),
     ("tls_server_config: {key_file: k}\n", "tls_server_config.cert_file: required key is missing"),
-    ("tls_server_config: {cert_file: missing.pem, key_file: missing.key}\n",
-     "tls_server_config.cert_file: cannot load missing.pem with missing.key: No such file or directory"),
-    ("tls_server_config: {cert_file: c, key_file: k, min_version: TLS14}\n",
-     "tls_server_config.min_version: Input should be 'TLS10', 'TLS11', 'TLS12' or 'TLS13' (got 'TLS14')"),
-    ("tls_server_config: {cert_file: c, key_file: k, client_auth_type: RequireAnyClientCert}\n",
-     "tls_server_config.client_auth_type: RequireAnyClientCert accepts certificates without verifying them; "
-     "use RequireAndVerifyClientCert"),
-    ("tls_server_config: {cert_file: c, key_file: k, client_allowed_sans: [a]}\n",
-     "tls_server_config.client_allowed_sans: not supported by mem-exporter; "
-     "issue client certificates from a dedicated CA"),
-    ("rate_limit: {interval: 1s, burst: 5}\n",
-     "rate_limit: not supported by mem-exporter (see max_connections in the main config)"),
-    ("basic_auth_users: {prometheus: hunter2}\n",
-     "basic_auth_users: prometheus: not a bcrypt hash (make one with: htpasswd -nBC 10 '' | tr -d ':\\n')"),
-    ("http_server_config: {headers: {X-Powered-By: me}}\n",
-     "http_server_config.headers.X-Powered-By.[key]: Input should be 'Content-Security-Policy', 'X-Frame-Options', "
-     "'X-Content-Type-Options', 'X-XSS-Protection' or 'Strict-Transport-Security' (got 'X-Powered-By')"),
+    (
+        "tls_server_config: {cert_file: missing.pem, key_file: missing.key}\n",
+        "tls_server_config.cert_file: cannot load missing.pem with missing.key: No such file or directory",
+    ),
+    (
+        "tls_server_config: {cert_file: c, key_file: k, min_version: TLS14}\n",
+        "tls_server_config.min_version: Input should be 'TLS10', 'TLS11', 'TLS12' or 'TLS13' (got 'TLS14')",
+    ),
+    (
+        "tls_server_config: {cert_file: c, key_file: k, client_auth_type: RequireAnyClientCert}\n",
+        "tls_server_config.client_auth_type: RequireAnyClientCert accepts certificates without verifying them; "
+        "use RequireAndVerifyClientCert",
+    ),
+    (
+        "tls_server_config: {cert_file: c, key_file: k, client_allowed_sans: [a]}\n",
+        "tls_server_config.client_allowed_sans: not supported by mem-exporter; "
+        "issue client certificates from a dedicated CA",
+    ),
+    (
+        "rate_limit: {interval: 1s, burst: 5}\n",
+        "rate_limit: not supported by mem-exporter (see max_connections in the main config)",
+    ),
+    (
+        "basic_auth_users: {prometheus: hunter2}\n",
+        "basic_auth_users: prometheus: not a bcrypt hash (make one with: htpasswd -nBC 10 '' | tr -d ':\\n')",
+    ),
+    (
+        "http_server_config: {headers: {X-Powered-By: me}}\n",
+        "http_server_config.headers.X-Powered-By.[key]: Input should be 'Content-Security-Policy', 'X-Frame-Options', "
+        "'X-Content-Type-Options', 'X-XSS-Protection' or 'Strict-Transport-Security' (got 'X-Powered-By')",
+    ),
     ("- a list\n", "(top level): must be a mapping of keys, got list"),
 ]
 
@@ -112,8 +152,7 @@ def test_basic_auth_without_bcrypt_is_a_clear_error(tmp_path, monkeypatch):
     f.write_text(f"basic_auth_users: {{prometheus: '{HASH}'}}\n")
     with pytest.raises(WebConfigError) as e:
         load_web_config(str(f))
-    assert e.value.problems == [f"{f}: basic_auth_users: needs the Python package bcrypt "
-                                "(pip install bcrypt)"]
+    assert e.value.problems == [f"{f}: basic_auth_users: needs the Python package bcrypt (pip install bcrypt)"]
 
 
 def test_auth_checks_bcrypt_once_then_caches_and_accepts_htpasswd_hashes():
@@ -126,6 +165,7 @@ def test_auth_checks_bcrypt_once_then_caches_and_accepts_htpasswd_hashes():
         def checkpw(pw, h):
             calls.append(pw)
             return real.checkpw(pw, h)
+
     web._bcrypt = Counting
     header = lambda u, p: "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode()  # noqa: E731
     assert all(web.authorized(header("prom", PASSWORD)) for _ in range(20))
@@ -133,20 +173,42 @@ def test_auth_checks_bcrypt_once_then_caches_and_accepts_htpasswd_hashes():
     assert not web.authorized(header("prom", "wrong"))
     assert not web.authorized(header("nobody", PASSWORD))  # an unknown user still costs one bcrypt check
     assert len(calls) == 3
-    for bad in (None, "", "Bearer x", "Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(),
-                header("prom", "x" * 100)):
+    for bad in (
+        None,
+        "",
+        "Bearer x",
+        "Basic !!!",
+        "Basic " + base64.b64encode(b"no-colon").decode(),
+        header("prom", "x" * 100),
+    ):
         assert not web.authorized(bad)
 
 
 def test_cli_refuses_a_bad_web_config_with_exit_2(tmp_path):
     f = tmp_path / "web.yml"
     f.write_text("basic_auth_users: {prometheus: plain}\n")
-    r = subprocess.run([sys.executable, "-m", "mem_exporter", "serve", "--web.config.file", str(f),
-                        "--gpu-backend", "none", "--listen", f"127.0.0.1:{free_port()}"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mem_exporter",
+            "serve",
+            "--web.config.file",
+            str(f),
+            "--gpu-backend",
+            "none",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == (f"mem-exporter: {f}: basic_auth_users: prometheus: not a bcrypt hash "
-                                "(make one with: htpasswd -nBC 10 '' | tr -d ':\\n')")
+    assert r.stderr.strip() == (
+        f"mem-exporter: {f}: basic_auth_users: prometheus: not a bcrypt hash "
+        "(make one with: htpasswd -nBC 10 '' | tr -d ':\\n')"
+    )
 
 
 # --- for real --------------------------------------------------------------------------------
@@ -162,6 +224,7 @@ def start_tls_daemon(daemon, tmp_path, cert, users, *extra):
             return get(url + "/healthz", cert[0], ("prom", PASSWORD), timeout=1)[0] == 200
         except OSError:
             return False
+
     wait_for(healthy, 15, what="the TLS daemon's /healthz")
     return d, url, web
 
@@ -198,18 +261,37 @@ def test_real_prometheus_scrapes_through_tls_and_basic_auth(daemon, tmp_path, ce
     d, _, _ = start_tls_daemon(daemon, tmp_path, cert, {"prom": hashed(PASSWORD)})
     target = f"127.0.0.1:{d.port}"
     jobs = {"mem-tls": PASSWORD, "mem-wrong-password": "wrong"}
-    (tmp_path / "prometheus.yml").write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{"job_name": job, "scheme": "https", "static_configs": [{"targets": [target]}],
-                            "tls_config": {"ca_file": str(cert[0])},
-                            "basic_auth": {"username": "prom", "password": pw}} for job, pw in jobs.items()],
-    }))
+    (tmp_path / "prometheus.yml").write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": job,
+                        "scheme": "https",
+                        "static_configs": [{"targets": [target]}],
+                        "tls_config": {"ca_file": str(cert[0])},
+                        "basic_auth": {"username": "prom", "password": pw},
+                    }
+                    for job, pw in jobs.items()
+                ],
+            }
+        )
+    )
     port = free_port()
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),
-                            start_new_session=True)
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+        start_new_session=True,
+    )
     try:
+
         def up(job):
             q = urllib.parse.quote(f'up{{job="{job}"}}')
             try:
@@ -218,6 +300,7 @@ def test_real_prometheus_scrapes_through_tls_and_basic_auth(daemon, tmp_path, ce
             except OSError:
                 return None
             return result[0]["value"][1] if result else None
+
         wait_for(lambda: up("mem-tls") == "1", 30, 0.3, what="up{job=mem-tls} == 1 in Prometheus")
         wait_for(lambda: up("mem-wrong-password") == "0", 10, 0.3, what="up{job=mem-wrong-password} == 0")
     finally:

@@ -1,6 +1,7 @@
 """Where the tests find the programs they run: next to the interpreter that runs the tests (tools installed by
 `pip install -e '.[test]'`, like hadolint and kubernetes-validate) or at Debian's path (promtool, prometheus,
 amtool, ...), never through an inherited PATH, so a missing install step fails instead of hiding."""
+
 from __future__ import annotations
 
 import sys

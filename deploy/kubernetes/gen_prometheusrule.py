@@ -5,6 +5,7 @@ Prometheus rule file in deploy/prometheus/rules/, so both carry the same rules a
     python deploy/kubernetes/gen_prometheusrule.py           # rewrite prometheusrule.yaml
     python deploy/kubernetes/gen_prometheusrule.py --check   # exit 1 if it is out of date
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 RULES_DIR = HERE.parent / "prometheus" / "rules"
 OUTPUT = HERE / "prometheusrule.yaml"
-HEADER = ("# Generated from deploy/prometheus/rules/*.rules.yml by\n"
-          "# deploy/kubernetes/gen_prometheusrule.py; edit the rule files and rerun it.\n")
+HEADER = (
+    "# Generated from deploy/prometheus/rules/*.rules.yml by\n"
+    "# deploy/kubernetes/gen_prometheusrule.py; edit the rule files and rerun it.\n"
+)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -8,6 +8,7 @@ starts; Docker restarts it, so the lab shows a kill every couple of minutes. The
 
     python3 deploy/lab/demo-workload.py --mem-exporter-lab-demo [--grow-mb-per-s 5] [--max-mb 600]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -13,6 +13,7 @@ released when an open fails with EMFILE/ENFILE; without a pidfd the signal goes 
 kill() behind the same start-time check. Waiting uses poll(), which takes any descriptor
 number (select() refuses those above 1023, which a busy host reaches quickly).
 """
+
 from __future__ import annotations
 
 import errno
@@ -79,10 +80,12 @@ def make_actuator(config):
     if procfs != "/proc" or os.path.exists(os.path.join(procfs, "self", "stat")):
         return Actuator(procfs, config.paths.cgroupfs)
     from .portable import PortableActuator
+
     return PortableActuator(other_users=any(r.other_users for r in config.enforcer.rules))
 
 
 # --- who the signalling process is, and what it may not touch ----------------------------------
+
 
 def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
     out: set[int] = set()
@@ -104,8 +107,16 @@ def own_context(procfs: str = "/proc", protect: tuple = (), dry_run: bool = Fals
     executable inspector that built-in protection rests on."""
     uid = os.geteuid() if hasattr(os, "geteuid") else -1  # Windows: the portable actuator compares user names
     pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
-    return Context(uid=uid, pid=os.getpid(), pgid=pgid, ancestors=ancestors(os.getpid(), procfs),
-                   protect=protect, dry_run=dry_run, builtin=builtin, inspect_exe=ExeInspector(procfs))
+    return Context(
+        uid=uid,
+        pid=os.getpid(),
+        pgid=pgid,
+        ancestors=ancestors(os.getpid(), procfs),
+        protect=protect,
+        dry_run=dry_run,
+        builtin=builtin,
+        inspect_exe=ExeInspector(procfs),
+    )
 
 
 class ExeInspector:
@@ -161,8 +172,11 @@ class Actuator:
         self.use_pidfd = use_pidfd and HAVE_PIDFD
         self.foreign = self._foreign_pid_namespace()
         if self.foreign:
-            log.error("%s belongs to another PID namespace than the enforcer's: its PIDs are not the ones kill() "
-                      "reaches, so nothing will be signalled (run the enforcer in the host PID namespace)", self.procfs)
+            log.error(
+                "%s belongs to another PID namespace than the enforcer's: its PIDs are not the ones kill() "
+                "reaches, so nothing will be signalled (run the enforcer in the host PID namespace)",
+                self.procfs,
+            )
 
     def _foreign_pid_namespace(self) -> bool:
         try:
@@ -215,8 +229,13 @@ class Actuator:
             if st is None or st[0] in ("Z", "X"):
                 return "gone", None
             if st[2] != proc.start_time:
-                log.warning("pid %d is no longer %s (start time %d, expected %d): not signalled",
-                            proc.pid, proc.comm, st[2], proc.start_time)
+                log.warning(
+                    "pid %d is no longer %s (start time %d, expected %d): not signalled",
+                    proc.pid,
+                    proc.comm,
+                    st[2],
+                    proc.start_time,
+                )
                 return "mismatch", None
             try:
                 if fd is not None:
@@ -232,8 +251,9 @@ class Actuator:
             if fd is not None:
                 os.close(fd)
 
-    def signal_all(self, procs: Sequence[ProcessInfo], sig: int, pgid: int | None = None,
-                   cgroup: str | None = None) -> Delivery:
+    def signal_all(
+        self, procs: Sequence[ProcessInfo], sig: int, pgid: int | None = None, cgroup: str | None = None
+    ) -> Delivery:
         """Signal each process (identity-checked), then the whole PGID or cgroup when a verified member anchors it."""
         d = Delivery([], [], [], [])
         anchored = False

@@ -13,6 +13,7 @@ kill never delays the next decision, and event records are written (fsync) outsi
 so a slow disk delays neither decisions nor scrapes. Every thread that reads /proc has its
 own reader (the readers' caches are not thread-safe).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,13 @@ class Kill(NamedTuple):
 
 
 class Enforcer:
-    def __init__(self, config: Config, dry_run: bool = False, actuator: Actuator | None = None,
-                 start_thread: Callable[[threading.Thread], None] = threading.Thread.start):
+    def __init__(
+        self,
+        config: Config,
+        dry_run: bool = False,
+        actuator: Actuator | None = None,
+        start_thread: Callable[[threading.Thread], None] = threading.Thread.start,
+    ):
         self._force_dry_run = dry_run  # `--dry-run` holds across reloads
         self.state = PolicyState()
         self.tally = Tally()
@@ -124,8 +130,9 @@ class Enforcer:
             old_pressure, self.pressure = self.pressure, PressureWatches.from_config(config)
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
             self.ctx = own_context(config.paths.procfs, tuple(config.enforcer.protect), self.dry_run)
-            self.event_log = EventLog(config.enforcer.event_log, config.enforcer.event_log_max_size,
-                                      config.enforcer.event_log_keep)
+            self.event_log = EventLog(
+                config.enforcer.event_log, config.enforcer.event_log_max_size, config.enforcer.event_log_keep
+            )
             if self.notifier is None:
                 self.notifier = Notifier(config.enforcer.notify)
             else:
@@ -166,10 +173,17 @@ class Enforcer:
     def snapshot(self) -> EnforcerState:
         with self._lock:
             t = self.tally
-            return EnforcerState(rules=tuple(r.name for r in self.rules), kills=dict(t.kills), actions=dict(t.actions),
-                                 limits=tuple(self.limit_series), dry_run=self.dry_run, fast_lane_groups=len(self.lane),
-                                 kills_in_progress=self.kills_in_progress(), last_kill=dict(t.last_kill),
-                                 last_time_to_death=dict(t.last_time_to_death))
+            return EnforcerState(
+                rules=tuple(r.name for r in self.rules),
+                kills=dict(t.kills),
+                actions=dict(t.actions),
+                limits=tuple(self.limit_series),
+                dry_run=self.dry_run,
+                fast_lane_groups=len(self.lane),
+                kills_in_progress=self.kills_in_progress(),
+                last_kill=dict(t.last_kill),
+                last_time_to_death=dict(t.last_time_to_death),
+            )
 
     # --- the enforcer thread ----------------------------------------------------------------
     def _next_wake(self) -> float | None:
@@ -225,8 +239,9 @@ class Enforcer:
         kills = self._dispatch(decide(sample, self.rules, self.state, self.ctx, full=True), sample)
         watched = limits(sample, self.rules, self.ctx.user_name)
         exported = {x.label for x in sample.exported if x.kind != "other"}
-        self.limit_series = [(r.name, grp.label, LIMIT_MEMTYPE[r.condition], lim)
-                             for r, grp, lim in watched if grp.label in exported]
+        self.limit_series = [
+            (r.name, grp.label, LIMIT_MEMTYPE[r.condition], lim) for r, grp, lim in watched if grp.label in exported
+        ]
         uptime = self._uptime()
         keys = set()
         for rule, grp, lim in watched:
@@ -240,8 +255,9 @@ class Enforcer:
         self.lane.keep_only(keys - self.state.busy)
         return kills
 
-    def _schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float,
-                  probe: bool = False) -> None:
+    def _schedule(
+        self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float, probe: bool = False
+    ) -> None:
         if group.key in self.state.busy:
             self.lane.drop_group(group.key)
         else:
@@ -273,8 +289,11 @@ class Enforcer:
             if key in self.state.busy:
                 continue
             try:
-                g = (self._reader.refresh_group(known_groups[key], procs) if key in known_groups
-                     else make_group(key, kind, procs, cfg.memory))
+                g = (
+                    self._reader.refresh_group(known_groups[key], procs)
+                    if key in known_groups
+                    else make_group(key, kind, procs, cfg.memory)
+                )
             except OSError:
                 continue
             if g is not None:
@@ -297,8 +316,13 @@ class Enforcer:
                 (self._settling if just_started(p, uptime) else self._ignored).add(p.pid)
         if not claimed:
             return []
-        partial = dataclasses.replace(latest, groups=tuple(fresh), monotonic=now, timestamp=time.time(),
-                                      processes=latest.processes + tuple(newcomers))
+        partial = dataclasses.replace(
+            latest,
+            groups=tuple(fresh),
+            monotonic=now,
+            timestamp=time.time(),
+            processes=latest.processes + tuple(newcomers),
+        )
         return self._dispatch(decide(partial, self.group_rules, self.state, self.ctx, full=False), partial)
 
     def _by_group(self, procs: list[ProcessInfo]) -> dict[str, tuple[str, list[ProcessInfo]]]:
@@ -340,8 +364,13 @@ class Enforcer:
             newcomers = self._reader.new_processes(self._known | self._ignored)
         except OSError:
             newcomers = []
-        candidates = [g for g in latest.groups if g.key not in self.state.busy and g.kind != "other"
-                      and any(selects(r.match, g, self.ctx.user_name) for r in self.system_rules)][:CANDIDATES]
+        candidates = [
+            g
+            for g in latest.groups
+            if g.key not in self.state.busy
+            and g.kind != "other"
+            and any(selects(r.match, g, self.ctx.user_name) for r in self.system_rules)
+        ][:CANDIDATES]
         by_key = self._by_group(newcomers)
         fresh: dict[str, GroupSample] = {}
         for g in candidates:
@@ -355,8 +384,14 @@ class Enforcer:
             if key not in fresh and key not in self.state.busy:
                 fresh[key] = make_group(key, kind, procs, self.config.memory)
         groups = tuple(sorted(fresh.values(), key=lambda g: g.memory_bytes(latest.memtype), reverse=True))
-        partial = dataclasses.replace(latest, system=system, groups=groups, monotonic=now, timestamp=time.time(),
-                                      processes=latest.processes + tuple(newcomers))
+        partial = dataclasses.replace(
+            latest,
+            system=system,
+            groups=groups,
+            monotonic=now,
+            timestamp=time.time(),
+            processes=latest.processes + tuple(newcomers),
+        )
         kills = self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
         if not kills:  # no eligible victim: looking again at the fastest pace would only burn the CPU it needs
             self._next_system = now + min(self.config.interval, SYSTEM_RETRY)
@@ -406,8 +441,9 @@ class Enforcer:
         groups = tuple(g for g in refreshed.values() if g is not None)
         if not groups:
             return []
-        partial = dataclasses.replace(latest, groups=groups, monotonic=now, timestamp=time.time(),
-                                      processes=latest.processes + tuple(newcomers))
+        partial = dataclasses.replace(
+            latest, groups=groups, monotonic=now, timestamp=time.time(), processes=latest.processes + tuple(newcomers)
+        )
         return self._dispatch(decide(partial, self.rules, self.state, self.ctx, full=False), partial)
 
     def _uptime(self) -> float | None:
@@ -499,23 +535,37 @@ class Enforcer:
             if g is not None and action.condition in GROUP_MEMORY:
                 peak = max(peak, group_value(rule, g))
             # new members, and new children of any target (a fork that left the group)
-            joined = [p for p in list(g.members if g else ()) + [n for n in newcomers if n.ppid in targets]
-                      if eligible(p, rule, self.ctx)]
+            joined = [
+                p
+                for p in list(g.members if g else ()) + [n for n in newcomers if n.ppid in targets]
+                if eligible(p, rule, self.ctx)
+            ]
             targets.update((p.pid, p) for p in joined)
             return joined, self._over_ceiling(action, g, reader)
 
         signals = [n for n in map(signal_number, rule.signals) if n is not None]  # the config checked each name
-        order = KillOrder(signals=signals, grace=rule.grace,
-                          targets=action.targets, pgid=group.pgid if group.kind == "pgid" else None,
-                          cgroup=group.key[7:] if group.kind == "cgroup" else None)
+        order = KillOrder(
+            signals=signals,
+            grace=rule.grace,
+            targets=action.targets,
+            pgid=group.pgid if group.kind == "pgid" else None,
+            cgroup=group.key[7:] if group.kind == "cgroup" else None,
+        )
         try:
             report = execute(self.actuator, order, refresh)
         finally:
             reader.close()
         a = dataclasses.replace(action, kind=report.kind)
-        return make_event(a, time.time(), self.config.groups.top_processes, sample.memtype, **report.event_fields(),
-                          ceiling=action.ceiling, peak_bytes=peak if action.condition in GROUP_MEMORY else None,
-                          dry_run=False)
+        return make_event(
+            a,
+            time.time(),
+            self.config.groups.top_processes,
+            sample.memtype,
+            **report.event_fields(),
+            ceiling=action.ceiling,
+            peak_bytes=peak if action.condition in GROUP_MEMORY else None,
+            dry_run=False,
+        )
 
     @staticmethod
     def _over_ceiling(action: Action, group: GroupSample | None, reader: GroupReader) -> bool:

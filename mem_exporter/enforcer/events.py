@@ -3,6 +3,7 @@
 A notification never blocks the kill path: `Notifier.send()` only queues; a daemon
 thread posts with short timeouts and drops what it cannot deliver (logged).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,10 +55,21 @@ class EventLog:
 
     def write(self, event: dict) -> None:
         level = logging.INFO if event["action"] in QUIET_ACTIONS else logging.WARNING
-        log.log(level, "enforcer %s: rule=%s group=%s pgid=%s memory=%s outcome=%s%s", event["action"], event["rule"],
-                event.get("group"), event.get("pgid"), event.get("memory_bytes"), event.get("outcome"),
-                f" reason={event['reason']}" if event.get("reason") else
-                f" would_signal={[p['pid'] for p in event['would_signal']]}" if "would_signal" in event else "")
+        log.log(
+            level,
+            "enforcer %s: rule=%s group=%s pgid=%s memory=%s outcome=%s%s",
+            event["action"],
+            event["rule"],
+            event.get("group"),
+            event.get("pgid"),
+            event.get("memory_bytes"),
+            event.get("outcome"),
+            f" reason={event['reason']}"
+            if event.get("reason")
+            else f" would_signal={[p['pid'] for p in event['would_signal']]}"
+            if "would_signal" in event
+            else "",
+        )
         if self._file is not None:
             self._file.write(event)
             self._file.sync(background=True)
@@ -71,31 +83,43 @@ class EventLog:
 def alertmanager_payload(event: dict, instance: str) -> list[dict]:
     starts = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
     mib = (event.get("memory_bytes") or 0) / 2**20
-    return [{
-        "labels": {"alertname": ALERTNAME, "rule": event["rule"], "group": event.get("group") or "",
-                   "instance": instance, "severity": "critical"},
-        "annotations": {
-            "summary": f"mem-exporter enforcer killed {event.get('group')} (rule {event['rule']})",
-            "description": (f"{event['condition']}: {event.get('value')} over limit {event.get('limit')}; group held "
-                            f"{mib:.0f} MiB in {event.get('processes')} processes; outcome {event.get('outcome')}"),
-        },
-        "startsAt": starts.isoformat(),
-        "endsAt": (starts + timedelta(minutes=5)).isoformat(),
-    }]
+    return [
+        {
+            "labels": {
+                "alertname": ALERTNAME,
+                "rule": event["rule"],
+                "group": event.get("group") or "",
+                "instance": instance,
+                "severity": "critical",
+            },
+            "annotations": {
+                "summary": f"mem-exporter enforcer killed {event.get('group')} (rule {event['rule']})",
+                "description": (
+                    f"{event['condition']}: {event.get('value')} over limit {event.get('limit')}; group held "
+                    f"{mib:.0f} MiB in {event.get('processes')} processes; outcome {event.get('outcome')}"
+                ),
+            },
+            "startsAt": starts.isoformat(),
+            "endsAt": (starts + timedelta(minutes=5)).isoformat(),
+        }
+    ]
 
 
 def _post_json(url: str, body: Any) -> None:
-    req = urllib.request.Request(url, data=json.dumps(body, default=str).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body, default=str).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
         r.read()
 
 
 # Windows: a balloon from the notification area through PowerShell (every edition has it); `msg` where not
-_BALLOON = ("Add-Type -AssemblyName System.Windows.Forms; $n = New-Object System.Windows.Forms.NotifyIcon; "
-            "$n.Icon = [System.Drawing.SystemIcons]::Warning; $n.Visible = $true; "
-            "$n.ShowBalloonTip(10000, $env:MEM_EXPORTER_TITLE, $env:MEM_EXPORTER_BODY, 'Warning'); "
-            "Start-Sleep -Seconds 10; $n.Dispose()")
+_BALLOON = (
+    "Add-Type -AssemblyName System.Windows.Forms; $n = New-Object System.Windows.Forms.NotifyIcon; "
+    "$n.Icon = [System.Drawing.SystemIcons]::Warning; $n.Visible = $true; "
+    "$n.ShowBalloonTip(10000, $env:MEM_EXPORTER_TITLE, $env:MEM_EXPORTER_BODY, 'Warning'); "
+    "Start-Sleep -Seconds 10; $n.Dispose()"
+)
 
 
 def desktop_command(platform: str, which, title: str, body: str) -> list[str] | None:
@@ -190,6 +214,12 @@ class Notifier:
             return False
         env = {**os.environ, "MEM_EXPORTER_TITLE": title, "MEM_EXPORTER_BODY": body}
         # the balloon stays up for its 10 s; nothing waits for it
-        subprocess.run(cmd, timeout=TIMEOUT if cmd[0] != "powershell" else 15, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            cmd,
+            timeout=TIMEOUT if cmd[0] != "powershell" else 15,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
         return True

@@ -10,6 +10,7 @@ re-reads the group through its own reader, `run` reaps its children and re-reads
 Nothing here allocates much or opens more than a pidfd per target between the decision and the
 first signal; waiting is poll() on pidfds, so it works at any descriptor number.
 """
+
 from __future__ import annotations
 
 import time
@@ -80,13 +81,15 @@ class KillReport:
             "hard_ceiling": self.hard_ceiling,
             "signalled": [{"pid": p.pid, "comm": p.comm} for p in self.targets.values()][:50],
             "survivors": [p.pid for p in self.survivors],
-            "time_to_death_seconds": (round(self.gone_at - self.started, 3)
-                                      if self.gone_at is not None and self.sent_any else None),
+            "time_to_death_seconds": (
+                round(self.gone_at - self.started, 3) if self.gone_at is not None and self.sent_any else None
+            ),
         }
 
 
-def execute(actuator: Actuator, order: KillOrder, refresh: Refresh,
-            hurry: Callable[[], bool] = lambda: False) -> KillReport:
+def execute(
+    actuator: Actuator, order: KillOrder, refresh: Refresh, hurry: Callable[[], bool] = lambda: False
+) -> KillReport:
     """Stop the order's targets (and whatever `refresh` adds); returns what happened."""
     targets = {p.identity: p for p in order.targets}
     watch = PidfdWatch(actuator)
@@ -96,10 +99,16 @@ def execute(actuator: Actuator, order: KillOrder, refresh: Refresh,
     def deliver(sig: int) -> None:
         live = [p for p in targets.values() if actuator.alive(p)]
         d = actuator.signal_all(live, sig, order.pgid, order.cgroup)
-        report.signals_sent.append({"signal": signal_name(sig),
-                                    "at_seconds": round(time.monotonic() - report.started, 3),
-                                    "sent": len(d.sent), "mismatch": len(d.mismatch), "denied": len(d.denied),
-                                    "group": d.group})
+        report.signals_sent.append(
+            {
+                "signal": signal_name(sig),
+                "at_seconds": round(time.monotonic() - report.started, 3),
+                "sent": len(d.sent),
+                "mismatch": len(d.mismatch),
+                "denied": len(d.denied),
+                "group": d.group,
+            }
+        )
 
     def take(procs: Iterable[ProcessInfo]) -> None:
         fresh = [p for p in procs if p.identity not in targets]

@@ -5,6 +5,7 @@ counts at once, a slow-down halves the rate per reading. A group seen for the fi
 credited with its average growth since its oldest member started, so a group born between two
 samples is not taken for a still one.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ SYSTEM_MIN_PERIOD = 0.02
 SYSTEM_PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s
 SYSTEM_PREDICT_LAG = 0.002
 SYSTEM_MIN_SPACING = 0.005
-SYSTEM_PACE = Pace(SYSTEM_FLOOR_RATE, SYSTEM_MIN_PERIOD, SYSTEM_PREDICT_MIN_RATE, SYSTEM_PREDICT_LAG,
-                   SYSTEM_MIN_SPACING)
+SYSTEM_PACE = Pace(
+    SYSTEM_FLOOR_RATE, SYSTEM_MIN_PERIOD, SYSTEM_PREDICT_MIN_RATE, SYSTEM_PREDICT_LAG, SYSTEM_MIN_SPACING
+)
 SYSTEM_RETRY = 0.25  # below the threshold with no victim to be had: the next look for one
 YOUNG = 60.0  # seconds: older groups get no first-sight rate (their memory says nothing of recent growth)
 MIN_DT = 0.02  # readings closer than this do not update the rate
@@ -146,8 +148,17 @@ class FastLane:
     def member_pids(self) -> set[int]:
         return {p.pid for e in self.entries.values() for p in e.group.members}
 
-    def schedule(self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float,
-                 interval: float, probe: bool = False) -> None:
+    def schedule(
+        self,
+        rule: str,
+        group: GroupSample,
+        limit: int,
+        value: int,
+        rate: float,
+        now: float,
+        interval: float,
+        probe: bool = False,
+    ) -> None:
         """Put the group in the lane when it may cross its limit before the next full sample.
         `probe`: first seen between samples, so re-read within NEW_PROBE to learn how fast it grows."""
         period = poll_period(limit - value, rate, interval)

@@ -5,6 +5,7 @@ Every counter starts at 0 for every rule it can count (and every action a rule c
 `increase()` sees the first kill. `mem_exporter_enforcer_limit_bytes` carries `memtype` (rss, pss,
 gpu) so alerts join it with `mem_exporter_group_memory_bytes` on (group, memtype).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -16,8 +17,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 PREFIX = "mem_exporter_enforcer_"
 
 # every action an event can record, so each (rule, action) series exists from the start
-ACTIONS = ("term", "kill", "dry_run", "skipped_protected", "skipped_other_user", "no_victim", "skipped_gone",
-           "skipped_identity", "failed")
+ACTIONS = (
+    "term",
+    "kill",
+    "dry_run",
+    "skipped_protected",
+    "skipped_other_user",
+    "no_victim",
+    "skipped_gone",
+    "skipped_identity",
+    "failed",
+)
 
 
 @dataclass(frozen=True)
@@ -41,14 +51,19 @@ def families(s: EnforcerState) -> Iterable[Metric]:
     for r in rules:
         c.add_metric([r], s.kills.get(r, 0))
     yield c
-    c = CounterMetricFamily(PREFIX + "actions",
-                            "Enforcer actions by rule and action (term, kill, dry_run, skipped_...).",
-                            labels=["rule", "action"])
+    c = CounterMetricFamily(
+        PREFIX + "actions",
+        "Enforcer actions by rule and action (term, kill, dry_run, skipped_...).",
+        labels=["rule", "action"],
+    )
     for r, a in sorted({(r, a) for r in rules for a in ACTIONS} | set(s.actions)):
         c.add_metric([r, a], s.actions.get((r, a), 0))
     yield c
-    g = GaugeMetricFamily(PREFIX + "limit_bytes", "The limit a rule holds an exported group to, by memory type.",
-                          labels=["rule", "group", "memtype"])
+    g = GaugeMetricFamily(
+        PREFIX + "limit_bytes",
+        "The limit a rule holds an exported group to, by memory type.",
+        labels=["rule", "group", "memtype"],
+    )
     for r, grp, memtype, lim in s.limits:
         g.add_metric([r, grp, memtype], lim)
     yield g
@@ -68,8 +83,9 @@ def families(s: EnforcerState) -> Iterable[Metric]:
     for r, ts in sorted(s.last_kill.items()):
         g.add_metric([r], ts)
     yield g
-    g = GaugeMetricFamily(PREFIX + "last_time_to_death_seconds", "From the first signal to confirmed death, last kill.",
-                          labels=["rule"])
+    g = GaugeMetricFamily(
+        PREFIX + "last_time_to_death_seconds", "From the first signal to confirmed death, last kill.", labels=["rule"]
+    )
     for r, sec in sorted(s.last_time_to_death.items()):
         g.add_metric([r], sec)
     yield g

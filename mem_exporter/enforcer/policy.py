@@ -13,6 +13,7 @@ group, so a second runaway under the same rule is still stopped at once;
 window estimated from the PSI totals of successive samples (rule state keeps them). A caller woken
 by a `pressure.PressureWatch` between full samples passes the latest sample with fresh readings.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,14 +35,17 @@ LIMIT_MEMTYPE = {"max_rss": "rss", "max_pss": "pss", "max_gpu_memory": "gpu"}
 # name of the resolved executable, which must sit under root-owned directories nobody else can
 # write (a symlink or copy named `sshd` in a user's directory is not sshd). The exporter itself
 # is recognised by its command line only when root runs it from such an interpreter.
-PROTECTED_EXE = re.compile(r"^(init|systemd|systemd-[a-z-]+|launchd|sshd|sshd-session|containerd|containerd-shim.*|"
-                           r"dockerd|docker-proxy|docker-init|runc|crun|conmon|podman|crio|kubelet|kube-proxy|tini|"
-                           r"dumb-init|mem-exporter)$")
+PROTECTED_EXE = re.compile(
+    r"^(init|systemd|systemd-[a-z-]+|launchd|sshd|sshd-session|containerd|containerd-shim.*|"
+    r"dockerd|docker-proxy|docker-init|runc|crun|conmon|podman|crio|kubelet|kube-proxy|tini|"
+    r"dumb-init|mem-exporter)$"
+)
 EXPORTER_CMDLINE = re.compile(r"(^|\s)(\S*/)?mem-exporter(\s|$)|(^|\s)-m\s+mem_exporter(\s|$)")
 
 
 def _nothing_trusted(p: ProcessInfo) -> tuple[str | None, bool | None]:
     return p.exe, False
+
 
 # Fast lane: how quickly a group might grow when we have no evidence, the regular shortest
 # re-read period, the most groups re-read fast at once, and the predicted-crossing read.
@@ -143,6 +147,7 @@ def selects(match: RuleMatch, group: GroupSample, user_name: Callable[[int], str
         if hit is None:
             hit = memo[key] = match.matches(p.comm, p.cmdline, p.exe, user_name(p.uid))
         return hit
+
     return all(map(test, group.members)) if match.all_members else any(map(test, group.members))
 
 
@@ -165,8 +170,9 @@ def system_threshold(rule: Rule, total_bytes: int) -> float:
     return t * total_bytes if t < 1 else t
 
 
-def limits(sample: Sample, rules: Sequence[Rule], user_name: Callable[[int], str] = _user_name
-           ) -> list[tuple[Rule, GroupSample, int]]:
+def limits(
+    sample: Sample, rules: Sequence[Rule], user_name: Callable[[int], str] = _user_name
+) -> list[tuple[Rule, GroupSample, int]]:
     """(rule, group, limit) for every group a group-limit rule watches."""
     out: list[tuple[Rule, GroupSample, int]] = []
     for rule in rules:
@@ -177,6 +183,7 @@ def limits(sample: Sample, rules: Sequence[Rule], user_name: Callable[[int], str
 
 
 # --- safety -----------------------------------------------------------------------------------
+
 
 def protection(p: ProcessInfo, ctx: Context) -> str | None:
     """Why this process must never be signalled, or None."""
@@ -228,11 +235,23 @@ def descendants(sample: Sample, group: GroupSample) -> list[ProcessInfo]:
     return [p for p in descendants_of(sample.processes, inside) if p.pid not in inside]
 
 
-def victim(rule: Rule, group: GroupSample, sample: Sample, ctx: Context, condition: str, value: float,
-           limit: float, now: float, gpu: int | None = None, ceiling: float | None = None) -> Action:
+def victim(
+    rule: Rule,
+    group: GroupSample,
+    sample: Sample,
+    ctx: Context,
+    condition: str,
+    value: float,
+    limit: float,
+    now: float,
+    gpu: int | None = None,
+    ceiling: float | None = None,
+) -> Action:
     """The action for one would-be victim: kill / dry_run, or why it is skipped."""
+
     def act(kind: str, targets=(), reason: str = "") -> Action:
         return Action(kind, rule, group, condition, value, limit, now, tuple(targets), reason, gpu, ceiling)
+
     for p in group.members:
         why = protection(p, ctx)
         if why:
@@ -241,12 +260,14 @@ def victim(rule: Rule, group: GroupSample, sample: Sample, ctx: Context, conditi
         for p in group.members:
             if p.uid != ctx.uid:
                 return act("skipped_other_user", reason=f"{p.comm}[{p.pid}] belongs to uid {p.uid}")
-    extra = [p for p in descendants(sample, group)
-             if protection(p, ctx) is None and (rule.other_users or p.uid == ctx.uid)]
+    extra = [
+        p for p in descendants(sample, group) if protection(p, ctx) is None and (rule.other_users or p.uid == ctx.uid)
+    ]
     return act("dry_run" if ctx.dry_run else "kill", targets=(*group.members, *extra))
 
 
 # --- the decision -----------------------------------------------------------------------------
+
 
 def _cooling(rule: Rule, rs: RuleState, key: str, now: float) -> bool:
     last = rs.last_action.get(key)
@@ -311,9 +332,12 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             ceiling = threshold * (1 - rule.hard_ceiling)
             candidates = sorted(
                 (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
-                key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            _choose(rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy,
-                    ceiling=ceiling)
+                key=lambda g: g.memory_bytes(sample.memtype),
+                reverse=True,
+            )
+            _choose(
+                rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling
+            )
         elif (pc := rule.memory_pressure_above) is not None:
             reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)
             line = reading.line(pc.kind) if reading is not None else None
@@ -346,9 +370,17 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                     continue
                 if not _held(rule, rs, key, now) or _cooling(rule, rs, key, now):
                     continue
-                candidates = sorted((g for g in sample.groups if g.gpu_memory_bytes.get(card.index, 0) > 0
-                                     and g.key not in busy and selects(rule.match, g, ctx.user_name)),
-                                    key=lambda g: g.gpu_memory_bytes[card.index], reverse=True)
+                candidates = sorted(
+                    (
+                        g
+                        for g in sample.groups
+                        if g.gpu_memory_bytes.get(card.index, 0) > 0
+                        and g.key not in busy
+                        and selects(rule.match, g, ctx.user_name)
+                    ),
+                    key=lambda g: g.gpu_memory_bytes[card.index],
+                    reverse=True,
+                )
                 _choose(rule, rs, candidates, sample, ctx, cond, ratio, share, now, key, out, busy, gpu=card.index)
     return out
 
@@ -359,11 +391,17 @@ def _choose(rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out
         if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling), key, out):
             busy.add(g.key)
             return
-    _emit(rule, rs, Action("no_victim", rule, None, cond, value, limit, now, reason="no eligible group", gpu=gpu),
-          key, out)
+    _emit(
+        rule,
+        rs,
+        Action("no_victim", rule, None, cond, value, limit, now, reason="no eligible group", gpu=gpu),
+        key,
+        out,
+    )
 
 
 # --- the fast lane ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Pace:

@@ -13,6 +13,7 @@ Windows has no signals: `terminate()` and `kill()` are both TerminateProcess, so
 the process and the grace period is spent waiting for it to be gone. There is no process group
 to signal either; the whole tree is the list of processes passed in.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,8 +86,13 @@ class PortableActuator:
                 return "gone", None
             started = start_ticks(p.create_time())
             if started != proc.start_time:
-                log.warning("pid %d is no longer %s (start time %d, expected %d): not signalled",
-                            proc.pid, proc.comm, started, proc.start_time)
+                log.warning(
+                    "pid %d is no longer %s (start time %d, expected %d): not signalled",
+                    proc.pid,
+                    proc.comm,
+                    started,
+                    proc.start_time,
+                )
                 return "mismatch", None
             allowed = self.other_users if other_users is None else other_users
             if not allowed and _owner(p) != self.user:
@@ -103,8 +109,14 @@ class PortableActuator:
         except (psutil.AccessDenied, PermissionError):
             return "denied", None
 
-    def signal_all(self, procs: Sequence[ProcessInfo], sig: int, pgid: int | None = None,
-                   cgroup: str | None = None, other_users: bool | None = None) -> Delivery:
+    def signal_all(
+        self,
+        procs: Sequence[ProcessInfo],
+        sig: int,
+        pgid: int | None = None,
+        cgroup: str | None = None,
+        other_users: bool | None = None,
+    ) -> Delivery:
         """Each process, identity-checked; then the PGID where the OS has one and a verified member anchors it
         (it reaches members forked since the sample). `cgroup` is ignored: cgroups are Linux's."""
         d = Delivery([], [], [], [])

@@ -9,6 +9,7 @@ A source is read once per sampler tick and never raises. The kinds:
 
 `open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)` picks one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,7 @@ class GpuSource(Protocol):
     def read(self, now: float) -> GpuReading:  # now = time.monotonic(); never raises
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class NoGpuSource:
@@ -71,8 +71,9 @@ class CombinedSource:
             p.close()
 
 
-def open_gpu_source(backend: str, retry_max: float = 60.0, log: logging.Logger | None = None,
-                    paths: object = None) -> GpuSource:
+def open_gpu_source(
+    backend: str, retry_max: float = 60.0, log: logging.Logger | None = None, paths: object = None
+) -> GpuSource:
     """The source for a `gpu.backend` value: `auto | nvml | drm | none | fake:FILE`.
 
     `nvml` tries NVML at once so that a missing driver is logged at start (once) and then reports
@@ -103,8 +104,9 @@ def open_gpu_source(backend: str, retry_max: float = 60.0, log: logging.Logger |
                 drm = None
             elif nvidia == 0:
                 return drm
-        nvml = NvmlSource(retry_max=retry_max, log=log,
-                          absent_level=logging.INFO if backend == "auto" else logging.WARNING)
+        nvml = NvmlSource(
+            retry_max=retry_max, log=log, absent_level=logging.INFO if backend == "auto" else logging.WARNING
+        )
         nvml.start(time.monotonic())
         if drm is None:
             return nvml

@@ -32,6 +32,7 @@ older kernels) the last listing is reused without listing again. A number closed
 between two samples (POSIX gives the lowest free number, so usually the same one) keeps its old
 verdict until the process's periodic re-resolution, every `recheck` seconds, staggered by PID.
 """
+
 from __future__ import annotations
 
 import logging
@@ -117,7 +118,7 @@ def parse_fdinfo(text: str) -> DrmClient | None:
         for stat in _STATS:
             prefix = f"drm-{stat}-"
             if key.startswith(prefix):
-                region = key[len(prefix):]
+                region = key[len(prefix) :]
                 kind = "vram" if _VRAM.match(region) else "gtt" if region == "gtt" else None
                 size = parse_size(value)
                 if kind is not None and size is not None:
@@ -126,8 +127,7 @@ def parse_fdinfo(text: str) -> DrmClient | None:
     for kind, by_stat in memory.items():
         reported = next((s for s in _STATS if s in by_stat), None)
         sums[kind] = None if reported is None else sum(by_stat[reported].values())
-    return DrmClient(keys.get("drm-driver"), keys.get("drm-pdev"), keys.get("drm-client-id"),
-                     sums["vram"], sums["gtt"])
+    return DrmClient(keys.get("drm-driver"), keys.get("drm-pdev"), keys.get("drm-client-id"), sums["vram"], sums["gtt"])
 
 
 @dataclass
@@ -160,9 +160,17 @@ class DrmSource:
 
     name = "drm"
 
-    def __init__(self, procfs: str = "/proc", sysfs: str = "/sys", *, drivers: frozenset[str] | None = None,
-                 skip_vendors: frozenset[str] = frozenset(), index_offset: int = 0, recheck: float = RECHECK,
-                 log: logging.Logger | None = None):
+    def __init__(
+        self,
+        procfs: str = "/proc",
+        sysfs: str = "/sys",
+        *,
+        drivers: frozenset[str] | None = None,
+        skip_vendors: frozenset[str] = frozenset(),
+        index_offset: int = 0,
+        recheck: float = RECHECK,
+        log: logging.Logger | None = None,
+    ):
         """`drivers`: only cards of these drivers (None: any card with a render node); `skip_vendors`:
         PCI vendor IDs left to another source; `index_offset`: the first `gpu` index (after NVML's)."""
         self.procfs, self.sysfs = procfs, sysfs
@@ -193,10 +201,15 @@ class DrmSource:
             processes, unreadable = self.scan_processes(cards, nodes, now)
         except OSError as e:  # procfs itself unreadable: cards without processes, and an error
             self._log.warning("DRM: scanning %s failed: %s", self.procfs, e)
-            return GpuReading(tuple(self._read_card(c, (), None) for c in cards.values()), False,
-                              f"DRM: scanning {self.procfs} failed: {e}")
-        self._note(f"DRM: {len(cards)} card(s): " + ", ".join(f"{c.node} {c.driver} {c.pci_bus_id}"
-                                                               for c in cards.values()), logging.INFO)
+            return GpuReading(
+                tuple(self._read_card(c, (), None) for c in cards.values()),
+                False,
+                f"DRM: scanning {self.procfs} failed: {e}",
+            )
+        self._note(
+            f"DRM: {len(cards)} card(s): " + ", ".join(f"{c.node} {c.driver} {c.pci_bus_id}" for c in cards.values()),
+            logging.INFO,
+        )
         out = tuple(self._read_card(c, processes.get(c.key, ()), unreadable) for c in cards.values())
         return GpuReading(tuple(sorted(out, key=lambda c: c.index)), True, None)
 
@@ -266,8 +279,11 @@ class DrmSource:
             has_render = any(n.startswith("renderD") for n in os.listdir(os.path.join(device, "drm")))
         except OSError:
             has_render = False
-        if (not has_render or vendor_id in self.skip_vendors
-                or (self.drivers is not None and driver not in self.drivers)):
+        if (
+            not has_render
+            or vendor_id in self.skip_vendors
+            or (self.drivers is not None and driver not in self.drivers)
+        ):
             return None
         if key not in self._indices:
             self._indices[key] = self.index_offset + len(self._indices)
@@ -275,8 +291,11 @@ class DrmSource:
         vendor = VENDORS.get(vendor_id, vendor_id or "unknown")
         slot = self._slot(device)
         name = _read(os.path.join(device, "product_name")) or f"{_VENDOR_NAMES.get(vendor, vendor)} GPU {device_id}"
-        version = (_read(os.path.join(self.sysfs, "module", driver, "version"))
-                   or _read(os.path.join(self.procfs, "sys", "kernel", "osrelease")) or "")
+        version = (
+            _read(os.path.join(self.sysfs, "module", driver, "version"))
+            or _read(os.path.join(self.procfs, "sys", "kernel", "osrelease"))
+            or ""
+        )
         hwmon = None
         try:
             hwmon = os.path.join(device, "hwmon", sorted(os.listdir(os.path.join(device, "hwmon")))[0])
@@ -290,8 +309,20 @@ class DrmSource:
             clock_max = _scaled(_int(os.path.join(device, "tile0", "gt0", "freq0", "rp0_freq")), 1e6)
         elif driver == "i915":
             clock_max = _scaled(_int(os.path.join(card_dir, "gt_RP0_freq_mhz")), 1e6)
-        card = _Card(key, node, self._indices[key], driver, vendor_id, slot, name,
-                     _read(os.path.join(device, "unique_id")) or slot or key, version, hwmon, clock_max, memory_max)
+        card = _Card(
+            key,
+            node,
+            self._indices[key],
+            driver,
+            vendor_id,
+            slot,
+            name,
+            _read(os.path.join(device, "unique_id")) or slot or key,
+            version,
+            hwmon,
+            clock_max,
+            memory_max,
+        )
         return card
 
     def _read_card(self, c: _Card, processes: tuple[GpuProcess, ...], unreadable: int | None) -> GpuCard:
@@ -322,20 +353,30 @@ class DrmSource:
         if cap is None:
             cap = hw("power1_max")
         return GpuCard(
-            index=c.index, uuid=c.uuid, name=c.name, driver_version=c.driver_version,
-            vendor=VENDORS.get(c.vendor_id, c.vendor_id), pci_bus_id=c.pci_bus_id,
-            memory_total_bytes=total, memory_used_bytes=used,
+            index=c.index,
+            uuid=c.uuid,
+            name=c.name,
+            driver_version=c.driver_version,
+            vendor=VENDORS.get(c.vendor_id, c.vendor_id),
+            pci_bus_id=c.pci_bus_id,
+            memory_total_bytes=total,
+            memory_used_bytes=used,
             memory_free_bytes=None if total is None or used is None else total - used,
             utilization_ratio=None if busy is None else busy / 100,
             memory_utilization_ratio=None if mem_busy is None else mem_busy / 100,
             temperature_celsius=_scaled(self._temperature(c), 1e-3),
-            power_watts=_scaled(power, 1e-6), power_limit_watts=_scaled(cap, 1e-6),
+            power_watts=_scaled(power, 1e-6),
+            power_limit_watts=_scaled(cap, 1e-6),
             energy_joules=_scaled(hw("energy1_input"), 1e-6),
             clock_sm_hertz=None if clock is None else float(clock),
             clock_memory_hertz=None if memory_clock is None else float(memory_clock),
-            clock_sm_max_hertz=c.clock_sm_max_hertz, clock_memory_max_hertz=c.clock_memory_max_hertz,
-            gtt_memory_total_bytes=dev("mem_info_gtt_total"), gtt_memory_used_bytes=dev("mem_info_gtt_used"),
-            processes=tuple(processes), unreadable_processes=unreadable)
+            clock_sm_max_hertz=c.clock_sm_max_hertz,
+            clock_memory_max_hertz=c.clock_memory_max_hertz,
+            gtt_memory_total_bytes=dev("mem_info_gtt_total"),
+            gtt_memory_used_bytes=dev("mem_info_gtt_used"),
+            processes=tuple(processes),
+            unreadable_processes=unreadable,
+        )
 
     def _temperature(self, c: _Card) -> int | None:
         """millidegrees: the sensor labelled `edge` (amdgpu) or `pkg`, else temp1."""
@@ -352,8 +393,9 @@ class DrmSource:
 
     # -- processes --
 
-    def scan_processes(self, cards: dict[str, _Card], nodes: dict[str, str],
-                       now: float) -> tuple[dict[str, tuple[GpuProcess, ...]], int]:
+    def scan_processes(
+        self, cards: dict[str, _Card], nodes: dict[str, str], now: float
+    ) -> tuple[dict[str, tuple[GpuProcess, ...]], int]:
         """Per card key, the processes holding DRM clients on it; and how many processes were unreadable."""
         slots = {c.pci_bus_id: key for key, c in cards.items() if c.pci_bus_id}
         cost = dict.fromkeys(self.cost, 0)
@@ -449,8 +491,10 @@ class DrmSource:
         for ident in [i for i in self._procs if i not in alive]:
             del self._procs[ident]
         self.cost = cost
-        out = {key: tuple(GpuProcess(pid, v[0], "drm", v[1]) for pid, v in sorted(per_pid.items()))
-               for key, per_pid in usage.items()}
+        out = {
+            key: tuple(GpuProcess(pid, v[0], "drm", v[1]) for pid, v in sorted(per_pid.items()))
+            for key, per_pid in usage.items()
+        }
         return out, unreadable
 
     def _identity(self, pid: int) -> tuple[int, int] | None:
@@ -460,7 +504,7 @@ class DrmSource:
                 data = f.read()
         except OSError:
             return None
-        fields = data[data.rfind(b")") + 2:].split()
+        fields = data[data.rfind(b")") + 2 :].split()
         try:
             if int(fields[6]) & _PF_KTHREAD:
                 return None
@@ -502,6 +546,7 @@ def nvidia_display_devices(sysfs: str) -> int | None:
     count = 0
     for n in names:
         if (_read(os.path.join(base, n, "vendor")) or "").lower() == NVIDIA and (
-                _read(os.path.join(base, n, "class")) or "").startswith("0x03"):
+            _read(os.path.join(base, n, "class")) or ""
+        ).startswith("0x03"):
             count += 1
     return count

@@ -16,6 +16,7 @@ in docs/gpu.md; in short:
 Values carry forward from step to step until a later step changes them. A scenario is checked
 whole at load; a problem raises ValueError with one line naming the file and the key.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -72,17 +73,46 @@ def _index(value: Any) -> int:
 
 
 # key -> parser, for each level of the scenario
-_TOP = {"description": _text, "loop": _flag, "duration": parse_duration, "driver_version": _text,
-        "cards": None, "steps": None}
-_CARD = {"index": _index, "uuid": _text, "name": _text, "driver_version": _text, "vendor": _text, "pci_bus_id": _text,
-         "memory_total": parse_size, "memory_reserved": parse_size, "power_limit": _watts,
-         "clock_sm_max": parse_hertz, "clock_memory_max": parse_hertz}
+_TOP = {
+    "description": _text,
+    "loop": _flag,
+    "duration": parse_duration,
+    "driver_version": _text,
+    "cards": None,
+    "steps": None,
+}
+_CARD = {
+    "index": _index,
+    "uuid": _text,
+    "name": _text,
+    "driver_version": _text,
+    "vendor": _text,
+    "pci_bus_id": _text,
+    "memory_total": parse_size,
+    "memory_reserved": parse_size,
+    "power_limit": _watts,
+    "clock_sm_max": parse_hertz,
+    "clock_memory_max": parse_hertz,
+}
 _STEP = {"at": parse_duration, "cards": None}
-_VALUES = {"lost": _flag, "memory_used": parse_size, "utilization": parse_ratio,
-           "memory_utilization": parse_ratio, "temperature": _number, "power": _watts,
-           "clock_sm": parse_hertz, "clock_memory": parse_hertz, "processes": None,
-           "throttle": None, "xid_errors": None, "last_xid": None, "ecc_corrected": None, "ecc_uncorrected": None,
-           "performance_state": None, "mig": None}
+_VALUES = {
+    "lost": _flag,
+    "memory_used": parse_size,
+    "utilization": parse_ratio,
+    "memory_utilization": parse_ratio,
+    "temperature": _number,
+    "power": _watts,
+    "clock_sm": parse_hertz,
+    "clock_memory": parse_hertz,
+    "processes": None,
+    "throttle": None,
+    "xid_errors": None,
+    "last_xid": None,
+    "ecc_corrected": None,
+    "ecc_uncorrected": None,
+    "performance_state": None,
+    "mig": None,
+}
 _MIG = {"mig": _text, "memory_used": parse_size, "memory_total": parse_size}
 
 
@@ -98,6 +128,8 @@ def _pstate(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 15:
         raise ValueError(f"{value!r} is not a performance state (0..15 or P0..P15)")
     return value
+
+
 _PROCESS = {"pid": None, "gpu_memory": parse_size, "kind": None}
 
 
@@ -110,8 +142,14 @@ class _Checker:
     def fail(self, key: str, problem: str) -> ScenarioError:
         return ScenarioError(f"{self.source}: {key}: {problem}" if key else f"{self.source}: {problem}")
 
-    def mapping(self, data: Any, key: str, allowed: dict[str, Any], required: tuple[str, ...] = (),
-                nullable: tuple[str, ...] = ()) -> dict:
+    def mapping(
+        self,
+        data: Any,
+        key: str,
+        allowed: dict[str, Any],
+        required: tuple[str, ...] = (),
+        nullable: tuple[str, ...] = (),
+    ) -> dict:
         if not isinstance(data, dict):
             raise self.fail(key, f"must be a mapping of keys, got {type(data).__name__}")
         for k in data:
@@ -187,12 +225,18 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
         if index in cards:
             raise ck.fail(f"{key}.index", f"card index {index} is used twice")
         cards[index] = GpuCard(
-            index=index, uuid=c.get("uuid", f"GPU-fa4e0000-0000-4000-8000-{index:012d}"),
-            name=c.get("name", "Fake GPU"), driver_version=c.get("driver_version", driver),
-            vendor=c.get("vendor", "nvidia"), pci_bus_id=c.get("pci_bus_id", ""),
-            memory_total_bytes=c["memory_total"], memory_reserved_bytes=c.get("memory_reserved"),
+            index=index,
+            uuid=c.get("uuid", f"GPU-fa4e0000-0000-4000-8000-{index:012d}"),
+            name=c.get("name", "Fake GPU"),
+            driver_version=c.get("driver_version", driver),
+            vendor=c.get("vendor", "nvidia"),
+            pci_bus_id=c.get("pci_bus_id", ""),
+            memory_total_bytes=c["memory_total"],
+            memory_reserved_bytes=c.get("memory_reserved"),
             power_limit_watts=c.get("power_limit"),
-            clock_sm_max_hertz=c.get("clock_sm_max"), clock_memory_max_hertz=c.get("clock_memory_max"))
+            clock_sm_max_hertz=c.get("clock_sm_max"),
+            clock_memory_max_hertz=c.get("clock_memory_max"),
+        )
     if not cards:
         raise ck.fail("cards", "needs at least one card")
 
@@ -294,14 +338,23 @@ def _card_at(card: GpuCard, v: dict[str, Any]) -> tuple[GpuCard, bool]:
     # memory_total is required of every fake card
     free = None if used is None else (card.memory_total_bytes or 0) - used - (card.memory_reserved_bytes or 0)
     return replace(
-        card, memory_used_bytes=used, memory_free_bytes=free,
-        utilization_ratio=v.get("utilization"), memory_utilization_ratio=v.get("memory_utilization"),
-        temperature_celsius=v.get("temperature"), power_watts=v.get("power"),
-        clock_sm_hertz=v.get("clock_sm"), clock_memory_hertz=v.get("clock_memory"),
-        processes=v.get("processes", ()), throttle_reasons=v.get("throttle", ()),
-        xid_errors_total=v.get("xid_errors"), last_xid=v.get("last_xid"),
-        ecc_corrected_total=v.get("ecc_corrected"), ecc_uncorrected_total=v.get("ecc_uncorrected"),
-        performance_state=v.get("performance_state"), mig=v.get("mig", ()),
+        card,
+        memory_used_bytes=used,
+        memory_free_bytes=free,
+        utilization_ratio=v.get("utilization"),
+        memory_utilization_ratio=v.get("memory_utilization"),
+        temperature_celsius=v.get("temperature"),
+        power_watts=v.get("power"),
+        clock_sm_hertz=v.get("clock_sm"),
+        clock_memory_hertz=v.get("clock_memory"),
+        processes=v.get("processes", ()),
+        throttle_reasons=v.get("throttle", ()),
+        xid_errors_total=v.get("xid_errors"),
+        last_xid=v.get("last_xid"),
+        ecc_corrected_total=v.get("ecc_corrected"),
+        ecc_uncorrected_total=v.get("ecc_uncorrected"),
+        performance_state=v.get("performance_state"),
+        mig=v.get("mig", ()),
     ), v.get("lost", False)
 
 

@@ -22,6 +22,7 @@ A tick that skips a card (or the whole source) because its backoff has not run o
 function and counts no error: `sample_errors_total{source="gpu"}` counts real failed attempts,
 and `source_up{source="gpu"}` stays 0 until a retry succeeds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,15 @@ from . import GpuReading
 
 # NVML's clocks-event (throttle) reason bits, by the names of mem_exporter_gpu_throttle_active{reason}
 THROTTLE_REASONS = {
-    "gpu_idle": 0x1, "applications_clocks": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8, "sync_boost": 0x10,
-    "sw_thermal": 0x20, "hw_thermal": 0x40, "hw_power_brake": 0x80, "display_clocks": 0x100,
+    "gpu_idle": 0x1,
+    "applications_clocks": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal": 0x20,
+    "hw_thermal": 0x40,
+    "hw_power_brake": 0x80,
+    "display_clocks": 0x100,
 }
 XID_EVENT = 0x8  # nvmlEventTypeXidCriticalError
 MAX_EVENTS = 1000  # per read: a storm of events never holds the sampler up
@@ -43,8 +51,16 @@ RETRY_MIN = 1.0  # seconds before the first retry; doubled on each failure up to
 _NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE read as an unsigned long long
 
 # "This value is not offered here": the series is left out and the card stays.
-_MISSING = ("NotSupported", "NoPermission", "FunctionNotFound", "NotFound", "NoData",
-            "InvalidArgument", "ArgumentVersionMismatch", "Deprecated")
+_MISSING = (
+    "NotSupported",
+    "NoPermission",
+    "FunctionNotFound",
+    "NotFound",
+    "NoData",
+    "InvalidArgument",
+    "ArgumentVersionMismatch",
+    "Deprecated",
+)
 # These do not change until NVML is re-initialised, so the call is skipped afterwards.
 _UNSUPPORTED = ("NotSupported", "FunctionNotFound")
 # NVML itself is not there (no library, no driver): the source is down, nothing is broken.
@@ -112,8 +128,13 @@ class _Card:
 class NvmlSource:
     name = "nvml"
 
-    def __init__(self, retry_max: float = 60.0, log: logging.Logger | None = None,
-                 absent_level: int = logging.INFO, nvml: Any = None):
+    def __init__(
+        self,
+        retry_max: float = 60.0,
+        log: logging.Logger | None = None,
+        absent_level: int = logging.INFO,
+        nvml: Any = None,
+    ):
         """`nvml` is the `pynvml` module or a stand-in for it (tests); imported on first use when None."""
         self._nv: Any = None
         if nvml is not None:
@@ -236,13 +257,16 @@ class NvmlSource:
         # Max clocks are a property of the board: read once per init.
         sm_clock, mem_clock = getattr(nv, "NVML_CLOCK_SM", 1), getattr(nv, "NVML_CLOCK_MEM", 2)
         card.clock_sm_max_hertz = _scaled(
-            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, sm_clock, key="max_sm"), 1e6)
+            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, sm_clock, key="max_sm"), 1e6
+        )
         card.clock_memory_max_hertz = _scaled(
-            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, mem_clock, key="max_mem"), 1e6)
+            self._query(card, "nvmlDeviceGetMaxClockInfo", handle, mem_clock, key="max_mem"), 1e6
+        )
         pci = self._query(card, "nvmlDeviceGetPciInfo", handle)
         card.pci_bus_id = _bus_id(_text(getattr(pci, "busId", None)) or "")
-        card.throttle_supported = self._first(card, handle, "nvmlDeviceGetSupportedClocksEventReasons",
-                                              "nvmlDeviceGetSupportedClocksThrottleReasons")
+        card.throttle_supported = self._first(
+            card, handle, "nvmlDeviceGetSupportedClocksEventReasons", "nvmlDeviceGetSupportedClocksThrottleReasons"
+        )
         ecc = self._query(card, "nvmlDeviceGetEccMode", handle)  # (current, pending); pending needs a reboot
         card.ecc = bool(ecc and ecc[0])
         return card
@@ -266,8 +290,9 @@ class NvmlSource:
             return
         for card in cards.values():
             try:
-                nv.nvmlDeviceRegisterEvents(card.handle, getattr(nv, "nvmlEventTypeXidCriticalError", XID_EVENT),
-                                            self._events)
+                nv.nvmlDeviceRegisterEvents(
+                    card.handle, getattr(nv, "nvmlEventTypeXidCriticalError", XID_EVENT), self._events
+                )
             except self._missing:
                 continue  # this card gives no XID events: its series stay absent
             card.xid = True
@@ -290,8 +315,9 @@ class NvmlSource:
             except nv.NVMLError as e:
                 if timeout is not None and isinstance(e, timeout):
                     return  # nothing more waiting
-                self._log.warning("GPU: reading XID events failed (%s); not read again until NVML restarts",
-                                  _describe(e))
+                self._log.warning(
+                    "GPU: reading XID events failed (%s); not read again until NVML restarts", _describe(e)
+                )
                 self._events = None
                 return
             if not event.eventType & XID_EVENT:
@@ -310,43 +336,58 @@ class NvmlSource:
         total, used, free, reserved = self._memory(card)
         util = self._query(card, "nvmlDeviceGetUtilizationRates", h)
         return GpuCard(
-            index=card.index, uuid=card.uuid, name=card.name, driver_version=self._driver,
-            memory_total_bytes=total, memory_used_bytes=used, memory_free_bytes=free,
+            index=card.index,
+            uuid=card.uuid,
+            name=card.name,
+            driver_version=self._driver,
+            memory_total_bytes=total,
+            memory_used_bytes=used,
+            memory_free_bytes=free,
             memory_reserved_bytes=reserved,
             utilization_ratio=None if util is None else util.gpu / 100.0,
             memory_utilization_ratio=None if util is None else util.memory / 100.0,
-            temperature_celsius=_scaled(self._query(
-                card, "nvmlDeviceGetTemperature", h, getattr(nv, "NVML_TEMPERATURE_GPU", 0)), 1.0),
+            temperature_celsius=_scaled(
+                self._query(card, "nvmlDeviceGetTemperature", h, getattr(nv, "NVML_TEMPERATURE_GPU", 0)), 1.0
+            ),
             power_watts=_scaled(self._query(card, "nvmlDeviceGetPowerUsage", h), 1e-3),  # mW
             power_limit_watts=_scaled(self._query(card, "nvmlDeviceGetEnforcedPowerLimit", h), 1e-3),  # mW
             energy_joules=_scaled(self._query(card, "nvmlDeviceGetTotalEnergyConsumption", h), 1e-3),  # mJ
-            clock_sm_hertz=_scaled(self._query(
-                card, "nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_SM", 1), key="sm"), 1e6),  # MHz
-            clock_memory_hertz=_scaled(self._query(
-                card, "nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_MEM", 2), key="mem"), 1e6),
+            clock_sm_hertz=_scaled(
+                self._query(card, "nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_SM", 1), key="sm"), 1e6
+            ),  # MHz
+            clock_memory_hertz=_scaled(
+                self._query(card, "nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_MEM", 2), key="mem"), 1e6
+            ),
             clock_sm_max_hertz=card.clock_sm_max_hertz,
             clock_memory_max_hertz=card.clock_memory_max_hertz,
             processes=self._processes(card),
-            vendor="nvidia", pci_bus_id=card.pci_bus_id,
+            vendor="nvidia",
+            pci_bus_id=card.pci_bus_id,
             **self._health(card),
         )
 
     def _health(self, card: _Card) -> dict[str, Any]:
         nv, h = self._nv, card.handle
         out: dict[str, Any] = {}
-        mask = self._first(card, h, "nvmlDeviceGetCurrentClocksEventReasons",
-                           "nvmlDeviceGetCurrentClocksThrottleReasons")
+        mask = self._first(
+            card, h, "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"
+        )
         if mask is not None:
             supported = card.throttle_supported
-            out["throttle_reasons"] = tuple((name, bool(mask & bit)) for name, bit in THROTTLE_REASONS.items()
-                                            if supported is None or supported & bit)
+            out["throttle_reasons"] = tuple(
+                (name, bool(mask & bit))
+                for name, bit in THROTTLE_REASONS.items()
+                if supported is None or supported & bit
+            )
         pstate = self._query(card, "nvmlDeviceGetPerformanceState", h)
         if pstate is not None and 0 <= pstate <= 15:  # 32: unknown
             out["performance_state"] = int(pstate)
         if card.ecc:
             volatile = getattr(nv, "NVML_VOLATILE_ECC", 0)
-            for kind, code in (("corrected", getattr(nv, "NVML_MEMORY_ERROR_TYPE_CORRECTED", 0)),
-                               ("uncorrected", getattr(nv, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1))):
+            for kind, code in (
+                ("corrected", getattr(nv, "NVML_MEMORY_ERROR_TYPE_CORRECTED", 0)),
+                ("uncorrected", getattr(nv, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1)),
+            ):
                 value = self._query(card, "nvmlDeviceGetTotalEccErrors", h, code, volatile, key=f"ecc_{kind}")
                 if value is not None:
                     out[f"ecc_{kind}_total"] = int(value)
@@ -369,8 +410,9 @@ class NvmlSource:
             memory = self._query(card, "nvmlDeviceGetMemoryInfo", mig, key="mig_memory")
             if gi is None or str(gi) in found:
                 continue  # compute instances of one GPU instance share its memory: once per instance
-            found[str(gi)] = GpuMigInstance(str(gi), None if memory is None else int(memory.used),
-                                            None if memory is None else int(memory.total))
+            found[str(gi)] = GpuMigInstance(
+                str(gi), None if memory is None else int(memory.used), None if memory is None else int(memory.total)
+            )
         return tuple(sorted(found.values(), key=lambda m: int(m.mig)))
 
     def _memory(self, card: _Card) -> tuple[int | None, int | None, int | None, int | None]:
@@ -441,14 +483,16 @@ class NvmlSource:
         absent = isinstance(e, ImportError) or (self._nv is not None and isinstance(e, self._absent))
         if absent:
             problem = f"NVML not available ({_describe(e)})"
-            self._note(problem, self._absent_level,
-                       f"GPU: {problem}: no NVIDIA GPU metrics, source_up{{source=\"gpu\"}} is 0; "
-                       "set gpu.backend: none if this host has no NVIDIA GPU")
+            self._note(
+                problem,
+                self._absent_level,
+                f'GPU: {problem}: no NVIDIA GPU metrics, source_up{{source="gpu"}} is 0; '
+                "set gpu.backend: none if this host has no NVIDIA GPU",
+            )
             return None
         message = f"NVML failed: {_describe(e)}; retrying in {delay:g}s"
         nvml_error = self._nv is not None and isinstance(e, getattr(self._nv, "NVMLError", ()))
-        self._note(f"NVML failed ({_describe(e)})", logging.WARNING, f"GPU: {message}",
-                   exc_info=not nvml_error)
+        self._note(f"NVML failed ({_describe(e)})", logging.WARNING, f"GPU: {message}", exc_info=not nvml_error)
         return message
 
     def _note(self, problem: str, level: int, message: str, exc_info: bool = False) -> None:

@@ -10,6 +10,7 @@ test sees what a driver would give it. Every call is recorded in `calls`.
     stub.cards[0].lost = True                                   # every call on it: GPU is lost
     NvmlSource(nvml=stub)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -73,8 +74,7 @@ class StubNvml:
     NVML_MEMORY_ERROR_TYPE_CORRECTED: int
     nvmlEventTypeXidCriticalError: int
 
-    def __init__(self, cards: list[StubCard] | None = None, driver: str | bytes = "550.54.15",
-                 memory_v2: bool = True):
+    def __init__(self, cards: list[StubCard] | None = None, driver: str | bytes = "550.54.15", memory_v2: bool = True):
         real = load_pynvml()
         for name in dir(real):
             if name.startswith(("NVMLError", "NVML_ERROR_")):
@@ -82,8 +82,13 @@ class StubNvml:
         self.NVML_TEMPERATURE_GPU = real.NVML_TEMPERATURE_GPU
         self.NVML_CLOCK_SM = real.NVML_CLOCK_SM
         self.NVML_CLOCK_MEM = real.NVML_CLOCK_MEM
-        for name in ("nvmlEventTypeXidCriticalError", "NVML_MEMORY_ERROR_TYPE_CORRECTED",
-                     "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC", "NVML_DEVICE_MIG_ENABLE"):
+        for name in (
+            "nvmlEventTypeXidCriticalError",
+            "NVML_MEMORY_ERROR_TYPE_CORRECTED",
+            "NVML_MEMORY_ERROR_TYPE_UNCORRECTED",
+            "NVML_VOLATILE_ECC",
+            "NVML_DEVICE_MIG_ENABLE",
+        ):
             setattr(self, name, getattr(real, name))
         self.event_sets: list[list] = []  # per created set: the cards registered in it
         self.pending: list[tuple[StubCard, int]] = []  # XID events not yet waited for: (card, xid)
@@ -158,9 +163,13 @@ class StubNvml:
             used = card.memory_used + card.memory_reserved  # v1 counts the reserved part as used
             return SimpleNamespace(total=card.memory_total, used=used, free=card.memory_total - used)
         self._ready("nvmlDeviceGetMemoryInfo_v2", card)
-        return SimpleNamespace(version=version, total=card.memory_total, reserved=card.memory_reserved,
-                               used=card.memory_used,
-                               free=card.memory_total - card.memory_used - card.memory_reserved)
+        return SimpleNamespace(
+            version=version,
+            total=card.memory_total,
+            reserved=card.memory_reserved,
+            used=card.memory_used,
+            free=card.memory_total - card.memory_used - card.memory_reserved,
+        )
 
     def nvmlDeviceGetUtilizationRates(self, card: StubCard) -> Any:
         self._ready("nvmlDeviceGetUtilizationRates", card)

@@ -2,6 +2,7 @@
 
 load / prometheus -> Run (model) -> analysis -> markdown + charts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,11 +16,13 @@ from .prometheus import read_prometheus
 __all__ = ["Analysis", "Run", "Series", "analyse", "read_logs", "read_prometheus", "write_report"]
 
 
-def write_report(run: Run, output: str | Path, top: int = 8, charts: bool = True,
-                 zones: Zones = DEFAULT_ZONES) -> tuple[Path, list[Path]]:
+def write_report(
+    run: Run, output: str | Path, top: int = 8, charts: bool = True, zones: Zones = DEFAULT_ZONES
+) -> tuple[Path, list[Path]]:
     """Writes the Markdown at `output` and its PNGs next to it (named after it); returns their paths."""
     from . import charts as charting
     from .markdown import render
+
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     a = analyse(run, top, zones)

@@ -2,6 +2,7 @@
 
 Pure functions of a `Run`; no files, no charts. Thresholds are module constants, documented in docs/report.md.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -71,8 +72,14 @@ class Stats:
         return self.peak / self.capacity if self.capacity else None
 
 
-def stats(series: Series, capacity: float | None = None, start: float | None = None, end: float | None = None,
-          kind: Kind = "system_memory", zones: Zones = DEFAULT_ZONES) -> Stats | None:
+def stats(
+    series: Series,
+    capacity: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    kind: Kind = "system_memory",
+    zones: Zones = DEFAULT_ZONES,
+) -> Stats | None:
     """Peak, mean over samples, p95 and time per zone, optionally only for start <= t < end."""
     lo = 0 if start is None else bisect.bisect_left(series.times, start)
     hi = len(series.times) if end is None else bisect.bisect_left(series.times, end)
@@ -86,8 +93,18 @@ def stats(series: Series, capacity: float | None = None, start: float | None = N
         time_in = dict.fromkeys(ZONES, 0.0)
         for v, d in zip(values, durations(times), strict=True):
             time_in[zone_for(kind, v / capacity, zones)] += d
-    return Stats(series.name, values[i], times[i], sum(values) / len(values), percentile(values, 0.95), len(values),
-                 capacity, time_in, kind, getattr(zones, kind).critical)
+    return Stats(
+        series.name,
+        values[i],
+        times[i],
+        sum(values) / len(values),
+        percentile(values, 0.95),
+        len(values),
+        capacity,
+        time_in,
+        kind,
+        getattr(zones, kind).critical,
+    )
 
 
 def fit(times: list[float], values: list[float]) -> tuple[float, float, float]:
@@ -122,8 +139,12 @@ def leak(series: Series, run_seconds: float) -> Leak | None:
     slope, start, r2 = fit(series.times, series.values)
     seconds = series.times[-1] - series.times[0]
     growth = slope * seconds
-    flagged = (r2 >= LEAK_MIN_R2 and growth >= LEAK_MIN_GROWTH_BYTES and seconds >= LEAK_MIN_SHARE_OF_RUN * run_seconds
-               and growth >= LEAK_MIN_GROWTH_RATIO * max(start, 1.0))
+    flagged = (
+        r2 >= LEAK_MIN_R2
+        and growth >= LEAK_MIN_GROWTH_BYTES
+        and seconds >= LEAK_MIN_SHARE_OF_RUN * run_seconds
+        and growth >= LEAK_MIN_GROWTH_RATIO * max(start, 1.0)
+    )
     return Leak(series.name, slope, r2, growth, seconds, start, flagged)
 
 
@@ -163,7 +184,7 @@ class Transition:
 
 
 def _window(series: Series, start: float, end: float) -> list[float]:
-    return series.values[bisect.bisect_left(series.times, start):bisect.bisect_left(series.times, end)]
+    return series.values[bisect.bisect_left(series.times, start) : bisect.bisect_left(series.times, end)]
 
 
 def transitions(run: Run, segs: list[Segment]) -> list[Transition]:
@@ -251,8 +272,11 @@ def phase_rows(run: Run, segs: list[Segment], zones: Zones = DEFAULT_ZONES) -> l
 def analyse(run: Run, top: int = 8, zones: Zones = DEFAULT_ZONES) -> Analysis:
     """Everything the report says about `run`, judged by `zones` (the config's, or the defaults)."""
     segs = segments(run)
-    group_stats = [st for st in (stats(s, group_capacity(run, s), kind=group_kind(s), zones=zones)
-                                 for s in run.groups.values()) if st]
+    group_stats = [
+        st
+        for st in (stats(s, group_capacity(run, s), kind=group_kind(s), zones=zones) for s in run.groups.values())
+        if st
+    ]
     group_stats.sort(key=lambda st: st.peak, reverse=True)
     leaks = [lk for lk in (leak(s, run.end - run.start) for s in run.groups.values() if s.name != "other") if lk]
     leaks.sort(key=lambda lk: (not lk.flagged, -lk.growth))
@@ -267,12 +291,21 @@ def analyse(run: Run, top: int = 8, zones: Zones = DEFAULT_ZONES) -> Analysis:
     for s in [run.system, *run.gpus.values()]:
         if s.capacity and s.values and max(s.values) >= NEAR_MISS * s.capacity:
             near.append(NearMiss(s.name, max(s.values), s.capacity, None))
-    a = Analysis(run=run, system=stats(run.system, zones=zones),
-                 swap=stats(run.swap, zones=zones) if run.swap.capacity else None,
-                 gpus=[st for k in sorted(run.gpus) if (st := stats(run.gpus[k], kind="gpu_memory", zones=zones))],
-                 groups=group_stats[:top], phases=phase_rows(run, segs, zones), segments=segs,
-                 transitions=transitions(run, segs), leaks=leaks, kills=kills,
-                 dry_runs=[e for e in run.events if e.get("action") == "dry_run"], near_misses=near, zones=zones)
+    a = Analysis(
+        run=run,
+        system=stats(run.system, zones=zones),
+        swap=stats(run.swap, zones=zones) if run.swap.capacity else None,
+        gpus=[st for k in sorted(run.gpus) if (st := stats(run.gpus[k], kind="gpu_memory", zones=zones))],
+        groups=group_stats[:top],
+        phases=phase_rows(run, segs, zones),
+        segments=segs,
+        transitions=transitions(run, segs),
+        leaks=leaks,
+        kills=kills,
+        dry_runs=[e for e in run.events if e.get("action") == "dry_run"],
+        near_misses=near,
+        zones=zones,
+    )
     a.recommendations = recommendations(a)
     return a
 
@@ -305,23 +338,31 @@ def recommendations(a: Analysis) -> list[str]:
             text += f" holding {format_bytes(held)}"
         if limit and str(evs[0].get("condition", "")).startswith("max_"):  # gpu_memory_above's limit is a ratio
             text += f" (limit {format_bytes(limit)})"
-        out.append(text + ": if it really needs that much, raise the limit to about 25 % above that; "
-                   "otherwise cut its memory (smaller batches, fewer workers), since the limit did its job.")
+        out.append(
+            text + ": if it really needs that much, raise the limit to about 25 % above that; "
+            "otherwise cut its memory (smaller batches, fewer workers), since the limit did its job."
+        )
     for nm in a.near_misses:
         if nm.rule is None:
             continue
-        out.append(f"**{nm.what}** peaked at {format_bytes(nm.peak)}, {nm.ratio:.0%} of the {format_bytes(nm.limit)} "
-                   f"limit of rule `{nm.rule}`: raise the limit to at least {format_bytes(nm.peak * 1.25)} "
-                   "(peak + 25 %) or reduce its memory; one larger spike and the enforcer kills it.")
+        out.append(
+            f"**{nm.what}** peaked at {format_bytes(nm.peak)}, {nm.ratio:.0%} of the {format_bytes(nm.limit)} "
+            f"limit of rule `{nm.rule}`: raise the limit to at least {format_bytes(nm.peak * 1.25)} "
+            "(peak + 25 %) or reduce its memory; one larger spike and the enforcer kills it."
+        )
     for lk in (lk for lk in a.leaks if lk.flagged):
         series = run.groups[lk.group]
-        text = (f"**{lk.group}** grew steadily by {format_rate(lk.slope)} (R² {lk.r2:.2f}) over "
-                f"{format_seconds(lk.seconds)}, {format_bytes(lk.growth)} in all: look for a leak (caches that never "
-                "shrink, lists that keep growing, tensors kept alive)")
+        text = (
+            f"**{lk.group}** grew steadily by {format_rate(lk.slope)} (R² {lk.r2:.2f}) over "
+            f"{format_seconds(lk.seconds)}, {format_bytes(lk.growth)} in all: look for a leak (caches that never "
+            "shrink, lists that keep growing, tensors kept alive)"
+        )
         ceiling = min(series.limits.values()) if series.limits else None
         if ceiling and lk.slope > 0 and ceiling > series.values[-1] and lk.group not in killed:
-            text += f"; at this rate it reaches its {format_bytes(ceiling)} limit in " \
-                    f"{format_seconds((ceiling - series.values[-1]) / lk.slope)}"
+            text += (
+                f"; at this rate it reaches its {format_bytes(ceiling)} limit in "
+                f"{format_seconds((ceiling - series.values[-1]) / lk.slope)}"
+            )
         out.append(text + ".")
     for st in [a.system, *a.gpus]:
         if st is None or not st.zones:
@@ -330,29 +371,49 @@ def recommendations(a: Analysis) -> list[str]:
         where = run.phase_at(st.peak_t)
         during = f" during phase '{where}'" if where else ""
         if st.zones["critical"] > 0:
-            fix = ("add RAM or swap, run fewer jobs at once, or let the enforcer guard the host "
-                   "(a rule with `system_available_below: 10%`)") if st is a.system else \
-                  ("load fewer models at once, use smaller or quantized models, or cap VRAM per group "
-                   "(a rule with `max_gpu_memory`)")
-            out.append(f"**{st.name}** was critical (> {st.critical_from:.0%}) for "
-                       f"{format_seconds(st.zones['critical'])} "
-                       f"({st.zones['critical'] / total:.0%} of the run) and peaked at {format_bytes(st.peak)} of "
-                       f"{format_bytes(st.capacity)} ({st.peak_ratio:.0%}){during}: {fix}.")
+            fix = (
+                (
+                    "add RAM or swap, run fewer jobs at once, or let the enforcer guard the host "
+                    "(a rule with `system_available_below: 10%`)"
+                )
+                if st is a.system
+                else (
+                    "load fewer models at once, use smaller or quantized models, or cap VRAM per group "
+                    "(a rule with `max_gpu_memory`)"
+                )
+            )
+            out.append(
+                f"**{st.name}** was critical (> {st.critical_from:.0%}) for "
+                f"{format_seconds(st.zones['critical'])} "
+                f"({st.zones['critical'] / total:.0%} of the run) and peaked at {format_bytes(st.peak)} of "
+                f"{format_bytes(st.capacity)} ({st.peak_ratio:.0%}){during}: {fix}."
+            )
         elif st.zones["caution"] / total > 0.25:
-            out.append(f"**{st.name}** spent {st.zones['caution'] / total:.0%} of the run in the caution zone "
-                       f"(peak {format_bytes(st.peak)}, {st.peak_ratio:.0%}){during}: little headroom is left "
-                       "for a bigger input or one more job.")
+            out.append(
+                f"**{st.name}** spent {st.zones['caution'] / total:.0%} of the run in the caution zone "
+                f"(peak {format_bytes(st.peak)}, {st.peak_ratio:.0%}){during}: little headroom is left "
+                "for a bigger input or one more job."
+            )
     for tr in a.transitions:
-        if tr.gained >= RELEASE_MIN_BYTES and tr.released < RELEASE_MIN_SHARE * tr.gained and (
-                tr.after is None or _IDLE.search(tr.after or "")):
-            out.append(f"**{tr.resource}** kept {format_bytes(tr.gained - max(tr.released, 0))} of the "
-                       f"{format_bytes(tr.gained)} it gained in phase '{tr.before}' after switching to "
-                       f"'{tr.after}': free it before the next phase (drop references, `gc.collect()`, "
-                       "`torch.cuda.empty_cache()`, unload the model).")
+        if (
+            tr.gained >= RELEASE_MIN_BYTES
+            and tr.released < RELEASE_MIN_SHARE * tr.gained
+            and (tr.after is None or _IDLE.search(tr.after or ""))
+        ):
+            out.append(
+                f"**{tr.resource}** kept {format_bytes(tr.gained - max(tr.released, 0))} of the "
+                f"{format_bytes(tr.gained)} it gained in phase '{tr.before}' after switching to "
+                f"'{tr.after}': free it before the next phase (drop references, `gc.collect()`, "
+                "`torch.cuda.empty_cache()`, unload the model)."
+            )
     if a.swap and a.swap.peak >= max(RELEASE_MIN_BYTES, 0.1 * (a.swap.capacity or 0)):
-        out.append(f"**Swap** peaked at {format_bytes(a.swap.peak)}: the host ran short of RAM and paged out; "
-                   "expect slowdowns, and treat the RAM numbers above as a floor.")
+        out.append(
+            f"**Swap** peaked at {format_bytes(a.swap.peak)}: the host ran short of RAM and paged out; "
+            "expect slowdowns, and treat the RAM numbers above as a floor."
+        )
     if not out:
-        out.append("Nothing to change: every peak stayed out of the critical zone, no group came near a limit, "
-                   "and no group grew steadily.")
+        out.append(
+            "Nothing to change: every peak stayed out of the critical zone, no group came near a limit, "
+            "and no group grew steadily."
+        )
     return out

@@ -1,4 +1,5 @@
 """PNG charts for a report, drawn with matplotlib's Agg backend (no display needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,10 @@ def available() -> bool:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -50,8 +53,16 @@ def _decorate(ax, a: Analysis, x, capacity: float | None, kind: Kind = "system_m
         if seg.phase:
             start = x([seg.start])[0]
             ax.axvline(start, color="grey", linewidth=0.6, linestyle="--")
-            ax.text(start, 1.0, f" {seg.phase}", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
-                    rotation=90, color="dimgrey")
+            ax.text(
+                start,
+                1.0,
+                f" {seg.phase}",
+                transform=ax.get_xaxis_transform(),
+                fontsize=7,
+                va="top",
+                rotation=90,
+                color="dimgrey",
+            )
     ax.set_ylabel("GiB")
     ax.grid(True, linewidth=0.3)
 
@@ -99,8 +110,9 @@ def draw(a: Analysis, directory: Path, stem: str) -> dict[str, Path]:
         for series in groups:
             _plot(ax, series, x, label=series.name)
             if series.limits:
-                ax.axhline(min(series.limits.values()) / GIB, linewidth=0.8, linestyle="--",
-                           color=ax.lines[-1].get_color())
+                ax.axhline(
+                    min(series.limits.values()) / GIB, linewidth=0.8, linestyle="--", color=ax.lines[-1].get_color()
+                )
         _decorate(ax, a, x, None)
         ax.set_title(f"Largest groups ({run.memtype}; dashed: limits)")
         ax.set_xlabel(xlabel)

@@ -3,6 +3,7 @@
 A directory stands for every log file in it, rotated ones (`NAME.1`, ...) included.
 Records are recognised by shape, not by file name, so event lines may sit in any file.
 """
+
 from __future__ import annotations
 
 import csv

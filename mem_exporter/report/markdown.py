@@ -1,4 +1,5 @@
 """The Markdown text of a report."""
+
 from __future__ import annotations
 
 import time
@@ -22,8 +23,10 @@ from .analysis import (
 
 
 def _zone_text(z: Zones) -> str:
-    return ", ".join(f"{what} {getattr(z, kind).caution:.0%} / {getattr(z, kind).critical:.0%}" for what, kind in (
-        ("system RAM", "system_memory"), ("GPU memory", "gpu_memory"), ("a group's limit", "limit")))
+    return ", ".join(
+        f"{what} {getattr(z, kind).caution:.0%} / {getattr(z, kind).critical:.0%}"
+        for what, kind in (("system RAM", "system_memory"), ("GPU memory", "gpu_memory"), ("a group's limit", "limit"))
+    )
 
 
 def _when(t: float) -> str:
@@ -45,8 +48,15 @@ def _zones(st: Stats) -> list[str]:
 
 def _stats_row(st: Stats) -> list[str]:
     share = f"{st.peak_ratio:.0%}" if st.peak_ratio is not None else "-"
-    return [st.name, format_bytes(st.capacity), format_bytes(st.peak), share, format_bytes(st.mean),
-            format_bytes(st.p95), *_zones(st)]
+    return [
+        st.name,
+        format_bytes(st.capacity),
+        format_bytes(st.peak),
+        share,
+        format_bytes(st.mean),
+        format_bytes(st.p95),
+        *_zones(st),
+    ]
 
 
 STATS_HEADER = ["Resource", "Capacity", "Peak", "Peak share", "Mean", "p95", "Safe", "Caution", "Critical"]
@@ -59,10 +69,14 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines = [f"# Memory report{': ' + ', '.join(names) if names else ''}", ""]
     if not run.times:
         return "\n".join(lines + ["No samples found in: " + ", ".join(run.sources), ""])
-    facts = [["Sources", "<br>".join(f"`{s}`" for s in run.sources)],
-             ["From", _when(run.start)], ["To", _when(run.end)],
-             ["Duration", format_seconds(run.end - run.start)], ["Samples", str(len(run.times))],
-             ["Memory measure", run.memtype]]
+    facts = [
+        ["Sources", "<br>".join(f"`{s}`" for s in run.sources)],
+        ["From", _when(run.start)],
+        ["To", _when(run.end)],
+        ["Duration", format_seconds(run.end - run.start)],
+        ["Samples", str(len(run.times))],
+        ["Memory measure", run.memtype],
+    ]
     if hosts:
         facts.append(["Host", ", ".join(hosts)])
     lines += _table(["", ""], facts)
@@ -82,8 +96,13 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         for st in a.groups:
             limits = run.groups[st.name].limits
             cells = _stats_row(st)
-            cells[1] = (f"{format_bytes(min(limits.values()))} (limit)" if limits
-                        else f"{format_bytes(st.capacity)} (RAM)" if st.capacity else "-")
+            cells[1] = (
+                f"{format_bytes(min(limits.values()))} (limit)"
+                if limits
+                else f"{format_bytes(st.capacity)} (RAM)"
+                if st.capacity
+                else "-"
+            )
             rows.append(cells)
         lines += _table(["Group", "Measured against", *STATS_HEADER[2:]], rows)
         if "groups" in charts:
@@ -110,44 +129,90 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
             cells.append(f"{top.name} ({format_bytes(top.peak)})" if top else "-")
             rows.append(cells)
         lines += _table(header, rows)
-        lines += ["### Memory released between phases", "",
-                  "At each change of phase: what the earlier phase gained (its last value minus its first), the value "
-                  "at its end, the lowest value in the next phase, and the difference (released; negative: grew).", ""]
-        rows = [[format_seconds(tr.at - run.start), f"{tr.before or '(none)'} → {tr.after or '(none)'}", tr.resource,
-                 format_bytes(tr.gained), format_bytes(tr.end_before), format_bytes(tr.low_after),
-                 format_bytes(tr.released)] for tr in a.transitions]
+        lines += [
+            "### Memory released between phases",
+            "",
+            "At each change of phase: what the earlier phase gained (its last value minus its first), the value "
+            "at its end, the lowest value in the next phase, and the difference (released; negative: grew).",
+            "",
+        ]
+        rows = [
+            [
+                format_seconds(tr.at - run.start),
+                f"{tr.before or '(none)'} → {tr.after or '(none)'}",
+                tr.resource,
+                format_bytes(tr.gained),
+                format_bytes(tr.end_before),
+                format_bytes(tr.low_after),
+                format_bytes(tr.released),
+            ]
+            for tr in a.transitions
+        ]
         lines += _table(["At", "Change", "Resource", "Gained before", "At the end", "Lowest after", "Released"], rows)
     else:
         lines += ["No phases were set (`mem-exporter phase NAME` marks them).", ""]
 
-    lines += ["## Leak check", "",
-              f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
-              f"R² ≥ {LEAK_MIN_R2} and rises by at least {format_bytes(LEAK_MIN_GROWTH_BYTES)} and "
-              f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, "
-              f"over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.", ""]
+    lines += [
+        "## Leak check",
+        "",
+        f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
+        f"R² ≥ {LEAK_MIN_R2} and rises by at least {format_bytes(LEAK_MIN_GROWTH_BYTES)} and "
+        f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, "
+        f"over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.",
+        "",
+    ]
     top_groups = {st.name for st in a.groups}
     shown = [lk for lk in a.leaks if lk.flagged or lk.group in top_groups]  # leaks, and the top groups
     if shown:
-        rows = [[lk.group, format_rate(lk.slope), f"{lk.r2:.2f}", format_bytes(lk.growth), format_seconds(lk.seconds),
-                 "**leak**" if lk.flagged else "no"] for lk in shown]
+        rows = [
+            [
+                lk.group,
+                format_rate(lk.slope),
+                f"{lk.r2:.2f}",
+                format_bytes(lk.growth),
+                format_seconds(lk.seconds),
+                "**leak**" if lk.flagged else "no",
+            ]
+            for lk in shown
+        ]
         lines += _table(["Group", "Slope", "R²", "Growth", "Over", "Leak?"], rows)
     else:
         lines += ["No group had enough samples to check.", ""]
 
     lines += ["## Kills and near misses", ""]
     if a.kills:
-        rows = [[_when(e["t"]), str(e.get("rule", "")), str(e.get("group") or "-"),
-                 format_bytes(e.get("memory_bytes")), _limit(e), str(e.get("outcome") or e.get("action"))]
-                for e in a.kills]
+        rows = [
+            [
+                _when(e["t"]),
+                str(e.get("rule", "")),
+                str(e.get("group") or "-"),
+                format_bytes(e.get("memory_bytes")),
+                _limit(e),
+                str(e.get("outcome") or e.get("action")),
+            ]
+            for e in a.kills
+        ]
         lines += _table(["Time", "Rule", "Group", "Memory", "Limit", "Outcome"], rows)
     else:
         lines += ["No kills.", ""]
     if a.dry_runs:
-        lines += [f"The enforcer was in dry-run mode and would have killed {len(a.dry_runs)} time(s): "
-                  + ", ".join(sorted({str(e.get('group')) for e in a.dry_runs})) + ".", ""]
+        lines += [
+            f"The enforcer was in dry-run mode and would have killed {len(a.dry_runs)} time(s): "
+            + ", ".join(sorted({str(e.get("group")) for e in a.dry_runs}))
+            + ".",
+            "",
+        ]
     if a.near_misses:
-        rows = [[nm.what, format_bytes(nm.peak), format_bytes(nm.limit), f"{nm.ratio:.0%}",
-                 f"`{nm.rule}`" if nm.rule else "its capacity"] for nm in a.near_misses]
+        rows = [
+            [
+                nm.what,
+                format_bytes(nm.peak),
+                format_bytes(nm.limit),
+                f"{nm.ratio:.0%}",
+                f"`{nm.rule}`" if nm.rule else "its capacity",
+            ]
+            for nm in a.near_misses
+        ]
         lines += [f"Near misses: peaks at {NEAR_MISS:.0%} or more of a limit, without a kill.", ""]
         lines += _table(["What", "Peak", "Limit", "Share", "Limit from"], rows)
     else:
@@ -155,11 +220,15 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
 
     lines += ["## Recommendations", ""]
     lines += [f"{i}. {text}" for i, text in enumerate(a.recommendations, 1)] + [""]
-    lines += ["---", "",
-              f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; "
-              "their columns are shares of the time. "
-              "A group is measured against its tightest enforcer limit, else the host's RAM. "
-              "Mean and p95 are over samples. Details: docs/report.md.", ""]
+    lines += [
+        "---",
+        "",
+        f"Zones are shares of the capacity (caution from, critical above): {_zone_text(a.zones)}; "
+        "their columns are shares of the time. "
+        "A group is measured against its tightest enforcer limit, else the host's RAM. "
+        "Mean and p95 are over samples. Details: docs/report.md.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """What every input (JSONL, CSV, a `run` log, Prometheus) is turned into before analysis."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -86,5 +87,6 @@ class Run:
 
     def phase_at(self, t: float) -> str | None:
         import bisect
+
         i = bisect.bisect_right(self.times, t) - 1
         return self.phases[i] if 0 <= i < len(self.phases) else None

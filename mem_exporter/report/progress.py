@@ -2,6 +2,7 @@
 
 Hand-rolled: twenty lines do what the report needs, without another dependency.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Reading a run straight from Prometheus (/api/v1/query_range), for a lab run without log files."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,16 @@ def _points(series: dict) -> list[tuple[float, float]]:
     return [(float(t), float(v)) for t, v in series["values"] if not math.isnan(float(v))]
 
 
-def read_prometheus(base: str, start: float, end: float, step: float | None = None, selector: str = "",
-                    memtype: str = "rss", run: Run | None = None, progress: bool | None = None) -> Run:
+def read_prometheus(
+    base: str,
+    start: float,
+    end: float,
+    step: float | None = None,
+    selector: str = "",
+    memtype: str = "rss",
+    run: Run | None = None,
+    progress: bool | None = None,
+) -> Run:
     """Samples at each `step` between start and end, built from the exporter's own series."""
     run = run or Run()
     run.memtype = memtype

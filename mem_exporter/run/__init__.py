@@ -24,6 +24,7 @@ tree is exempt: it is the user's own command.
     supervisor.py  starting the command, its exit status, signals, subreaper, terminal: POSIX and polling
     tree.py        the tree through child links
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,9 @@ _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
 
 
-def tree_members(procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo],
-                 root: int) -> dict[int, ProcessInfo]:
+def tree_members(
+    procs: Iterable[ProcessInfo], previous: Mapping[int, ProcessInfo], root: int
+) -> dict[int, ProcessInfo]:
     """The tree among fresh readings: known members (same pid and start time) and every process
     whose ppid chain reaches the root or a member."""
     procs = list(procs)
@@ -90,8 +92,7 @@ def processes(n: int) -> str:
 
 
 class Runner:
-    def __init__(self, opts: RunOptions, environ: Mapping[str, str] = os.environ,
-                 supervisor: Supervisor | None = None):
+    def __init__(self, opts: RunOptions, environ: Mapping[str, str] = os.environ, supervisor: Supervisor | None = None):
         self.opts = opts
         self.supervisor = supervisor if supervisor is not None else make_supervisor()
         self.name = os.path.basename(opts.command[0]) or opts.command[0]
@@ -179,12 +180,15 @@ class Runner:
     def _open_outputs(self) -> None:
         if self.opts.listen:  # first: a busy port must not leave an empty log behind
             from ..exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
+
             groups = Groups(min_memory=0)  # the tree is the one group: never folded into "other"
             exposition = self.exposition = Exposition(
-                build_registry(SampleCollector(lambda: self.latest, lambda: groups), EnforcerCollector(self.snapshot)))
+                build_registry(SampleCollector(lambda: self.latest, lambda: groups), EnforcerCollector(self.snapshot))
+            )
             try:
-                self.server = MetricsServer(self.opts.listen, exposition,
-                                            sample_health(lambda: self.latest, lambda: self.opts.interval))
+                self.server = MetricsServer(
+                    self.opts.listen, exposition, sample_health(lambda: self.latest, lambda: self.opts.interval)
+                )
             except (OSError, ValueError) as e:
                 raise SetupError(f"cannot listen on {self.opts.listen}: {getattr(e, 'strerror', None) or e}") from None
         try:
@@ -202,12 +206,21 @@ class Runner:
             self.signalled = signum
 
     def _write_header(self) -> None:
-        self.run_log.write(session_header(self.name, self.started, command=list(self.opts.command),
-                                          command_pid=self.cmd_pid or None, threshold_bytes=self.opts.threshold,
-                                          threshold_mb=mb(self.opts.threshold), interval=self.opts.interval,
-                                          grace=self.opts.grace, memtype="rss",
-                                          terminal=self.supervisor.tty is not None,
-                                          subreaper=self.supervisor.subreaper))
+        self.run_log.write(
+            session_header(
+                self.name,
+                self.started,
+                command=list(self.opts.command),
+                command_pid=self.cmd_pid or None,
+                threshold_bytes=self.opts.threshold,
+                threshold_mb=mb(self.opts.threshold),
+                interval=self.opts.interval,
+                grace=self.opts.grace,
+                memtype="rss",
+                terminal=self.supervisor.tty is not None,
+                subreaper=self.supervisor.subreaper,
+            )
+        )
         self.run_log.flush()
 
     # --- watching ---------------------------------------------------------------------------
@@ -227,8 +240,10 @@ class Runner:
             if group.rss_bytes > self.opts.threshold:
                 self.breach = group
                 return "memory"
-            period = min(TREE_EVERY, poll_period(self.opts.threshold - group.rss_bytes, self.growth.rate(RULE),
-                                              self.opts.interval))
+            period = min(
+                TREE_EVERY,
+                poll_period(self.opts.threshold - group.rss_bytes, self.growth.rate(RULE), self.opts.interval),
+            )
             self.supervisor.sleep(min(next_full, time.monotonic() + period) - time.monotonic())
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
@@ -241,9 +256,15 @@ class Runner:
             sample = self._read_by_listing(full)
             ok = sample is None or all(sample.sources_up.values())
         members = sorted(self.members.values(), key=lambda p: p.rss_bytes, reverse=True)
-        group = GroupSample(key=f"tree:{self.cmd_pid}", label=self.name, kind="tree",
-                            rss_bytes=sum(p.rss_bytes for p in members), processes=len(members),
-                            members=tuple(members), pgid=self.cmd_pid)
+        group = GroupSample(
+            key=f"tree:{self.cmd_pid}",
+            label=self.name,
+            kind="tree",
+            rss_bytes=sum(p.rss_bytes for p in members),
+            processes=len(members),
+            members=tuple(members),
+            pgid=self.cmd_pid,
+        )
         self.group = group
         self.peak = max(self.peak, group.rss_bytes)
         self.growth.observe(RULE, group.rss_bytes, time.monotonic())
@@ -304,11 +325,15 @@ class Runner:
         now = time.monotonic()
         share = group.rss_bytes / self.opts.threshold
         # a line per full reading; from the caution zone on, fast readings too (every one past the limit)
-        if full or share > 1 or (zone_for("limit", share, self.config.zones) != "safe"
-                                 and now - self._last_logged >= FAST_LOG_EVERY):
+        if (
+            full
+            or share > 1
+            or (zone_for("limit", share, self.config.zones) != "safe" and now - self._last_logged >= FAST_LOG_EVERY)
+        ):
             self._last_logged = now
-            self.run_log.write(sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full,
-                                             phase=self.phase))
+            self.run_log.write(
+                sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full, phase=self.phase)
+            )
         if full:
             self.run_log.flush()  # once per interval: `tail -f` shows the run as it goes
             if self.exposition is not None:
@@ -321,10 +346,21 @@ class Runner:
         if sample is not None:
             return dataclasses.replace(sample, groups=(group,), exported=(group,))
         source = self.sampler.source_name
-        return Sample(timestamp=time.time(), monotonic=time.monotonic(), duration_seconds=duration,
-                      system=self.system or _NO_SYSTEM, cpu_usage_ratio=self._cpu, process_count=group.processes,
-                      groups=(group,), processes=group.members, memtype="rss", sources_up={source: ok},
-                      errors_total={source: self.sampler.errors_total[source]}, phase=self.phase, exported=(group,))
+        return Sample(
+            timestamp=time.time(),
+            monotonic=time.monotonic(),
+            duration_seconds=duration,
+            system=self.system or _NO_SYSTEM,
+            cpu_usage_ratio=self._cpu,
+            process_count=group.processes,
+            groups=(group,),
+            processes=group.members,
+            memtype="rss",
+            sources_up={source: ok},
+            errors_total={source: self.sampler.errors_total[source]},
+            phase=self.phase,
+            exported=(group,),
+        )
 
     def _status(self, group: GroupSample, full: bool) -> None:
         if not self.opts.verbose:
@@ -335,8 +371,10 @@ class Runner:
             return
         self._last_status = now
         share = group.rss_bytes / self.opts.threshold
-        text = (f"mem-exporter: {group.rss_bytes / MB:.1f} MB of {self.opts.threshold / MB:g} MB ({share:.0%}), "
-                f"peak {self.peak / MB:.1f} MB, {processes(group.processes)}")
+        text = (
+            f"mem-exporter: {group.rss_bytes / MB:.1f} MB of {self.opts.threshold / MB:g} MB ({share:.0%}), "
+            f"peak {self.peak / MB:.1f} MB, {processes(group.processes)}"
+        )
         try:
             if tty:
                 if not os.environ.get("NO_COLOR"):
@@ -383,26 +421,48 @@ class Runner:
 
         # killpg reaches forks not read yet; never when the group holds a process we must not signal
         spare = any(p.pgid == self.cmd_pid and protection(p, self.ctx) for p in self.members.values())
-        order = KillOrder(signals=[first, SIGKILL], grace=self.opts.grace, targets=targets,
-                          pgid=None if spare else self.cmd_pid)
+        order = KillOrder(
+            signals=[first, SIGKILL], grace=self.opts.grace, targets=targets, pgid=None if spare else self.cmd_pid
+        )
         report = execute(act, order, refresh, hurry=lambda: self.hurry)
         self._reap()
-        action = Action(kind=report.kind, rule=self.rule, group=group, condition=CONDITIONS[cause],
-                        value=group.rss_bytes, limit=self.opts.threshold, at=report.started,
-                        targets=tuple(report.targets.values()), ceiling=ceiling if cause == "memory" else None)
-        event = make_event(action, time.time(), 5, "rss", type="event", cause=cause, signal=signal_name(first),
-                           **report.event_fields(), ceiling=ceiling if cause == "memory" else None,
-                           peak_bytes=self.peak)
+        action = Action(
+            kind=report.kind,
+            rule=self.rule,
+            group=group,
+            condition=CONDITIONS[cause],
+            value=group.rss_bytes,
+            limit=self.opts.threshold,
+            at=report.started,
+            targets=tuple(report.targets.values()),
+            ceiling=ceiling if cause == "memory" else None,
+        )
+        event = make_event(
+            action,
+            time.time(),
+            5,
+            "rss",
+            type="event",
+            cause=cause,
+            signal=signal_name(first),
+            **report.event_fields(),
+            ceiling=ceiling if cause == "memory" else None,
+            peak_bytes=self.peak,
+        )
         if cause == "memory":
             self.tally.count(event, time.time())
         return event
 
     def snapshot(self) -> EnforcerState:
         """The run's limit and kills, under the enforcer's metric families."""
-        return EnforcerState(rules=(RULE,), kills=dict(self.tally.kills), actions=dict(self.tally.actions),
-                             limits=((RULE, self.name, "rss", self.opts.threshold),),
-                             last_kill=dict(self.tally.last_kill),
-                             last_time_to_death=dict(self.tally.last_time_to_death))
+        return EnforcerState(
+            rules=(RULE,),
+            kills=dict(self.tally.kills),
+            actions=dict(self.tally.actions),
+            limits=((RULE, self.name, "rss", self.opts.threshold),),
+            last_kill=dict(self.tally.last_kill),
+            last_time_to_death=dict(self.tally.last_time_to_death),
+        )
 
     # --- the end ------------------------------------------------------------------------------
     def _report(self, cause: str, event: dict | None, status: int) -> None:
@@ -412,13 +472,16 @@ class Runner:
         g = self.breach
         if cause == "memory" and g is not None:
             verb = "killed" if event and event["outcome"] == "dead" else "could not kill"
-            lines.append(f"{verb} `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
-                         f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}")
+            lines.append(
+                f"{verb} `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
+                f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}"
+            )
             top = ", ".join(f"{p.comm}[{p.pid}] {p.rss_bytes / MB:.1f} MB" for p in g.top(5))
             lines.append(f"largest: {top}")
         elif cause == "signal" and event and self.signalled is not None:
-            lines.append(f"got {signal_name(self.signalled)}: stopped `{command}` "
-                         f"({processes(len(event['signalled']))})")
+            lines.append(
+                f"got {signal_name(self.signalled)}: stopped `{command}` ({processes(len(event['signalled']))})"
+            )
         elif cause == "exited" and event:
             lines.append(f"`{command}` exited; stopped {processes(len(event['signalled']))} it left running")
         if event and event["survivors"]:
@@ -444,9 +507,18 @@ class Runner:
         if event is not None:
             self.run_log.write(event)
         now = time.time()
-        self.run_log.write(exit_record(now, self.started, cause, status, command_status=self.cmd_status,
-                                       peak_bytes=self.peak, peak_mb=mb(self.peak),
-                                       threshold_bytes=self.opts.threshold))
+        self.run_log.write(
+            exit_record(
+                now,
+                self.started,
+                cause,
+                status,
+                command_status=self.cmd_status,
+                peak_bytes=self.peak,
+                peak_mb=mb(self.peak),
+                threshold_bytes=self.opts.threshold,
+            )
+        )
         self.run_log.close()
         if self.server is not None and self._serving:
             self.server.stop()

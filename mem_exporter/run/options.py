@@ -1,4 +1,5 @@
 """`mem-exporter run` options: flags first, then MEM_EXPORTER_* environment variables, then defaults."""
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ ENV_LOG = "MEM_EXPORTER_LOG"
 ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
 ENV_SOURCE = "MEM_EXPORTER_SOURCE"
 SOURCES = ("auto", "procfs", "psutil")
+
 
 class SetupError(Exception):
     """A problem found before the command starts: one line on stderr, exit 2."""
@@ -77,6 +79,14 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
     source = getattr(args, "source", None) or environ.get(ENV_SOURCE, "").strip() or "auto"
     if source not in SOURCES:
         raise SetupError(f"{ENV_SOURCE}: {source!r} is not one of {', '.join(SOURCES)}")
-    return RunOptions(command=tuple(command), threshold=threshold, interval=interval, grace=grace,
-                      log=args.log or environ.get(ENV_LOG) or None, verbose=verbose, notify=bool(args.notify),
-                      listen=args.listen, source=source)
+    return RunOptions(
+        command=tuple(command),
+        threshold=threshold,
+        interval=interval,
+        grace=grace,
+        log=args.log or environ.get(ENV_LOG) or None,
+        verbose=verbose,
+        notify=bool(args.notify),
+        listen=args.listen,
+        source=source,
+    )

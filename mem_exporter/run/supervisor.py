@@ -8,6 +8,7 @@ Runner (run/__init__.py) watches the tree, enforces the limit and reports; a Sup
 - PollingSupervisor (Windows; portable, so it runs on Linux too): subprocess.Popen, poll() for the
   command's exit, sleeps in short slices. No subreaper and no terminal sharing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -85,6 +86,7 @@ def returncode_status(returncode: int, posix: bool = os.name == "posix") -> int:
 
 
 # --- POSIX: subreaper, self-pipe, terminal --------------------------------------------------------
+
 
 def become_subreaper() -> bool:
     if not sys.platform.startswith("linux"):
@@ -219,6 +221,7 @@ class PosixSupervisor:
 
 
 # --- anywhere: Popen.poll() and short sleeps --------------------------------------------------------
+
 
 class PollingSupervisor:
     """Popen and poll(). Windows has no SIGCHLD or waitpid(-1), its select() takes sockets only (no

@@ -7,6 +7,7 @@ the wrapper inherits every orphan of its tree, so a member whose parent exits is
 wrapper at the next reading. Without those files (or with a source other than procfs) `run` falls
 back to parent links from a full listing.
 """
+
 from __future__ import annotations
 
 import os
