@@ -18,12 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import HOG, free_port, http_get, is_hog, metric_value, pid_alive, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from tools import PROMTOOL
 
 ROOT = Path(__file__).parents[1]
 RUN = [sys.executable, "-m", "mem_exporter", "run"]
 POLLING_RUN = [sys.executable, str(Path(__file__).with_name("polling_run.py"))]  # run, with PollingSupervisor
 MB = 1000**2
+RUNBOOK = "https://github.com/mem-exporter/mem-exporter/blob/main/docs/runbook.md"
 POLLING = "psutil-polling"
 
 
@@ -252,10 +256,70 @@ def test_listen_serves_the_tree_and_its_limit(wrap, tmp_path):
         return body if value and value >= 30 * 2**20 else None
 
     body = wait_for(scraped, 20, what="the tree in /metrics")
-    assert metric_value(body, "mem_exporter_enforcer_limit_bytes", rule="run", group=name) == 2**30
+    assert metric_value(body, "mem_exporter_enforcer_limit_bytes", rule="run", group=name, memtype="rss") == 2**30
     assert metric_value(body, "mem_exporter_group_processes", group=name) == 1
     os.kill(w.proc.pid, signal.SIGTERM)
     assert w.wait() == 128 + signal.SIGTERM
+    assert_alert_rules_join(body, name, tmp_path)
+
+
+def assert_alert_rules_join(body: str, group: str, tmp_path: Path) -> None:
+    """The shipped alert rules join a `run`'s series as they were scraped (labels and all): with the group's
+    memory held at twice the limit, MemExporterGroupAboveLimit fires for rule "run"."""
+    wanted = {"mem_exporter_group_memory_bytes", "mem_exporter_enforcer_limit_bytes"}
+    series = [
+        (s.name, {**s.labels, "instance": "laptop", "job": "run"}, s.value)
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name in wanted and s.labels.get("group") == group
+    ]
+    limit = next(v for n, _, v in series if n == "mem_exporter_enforcer_limit_bytes")
+
+    def selector(name: str, labels: dict[str, str]) -> str:
+        return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+    inputs = [
+        {"series": selector(n, labels), "values": f"{int(2 * limit if n.endswith('memory_bytes') else v)}x5"}
+        for n, labels, v in series
+    ]
+    test = {
+        "rule_files": [str(ROOT / "deploy/prometheus/rules/mem-exporter.rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "2m",
+                        "alertname": "MemExporterGroupAboveLimit",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "instance": "laptop",
+                                    "job": "run",
+                                    "group": group,
+                                    "rule": "run",
+                                    "memtype": "rss",
+                                },
+                                "exp_annotations": {
+                                    "summary": "A process group has stayed above its enforcer limit.",
+                                    "description": f"Group {group} on laptop uses 200% of the limit of rule run (rss), "
+                                    "and the enforcer has not brought it down for 1 minute.",
+                                    "runbook_url": RUNBOOK + "#memexportergroupabovelimit",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "run.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- options, environment, log path -----------------------------------------------------------
