@@ -161,3 +161,32 @@ def test_works_where_os_has_no_uid_pgid_sysconf_or_poll():
     out = subprocess.run([sys.executable, "-c", WITHOUT_POSIX], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_on_windows_every_signal_is_terminate_process(spawn_group, monkeypatch):
+    """Windows' branch: no signals and no process groups, so the first signal is terminate() and SIGKILL is
+    kill() (both TerminateProcess there), and nothing is sent to a group. The calls are recorded at psutil's
+    seam, then made for real: the test's own process really dies."""
+    import psutil
+
+    from mem_exporter.enforcer import portable
+
+    hog = spawn_group("--tag", "windows", "--ignore", "SIGTERM")  # alive after terminate(), here on Linux
+    hog.wait_ready()
+    info = live_info(hog.pid)
+    calls = []
+    for method in ("terminate", "kill", "send_signal"):
+        real = getattr(psutil.Process, method)
+
+        def record(self, *args, _name=method, _real=real):
+            calls.append((_name, self.pid, *args))
+            return _real(self, *args)
+
+        monkeypatch.setattr(psutil.Process, method, record)
+    monkeypatch.setattr(portable, "IS_WINDOWS", True)
+    monkeypatch.delattr(os, "getpgid")  # Windows has none: no killpg either
+    act = PortableActuator()
+    assert act.signal_all([info], signal.SIGTERM, pgid=info.pgid) == Delivery([info.pid], [], [], [], group=False)
+    assert act.signal_all([info], portable.signal.SIGKILL, pgid=info.pgid).group is False
+    assert calls == [("terminate", info.pid), ("kill", info.pid)]  # never send_signal
+    wait_for(lambda: not act.alive(info), 5, what="the process gone")
