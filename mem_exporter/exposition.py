@@ -513,7 +513,8 @@ class MetricsServer(ThreadingHTTPServer):
         self.refused += 1
         if not self.web.tls:
             try:
-                request.send(_BUSY, socket.MSG_DONTWAIT)
+                request.setblocking(False)  # never wait on this client (MSG_DONTWAIT, but on every OS)
+                request.send(_BUSY)
             except OSError:
                 pass
         self.shutdown_request(request)

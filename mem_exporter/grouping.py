@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 try:
     import pwd
 except ImportError:  # Windows: no user database by uid (the psutil source gives uid -1 there)
@@ -18,7 +20,7 @@ OTHER = "other"
 
 @lru_cache(maxsize=4096)
 def user_name(uid: int) -> str:
-    if pwd is None:
+    if pwd is None or sys.platform == "win32":
         return str(uid)
     try:
         return pwd.getpwuid(uid).pw_name

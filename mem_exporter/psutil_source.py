@@ -68,6 +68,14 @@ def start_ticks(create_time: float, boot_time: float | None = None) -> int:
     return round((create_time - boot) * TICKS)
 
 
+def _group_and_session(pid: int) -> tuple[int, int]:
+    """POSIX: the process group and session of a process (psutil has neither). Never called on Windows:
+    the reader groups by process trees there."""
+    if sys.platform == "win32":
+        raise OSError("no process groups on Windows")
+    return os.getpgid(pid), os.getsid(pid)
+
+
 class TreeRecord(NamedTuple):
     pid: int
     ppid: int
@@ -183,7 +191,7 @@ class PsutilReader:
                 pgid = sid = self._roots.get(pid) or self._roots.get(info["ppid"] or 0) or pid
             else:
                 try:
-                    pgid, sid = os.getpgid(pid), os.getsid(pid)
+                    pgid, sid = _group_and_session(pid)
                 except ProcessLookupError:
                     skipped["vanished"] += 1
                     continue

@@ -420,6 +420,7 @@ def open_append(path: Path, exclusive: bool = False) -> int:
         | getattr(os, "O_NOFOLLOW", 0)
         | getattr(os, "O_CLOEXEC", 0)
         | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_BINARY", 0)  # Windows: bytes as written, no \r added before \n
         | (os.O_EXCL if exclusive else 0)
     )
     try:
@@ -435,7 +436,9 @@ def open_append(path: Path, exclusive: bool = False) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(path, st)
-        os.set_blocking(fd, True)
+        set_blocking = getattr(os, "set_blocking", None)  # Windows (before 3.12): none, and no O_NONBLOCK to undo
+        if set_blocking is not None:  # opened O_NONBLOCK so that a FIFO cannot stall the open; writes may block
+            set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise

@@ -123,9 +123,13 @@ class Service:
         return True
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        # Windows has no SIGHUP (no reload by signal there: restart the service) and stops on Ctrl-Break too
+        for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), lambda *_: self._stop.set())
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is not None:
+            signal.signal(sighup, lambda *_: self._reload.set())
 
     def run_until_stopped(self) -> None:
         while not self._stop.is_set():

@@ -133,36 +133,6 @@ def test_desktop_notifications_per_operating_system():
     assert desktop_command("linux", having(), "t", "b") is None
 
 
-WITHOUT_POSIX = """
-import os, select, subprocess, sys, signal, time
-import psutil  # psutil reads what it needs at import, as it does on Windows
-for name in ("geteuid", "getpgrp", "getpgid", "killpg", "sysconf"):
-    delattr(os, name)
-del select.poll
-sys.modules["pwd"] = None  # `import pwd` raises ImportError, as on Windows
-from mem_exporter import cli, exposition, sampler  # noqa: F401  (every command's modules import)
-from mem_exporter.enforcer import daemon  # noqa: F401
-from mem_exporter import run  # noqa: F401
-from mem_exporter.enforcer.portable import PortableActuator
-from mem_exporter.psutil_source import PsutilReader
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL)
-try:
-    (info,), _ = PsutilReader().read_processes([child.pid])
-    d = PortableActuator().signal_all([info], signal.SIGTERM)
-    print(d.sent == [child.pid], child.wait(5) == -signal.SIGTERM)
-finally:
-    child.kill()  # our own child, whatever happened above
-"""
-
-
-def test_works_where_os_has_no_uid_pgid_sysconf_or_poll():
-    """What Windows lacks (geteuid, getpgrp, getpgid, killpg, sysconf, select.poll, pwd) is not needed to import
-    every command's modules, nor to kill one's own child through the portable actuator."""
-    out = subprocess.run([sys.executable, "-c", WITHOUT_POSIX], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True"]
-
-
 def test_on_windows_every_signal_is_terminate_process(spawn_group, monkeypatch):
     """Windows' branch: no signals and no process groups, so the first signal is terminate() and SIGKILL is
     kill() (both TerminateProcess there), and nothing is sent to a group. The calls are recorded at psutil's

@@ -14,14 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from mem_exporter.run import supervisor
-from mem_exporter.run.supervisor import (
-    PollingSupervisor,
-    PosixSupervisor,
-    exit_code,
-    forwarded_signals,
-    make_supervisor,
-    returncode_status,
-)
+from mem_exporter.run.posix import PosixSupervisor, exit_code
+from mem_exporter.run.supervisor import PollingSupervisor, forwarded_signals, make_supervisor, returncode_status
 
 SIGBREAK = 21  # Windows' number; this OS has no such signal
 

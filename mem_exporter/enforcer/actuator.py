@@ -50,7 +50,7 @@ class DescriptorReserve:
         with self._lock:
             while len(self._fds) < self.count:
                 try:
-                    self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                    self._fds.append(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
                 except OSError:
                     return
 

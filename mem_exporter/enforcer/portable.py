@@ -136,6 +136,8 @@ class PortableActuator:
 
     def _shields_in(self, pgid: int) -> bool:
         """Whether the actuator or an ancestor is in this process group (then no killpg)."""
+        if sys.platform == "win32":  # no process groups
+            return False
         for pid in self.shielded:
             try:
                 if os.getpgid(pid) == pgid:

@@ -21,7 +21,8 @@ command's group, grace with re-reads, the hard ceiling, SIGKILL, confirmed death
 tree is exempt: it is the user's own command.
 
     options.py     flags and environment variables
-    supervisor.py  starting the command, its exit status, signals, subreaper, terminal: POSIX and polling
+    supervisor.py  the Supervisor interface; the polling supervisor (Windows, and anywhere)
+    posix.py       the POSIX supervisor (Linux, macOS): subreaper, self-pipe, terminal, Ctrl-Z
     tree.py        the tree through child links
 """
 
