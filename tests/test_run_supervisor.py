@@ -15,7 +15,13 @@ import pytest
 
 from mem_exporter.run import supervisor
 from mem_exporter.run.posix import PosixSupervisor, exit_code
-from mem_exporter.run.supervisor import PollingSupervisor, forwarded_signals, make_supervisor, returncode_status
+from mem_exporter.run.supervisor import (
+    PollingSupervisor,
+    command_line,
+    forwarded_signals,
+    make_supervisor,
+    returncode_status,
+)
 
 SIGBREAK = 21  # Windows' number; this OS has no such signal
 
@@ -99,3 +105,13 @@ def test_the_polling_supervisor_reports_the_exit_and_a_missing_command(windows_s
     with pytest.raises(FileNotFoundError):
         PollingSupervisor().start(["/nonexistent/command"], lambda signum: None)
     sup.restore()  # nothing to give back
+
+
+def test_on_windows_a_bare_name_is_found_with_pathext():
+    """`run -- npm test` on Windows: npm is npm.cmd, which CreateProcess does not find by its bare name."""
+    found = {"npm": r"C:\Program Files\nodejs\npm.CMD"}
+    assert command_line(["npm", "test"], windows=True, which=found.get) == [found["npm"], "test"]
+    assert command_line(["bun", "test"], windows=True, which=found.get) == ["bun", "test"]  # not found: as it is
+    for path in (r".\tools\x.cmd", "tools/x.cmd", r"C:\x.cmd"):  # a path is never looked up
+        assert command_line([path], windows=True, which=lambda name: "elsewhere") == [path]
+    assert command_line(["npm", "test"], windows=False, which=found.get) == ["npm", "test"]  # POSIX: execvp finds it

@@ -11,7 +11,9 @@ Runner (run/__init__.py) watches the tree, enforces the limit and reports; a Sup
 
 from __future__ import annotations
 
+import ntpath
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -70,6 +72,19 @@ def handle_signals(handler: Callable[[int, object], None]) -> None:
             signal.signal(sig, handler)
 
 
+def command_line(
+    argv: Sequence[str], windows: bool = os.name == "nt", which: Callable[[str], str | None] = shutil.which
+) -> list[str]:
+    """argv with its program found as a shell would. Windows runs only .exe files by bare name, so `npm`,
+    `yarn` or `pnpm` (npm.cmd ...) would be "not found": there the name is looked up along PATH with
+    PATHEXT (.COM, .EXE, .BAT, .CMD, ...). A name with a directory in it, or one not found, is left as it is
+    (then the start fails as it would have)."""
+    program, *rest = argv
+    if windows and not ntpath.dirname(program):  # ntpath: both \\ and / separate there
+        program = which(program) or program
+    return [program, *rest]
+
+
 def returncode_status(returncode: int, posix: bool = os.name == "posix") -> int:
     """Popen.returncode as a shell reports it: on POSIX -N (killed by signal N) is 128 + N. On Windows the
     exit code as a signed 32-bit number, as PowerShell's $LASTEXITCODE shows it (0xC000013A, Ctrl-C, is
@@ -103,7 +118,7 @@ class PollingSupervisor:
         # Windows: no creation flags: the command shares our console and its process group, so Ctrl-C
         # (and Ctrl-Break) reach it as they would without the wrapper; the wrapper gets them too and
         # stops whatever is left of the tree.
-        self.proc = subprocess.Popen(list(argv), start_new_session=os.name == "posix")
+        self.proc = subprocess.Popen(command_line(argv), start_new_session=os.name == "posix")
         return self.proc.pid
 
     def reap(self) -> int | None:
