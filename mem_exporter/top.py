@@ -7,6 +7,7 @@ lines of (text, zone) pieces without touching the terminal; `run_top` draws them
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from .config import Config, Zones
@@ -96,7 +97,17 @@ def screen(sample: Sample, elapsed: float, rows: int = 40, zones: Zones | None =
 
 
 def run_top(config: Config, phase_file: str | None = None) -> int:
-    import curses
+    try:
+        import curses
+    except ImportError:  # Windows without windows-curses (a dependency there), or a Python built without it
+        print(
+            "mem-exporter top: this Python has no curses module (on Windows: pip install windows-curses)",
+            file=sys.stderr,
+        )
+        return 2
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("mem-exporter top: needs a terminal (for a log of samples, use `serve --log-dir DIR`)", file=sys.stderr)
+        return 2
 
     from .gpu import open_gpu_source
     from .phase import PhaseWatcher

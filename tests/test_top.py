@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import struct
+import subprocess
 import sys
 import termios
 import time
@@ -90,6 +91,16 @@ def test_top_draws_and_quits_on_q(spawn_group, tmp_path):
         assert term.exit_status() == 0
     finally:
         term.close()
+
+
+def test_without_a_terminal_or_curses_top_says_so_and_exits_2():
+    run = [sys.executable, "-m", "mem_exporter", "top", "--gpu-backend", "none"]
+    piped = subprocess.run(run, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert piped.returncode == 2 and "needs a terminal" in piped.stderr and "Traceback" not in piped.stderr
+    # Windows' Python has no curses (windows-curses provides it): a clear line, not a traceback
+    no_curses = "import sys; sys.modules['curses'] = None; from mem_exporter.cli import main; sys.exit(main(['top']))"
+    out = subprocess.run([sys.executable, "-c", no_curses], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "pip install windows-curses" in out.stderr, out.stderr
 
 
 def test_screen_colours_by_zone():
