@@ -76,7 +76,7 @@ result = {}
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-svc = service.Service(None, {"listen": f"127.0.0.1:{port}", "source": "psutil", "gpu.backend": "none",
+svc = service.Service(None, {"listen": f"127.0.0.1:{port}", "source": "psutil", "gpu.backend": "auto",
                              "interval": 0.2})
 svc.install_signal_handlers()
 svc.start()
