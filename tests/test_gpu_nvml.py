@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from itertools import pairwise
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 from mem_exporter.gpu import GpuReading, open_gpu_source
 from mem_exporter.gpu.nvml import NvmlSource
 from mem_exporter.gpu.nvml_stub import GIB, MIB, StubCard, StubNvml
+
+ROOT = Path(__file__).parents[1]
 
 LOGGER = "mem_exporter.gpu"
 
@@ -157,6 +160,21 @@ def test_real_bindings_on_a_host_without_a_driver(caplog):
         src.close()
     assert src.name == "nvml"
     assert len(notable(caplog)) == 1
+
+
+def test_without_the_nvml_library_the_bindings_are_never_imported():
+    """A Linux host with no NVIDIA driver (most laptops) pays neither the import nor the memory of pynvml."""
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO); from mem_exporter.gpu import open_gpu_source; "
+        "s = open_gpu_source('auto'); "
+        "r = [s.read(1e6 + t) for t in range(3)]; print(any(x.up for x in r), 'pynvml' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.split()[0] == "True":
+        pytest.skip("this host has a working NVIDIA driver")
+    assert out.stdout.split() == ["False", "False"]
+    assert "NVML not available (NvmlLibraryMissing: libnvidia-ml.so.1" in out.stderr
 
 
 def test_gpu_lost_mid_run_backs_off_without_calling_nvml_then_recovers(caplog):

@@ -25,8 +25,10 @@ and `source_up{source="gpu"}` stays 0 until a retry succeeds.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,11 +86,28 @@ def _scaled(value: Any, factor: float) -> float | None:
     return None if value is None else value * factor
 
 
+LINUX_LIBRARY = "libnvidia-ml.so.1"  # the name the bindings load on Linux
+
+
+class NvmlLibraryMissing(ImportError):
+    """No NVML library on this host: NVML is absent, as the bindings' LibraryNotFound says."""
+
+
 def load_pynvml() -> Any:
     """The `pynvml` module, imported on first use: only hosts that use NVML need the bindings."""
     import pynvml
 
     return pynvml
+
+
+def require_library() -> None:
+    """On Linux, NvmlLibraryMissing unless the NVML library loads: a host without an NVIDIA driver (most
+    laptops) then never imports the bindings, about 1 MiB of the exporter's memory."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(LINUX_LIBRARY)
+        except OSError as e:
+            raise NvmlLibraryMissing(str(e)) from None
 
 
 class _Backoff:
@@ -226,6 +245,7 @@ class NvmlSource:
 
     def _start(self, now: float, errors: list[str]) -> None:
         if self._nv is None:
+            require_library()
             self._bind(load_pynvml())
         nv = self._nv
         nv.nvmlInit()
