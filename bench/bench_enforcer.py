@@ -38,12 +38,9 @@ import time
 import uuid
 from pathlib import Path
 
-from benchlib import MIB, free_port, rss
+from benchlib import EARLYOOM, MIB, Hog, cpu_seconds, free_port, rss, start_earlyoom, stop_earlyoom
 
 ROOT = Path(__file__).resolve().parents[1]
-HOG = ROOT / "tests" / "hog.py"
-TICK = os.sysconf("SC_CLK_TCK")
-EARLYOOM = "/usr/bin/earlyoom"
 
 
 def mem_available() -> int:
@@ -59,59 +56,22 @@ def mem_total_kib() -> int:
         return int(f.readline().split()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-class Trial:
-    """One hog: spawn idle, then grow on SIGUSR1; peak RSS and crossing/death times measured."""
+class Trial(Hog):
+    """One hog, idle until go(): when it crosses the limit (RSS polled every 5 ms) and, in earlyoom trials, its RSS
+    where earlyoom's trigger was met."""
 
     def __init__(self, tag: str, rate: float, limit: int, tmp: Path, ignore_term: bool = False):
+        ignore = ["--ignore", "SIGTERM"] if ignore_term else []
+        super().__init__(tag, rate, 4 * limit // MIB, tmp, on_signal=True, extra=ignore)
         self.limit = limit
         self.avail_below: int | None = None  # earlyoom trials: its trigger, in MemAvailable bytes
         self.rss_at_trigger: int | None = None
-        ready = tmp / f"ready-{uuid.uuid4().hex[:8]}"
-        cmd = [
-            sys.executable,
-            str(HOG),
-            "--grow",
-            str(rate),
-            "--max-mb",
-            str(4 * limit // MIB),
-            "--grow-on-signal",
-            "--step-ms",
-            "2",
-            "--comm",
-            "membenchhog",
-            "--oom-score-adj",
-            "1000",
-            "--tag",
-            tag,
-            "--ready",
-            str(ready),
-        ]
-        if ignore_term:
-            cmd += ["--ignore", "SIGTERM"]
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("hog did not start")
-            time.sleep(0.01)
         self.crossed: float | None = None
-        self.died: float | None = None
-        self.peak: int | None = None
-        self.started: float | None = None
-        self._done = threading.Event()
 
-    def go(self) -> None:
-        self.started = time.monotonic()
-        os.kill(self.pid, signal.SIGUSR1)
+    def go(self) -> float:
+        went = super().go()
         threading.Thread(target=self._watch, daemon=True).start()
-        threading.Thread(target=self._wait, daemon=True).start()
+        return went
 
     def _watch(self) -> None:
         while not self._done.is_set() and (self.crossed is None or (self.avail_below and self.rss_at_trigger is None)):
@@ -123,23 +83,6 @@ class Trial:
                 if avail <= self.avail_below:  # where earlyoom's trigger was met: correct for the 5 ms poll
                     self.triggered, self.rss_at_trigger = time.monotonic(), r - (self.avail_below - avail)
             time.sleep(0.005)
-
-    def _wait(self) -> None:
-        _, _, usage = os.wait4(self.pid, 0)
-        self.died = time.monotonic()
-        self.peak = usage.ru_maxrss * 1024
-        self._done.set()
-
-    def wait(self, timeout: float) -> bool:
-        return self._done.wait(timeout)
-
-    def cleanup(self) -> None:
-        if not self._done.is_set():
-            try:
-                os.killpg(self.pid, signal.SIGKILL)  # our own hog's session/group only
-            except ProcessLookupError:
-                pass
-            self._done.wait(10)
 
     def result(self) -> dict:
         out = {
@@ -183,24 +126,7 @@ def run_earlyoom_trial(tag, rate, limit, tmp) -> dict:
 
         term_kib = exact(avail - (limit - hog_rss))
         kill_kib = exact(avail - (int(limit * 1.1) - hog_rss))
-        eo = subprocess.Popen(
-            [
-                EARLYOOM,
-                "-M",
-                f"{term_kib},{kill_kib}",
-                "-s",
-                "100,100",
-                "-r",
-                "0",
-                "--prefer",
-                "^membenchhog$",
-                "--avoid",
-                "^([^m]|m[^e]|me[^m]|mem[^b]|memb[^e])",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        eo = start_earlyoom(term_kib, kill_kib)
         t.avail_below = term_kib * 1024
         time.sleep(0.5)
         if eo.poll() is not None:
@@ -210,13 +136,7 @@ def run_earlyoom_trial(tag, rate, limit, tmp) -> dict:
         ok = t.wait(limit / MIB / rate + 30)
         return t.result() if ok else {"error": "earlyoom did not kill within 30 s of the limit"}
     finally:
-        if eo is not None and eo.poll() is None:
-            eo.terminate()  # stopped the moment the trial ends: it must never pick another victim
-            try:
-                eo.wait(5)
-            except subprocess.TimeoutExpired:
-                eo.kill()
-                eo.wait(5)
+        stop_earlyoom(eo)
         t.cleanup()
 
 

@@ -25,6 +25,8 @@ HOG = str(ROOT / "tests" / "hog.py")
 
 from benchlib import background  # noqa: E402
 
+# tests/hog.py growing 200 MB/s from 20 MB up to 800 MB and ignoring SIGTERM; each case adds its --children
+SIGTERM_IGNORING_HOG = [sys.executable, HOG, "--mb", "20", "--grow", "200", "--max-mb", "800", "--ignore", "SIGTERM"]
 FORKER = """
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -109,34 +111,9 @@ def enforce_case(tmp: Path, name: str, cmd: list[str], limit: str) -> dict:
 
 def run_case(tmp: Path) -> dict:
     log = tmp / "run.jsonl"
+    run = [sys.executable, "-m", "mem_exporter", "run", "-t", "150", "-l", str(log), "--"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mem_exporter",
-            "run",
-            "-t",
-            "150",
-            "-l",
-            str(log),
-            "--",
-            sys.executable,
-            HOG,
-            "--mb",
-            "20",
-            "--grow",
-            "200",
-            "--max-mb",
-            "800",
-            "--children",
-            "2",
-            "--ignore",
-            "SIGTERM",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        run + SIGTERM_IGNORING_HOG + ["--children", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     ev = next(json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event")
     return {
@@ -160,25 +137,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             rows = [
-                enforce_case(
-                    tmp,
-                    "ignoreterm",
-                    [
-                        sys.executable,
-                        HOG,
-                        "--mb",
-                        "20",
-                        "--grow",
-                        "200",
-                        "--max-mb",
-                        "800",
-                        "--children",
-                        "3",
-                        "--ignore",
-                        "SIGTERM",
-                    ],
-                    "200MiB",
-                ),
+                enforce_case(tmp, "ignoreterm", SIGTERM_IGNORING_HOG + ["--children", "3"], "200MiB"),
                 enforce_case(tmp, "forker", [sys.executable, "-c", FORKER], "300MiB"),
                 run_case(tmp),
             ]

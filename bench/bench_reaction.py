@@ -44,20 +44,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from benchlib import MIB, free_port
+from benchlib import EARLYOOM, MIB, Hog, cpu_seconds, free_port, start_earlyoom, stop_earlyoom
 
 ROOT = Path(__file__).resolve().parents[1]
-HOG = ROOT / "tests" / "hog.py"
-EARLYOOM = "/usr/bin/earlyoom"
-TICK = os.sysconf("SC_CLK_TCK")
 INTERVAL = 2.0  # the enforcer's default interval
 THRESHOLD_GAP = 2000 * MIB
 EARLYOOM_KILL_GAP = 256 * MIB  # earlyoom's SIGKILL level below its SIGTERM level
 NEWBORN_LIMIT = 300_000_000  # 300 MB
 NEWBORN_RATE = 200_000_000 / MIB  # 200 MB/s in the hog's MiB/s
-HOG_COMM = "membenchhog"
-# earlyoom's --avoid: every name that does not start with "membe" (POSIX ERE has no negative lookahead)
-AVOID_OTHERS = "^([^m]|m[^e]|me[^m]|mem[^b]|memb[^e])"
 
 SPAWNER = r"""
 import gc, os, signal, sys
@@ -102,12 +96,6 @@ def exact_point(target_bytes: float) -> int:
     return steps * total_kib // 10000 * 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 class Monitor:
     """MemAvailable every 2 ms: the lowest value and the first reading below `threshold`."""
 
@@ -135,65 +123,6 @@ class Monitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-class Hog:
-    """tests/hog.py as the leader of a new session; its death time and peak RSS from wait4."""
-
-    def __init__(self, tag: str, rate: float, max_mib: float, tmp: Path, on_signal: bool):
-        ready = tmp / f"ready-{uuid.uuid4().hex[:8]}"
-        cmd = [
-            sys.executable,
-            str(HOG),
-            "--grow",
-            str(rate),
-            "--max-mb",
-            str(max_mib),
-            "--step-ms",
-            "2",
-            "--comm",
-            HOG_COMM,
-            "--oom-score-adj",
-            "1000",
-            "--tag",
-            tag,
-        ]
-        if on_signal:
-            cmd += ["--grow-on-signal", "--ready", str(ready)]
-        self.born = time.monotonic()
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
-        self.pid = self.proc.pid
-        self.died: float | None = None
-        self.peak: int | None = None
-        self._done = threading.Event()
-        threading.Thread(target=self._wait, daemon=True).start()
-        if on_signal:
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                if time.monotonic() > deadline or self._done.is_set():
-                    raise RuntimeError("hog did not start")
-                time.sleep(0.01)
-
-    def _wait(self) -> None:
-        _, _, usage = os.wait4(self.pid, 0)
-        self.died = time.monotonic()
-        self.peak = usage.ru_maxrss * 1024
-        self._done.set()
-
-    def go(self) -> float:
-        os.kill(self.pid, signal.SIGUSR1)
-        return time.monotonic()
-
-    def wait(self, timeout: float) -> bool:
-        return self._done.wait(timeout)
-
-    def cleanup(self) -> None:
-        if not self._done.is_set():
-            try:
-                os.killpg(self.pid, signal.SIGKILL)  # the hog's own session and group only
-            except ProcessLookupError:
-                pass
-            self._done.wait(10)
 
 
 class Enforcer:
@@ -279,24 +208,7 @@ def system_trial(who: str, rate: float, phase: float, tmp: Path) -> dict:
             )
             sleep_until_wall(peer.next_full_sample() + phase * INTERVAL)
         else:
-            peer = subprocess.Popen(
-                [
-                    EARLYOOM,
-                    "-M",
-                    f"{threshold // 1024},{(threshold - EARLYOOM_KILL_GAP) // 1024}",
-                    "-s",
-                    "100,100",
-                    "-r",
-                    "0",
-                    "--prefer",
-                    f"^{HOG_COMM}$",
-                    "--avoid",
-                    AVOID_OTHERS,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            peer = start_earlyoom(threshold // 1024, (threshold - EARLYOOM_KILL_GAP) // 1024)
             time.sleep(0.5 + phase * INTERVAL)
             if peer.poll() is not None:
                 return {"error": f"earlyoom exited with {peer.returncode}"}
@@ -315,13 +227,8 @@ def system_trial(who: str, rate: float, phase: float, tmp: Path) -> dict:
             monitor.stop()
         if isinstance(peer, Enforcer):
             peer.stop()
-        elif peer is not None and peer.poll() is None:
-            peer.terminate()  # stopped the moment the trial ends: it must never pick another victim
-            try:
-                peer.wait(5)
-            except subprocess.TimeoutExpired:
-                peer.kill()
-                peer.wait(5)
+        else:
+            stop_earlyoom(peer)
         hog.cleanup()
 
 

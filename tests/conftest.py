@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,12 +10,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 HOG = str(Path(__file__).with_name("hog.py"))
 MB = 1024 * 1024
+RUN = [sys.executable, "-m", "mem_exporter", "run"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -147,7 +151,7 @@ class Daemon:
             command,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            cwd=Path(__file__).parents[1],
+            cwd=ROOT,
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
@@ -193,6 +197,17 @@ def daemon(tmp_path):
     yield start
     for d in started:
         d.stop()
+
+
+# a fake 12 GB card with models taking turns on it; the path is from the repository root, where daemons run
+ROTATING_GPUS = "fake:tests/fixtures/gpu/rotating-12gb.yaml"
+
+
+def serve_logging(daemon: Callable[..., Daemon], logs: Path, phase_file: Path, *extra: str) -> Daemon:
+    """A healthy `serve` from the `daemon` fixture: a sample every 0.2 s, the rotating fake card, session logs
+    written to `logs`, the phase read from `phase_file`; `extra` are more of serve's options."""
+    options = ["--interval", "0.2s", "--gpu-backend", ROTATING_GPUS, "--log-dir", str(logs)]
+    return daemon("serve", *options, "--phase-file", str(phase_file), *extra).wait_healthy()
 
 
 def metric_value(text: str, name: str, **labels) -> float | None:
@@ -243,3 +258,31 @@ def enforcer(tmp_path):
     for loop, enf in started:
         loop.stop()
         enf.stop(timeout=30)
+
+
+# --- `mem-exporter run` until it kills its command --------------------------------------------------
+
+
+def run_to_the_kill(
+    log: Path, options: list[str], command: list[str], runner: list[str] = RUN, env: dict | None = None
+) -> list[dict]:
+    """`RUNNER OPTIONS -l LOG -- COMMAND` (RUNNER: `python -m mem_exporter run` unless given) from the repository
+    root, in a session of its own; it must end with 137 within 60 s, its command killed. Returns the log's records.
+    A run still going then is stopped with its process group, the one this call started."""
+    proc = subprocess.Popen(
+        [*runner, *options, "-l", str(log), "--", *command],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 137, stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]

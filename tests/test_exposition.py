@@ -3,33 +3,17 @@ once per source (procfs, and psutil forced with --source)."""
 
 import dataclasses
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from golden import assert_golden, promtool_check, render
 from procfs_builder import FakeProc
-from prometheus_client import CollectorRegistry, generate_latest
-from tools import PROMTOOL
 
 from mem_exporter.config import validate_config
-from mem_exporter.exposition import SampleCollector
 from mem_exporter.gpu import open_gpu_source
 from mem_exporter.sampler import Sampler
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 GPU_SCENARIO = Path(__file__).parent / "fixtures" / "gpu" / "golden-2cards.yaml"
-
-
-def promtool_check(text: str) -> str:
-    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return (r.stdout + r.stderr).strip()
-
-
-def render(sample, config) -> str:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SampleCollector(lambda: sample, lambda: config.groups))
-    return generate_latest(registry).decode()
 
 
 def fixture_tree(root: Path) -> None:
@@ -72,22 +56,13 @@ def golden_sample(tmp_path, **config):
 )
 def test_golden_metrics(tmp_path, name, config):
     cfg, sample = golden_sample(tmp_path, **config)
-    text = render(sample, cfg)
-    golden = GOLDEN / f"metrics-{name}.txt"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), f"/metrics changed; if intended, rerun with UPDATE_GOLDEN=1 and review {golden}"
-    assert promtool_check(text) == ""
+    assert_golden(render(sample, cfg), f"metrics-{name}.txt")
 
 
 def test_golden_metrics_with_two_fake_gpus(tmp_path):
     cfg, sample = golden_sample(tmp_path, gpu={"backend": f"fake:{GPU_SCENARIO}"})
     text = render(sample, cfg)
-    golden = GOLDEN / "metrics-gpu.txt"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), f"/metrics changed; if intended, rerun with UPDATE_GOLDEN=1 and review {golden}"
-    assert promtool_check(text) == ""
+    assert_golden(text, "metrics-gpu.txt")
     assert 'mem_exporter_group_gpu_memory_bytes{gpu="0",group="bun-400"} 8.05306368e+09' in text
     assert 'mem_exporter_gpu_power_watts{gpu="1"}' not in text  # not reported by that card: absent, not 0
     assert 'mem_exporter_gpu_temperature_celsius{gpu="1"} 35.0' in text

@@ -14,26 +14,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from golden import assert_golden, render
 from procfs_builder import FakeProc
-from prometheus_client import CollectorRegistry, generate_latest
 from sysfs_builder import FakeSys, add_fd, add_plain_fds
 
 from mem_exporter.config import validate_config
-from mem_exporter.exposition import SampleCollector
 from mem_exporter.gpu import CombinedSource, open_gpu_source
 from mem_exporter.gpu.drm import DrmSource, parse_fdinfo, parse_size
 from mem_exporter.sampler import Sampler
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-PROMTOOL = "/usr/bin/promtool"
 GIB = 1024**3
 MIB = 1024**2
-
-
-def promtool_check(text: str) -> str:
-    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return (r.stdout + r.stderr).strip()
 
 
 # --- fixture trees ------------------------------------------------------------------------------
@@ -121,24 +112,13 @@ def sample_of(proc: Path, sys_: Path, backend: str = "auto"):
     return cfg, dataclasses.replace(sample, timestamp=1_700_000_000.0, duration_seconds=0.0125, cpu_usage_ratio=0.25)
 
 
-def render(sample, config) -> str:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SampleCollector(lambda: sample, lambda: config.groups))
-    return generate_latest(registry).decode()
-
-
 # --- /metrics: golden files and promtool ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(TREES))
 def test_golden_metrics(tmp_path, name):
     cfg, sample = sample_of(*build(tmp_path, name))
-    text = render(sample, cfg)
-    golden = GOLDEN / f"metrics-drm-{name}.txt"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), f"/metrics changed; if intended, rerun with UPDATE_GOLDEN=1 and review {golden}"
-    assert promtool_check(text) == ""
+    assert_golden(render(sample, cfg), f"metrics-drm-{name}.txt")
 
 
 def test_amd_discrete_card_and_groups(tmp_path):

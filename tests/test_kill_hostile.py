@@ -3,7 +3,6 @@ a main thread that exited, a kill thread that cannot start. Every process here i
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,10 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOG, pid_alive, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-RUN = [sys.executable, "-m", "mem_exporter", "run"]
+from conftest import HOG, ROOT, RUN, pid_alive, run_to_the_kill, wait_for
 
 
 def event_for(enf, pgid, actions=("term", "kill")):
@@ -87,37 +83,9 @@ def test_a_hog_run_through_a_symlink_named_sshd_is_killed_by_run(tmp_path):
     link = tmp_path / "sshd"
     link.symlink_to(sys.executable)
     ready = tmp_path / "ready"
-    proc = subprocess.run(
-        RUN
-        + [
-            "-t",
-            "100",
-            "-i",
-            "0.3",
-            "-l",
-            str(tmp_path / "run.jsonl"),
-            "--",
-            str(link),
-            HOG,
-            "--mb",
-            "20",
-            "--grow",
-            "200",
-            "--max-mb",
-            "600",
-            "--ready",
-            str(ready),
-            "--tag",
-            "mem-exporter",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 137, proc.stderr
+    sshd = [str(link), HOG, "--mb", "20", "--grow", "200", "--max-mb", "600", "--tag", "mem-exporter"]
+    records = run_to_the_kill(tmp_path / "run.jsonl", ["-t", "100", "-i", "0.3"], sshd + ["--ready", str(ready)])
     pid = int(ready.read_text().split()[0]) if ready.read_text().split() else None
-    records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     (event,) = [r for r in records if r.get("type") == "event"]
     assert event["outcome"] == "dead" and event["survivors"] == []
     leader = event["signalled"][0]["pid"]
@@ -142,32 +110,8 @@ def test_a_process_whose_main_thread_exited_is_seen_and_killed(tmp_path):
     ready = tmp_path / "ready"
     script = tmp_path / "main_exit.py"
     script.write_text(MAIN_THREAD_EXIT)
-    proc = subprocess.Popen(
-        RUN
-        + [
-            "-t",
-            "150",
-            "-i",
-            "0.3",
-            "-l",
-            str(tmp_path / "run.jsonl"),
-            "--",
-            sys.executable,
-            str(script),
-            "400",
-            str(ready),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.wait(60) == 137, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    command = [sys.executable, str(script), "400", str(ready)]
+    records = run_to_the_kill(tmp_path / "run.jsonl", ["-t", "150", "-i", "0.3"], command)
     (event,) = [r for r in records if r.get("type") == "event"]
     assert event["outcome"] == "dead" and event["memory_bytes"] > event["limit"], event
     assert all(not pid_alive(p["pid"]) for p in event["signalled"])
@@ -259,37 +203,10 @@ def test_run_uses_the_hard_ceiling(tmp_path):
     """A tree that ignores SIGTERM and keeps growing gets SIGKILL at limit + 10 %, long before a 30 s grace ends."""
     log = tmp_path / "run.jsonl"
     started = time.monotonic()
-    proc = subprocess.run(
-        RUN
-        + [
-            "-t",
-            "100",
-            "-i",
-            "0.3",
-            "--grace",
-            "30",
-            "-l",
-            str(log),
-            "--",
-            sys.executable,
-            HOG,
-            "--mb",
-            "20",
-            "--grow",
-            "200",
-            "--max-mb",
-            "2000",
-            "--ignore",
-            "SIGTERM",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 137, proc.stderr
+    hog = [sys.executable, HOG, "--mb", "20", "--grow", "200", "--max-mb", "2000", "--ignore", "SIGTERM"]
+    records = run_to_the_kill(log, ["-t", "100", "-i", "0.3", "--grace", "30"], hog)
     assert time.monotonic() - started < 25
-    (event,) = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event"]
+    (event,) = [r for r in records if r.get("type") == "event"]
     assert event["hard_ceiling"] is True and event["outcome"] == "dead"
     assert [s["signal"] for s in event["signals_sent"]] == ["SIGTERM", "SIGKILL"]
 
@@ -342,38 +259,8 @@ def test_run_with_the_psutil_source_kills_the_whole_tree(tmp_path):
     """`--source psutil` (what macOS and Windows use), forced on Linux: same exit, same dead tree."""
     log = tmp_path / "run.jsonl"
     ready = tmp_path / "ready"
-    proc = subprocess.run(
-        RUN
-        + [
-            "-t",
-            "200",
-            "-i",
-            "0.3",
-            "--source",
-            "psutil",
-            "-l",
-            str(log),
-            "--",
-            sys.executable,
-            HOG,
-            "--mb",
-            "20",
-            "--grow",
-            "150",
-            "--max-mb",
-            "800",
-            "--children",
-            "1",
-            "--setsid-child",
-            "--ready",
-            str(ready),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 137, proc.stderr
-    (event,) = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x).get("type") == "event"]
+    tree = [sys.executable, HOG, "--mb", "20", "--grow", "150", "--max-mb", "800", "--children", "1", "--setsid-child"]
+    records = run_to_the_kill(log, ["-t", "200", "-i", "0.3", "--source", "psutil"], tree + ["--ready", str(ready)])
+    (event,) = [r for r in records if r.get("type") == "event"]
     assert event["outcome"] == "dead" and len(event["signalled"]) >= 3, event
     assert all(not pid_alive(p["pid"]) for p in event["signalled"])

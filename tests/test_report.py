@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import free_port, http_get, wait_for
+from conftest import ROTATING_GPUS, free_port, http_get, serve_logging, wait_for
 from tools import PROMETHEUS
 
 from mem_exporter.config import Zone, Zones
@@ -23,7 +23,6 @@ from mem_exporter.units import format_bytes
 from mem_exporter.zones import zone_for
 
 ROOT = Path(__file__).parents[1]
-GPU_SCENARIO = "fake:tests/fixtures/gpu/rotating-12gb.yaml"
 MiB = 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -68,17 +67,7 @@ def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
     grow.wait_ready()
     logs, phase_file = tmp_path / "logs", tmp_path / "phase"
     set_phase(phase_file, "Idle")
-    d = daemon(
-        "serve",
-        "--interval",
-        "0.2s",
-        "--gpu-backend",
-        GPU_SCENARIO,
-        "--log-dir",
-        str(logs),
-        "--phase-file",
-        str(phase_file),
-    ).wait_healthy()
+    d = serve_logging(daemon, logs, phase_file)
 
     def samples_in(phase: str, n: int):
         return lambda: sum(r["phase"] == phase for r in records(logs)) >= n
@@ -129,7 +118,7 @@ def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
 def test_report_from_prometheus(daemon, tmp_path):
     phase_file = tmp_path / "phase"
     set_phase(phase_file, "Full-Processing")
-    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", GPU_SCENARIO, "--phase-file", str(phase_file))
+    d = daemon("serve", "--interval", "0.5s", "--gpu-backend", ROTATING_GPUS, "--phase-file", str(phase_file))
     d.wait_healthy()
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(f"""

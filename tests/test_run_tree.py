@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HOG, pid_alive, wait_for
+from conftest import HOG, ROOT, pid_alive, run_to_the_kill, wait_for
 from procfs_builder import FakeProc
 
-ROOT = Path(__file__).parents[1]
 MB = 1000**2
 
 # `mem-exporter run ARGS`, with counters; argv: counts file, links | listing, then run's arguments
@@ -81,46 +79,16 @@ def test_a_grandchild_past_the_limit_is_killed_with_the_tree(tmp_path, mode):
     counts, log, pid_file = tmp_path / "counts.json", tmp_path / "run.jsonl", tmp_path / "grandchild"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEM_EXPORTER_")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            COUNTED_RUN,
-            str(counts),
-            mode,
-            "-t",
-            "150",
-            "-i",
-            "0.2",
-            "--grace",
-            "2",
-            "-l",
-            str(log),
-            "--",
-            sys.executable,
-            "-c",
-            FORKING,
-            HOG,
-            str(pid_file),
-        ],
-        cwd=ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    counted_run = [sys.executable, "-c", COUNTED_RUN, str(counts), mode]
+    forking = [sys.executable, "-c", FORKING, HOG, str(pid_file)]
     try:
-        assert proc.wait(60) == 137, proc.stderr.read()
+        records = run_to_the_kill(log, ["-t", "150", "-i", "0.2", "--grace", "2"], forking, runner=counted_run, env=env)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
         if pid_file.exists():  # should the wrapper have failed, the grandchild is ours to stop
             grandchild = int(pid_file.read_text())
             if pid_alive(grandchild):
                 os.kill(grandchild, signal.SIGKILL)
     grandchild = int(pid_file.read_text())
-    records = [json.loads(line) for line in log.read_text().splitlines()]
     leader = records[0]["command_pid"]
     (event,) = [r for r in records if r["type"] == "event"]
     assert event["cause"] == "memory" and event["outcome"] == "dead" and event["value"] > 150 * MB

@@ -11,13 +11,12 @@ import threading
 import time
 import uuid
 
-from conftest import wait_for
+from conftest import serve_logging, wait_for
 
 from mem_exporter.report import read_logs
 from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory
 from mem_exporter.sessionlog import GPU_CSV_COLUMNS, MEMORY_CSV_COLUMNS, RotatingFile, SessionLog
 
-GPU_SCENARIO = "fake:tests/fixtures/gpu/rotating-12gb.yaml"
 MiB = 2**20
 T0 = 1_700_000_000.0
 
@@ -175,21 +174,7 @@ def test_csv_opens_in_a_spreadsheet_and_old_csv_still_reads(tmp_path):
 
 def test_serve_writes_csv_session_logs(daemon, tmp_path):
     logs = tmp_path / "logs"
-    d = daemon(
-        "serve",
-        "--interval",
-        "0.2s",
-        "--gpu-backend",
-        GPU_SCENARIO,
-        "--log-dir",
-        str(logs),
-        "--log-format",
-        "csv",
-        "--session",
-        "stress test",
-        "--phase-file",
-        str(tmp_path / "phase"),
-    ).wait_healthy()
+    d = serve_logging(daemon, logs, tmp_path / "phase", "--log-format", "csv", "--session", "stress test")
     wait_for(
         lambda: (
             len(list(logs.glob("memory-*.csv"))) == 1
