@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -431,8 +432,17 @@ class MetricsServer(ThreadingHTTPServer):
     which a reload may replace; the TLS handshake runs in the connection's thread, not the accept loop."""
 
     daemon_threads = True  # stopping never waits for a client, however slow
-    allow_reuse_address = True
+    # A restart may bind at once over the old socket's TIME_WAIT. Not on Windows: there SO_REUSEADDR lets a
+    # second process bind a port that is in use (a second exporter, or another user's program, would take
+    # scrapes silently); the port is claimed exclusively instead (server_bind).
+    allow_reuse_address = os.name != "nt"
     request_queue_size = 128  # listen backlog: 50 scrapers connecting at once must not wait for SYN retries
+
+    def server_bind(self) -> None:
+        exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)  # Windows only
+        if exclusive is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+        super().server_bind()
 
     def __init__(
         self,
