@@ -112,3 +112,16 @@ def test_a_procfs_of_another_pid_namespace_is_never_signalled(tmp_path, spawn_gr
     assert act.signal_process(live_info(hog.pid), signal.SIGKILL) == ("denied", None)
     assert pid_alive(hog.pid)
     assert not Actuator().foreign
+
+
+def test_ancestors_are_the_whole_chain_up_to_init_and_a_cycle_ends_the_walk(tmp_path):
+    """Every ancestor is protected, not only the parent: the enforcer's shell, its terminal, its session."""
+    from procfs_builder import FakeProc
+
+    from mem_exporter.enforcer.actuator import ancestors
+
+    proc = FakeProc(tmp_path / "proc")
+    for pid, ppid in ((500, 400), (400, 300), (300, 1), (700, 600), (600, 700)):
+        proc.add(pid, f"p{pid}", ppid=ppid)
+    assert ancestors(500, str(proc.root)) == {400, 300, 1}
+    assert ancestors(700, str(proc.root)) == {600, 700}  # a cycle (pids reused mid-walk) ends, never loops

@@ -160,3 +160,13 @@ def test_on_windows_every_signal_is_terminate_process(spawn_group, monkeypatch):
     assert act.signal_all([info], portable.signal.SIGKILL, pgid=info.pgid).group is False
     assert calls == [("terminate", info.pid), ("kill", info.pid)]  # never send_signal
     wait_for(lambda: not act.alive(info), 5, what="the process gone")
+
+
+def test_without_procfs_the_enforcers_ancestry_comes_from_psutil(tmp_path):
+    """macOS and Windows have no /proc: the enforcer still knows its own ancestors (never victims), as on Linux."""
+    from mem_exporter.enforcer.actuator import ancestors, own_context
+
+    from_procfs = ancestors(os.getpid())
+    assert os.getppid() in from_procfs
+    assert ancestors(os.getpid(), str(tmp_path)) == from_procfs  # tmp_path: a root with no processes in it
+    assert own_context(str(tmp_path)).ancestors == from_procfs

@@ -88,14 +88,22 @@ def make_actuator(config):
 
 
 def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
+    """The pids above `pid` up to init: from procfs, or through psutil where there is none (macOS, Windows)."""
+    if not os.path.isdir(f"{procfs}/{pid}"):
+        import psutil
+
+        try:
+            return frozenset(p.pid for p in psutil.Process(pid).parents())
+        except psutil.Error:
+            return frozenset()
     out: set[int] = set()
-    while pid > 1 and pid not in out:
+    while pid > 1:
         try:
             with open(f"{procfs}/{pid}/stat", "rb") as f:
                 ppid = int(parse_stat(f.read())[1][1])
         except (OSError, ValueError, IndexError):
             break
-        if ppid <= 0:
+        if ppid <= 0 or ppid in out:  # a cycle (a fixture, or pids reused mid-walk) ends the walk
             break
         out.add(ppid)
         pid = ppid
