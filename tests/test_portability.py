@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ WINDOWS_ABSENCES = r"""
 import http.server, json, os, select, signal, socket, socketserver, subprocess, sys, tempfile, time, urllib.request
 import psutil
 
+GETPGID, GETSID = os.getpgid, os.getsid
 GONE = {
     os: ["geteuid", "getuid", "getpgrp", "getpgid", "getsid", "setpgid", "killpg", "sysconf", "pread",
          "O_CLOEXEC", "O_NOFOLLOW", "O_NONBLOCK", "O_NOCTTY", "WUNTRACED", "set_blocking", "tcgetpgrp",
@@ -98,11 +100,35 @@ args = cli.build_parser().parse_args(["run", "-t", "150", "-i", "0.3", "--source
 result["run_status"] = run.main(args, supervisor=PollingSupervisor())
 events = [r for r in map(json.loads, open(log)) if r.get("type") == "event"]
 result["outcome"] = events[0]["outcome"] if events else None
+
+# `enforce` through the portable actuator, grouping by process group as on macOS: getpgid comes back for this
+# part only (tree grouping on Linux would root every process at init; on Windows trees stop at the shells).
+os.getpgid, os.getsid = GETPGID, GETSID
+tag = f"portable{os.getpid()}"
+config = os.path.join(sys.argv[1], "enforce.yaml")
+with open(config, "w") as f:
+    f.write(f"interval: 0.3s\nsource: psutil\ngpu: {{backend: none}}\nlisten: 127.0.0.1:{port}\nenforcer:\n"
+            f"  mlock: false\n"  # mlockall is Linux's: selfprotect asks sys.platform, which is linux here
+            f"  rules:\n    - name: hog\n      match: {{cmdline: '--tag {tag}$'}}\n      max_rss: 150MB\n"
+            f"      grace: 1s\n")
+daemon.make_actuator = lambda config: portable.PortableActuator()
+svc = service.Service(config, enforce=True)
+svc.start()
+hog = subprocess.Popen([sys.executable, sys.argv[2], "--mb", "20", "--grow", "200", "--tag", tag],
+                       start_new_session=True)  # its own group: the only one the rule can select
+try:
+    result["enforce_hog"] = hog.wait(30)
+except subprocess.TimeoutExpired:
+    hog.kill()  # this script's own child
+    result["enforce_hog"] = hog.wait()
+finally:
+    svc.stop()
+result["enforce_kills"] = [(e["rule"], e["action"], e["outcome"]) for e in svc.enforcer.events]
 print(json.dumps(result))
 """
 
 
-def test_serve_and_run_work_without_what_windows_lacks(tmp_path):
+def test_serve_run_and_enforce_work_without_what_windows_lacks(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", WINDOWS_ABSENCES, str(tmp_path), HOG],
         cwd=ROOT,
@@ -114,3 +140,4 @@ def test_serve_and_run_work_without_what_windows_lacks(tmp_path):
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["psutil_up"] and result["groups"] > 0, result
     assert result["run_status"] == 137 and result["outcome"] == "dead", (result, out.stderr[-2000:])
+    assert result["enforce_hog"] == -signal.SIGTERM and result["enforce_kills"] == [["hog", "term", "dead"]], result

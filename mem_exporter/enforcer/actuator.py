@@ -110,10 +110,19 @@ def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
     return frozenset(out)
 
 
+def _psutil_uid() -> int:
+    """This process's uid as the psutil source reports uids: -1 on Windows (no numeric users there; the
+    portable actuator compares user names)."""
+    import psutil
+
+    uids = getattr(psutil.Process(), "uids", None)
+    return uids().real if uids is not None else -1
+
+
 def own_context(procfs: str = "/proc", protect: tuple = (), dry_run: bool = False, builtin: bool = True) -> Context:
     """This process's identity (uid, pid, process group, ancestors), the protect list, and the
     executable inspector that built-in protection rests on."""
-    uid = os.geteuid() if hasattr(os, "geteuid") else -1  # Windows: the portable actuator compares user names
+    uid = os.geteuid() if hasattr(os, "geteuid") else _psutil_uid()
     pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
     return Context(
         uid=uid,
