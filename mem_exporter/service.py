@@ -10,6 +10,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
 from .sampler import Sampler, SamplingLoop, quiet_gc
+from .signals import signal_number
 from .webconfig import load_web_config
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,16 @@ class Service:
 
     def install_signal_handlers(self) -> None:
         # Windows has no SIGHUP (no reload by signal there: restart the service) and stops on Ctrl-Break too
-        for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), lambda *_: self._stop.set())
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is not None:
-            signal.signal(sighup, lambda *_: self._reload.set())
+        actions = {
+            "SIGTERM": self._stop.set,
+            "SIGINT": self._stop.set,
+            "SIGBREAK": self._stop.set,
+            "SIGHUP": self._reload.set,
+        }
+        for name, action in actions.items():
+            sig = signal_number(name)  # None where this OS has no such signal
+            if sig is not None:
+                signal.signal(sig, lambda *_, act=action: act())
 
     def run_until_stopped(self) -> None:
         while not self._stop.is_set():
