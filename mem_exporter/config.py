@@ -124,6 +124,26 @@ class Matcher(_Strict):
         return all(rx.search(values[k]) for k, rx in self._compiled.items())
 
 
+class ProtectMatcher(Matcher):
+    """A `protect:` entry: Matcher's regexes, and `cgroup` on the process's cgroup path."""
+
+    cgroup: Regex | None = Field(
+        None,
+        description="regex on the cgroup path (as `groups.by: cgroup` names it); only a cgroup that root alone "
+        "owns and may write counts, since no user can move a process into one",
+    )
+
+    @property
+    def cgroup_regex(self) -> re.Pattern | None:
+        return None if self.cgroup is None else re.compile(self.cgroup)
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if self.is_empty and self.cgroup is None:
+            raise ValueError("a protect entry needs at least one of comm, exe, cmdline, user, cgroup")
+        return self
+
+
 class NamedGroup(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$", description="the group label; letters, digits, _ . : -")
     match: Matcher
@@ -306,7 +326,7 @@ class EnforcerConfig(_Strict):
     event_log_keep: int = Field(
         3, ge=0, le=100, description="rotated event logs kept (NAME.1 ... NAME.N); the oldest is deleted"
     )
-    protect: list[Matcher] = Field(
+    protect: list[ProtectMatcher] = Field(
         default_factory=list, description="never signal processes matching these (added to the built-in list)"
     )
     rules: list[Rule] = Field(default_factory=list)

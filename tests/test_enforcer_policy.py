@@ -2,7 +2,7 @@
 
 import pytest
 
-from mem_exporter.config import Matcher, Rule
+from mem_exporter.config import Matcher, ProtectMatcher, Rule
 from mem_exporter.enforcer.policy import (
     FLOOR_RATE,
     MIN_PERIOD,
@@ -23,11 +23,21 @@ UID = 1000
 UNREADABLE = "?"  # an executable this enforcer may not inspect (another user's process, no privilege)
 
 
+def is_root(p):
+    """trust.Inspector at its seam: uid 0 is root here (tests/test_protection.py tries the real one)."""
+    return None if p.exe == UNREADABLE else p.uid == 0
+
+
 def inspect_exe(p):
-    """The executable inspector at its seam: root owns /usr and /sbin here, users own /home."""
+    """Root owns /usr and /sbin here, users own /home."""
     if p.exe == UNREADABLE:
         return None, None
     return p.exe, bool(p.exe) and p.exe.startswith(("/usr/", "/sbin/"))
+
+
+def inspect_cgroup(p):
+    """Root owns every cgroup here but those under user.slice."""
+    return p.cgroup, bool(p.cgroup) and "user.slice" not in p.cgroup
 
 
 ME = Context(
@@ -35,8 +45,10 @@ ME = Context(
     pid=500,
     pgid=500,
     ancestors=frozenset({400, 300}),
-    protect=(Matcher(comm="^precious$"),),
+    protect=(Matcher(comm="^precious$"), ProtectMatcher(cgroup="^/system.slice/postgresql")),
+    is_root=is_root,
     inspect_exe=inspect_exe,
+    inspect_cgroup=inspect_cgroup,
 )
 SSHD = "/usr/sbin/sshd"
 
@@ -51,6 +63,7 @@ def proc(
     ppid=300,
     start=None,
     exe="/usr/bin/python3.11",
+    cgroup=None,
 ):
     return ProcessInfo(
         pid=pid,
@@ -64,6 +77,7 @@ def proc(
         state="S",
         rss_bytes=rss,
         exe=exe,
+        cgroup=cgroup,
     )
 
 
@@ -193,14 +207,14 @@ def test_system_available_below_kills_the_largest_selected_group_once_per_cooldo
 
 
 def test_system_rule_passes_over_a_protected_group_to_the_next():
-    sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD))
+    sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD, uid=0))
     job = group(proc(2000, rss=2 * GB))
     actions = decide(sample(sshd, job, avail=GB), [rule(system_available_below="10%")], PolicyState(), ME)
     assert kinds(actions) == [("skipped_protected", "r", "sshd-1000"), ("kill", "r", "python3-2000")]
 
 
 def test_system_rule_with_no_eligible_group_says_so():
-    sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD))
+    sshd = group(proc(1000, rss=6 * GB, comm="sshd", exe=SSHD, uid=0))
     low = rule(system_available_below="10%", match={"comm": "sshd"})
     actions = decide(sample(sshd, avail=GB), [low], PolicyState(), ME)
     assert [a.kind for a in actions] == ["skipped_protected", "no_victim"]
@@ -301,54 +315,130 @@ def test_dry_run_decides_the_same_victim_and_marks_it():
 # --- safety -----------------------------------------------------------------------------------
 
 SAFETY = [
-    # (what, the member that makes the group untouchable, expected action kind)
-    ("pid 1", proc(1, pgid=1, comm="bash", ppid=0), "skipped_protected"),
-    ("kernel thread", proc(7000, ppid=2, comm="kworker/0:1"), "skipped_protected"),
-    ("the enforcer's own group", proc(7000, pgid=500), "skipped_protected"),
-    ("the enforcer itself", proc(500, pgid=7000), "skipped_protected"),
-    ("an ancestor of the enforcer", proc(400, pgid=7000, comm="bash"), "skipped_protected"),
-    ("sshd (built in)", proc(7000, comm="sshd", exe=SSHD), "skipped_protected"),
+    # (what, a member beside an ordinary 3 GB one (pid 7001), expected action, pids signalled). Protection
+    # spares processes, never their group: the other member dies unless it is spared too. Other users'
+    # processes may be signalled here (other_users: true) unless a row says otherwise.
+    ("pid 1", proc(1, pgid=1, comm="bash", ppid=0), "kill", {7001}),
+    ("kernel thread", proc(7000, ppid=2, comm="kworker/0:1"), "kill", {7001}),
+    ("the enforcer's own group", proc(7000, pgid=500), "skipped_protected", set()),
+    ("the enforcer itself", proc(500, pgid=7000), "kill", {7001}),
+    ("an ancestor of the enforcer", proc(400, pgid=7000, comm="bash"), "kill", {7001}),
+    ("sshd run by root (built in)", proc(7000, uid=0, comm="sshd", exe=SSHD), "kill", {7001}),
     (
         "containerd-shim (built in)",
-        proc(7000, comm="containerd-shim", exe="/usr/bin/containerd-shim-runc-v2"),
-        "skipped_protected",
+        proc(7000, uid=0, comm="containerd-shim", exe="/usr/bin/containerd-shim-runc-v2"),
+        "kill",
+        {7001},
     ),
-    ("kubelet (built in)", proc(7000, comm="kubelet", exe="/usr/bin/kubelet"), "skipped_protected"),
-    ("systemd (built in)", proc(7000, comm="systemd", exe="/usr/lib/systemd/systemd"), "skipped_protected"),
+    ("kubelet (built in)", proc(7000, uid=0, comm="kubelet", exe="/usr/bin/kubelet"), "kill", {7001}),
+    ("systemd (built in)", proc(7000, uid=0, comm="systemd", exe="/usr/lib/systemd/systemd"), "kill", {7001}),
     (
-        "the exporter run by root (built in)",
-        proc(7000, uid=0, cmdline="/usr/bin/python3 -m mem_exporter serve"),
-        "skipped_protected",
+        "a root process in sshd's unit (built in)",
+        proc(7000, uid=0, comm="sshd-auth", exe="/usr/lib/openssh/sshd-auth", cgroup="/system.slice/ssh.service"),
+        "kill",
+        {7001},
     ),
     (
-        "mem-exporter binary run by root (built in)",
+        "a user's process left in sshd's unit",
+        proc(7000, comm="bash", exe="/usr/bin/bash", cgroup="/system.slice/ssh.service"),
+        "kill",
+        {7000, 7001},
+    ),
+    (
+        "a unit name in a user's own cgroup",
+        proc(7000, uid=0, comm="x", exe="/usr/bin/x", cgroup="/user.slice/u/system.slice/ssh.service"),
+        "kill",
+        {7000, 7001},
+    ),
+    (
+        "root's process with the exporter in its command line",
+        proc(7000, uid=0, cmdline="bash -c mem-exporter phase Loading; python3 hog.py"),
+        "kill",
+        {7000, 7001},
+    ),
+    (
+        "mem-exporter binary run by root",
         proc(7000, uid=0, cmdline="/usr/local/bin/mem-exporter enforce"),
-        "skipped_protected",
+        "kill",
+        {7000, 7001},
+    ),
+    ("sshd run by a user", proc(7000, comm="sshd", exe=SSHD), "kill", {7000, 7001}),
+    ("systemd run by a user", proc(7000, comm="systemd", exe="/usr/lib/systemd/systemd"), "kill", {7000, 7001}),
+    (
+        "root's sshd that cannot be inspected",
+        proc(7000, uid=0, comm="sshd", exe=UNREADABLE),
+        "kill",
+        {7001},
+    ),
+    ("a user's sshd that cannot be inspected", proc(7000, comm="sshd", exe=UNREADABLE), "kill", {7000, 7001}),
+    (
+        "a hog run through a symlink named sshd",
+        proc(7000, uid=0, comm="sshd", exe="/usr/bin/python3.11"),
+        "kill",
+        {7000, 7001},
     ),
     (
-        "another user's sshd that cannot be inspected",
-        proc(7000, uid=0, comm="sshd", exe=UNREADABLE),
-        "skipped_protected",
+        "a copy of a program named sshd in a user's directory",
+        proc(7000, uid=0, comm="sshd", exe="/home/u/sshd"),
+        "kill",
+        {7000, 7001},
     ),
-    ("a hog run through a symlink named sshd", proc(7000, comm="sshd", exe="/usr/bin/python3.11"), "kill"),
-    ("a copy of a program named sshd in a user's directory", proc(7000, comm="sshd", exe="/home/u/sshd"), "kill"),
-    ("a deleted or unresolvable executable named sshd", proc(7000, comm="sshd", exe=None), "kill"),
-    ("our own process named sshd that hides its executable", proc(7000, comm="sshd", exe=UNREADABLE), "kill"),
-    ("mem-exporter in a user's arguments", proc(7000, cmdline="python3 hog.py -m mem_exporter mem-exporter"), "kill"),
-    ("protect: in the config", proc(7000, comm="precious"), "skipped_protected"),
-    ("another user's process", proc(7000, uid=0), "skipped_other_user"),
-    ("a plain job", proc(7000), "kill"),
-    ("a job in a checkout named mem-exporter", proc(7000, cmdline="python3 /src/mem-exporter/tests/hog.py"), "kill"),
+    ("an unresolvable executable named sshd", proc(7000, uid=0, comm="sshd", exe=None), "kill", {7000, 7001}),
+    (
+        "mem-exporter in a user's arguments",
+        proc(7000, cmdline="python3 hog.py -m mem_exporter mem-exporter"),
+        "kill",
+        {7000, 7001},
+    ),
+    ("protect: in the config", proc(7000, comm="precious"), "kill", {7001}),
+    ("protect: cgroup in the config", proc(7000, cgroup="/system.slice/postgresql.service"), "kill", {7001}),
+    ("protect: cgroup a user owns", proc(7000, cgroup="/user.slice/system.slice/postgresql"), "kill", {7000, 7001}),
+    ("a plain job", proc(7000), "kill", {7000, 7001}),
+    (
+        "a job in a checkout named mem-exporter",
+        proc(7000, cmdline="python3 /src/mem-exporter/tests/hog.py"),
+        "kill",
+        {7000, 7001},
+    ),
 ]
 
 
-@pytest.mark.parametrize("what,member,expected", SAFETY, ids=[s[0] for s in SAFETY])
-def test_safety_table(what, member, expected):
+@pytest.mark.parametrize("what,member,expected,signalled", SAFETY, ids=[s[0] for s in SAFETY])
+def test_safety_table(what, member, expected, signalled):
     g = group(member, proc(7001, pgid=member.pgid, rss=3 * GB))
-    (a,) = decide(sample(g), [rule(max_rss="1GiB")], PolicyState(), ME)
+    (a,) = decide(sample(g), [rule(max_rss="1GiB", other_users=True)], PolicyState(), ME)
     assert a.kind == expected, a.reason
-    if expected != "kill":
-        assert a.targets == () and a.reason
+    assert {p.pid for p in a.targets} == signalled
+    assert {p.pid for p in a.spared} == {member.pid, 7001} - signalled
+    if a.spared:
+        assert a.reason
+
+
+def test_another_users_member_is_spared_unless_the_rule_asks_for_other_users():
+    g = group(proc(7000, uid=0, rss=GB), proc(7001, pgid=7000, rss=3 * GB))
+    (a,) = decide(sample(g), [rule(max_rss="1GiB")], PolicyState(), ME)
+    assert (a.kind, {p.pid for p in a.targets}, {p.pid for p in a.spared}) == ("kill", {7001}, {7000})
+    (a,) = decide(sample(group(proc(7000, uid=0, rss=3 * GB))), [rule(max_rss="1GiB")], PolicyState(), ME)
+    assert a.kind == "skipped_other_user" and a.targets == ()
+
+
+def test_a_system_rule_weighs_groups_by_what_it_may_kill():
+    """A protected member's memory is not freed by killing its group: the 5 GB group whose 4.5 GB belong to
+    root's sshd frees less than a 1 GB job, and the choice looks no further than it must."""
+    shielded = group(proc(1000, rss=int(4.5 * GB), uid=0, comm="sshd", exe=SSHD), proc(1001, pgid=1000, rss=GB // 2))
+    job = group(proc(2000, rss=GB))
+    small = group(proc(3000, rss=GB // 4))
+    r = [rule(system_available_below="10%", other_users=True)]
+    (a,) = decide(sample(shielded, job, small, avail=GB), r, PolicyState(), ME)
+    assert (a.kind, a.group.label, [p.pid for p in a.targets]) == ("kill", "python3-2000", [2000])
+    hog_beside_sshd = group(proc(1000, rss=GB // 2, uid=0, comm="sshd", exe=SSHD), proc(1001, pgid=1000, rss=3 * GB))
+    (a,) = decide(sample(hog_beside_sshd, job, avail=GB), r, PolicyState(), ME)
+    assert (a.kind, a.group.label, [p.pid for p in a.targets], [p.pid for p in a.spared]) == (
+        "kill",
+        "sshd-1000",
+        [1001],
+        [1000],
+    )
 
 
 def test_other_users_true_allows_another_uid():
@@ -358,7 +448,7 @@ def test_other_users_true_allows_another_uid():
 
 
 def test_skips_are_reported_once_per_cooldown():
-    g = group(proc(7000, comm="sshd", rss=3 * GB, exe=SSHD))
+    g = group(proc(7000, comm="sshd", rss=3 * GB, exe=SSHD, uid=0))
     r = [rule(max_rss="1GiB", cooldown="30s")]
     st = PolicyState()
     assert [a.kind for a in decide(sample(g, t=0), r, st, ME)] == ["skipped_protected"]

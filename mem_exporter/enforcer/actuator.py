@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..procfs import parse_stat, task_alive
 from ..sample import ProcessInfo
 from .policy import Context
+from .trust import Inspector
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,18 @@ def _psutil_uid() -> int:
     return uids().real if uids is not None else -1
 
 
-def own_context(procfs: str = "/proc", protect: tuple = (), dry_run: bool = False, builtin: bool = True) -> Context:
+def own_context(
+    procfs: str = "/proc",
+    protect: tuple = (),
+    dry_run: bool = False,
+    builtin: bool = True,
+    cgroupfs: str = "/sys/fs/cgroup",
+) -> Context:
     """This process's identity (uid, pid, process group, ancestors), the protect list, and the
-    executable inspector that built-in protection rests on."""
+    inspector that protection rests on (trust.py)."""
     uid = os.geteuid() if hasattr(os, "geteuid") else _psutil_uid()
     pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
+    inspector = Inspector(procfs, cgroupfs)
     return Context(
         uid=uid,
         pid=os.getpid(),
@@ -132,45 +140,10 @@ def own_context(procfs: str = "/proc", protect: tuple = (), dry_run: bool = Fals
         protect=protect,
         dry_run=dry_run,
         builtin=builtin,
-        inspect_exe=ExeInspector(procfs),
+        is_root=inspector.is_root,
+        inspect_exe=inspector.exe,
+        inspect_cgroup=inspector.cgroup,
     )
-
-
-class ExeInspector:
-    """(resolved executable, trusted) of a process. Trusted: the file and every directory above it
-    belong to root and no one else may write them, seen from the process's own root (so a
-    containerised process is judged by its container's files). (exe, None) when it cannot be
-    inspected (another user's process without privilege)."""
-
-    def __init__(self, procfs: str = "/proc"):
-        self.procfs = procfs.rstrip("/") or "/"
-
-    def __call__(self, p: ProcessInfo) -> tuple[str | None, bool | None]:
-        base = f"{self.procfs}/{p.pid}"
-        try:
-            exe = os.readlink(f"{base}/exe")
-        except PermissionError:
-            return None, None
-        except OSError:
-            return None, False  # gone, or no executable (kernel thread)
-        if not exe.startswith("/") or exe.endswith(" (deleted)"):
-            return exe, False
-        try:
-            return exe, _root_owned(f"{base}/root", exe)
-        except PermissionError:
-            return exe, None
-        except OSError:
-            return exe, False
-
-
-def _root_owned(root: str, path: str) -> bool:
-    """The file and every directory above it owned by root and not writable by group or others."""
-    parts = path.strip("/").split("/")
-    for i in range(len(parts), -1, -1):
-        st = os.stat(root + "/" + "/".join(parts[:i]), follow_symlinks=i == len(parts))
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            return False
-    return True
 
 
 @dataclass

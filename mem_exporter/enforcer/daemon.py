@@ -129,7 +129,9 @@ class Enforcer:
             self.pressure_rules = [r for r in self.rules if r.condition == "memory_pressure_above"]
             old_pressure, self.pressure = self.pressure, PressureWatches.from_config(config)
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
-            self.ctx = own_context(config.paths.procfs, tuple(config.enforcer.protect), self.dry_run)
+            self.ctx = own_context(
+                config.paths.procfs, tuple(config.enforcer.protect), self.dry_run, cgroupfs=config.paths.cgroupfs
+            )
             self.event_log = EventLog(
                 config.enforcer.event_log, config.enforcer.event_log_max_size, config.enforcer.event_log_keep
             )
@@ -521,6 +523,7 @@ class Enforcer:
         current: GroupSample | None = group
         peak = action.value
         targets: dict[int, ProcessInfo] = {p.pid: p for p in action.targets}
+        judged = {p.identity: True for p in action.targets} | {p.identity: False for p in action.spared}
 
         def refresh() -> tuple[list[ProcessInfo], bool]:
             nonlocal current, peak
@@ -534,12 +537,19 @@ class Enforcer:
             current = g
             if g is not None and action.condition in GROUP_MEMORY:
                 peak = max(peak, group_value(rule, g))
-            # new members, and new children of any target (a fork that left the group)
-            joined = [
-                p
-                for p in list(g.members if g else ()) + [n for n in newcomers if n.ppid in targets]
-                if eligible(p, rule, self.ctx)
-            ]
+
+            # new members, and new children of any target (a fork that left the group); a member this rule
+            # may not signal ends every group-wide signal (killpg, cgroup.kill) from here on
+            def may(p: ProcessInfo) -> bool:
+                ok = judged.get(p.identity)
+                if ok is None:
+                    ok = judged[p.identity] = eligible(p, rule, self.ctx)
+                return ok
+
+            members = g.members if g else ()
+            if not all(map(may, members)):
+                order.pgid = order.cgroup = None
+            joined = [p for p in members if may(p)] + [n for n in newcomers if n.ppid in targets and may(n)]
             targets.update((p.pid, p) for p in joined)
             return joined, self._over_ceiling(action, g, reader)
 
@@ -548,8 +558,9 @@ class Enforcer:
             signals=signals,
             grace=rule.grace,
             targets=action.targets,
-            pgid=group.pgid if group.kind == "pgid" else None,
-            cgroup=group.key[7:] if group.kind == "cgroup" else None,
+            # group-wide signals only where they reach no one the rule spares
+            pgid=group.pgid if group.kind == "pgid" and not action.spared else None,
+            cgroup=group.key[7:] if group.kind == "cgroup" and not action.spared else None,
         )
         try:
             report = execute(self.actuator, order, refresh)

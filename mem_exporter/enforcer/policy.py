@@ -31,20 +31,32 @@ GROUP_MEMORY = ("max_rss", "max_pss")
 GROUP_LIMITS = GROUP_MEMORY + ("max_gpu_memory",)
 LIMIT_MEMTYPE = {"max_rss": "rss", "max_pss": "pss", "max_gpu_memory": "gpu"}
 
-# Programs never signalled whatever the config says, recognised by what a user cannot forge: the
-# name of the resolved executable, which must sit under root-owned directories nobody else can
-# write (a symlink or copy named `sshd` in a user's directory is not sshd). The exporter itself
-# is recognised by its command line only when root runs it from such an interpreter.
+# Programs never signalled whatever the config says, recognised by what a user cannot forge
+# (enforcer/trust.py): a process running as root in our user namespace whose executable, owned
+# by root under directories only root may write, has one of these names, or that lives in a
+# root-owned cgroup of one of their systemd units. The exporter itself is known by pid (the
+# enforcer, its ancestors), never by its command line.
 PROTECTED_EXE = re.compile(
     r"^(init|systemd|systemd-[a-z-]+|launchd|sshd|sshd-session|containerd|containerd-shim.*|"
     r"dockerd|docker-proxy|docker-init|runc|crun|conmon|podman|crio|kubelet|kube-proxy|tini|"
     r"dumb-init|mem-exporter)$"
 )
-EXPORTER_CMDLINE = re.compile(r"(^|\s)(\S*/)?mem-exporter(\s|$)|(^|\s)-m\s+mem_exporter(\s|$)")
+PROTECTED_UNIT = re.compile(
+    r"(^|/)system\.slice/(ssh|sshd|containerd|docker|kubelet|kube-proxy|crio|podman|systemd-[a-z0-9-]+|"
+    r"mem-exporter[a-z0-9-]*)\.service(/|$)"
+)
+
+
+def _not_root(p: ProcessInfo) -> bool | None:
+    return False
 
 
 def _nothing_trusted(p: ProcessInfo) -> tuple[str | None, bool | None]:
     return p.exe, False
+
+
+def _no_cgroup(p: ProcessInfo) -> tuple[str | None, bool | None]:
+    return p.cgroup, False
 
 
 # Fast lane: how quickly a group might grow when we have no evidence, the regular shortest
@@ -69,8 +81,10 @@ class Context:
     dry_run: bool = False
     user_name: Callable[[int], str] = _user_name
     builtin: bool = True  # False for `run`: its tree is the user's own command, nothing in it is exempt
-    # (resolved executable, trusted) of a process; trusted None: it could not be inspected
-    inspect_exe: Callable[[ProcessInfo], tuple[str | None, bool | None]] = _nothing_trusted
+    # What trust.Inspector verifies of a process; None: the enforcer may not look.
+    is_root: Callable[[ProcessInfo], bool | None] = _not_root  # real and effective uid 0, our user namespace
+    inspect_exe: Callable[[ProcessInfo], tuple[str | None, bool | None]] = _nothing_trusted  # (path, root's alone)
+    inspect_cgroup: Callable[[ProcessInfo], tuple[str | None, bool | None]] = _no_cgroup  # (path, root's alone)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class Action:
     reason: str = ""
     gpu: int | None = None
     ceiling: float | None = None  # the hard ceiling in the same unit (None: none applies)
+    spared: tuple[ProcessInfo, ...] = ()  # members left alone (protected, or another user's): no group-wide signal
 
     @property
     def group_key(self) -> str | None:
@@ -203,36 +218,72 @@ def protection(p: ProcessInfo, ctx: Context) -> str | None:
             return why
     for m in ctx.protect:
         if m.matches(p.comm, p.cmdline, p.exe, ctx.user_name(p.uid)):
-            return "protected by config"
+            cgroup_rx = getattr(m, "cgroup_regex", None)
+            if cgroup_rx is None:
+                return "protected by config"
+            cgroup, owned = ctx.inspect_cgroup(p)
+            if owned and cgroup is not None and cgroup_rx.search(cgroup):  # a user's own cgroup proves nothing
+                return f"protected by config (cgroup {cgroup})"
     return None
 
 
 def builtin_protection(p: ProcessInfo, ctx: Context) -> str | None:
-    exe, trusted = ctx.inspect_exe(p)
-    if trusted is None:
-        # not ours to inspect (another user's, no privilege): a protected name is believed, since we
-        # could not signal such a process through a rule that did not ask for other users anyway
-        if p.uid != ctx.uid and PROTECTED_EXE.match(p.comm):
-            return "built-in protected (unverified)"
+    root = ctx.is_root(p)
+    if root is None:
+        # not ours to inspect (an unprivileged enforcer, another user's process): root's process with a
+        # protected name is believed, since such an enforcer could not signal it anyway
+        return "built-in protected (unverified)" if p.uid == 0 and PROTECTED_EXE.match(p.comm) else None
+    if not root:
         return None
-    if not trusted or not exe:
-        return None
-    if PROTECTED_EXE.match(exe.rsplit("/", 1)[-1]):
+    exe, owned = ctx.inspect_exe(p)
+    if owned and exe and PROTECTED_EXE.match(exe.rsplit("/", 1)[-1]):
         return "built-in protected"
-    if p.uid == 0 and EXPORTER_CMDLINE.search(p.cmdline):
-        return "the exporter"
+    cgroup, owned = ctx.inspect_cgroup(p)
+    if owned and cgroup and PROTECTED_UNIT.search(cgroup):
+        return f"built-in protected (cgroup {cgroup})"
+    return None
+
+
+def spared_because(p: ProcessInfo, rule: Rule, ctx: Context) -> tuple[str, str] | None:
+    """(skip kind, reason) when this rule may not signal the process, None when it may."""
+    why = protection(p, ctx)
+    if why:
+        return "skipped_protected", f"{p.comm}[{p.pid}]: {why}"
+    if not rule.other_users and p.uid != ctx.uid:
+        return "skipped_other_user", f"{p.comm}[{p.pid}] belongs to uid {p.uid}"
     return None
 
 
 def eligible(p: ProcessInfo, rule: Rule, ctx: Context) -> bool:
     """Whether a process that joined a group being killed may be signalled too."""
-    return (rule.other_users or p.uid == ctx.uid) and protection(p, ctx) is None
+    return spared_because(p, rule, ctx) is None
 
 
 def descendants(sample: Sample, group: GroupSample) -> list[ProcessInfo]:
     """Processes outside the group that descend from one of its members (setsid children, say)."""
     inside = {p.pid for p in group.members}
     return [p for p in descendants_of(sample.processes, inside) if p.pid not in inside]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A group's members: those the rule may signal, and those it must leave alone (and why)."""
+
+    killable: tuple[ProcessInfo, ...]
+    spared: tuple[ProcessInfo, ...]
+    why: tuple[tuple[str, str], ...]  # (skip kind, reason) per spared member
+
+
+def split(group: GroupSample, rule: Rule, ctx: Context) -> Split:
+    killable, spared, why = [], [], []
+    for p in group.members:
+        s = spared_because(p, rule, ctx)
+        if s is None:
+            killable.append(p)
+        else:
+            spared.append(p)
+            why.append(s)
+    return Split(tuple(killable), tuple(spared), tuple(why))
 
 
 def victim(
@@ -246,24 +297,23 @@ def victim(
     now: float,
     gpu: int | None = None,
     ceiling: float | None = None,
+    members: Split | None = None,
 ) -> Action:
-    """The action for one would-be victim: kill / dry_run, or why it is skipped."""
+    """The action for one would-be victim: kill / dry_run of the members the rule may signal (protection
+    spares processes, never their group), or why it is skipped when there is none."""
+    parts = members or split(group, rule, ctx)
 
     def act(kind: str, targets=(), reason: str = "") -> Action:
-        return Action(kind, rule, group, condition, value, limit, now, tuple(targets), reason, gpu, ceiling)
+        return Action(
+            kind, rule, group, condition, value, limit, now, tuple(targets), reason, gpu, ceiling, parts.spared
+        )
 
-    for p in group.members:
-        why = protection(p, ctx)
-        if why:
-            return act("skipped_protected", reason=f"{p.comm}[{p.pid}]: {why}")
-    if not rule.other_users:
-        for p in group.members:
-            if p.uid != ctx.uid:
-                return act("skipped_other_user", reason=f"{p.comm}[{p.pid}] belongs to uid {p.uid}")
-    extra = [
-        p for p in descendants(sample, group) if protection(p, ctx) is None and (rule.other_users or p.uid == ctx.uid)
-    ]
-    return act("dry_run" if ctx.dry_run else "kill", targets=(*group.members, *extra))
+    if not parts.killable and parts.why:
+        kind, reason = next((w for w in parts.why if w[0] == "skipped_protected"), parts.why[0])
+        return act(kind, reason=reason)
+    extra = [p for p in descendants(sample, group) if eligible(p, rule, ctx)]
+    reason = "spared " + "; ".join(r for _, r in parts.why[:5]) if parts.why else ""
+    return act("dry_run" if ctx.dry_run else "kill", targets=(*parts.killable, *extra), reason=reason)
 
 
 # --- the decision -----------------------------------------------------------------------------
@@ -335,8 +385,23 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 key=lambda g: g.memory_bytes(sample.memtype),
                 reverse=True,
             )
+            memory = _process_memory(sample.memtype)
             _choose(
-                rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling
+                rule,
+                rs,
+                candidates,
+                sample,
+                ctx,
+                cond,
+                avail,
+                threshold,
+                now,
+                "system",
+                out,
+                busy,
+                lambda g: g.memory_bytes(sample.memtype),
+                memory,
+                ceiling=ceiling,
             )
         elif (pc := rule.memory_pressure_above) is not None:
             reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)
@@ -360,7 +425,23 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 continue
             selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
             candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
+            memory = _process_memory(sample.memtype)
+            _choose(
+                rule,
+                rs,
+                candidates,
+                sample,
+                ctx,
+                cond,
+                pressure,
+                above,
+                now,
+                "pressure",
+                out,
+                busy,
+                lambda g: g.memory_bytes(sample.memtype),
+                memory,
+            )
         elif (share := rule.gpu_memory_above) is not None:
             for card in sample.gpus:
                 key = f"gpu:{card.index}"
@@ -381,14 +462,54 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                     key=lambda g: g.gpu_memory_bytes[card.index],
                     reverse=True,
                 )
-                _choose(rule, rs, candidates, sample, ctx, cond, ratio, share, now, key, out, busy, gpu=card.index)
+                on_card = {q.pid: q.gpu_memory_bytes or 0 for q in card.processes}
+                _choose(
+                    rule,
+                    rs,
+                    candidates,
+                    sample,
+                    ctx,
+                    cond,
+                    ratio,
+                    share,
+                    now,
+                    key,
+                    out,
+                    busy,
+                    lambda g, i=card.index: g.gpu_memory_bytes[i],
+                    lambda p, m=on_card: m.get(p.pid, 0),
+                    gpu=card.index,
+                )
     return out
 
 
-def _choose(rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out, busy, gpu=None, ceiling=None) -> None:
-    """Victim-choosing conditions: the first eligible candidate, largest first."""
+def _process_memory(memtype: str) -> Callable[[ProcessInfo], int]:
+    if memtype == "pss":
+        return lambda p: p.pss_bytes if p.pss_bytes is not None else p.rss_bytes
+    return lambda p: p.rss_bytes
+
+
+def _choose(
+    rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out, busy, total, each, gpu=None, ceiling=None
+) -> None:
+    """Victim-choosing conditions: the group whose killable members hold the most (`each` per process),
+    since a protected member's memory is not freed by killing its group; a group with nothing the rule
+    may signal is passed over. `candidates` come largest first by `total`, so the search ends at the
+    first group whose whole total cannot beat the best killable share found."""
+    best: tuple[int, GroupSample, Split] | None = None
     for g in candidates:
-        if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling), key, out):
+        if best is not None and total(g) <= best[0]:
+            break
+        parts = split(g, rule, ctx)
+        if not parts.killable:
+            _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling, parts), key, out)
+            continue
+        freed = sum(map(each, parts.killable))
+        if best is None or freed > best[0]:
+            best = (freed, g, parts)
+    if best is not None:
+        _, g, parts = best
+        if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling, parts), key, out):
             busy.add(g.key)
             return
     _emit(
