@@ -402,3 +402,22 @@ def test_cgroup_trust_on_fixture_trees(tmp_path, owner, mode, lines, expected):
     os.chown(unit, owner, owner)
     os.chown(unit / "cgroup.procs", owner, owner)
     assert Inspector(str(procfs), str(cgroupfs)).cgroup(proc(42)) == expected
+
+
+def test_protect_entries_take_a_cgroup_regex_and_refuse_an_empty_entry(tmp_path):
+    from mem_exporter.config import ConfigError, load_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text("enforcer:\n  protect:\n    - {cgroup: '^/system\\.slice/postgresql'}\n")
+    (entry,) = load_config(str(good)).enforcer.protect
+    assert entry.cgroup_regex.search("/system.slice/postgresql@15-main.service")
+    for body, words in [
+        ("- {cgroup: '(unclosed'}", ["enforcer.protect[0].cgroup", "bad regular expression"]),
+        ("- {}", ["enforcer.protect[0]", "at least one of comm, exe, cmdline, user, cgroup"]),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"enforcer:\n  protect:\n    {body}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(str(bad))
+        (line,) = e.value.problems
+        assert str(bad) in line and all(w in line for w in words), line
