@@ -441,6 +441,26 @@ def test_a_system_rule_weighs_groups_by_what_it_may_kill():
     )
 
 
+def test_a_vram_rule_weighs_groups_by_the_vram_it_may_free():
+    from mem_exporter.sample import GpuProcess
+
+    sshd = proc(1000, uid=0, comm="sshd", exe=SSHD)  # root's sshd holding 30 GB of VRAM (say)
+    shielded = group(sshd, proc(1001, pgid=1000), gpu={0: 31 * GB})
+    job = group(proc(2000), gpu={0: 10 * GB})
+    card = GpuCard(
+        index=0,
+        uuid="GPU-0",
+        name="Fake",
+        driver_version="1",
+        memory_total_bytes=80 * GB,
+        memory_used_bytes=72 * GB,
+        processes=(GpuProcess(1000, 30 * GB), GpuProcess(1001, GB), GpuProcess(2000, 10 * GB)),
+    )
+    r = [rule(gpu_memory_above="83%", other_users=True)]
+    (a,) = decide(sample(shielded, job, gpus=(card,)), r, PolicyState(), ME)
+    assert (a.kind, a.group.label, [p.pid for p in a.targets]) == ("kill", "python3-2000", [2000])
+
+
 def test_other_users_true_allows_another_uid():
     g = group(proc(7000, uid=0, rss=3 * GB))
     (a,) = decide(sample(g), [rule(max_rss="1GiB", other_users=True)], PolicyState(), ME)

@@ -25,7 +25,7 @@ from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
 from ..grouping import user_name as _user_name
 from ..pressure import StallWindow
-from ..sample import GroupSample, ProcessInfo, Sample
+from ..sample import GpuCard, GroupSample, ProcessInfo, Sample
 
 GROUP_MEMORY = ("max_rss", "max_pss")
 GROUP_LIMITS = GROUP_MEMORY + ("max_gpu_memory",)
@@ -385,23 +385,8 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 key=lambda g: g.memory_bytes(sample.memtype),
                 reverse=True,
             )
-            memory = _process_memory(sample.memtype)
             _choose(
-                rule,
-                rs,
-                candidates,
-                sample,
-                ctx,
-                cond,
-                avail,
-                threshold,
-                now,
-                "system",
-                out,
-                busy,
-                lambda g: g.memory_bytes(sample.memtype),
-                memory,
-                ceiling=ceiling,
+                rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling
             )
         elif (pc := rule.memory_pressure_above) is not None:
             reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)
@@ -425,23 +410,7 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 continue
             selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
             candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            memory = _process_memory(sample.memtype)
-            _choose(
-                rule,
-                rs,
-                candidates,
-                sample,
-                ctx,
-                cond,
-                pressure,
-                above,
-                now,
-                "pressure",
-                out,
-                busy,
-                lambda g: g.memory_bytes(sample.memtype),
-                memory,
-            )
+            _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
         elif (share := rule.gpu_memory_above) is not None:
             for card in sample.gpus:
                 key = f"gpu:{card.index}"
@@ -462,40 +431,29 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                     key=lambda g: g.gpu_memory_bytes[card.index],
                     reverse=True,
                 )
-                on_card = {q.pid: q.gpu_memory_bytes or 0 for q in card.processes}
-                _choose(
-                    rule,
-                    rs,
-                    candidates,
-                    sample,
-                    ctx,
-                    cond,
-                    ratio,
-                    share,
-                    now,
-                    key,
-                    out,
-                    busy,
-                    lambda g, i=card.index: g.gpu_memory_bytes[i],
-                    lambda p, m=on_card: m.get(p.pid, 0),
-                    gpu=card.index,
-                )
+                _choose(rule, rs, candidates, sample, ctx, cond, ratio, share, now, key, out, busy, card=card)
     return out
 
 
-def _process_memory(memtype: str) -> Callable[[ProcessInfo], int]:
-    if memtype == "pss":
-        return lambda p: p.pss_bytes if p.pss_bytes is not None else p.rss_bytes
-    return lambda p: p.rss_bytes
+def _weights(sample: Sample, card: GpuCard | None) -> tuple[Callable[[GroupSample], int], Callable[[ProcessInfo], int]]:
+    """What a victim-choosing rule weighs: a group's whole memory (or VRAM on `card`), and one process's."""
+    if card is not None:
+        on_card = {q.pid: q.gpu_memory_bytes or 0 for q in card.processes}
+        return (lambda g: g.gpu_memory_bytes.get(card.index, 0)), (lambda p: on_card.get(p.pid, 0))
+    if sample.memtype == "pss":
+        return (lambda g: g.memory_bytes("pss")), (lambda p: p.pss_bytes if p.pss_bytes is not None else p.rss_bytes)
+    return (lambda g: g.rss_bytes), (lambda p: p.rss_bytes)
 
 
 def _choose(
-    rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out, busy, total, each, gpu=None, ceiling=None
+    rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out, busy, card=None, ceiling=None
 ) -> None:
-    """Victim-choosing conditions: the group whose killable members hold the most (`each` per process),
-    since a protected member's memory is not freed by killing its group; a group with nothing the rule
-    may signal is passed over. `candidates` come largest first by `total`, so the search ends at the
-    first group whose whole total cannot beat the best killable share found."""
+    """Victim-choosing conditions: the group whose killable members hold the most, since a protected
+    member's memory is not freed by killing its group; a group with nothing the rule may signal is
+    passed over. `candidates` come largest first by their whole memory, so the search ends at the first
+    group whose whole memory cannot beat the best killable share found."""
+    total, each = _weights(sample, card)
+    gpu = None if card is None else card.index
     best: tuple[int, GroupSample, Split] | None = None
     for g in candidates:
         if best is not None and total(g) <= best[0]:
