@@ -134,6 +134,19 @@ def test_a_protected_program_in_a_users_group_does_not_shield_the_hog(enforcer, 
     assert pid_alive(daemon)
 
 
+def test_the_reported_case_a_users_own_socket_activate_shields_nothing(enforcer, groups, tag):
+    """`setsid sh -c "systemd-socket-activate -l 127.0.0.1:PORT /bin/true & python3 hog.py"`, all as the user."""
+    script = f"/usr/bin/systemd-socket-activate -l 127.0.0.1:{free_port()} /bin/true & exec {PYTHON} {HOG} --mb 200"
+    g = groups.start(f"exec {' '.join(NOBODY)} sh -c '{script} --tag {tag} --ready {groups.shared / 'hog'}'")
+    hog = groups.ready("hog", g)
+    daemon = only(g.pid, "systemd-socket")
+    enf = enforcer([limit_rule(tag, other_users=True)])
+    ev = wait_for(lambda: event_for(enf, g.pid, ("term", "kill", "skipped_protected")), 20, what="an event")
+    assert ev["action"] in ("term", "kill") and ev["outcome"] == "dead", ev
+    assert "reason" not in ev  # nothing spared: the user's daemon is no daemon of the system's
+    wait_for(lambda: not pid_alive(hog) and not pid_alive(daemon), 10, what="the whole group gone")
+
+
 def test_a_system_rule_kills_the_shielded_hog_not_the_innocent_smaller_group(enforcer, groups, tag):
     shielded = groups.start(socket_activate(free_port()) + "exec " + groups.hog("hog", 300, tag))
     innocent = groups.start("exec " + groups.hog("innocent", 60, tag))
