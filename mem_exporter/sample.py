@@ -36,6 +36,11 @@ class ProcessInfo(NamedTuple):
     def identity(self) -> tuple[int, int]:
         return (self.pid, self.start_time)
 
+    def memory_bytes(self, memtype: str = "rss") -> int:
+        """This process's memory of one type; RSS where that type was not read."""
+        value = {"pss": self.pss_bytes, "footprint": self.footprint_bytes, "private": self.private_bytes}.get(memtype)
+        return self.rss_bytes if value is None else value
+
 
 @dataclass(frozen=True, slots=True)
 class SystemMemory:

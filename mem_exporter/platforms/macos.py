@@ -51,12 +51,12 @@ def parse_rusage(raw: bytes) -> tuple[int, int]:
 
 def footprint(pid: int, lib: Any = None) -> int | None:
     """The process's phys_footprint in bytes; None when it is gone or not ours to read (EPERM)."""
+    buf = ctypes.create_string_buffer(RUSAGE_INFO_V2_SIZE)
     try:
         libproc = lib if lib is not None else _lib("proc")
-    except OSError:
-        return None
-    buf = ctypes.create_string_buffer(RUSAGE_INFO_V2_SIZE)
-    if libproc.proc_pid_rusage(ctypes.c_int(pid), ctypes.c_int(RUSAGE_INFO_V2), buf) != 0:
+        if libproc.proc_pid_rusage(ctypes.c_int(pid), ctypes.c_int(RUSAGE_INFO_V2), buf) != 0:
+            return None
+    except (OSError, AttributeError):  # no libproc, or one without the call (not macOS)
         return None
     return parse_rusage(buf.raw)[1]
 
@@ -70,13 +70,13 @@ def parse_pressure_level(raw: bytes) -> int:
 
 def pressure_level(lib: Any = None) -> int | None:
     """kern.memorystatus_vm_pressure_level (1 normal, 2 warn, 4 critical); None where it cannot be read."""
-    try:
-        libc = lib if lib is not None else _lib("c")
-    except OSError:
-        return None
     buf = ctypes.create_string_buffer(4)
     size = ctypes.c_size_t(4)
-    if libc.sysctlbyname(PRESSURE_SYSCTL, buf, ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+    try:
+        libc = lib if lib is not None else _lib("c")
+        if libc.sysctlbyname(PRESSURE_SYSCTL, buf, ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+            return None
+    except (OSError, AttributeError):  # not macOS: no such call
         return None
     try:
         return parse_pressure_level(buf.raw[: size.value])
