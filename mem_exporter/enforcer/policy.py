@@ -365,15 +365,15 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
         elif (level := rule.system_pressure_level) is not None:
             # macOS's own verdict (1 normal, 2 warn, 4 critical); None on every other OS: never fires there
-            reading, need = sample.system.pressure_level, LEVEL_OF_NAME[level]
-            if reading is None or reading < need:
+            current, need = sample.system.pressure_level, LEVEL_OF_NAME[level]
+            if current is None or current < need:
                 rs.since.pop("pressure_level", None)
                 continue
             if not _held(rule, rs, "pressure_level", now) or _cooling(rule, rs, "pressure_level", now):
                 continue
             selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
             candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
-            _choose(rule, rs, candidates, sample, ctx, cond, reading, need, now, "pressure_level", out, busy)
+            _choose(rule, rs, candidates, sample, ctx, cond, current, need, now, "pressure_level", out, busy)
         elif (share := rule.gpu_memory_above) is not None:
             for card in sample.gpus:
                 key = f"gpu:{card.index}"
