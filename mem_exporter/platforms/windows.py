@@ -148,12 +148,15 @@ def luid_cards(
 ) -> dict[int, int]:
     """luid -> card index. Adapters whose index is known (`known`) keep it. NVML gives no LUID, so the
     rest go by order: the `cards` adapters holding the most dedicated memory (a discrete card holds
-    nearly all of it; an integrated GPU and the Basic Render Driver next to nothing), numbered in LUID
-    order, which is the order the adapters started in."""
+    nearly all of it; an integrated GPU and the Basic Render Driver next to nothing; an adapter holding
+    none is left out), numbered in LUID order, which is the order the adapters started in. With two
+    cards of which only the second is in use, that one is taken for the first: by order is right when
+    every card holds memory."""
     known = dict(known or {})
     free = sorted(set(range(cards)) - set(known.values()))
-    rest = [luid for luid in usage if luid not in known]
-    rest.sort(key=lambda luid: sum(u.dedicated for u in usage[luid].values()), reverse=True)
+    held = {luid: sum(u.dedicated for u in per.values()) for luid, per in usage.items()}
+    rest = [luid for luid in usage if luid not in known and held[luid] > 0]  # no VRAM held: not a card's to show
+    rest.sort(key=lambda luid: held[luid], reverse=True)
     chosen = sorted(rest[: len(free)])
     known.update(zip(chosen, free, strict=False))
     return known
