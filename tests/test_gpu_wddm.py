@@ -4,6 +4,7 @@ a real process group killed for the VRAM its counter reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from conftest import pid_alive, wait_for
@@ -142,3 +143,61 @@ def test_a_vram_rule_kills_the_group_its_windows_counter_names(spawn_group, tag,
     finally:
         loop.stop()
         enf.stop(timeout=30)
+
+
+class Gdi32:
+    """D3DKMT as gdi32 answers it: adapters by LUID, each with a PCI address; the Basic Render Driver has none."""
+
+    def __init__(self, addresses: dict[int, tuple[int, int, int] | None]):
+        self.addresses, self.handles, self.closed = addresses, {}, []
+
+    def D3DKMTOpenAdapterFromLuid(self, ref):
+        arg = ref._obj
+        luid = arg.AdapterLuid.HighPart << 32 | arg.AdapterLuid.LowPart
+        if luid not in self.addresses:
+            return 0xC000000D  # STATUS_INVALID_PARAMETER
+        arg.hAdapter = 0x40000000 + len(self.handles)
+        self.handles[arg.hAdapter] = luid
+        return 0
+
+    def D3DKMTQueryAdapterInfo(self, ref):
+        q = ref._obj
+        address = self.addresses[self.handles[q.hAdapter]]
+        assert q.Type == windows.KMTQAITYPE_ADAPTERADDRESS and q.PrivateDriverDataSize == 12
+        if address is None:
+            return 0xC00000BB  # STATUS_NOT_SUPPORTED
+        out = windows.D3DKMT_ADAPTERADDRESS.from_address(q.pPrivateDriverData)
+        out.BusNumber, out.DeviceNumber, out.FunctionNumber = address
+        return 0
+
+    def D3DKMTCloseAdapter(self, ref):
+        self.closed.append(ref._obj.hAdapter)
+        return 0
+
+
+def test_adapters_are_matched_to_cards_by_pci_address():
+    gdi = Gdi32({0xD1C3: (0x41, 0, 0), 0xB2F0: (0, 2, 0), 0xF000: (0x01, 0, 0), 0x1_0000_8A2E: None})
+    assert windows.adapter_address(0xD1C3, gdi) == (0x41, 0, 0)
+    assert windows.adapter_address(0x1_0000_8A2E, gdi) is None and windows.adapter_address(0x77, gdi) is None
+    assert len(gdi.closed) == 2  # every adapter opened is closed again
+    assert windows.parse_bus_id("0000:41:00.0") == (0x41, 0, 0) and windows.parse_bus_id("") is None
+    bus_ids = ["0000:01:00.0", "0000:41:00.0"]  # card 0 at 01:00.0 is idle; card 1 at 41:00.0 runs everything
+    known = windows.known_luids([0xD1C3, 0xB2F0, 0xF000, 0x1_0000_8A2E], bus_ids, gdi)
+    assert known == {0xF000: 0, 0xD1C3: 1}
+    cards = [
+        dataclasses.replace(wddm_card(index=0), pci_bus_id=bus_ids[0]),
+        dataclasses.replace(wddm_card(4120, index=1), pci_bus_id=bus_ids[1]),
+    ]
+    locate_calls = []
+
+    def locate(luids, ids):
+        locate_calls.append(sorted(luids))
+        return windows.known_luids(luids, ids, gdi)
+
+    source = WddmProcessMemory(
+        Nvml(*cards), counters=windows.GpuCounters(Pdh({1: DEDICATED, 2: SHARED})), locate=locate
+    )
+    idle, busy = source.read(0.0).cards
+    assert idle.processes == () and {p.pid for p in busy.processes} == {4120, 1888, 5004}  # by order: the other way
+    source.read(1.0)
+    assert len(locate_calls) == 1  # an adapter keeps its LUID: asked once

@@ -8,15 +8,16 @@ NVML's and fills each card's processes from those counters (platforms/windows.py
 PDH): `gpu_memory_bytes` is the dedicated usage, `gtt_memory_bytes` the shared usage. A process NVML
 measured keeps NVML's number.
 
-Adapters are known by LUID, which NVML does not report: they are matched to cards by order
-(`windows.luid_cards`): the adapters holding the most dedicated memory, one per card, in LUID order.
+Adapters are known by LUID, which NVML does not report. Each LUID's PCI address (D3DKMT) is matched
+to a card's `pci_bus_id`; adapters whose address cannot be learnt go by order (`windows.luid_cards`):
+the adapters holding the most dedicated memory, one per card, in LUID order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..platforms import windows
@@ -62,12 +63,28 @@ class WddmProcessMemory:
     `counters`: an object with `read()` (luid -> pid -> GpuUsage) and `close()`; PDH's by default, opened
     on the first read. A failed read counts one error and leaves the cards as the inner source gave them."""
 
-    def __init__(self, inner: GpuSource, counters: Any = None, log: logging.Logger | None = None):
+    def __init__(
+        self,
+        inner: GpuSource,
+        counters: Any = None,
+        log: logging.Logger | None = None,
+        locate: Callable[[Iterable[int], Sequence[str]], dict[int, int]] = windows.known_luids,
+    ):
         self.inner = inner
         self.name = inner.name
         self.counters = counters
         self.log = log or LOG
+        self.locate = locate  # (luids, the cards' pci_bus_ids) -> luid -> card position
+        self._located: dict[tuple[int, tuple[str, ...]], int | None] = {}  # adapters keep their LUID until restarted
         self._failing = False
+
+    def _known(self, luids: Iterable[int], cards: Sequence[GpuCard]) -> dict[int, int]:
+        bus_ids = tuple(c.pci_bus_id for c in cards)
+        new = [luid for luid in luids if (luid, bus_ids) not in self._located]
+        if new:
+            found = self.locate(new, bus_ids)
+            self._located.update(((luid, bus_ids), found.get(luid)) for luid in new)
+        return {luid: pos for (luid, ids), pos in self._located.items() if ids == bus_ids and pos is not None}
 
     def read(self, now: float) -> GpuReading:
         reading = self.inner.read(now)
@@ -84,7 +101,8 @@ class WddmProcessMemory:
             error = f"wddm: {e}"
             return GpuReading(reading.cards, False, f"{reading.error}; {error}" if reading.error else error)
         self._failing = False
-        return GpuReading(attach(reading.cards, usage), reading.up, reading.error)
+        known = self._known(usage, reading.cards)
+        return GpuReading(attach(reading.cards, usage, known), reading.up, reading.error)
 
     def close(self) -> None:
         if self.counters is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 # --- per-process commit charge ----------------------------------------------------------------------
@@ -146,11 +146,11 @@ def rollup(dedicated: Iterable[tuple[str, int]], shared: Iterable[tuple[str, int
 def luid_cards(
     usage: Mapping[int, Mapping[int, GpuUsage]], cards: int, known: Mapping[int, int] | None = None
 ) -> dict[int, int]:
-    """luid -> card index. Adapters whose index is known (`known`) keep it. NVML gives no LUID, so the
+    """luid -> card index. Adapters whose index is known (`known`: from their PCI address) keep it. The
     rest go by order: the `cards` adapters holding the most dedicated memory (a discrete card holds
     nearly all of it; an integrated GPU and the Basic Render Driver next to nothing; an adapter holding
-    none is left out), numbered in LUID order, which is the order the adapters started in. With two
-    cards of which only the second is in use, that one is taken for the first: by order is right when
+    none is left out), numbered in LUID order, which is the order the adapters started in. By order, two
+    cards of which only the second is in use show it as the first: order is right only when
     every card holds memory."""
     known = dict(known or {})
     free = sorted(set(range(cards)) - set(known.values()))
@@ -160,6 +160,79 @@ def luid_cards(
     chosen = sorted(rest[: len(free)])
     known.update(zip(chosen, free, strict=False))
     return known
+
+
+# --- which card an adapter LUID is: D3DKMT's adapter address (PCI bus, device, function) ---------------
+
+KMTQAITYPE_ADAPTERADDRESS = 6
+
+
+class LUID(ctypes.Structure):
+    _fields_ = [("LowPart", ctypes.c_uint32), ("HighPart", ctypes.c_int32)]
+
+
+class D3DKMT_OPENADAPTERFROMLUID(ctypes.Structure):
+    _fields_ = [("AdapterLuid", LUID), ("hAdapter", ctypes.c_uint32)]
+
+
+class D3DKMT_ADAPTERADDRESS(ctypes.Structure):
+    _fields_ = [("BusNumber", ctypes.c_uint32), ("DeviceNumber", ctypes.c_uint32), ("FunctionNumber", ctypes.c_uint32)]
+
+
+class D3DKMT_QUERYADAPTERINFO(ctypes.Structure):
+    _fields_ = [
+        ("hAdapter", ctypes.c_uint32),
+        ("Type", ctypes.c_uint32),
+        ("pPrivateDriverData", ctypes.c_void_p),
+        ("PrivateDriverDataSize", ctypes.c_uint32),
+    ]
+
+
+class D3DKMT_CLOSEADAPTER(ctypes.Structure):
+    _fields_ = [("hAdapter", ctypes.c_uint32)]
+
+
+def adapter_address(luid: int, gdi32: Any = None) -> tuple[int, int, int] | None:
+    """(PCI bus, device, function) of the adapter with this LUID (D3DKMTOpenAdapterFromLuid, then
+    D3DKMTQueryAdapterInfo(KMTQAITYPE_ADAPTERADDRESS)); None for an adapter with no PCI address (the
+    Basic Render Driver) or where it cannot be asked."""
+    try:
+        gdi = gdi32 if gdi32 is not None else _windll("gdi32")
+    except OSError:
+        return None
+    opened = D3DKMT_OPENADAPTERFROMLUID()
+    opened.AdapterLuid.LowPart = luid & 0xFFFFFFFF
+    opened.AdapterLuid.HighPart = ctypes.c_int32(luid >> 32).value
+    if gdi.D3DKMTOpenAdapterFromLuid(ctypes.byref(opened)) != 0:  # NTSTATUS: 0 is success
+        return None
+    try:
+        address = D3DKMT_ADAPTERADDRESS()
+        query = D3DKMT_QUERYADAPTERINFO(
+            opened.hAdapter, KMTQAITYPE_ADAPTERADDRESS, ctypes.addressof(address), ctypes.sizeof(address)
+        )
+        if gdi.D3DKMTQueryAdapterInfo(ctypes.byref(query)) != 0:
+            return None
+        return address.BusNumber, address.DeviceNumber, address.FunctionNumber
+    finally:
+        gdi.D3DKMTCloseAdapter(ctypes.byref(D3DKMT_CLOSEADAPTER(opened.hAdapter)))
+
+
+def parse_bus_id(text: str) -> tuple[int, int, int] | None:
+    """ "0000:41:00.0" (a card's pci_bus_id) -> (0x41, 0, 0); None when empty or not of that form."""
+    m = re.match(r"^(?:[0-9a-fA-F]+:)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$", text)
+    return (int(m[1], 16), int(m[2], 16), int(m[3])) if m else None
+
+
+def known_luids(luids: Iterable[int], bus_ids: Sequence[str], gdi32: Any = None) -> dict[int, int]:
+    """luid -> card position, for the adapters whose PCI address is a card's (`bus_ids`: each card's
+    pci_bus_id, in card order). Adapters not found keep going by order (`luid_cards`)."""
+    cards = {addr: i for i, text in enumerate(bus_ids) if (addr := parse_bus_id(text)) is not None}
+    out: dict[int, int] = {}
+    for luid in luids:
+        address = adapter_address(luid, gdi32)
+        if address is not None and address in cards:
+            out[luid] = cards[address]
+    return out
 
 
 def counter_items(pdh: Any, counter: Any) -> list[tuple[str, int]]:
