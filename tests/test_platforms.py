@@ -169,7 +169,9 @@ class Pdh:
     """PdhGetFormattedCounterArrayW: size first (PDH_MORE_DATA), then an array of PDH_FMT_COUNTERVALUE_ITEM_W
     whose names point into the same buffer, as PDH lays it out."""
 
-    def __init__(self, items: dict[int, list[tuple[str, int]]], invalid: frozenset[str] = frozenset()):
+    def __init__(
+        self, items: dict[int, list[tuple[str, int]] | int], invalid: frozenset[str] = frozenset()
+    ):  # a counter's rows, or the status PDH answers for it
         self.items, self.invalid, self.keep = items, invalid, []
         self.collected = 0
 
@@ -191,6 +193,8 @@ class Pdh:
     def PdhGetFormattedCounterArrayW(self, counter, fmt, size, count, buf):
         assert fmt == windows.PDH_FMT_LARGE
         rows = self.items[counter.value]
+        if isinstance(rows, int):
+            return ctypes.c_int32(rows).value
         item = ctypes.sizeof(windows.PDH_FMT_COUNTERVALUE_ITEM_W)
         need = item * len(rows) + 512 * len(rows)
         if buf is None:
@@ -213,6 +217,12 @@ def test_counter_arrays_are_read_through_pdh():
     assert windows.counter_items(pdh, counters.counters["dedicated"]) == DEDICATED[:6] + DEDICATED[7:]
     usage = counters.read()
     assert pdh.collected == 1 and usage == windows.rollup(DEDICATED[:6], SHARED)
+
+
+def test_no_gpu_process_at_all_is_empty_and_a_failure_an_error():
+    assert windows.GpuCounters(Pdh({1: windows.PDH_NO_DATA, 2: windows.PDH_NO_DATA})).read() == {}
+    with pytest.raises(OSError, match="0xC0000BB8"):
+        windows.GpuCounters(Pdh({1: 0xC0000BB8, 2: []})).read()
 
 
 def test_private_bytes_come_from_psutils_windows_field():

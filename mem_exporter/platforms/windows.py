@@ -90,6 +90,7 @@ GPU_COUNTERS = {
 }
 PDH_FMT_LARGE = 0x00000400
 PDH_MORE_DATA = 0x800007D2
+PDH_NO_DATA = 0x800007D5  # no instance at all (no process holds GPU memory): nothing, not an error
 PDH_CSTATUS_VALID = (0, 1)  # PDH_CSTATUS_VALID_DATA, PDH_CSTATUS_NEW_DATA
 _INSTANCE = re.compile(r"^pid_(\d+)_luid_0x([0-9a-fA-F]{1,8})_0x([0-9a-fA-F]{1,8})_phys_(\d+)$")
 
@@ -241,7 +242,7 @@ def counter_items(pdh: Any, counter: Any) -> list[tuple[str, int]]:
     size, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
     status = pdh.PdhGetFormattedCounterArrayW(counter, PDH_FMT_LARGE, ctypes.byref(size), ctypes.byref(count), None)
     if status & 0xFFFFFFFF != PDH_MORE_DATA:
-        if status == 0:
+        if status == 0 or status & 0xFFFFFFFF == PDH_NO_DATA:
             return []
         raise OSError(f"PdhGetFormattedCounterArrayW: status 0x{status & 0xFFFFFFFF:08X}")
     buf = (ctypes.c_byte * size.value)()
