@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, run_to_the_kill
 
 from mem_exporter.cli import build_parser
+from mem_exporter.report.load import read_logs
 from mem_exporter.run.options import SetupError, options_from
 
 FORCED = [sys.executable, str(Path(__file__).with_name("forced_platform_run.py"))]
@@ -93,6 +94,10 @@ def test_run_on_the_os_kills_at_its_own_number(tmp_path, platform, memtype, how)
     if how == "reserve":  # the working set never came near the limit: only the commit charge did
         last = samples[-1]["groups"][0]
         assert last["rss_bytes"] < 100 * MB < 200e6 < last["private_bytes"]
+    # `report` charts the number the limit was on, not RSS
+    run = read_logs([tmp_path / "run.jsonl"], progress=False)
+    (series,) = run.groups.values()
+    assert run.memtype == memtype and max(series.values) == max(s["memory_bytes"] for s in samples)
 
 
 @pytest.mark.parametrize("platform,how", [("darwin", "file"), ("win32", "file")])
