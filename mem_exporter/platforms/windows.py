@@ -356,8 +356,8 @@ class JobObject:
     creationflags = CREATE_SUSPENDED
 
     def __init__(self, kernel32: Any = None, ntdll: Any = None):
-        self.kernel32 = kernel32 if kernel32 is not None else _windll("kernel32")
-        self.ntdll = ntdll if ntdll is not None else _windll("ntdll")
+        self.kernel32 = kernel32 if kernel32 is not None else _job_kernel32()
+        self.ntdll = ntdll if ntdll is not None else _job_ntdll()
         self.handle = self.kernel32.CreateJobObjectW(None, None)
         if not self.handle:
             raise OSError("CreateJobObjectW failed")
@@ -376,3 +376,21 @@ class JobObject:
         if self.ntdll.NtResumeProcess(process_handle) != 0:  # NTSTATUS: 0 is success
             raise OSError("NtResumeProcess failed: the command stays suspended")
         return inside
+
+
+def _job_kernel32() -> Any:
+    """kernel32 with the job calls typed: a HANDLE is pointer-sized, not ctypes' default int."""
+    k = _windll("kernel32")
+    handle, dword, bool_ = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int
+    k.CreateJobObjectW.restype, k.CreateJobObjectW.argtypes = handle, [ctypes.c_void_p, ctypes.c_wchar_p]
+    k.SetInformationJobObject.restype = bool_
+    k.SetInformationJobObject.argtypes = [handle, ctypes.c_int, ctypes.c_void_p, dword]
+    k.AssignProcessToJobObject.restype, k.AssignProcessToJobObject.argtypes = bool_, [handle, handle]
+    k.CloseHandle.restype, k.CloseHandle.argtypes = bool_, [handle]
+    return k
+
+
+def _job_ntdll() -> Any:
+    n = _windll("ntdll")
+    n.NtResumeProcess.restype, n.NtResumeProcess.argtypes = ctypes.c_int32, [ctypes.c_void_p]  # NTSTATUS (HANDLE)
+    return n
