@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notify", action="store_true", help="desktop notification when the tree is killed")
     run.add_argument("--grace", metavar="SECONDS", help="between SIGTERM and SIGKILL; default 5s")
     run.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics for the tree while it runs")
+    run.add_argument(
+        "--memory",
+        choices=("auto", "rss", "footprint", "private"),
+        help="which memory the limit counts: auto (default) is footprint on macOS (Activity Monitor's Memory), "
+        "private on Windows (Task Manager's Commit size), rss elsewhere (env MEM_EXPORTER_MEMORY)",
+    )
     _add_source_option(run, env="MEM_EXPORTER_SOURCE")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run")
     run.set_defaults(func=cmd_run)

@@ -266,6 +266,11 @@ class Rule(_Strict):
     memory_pressure_above: Annotated[PressureCondition | None, BeforeValidator(_pressure_shorthand)] = Field(
         None, description="when memory pressure (PSI) crosses this, kill the largest selected group"
     )
+    system_pressure_level: Literal["warn", "critical"] | None = Field(
+        None,
+        description="macOS: when the kernel's memory pressure level (kern.memorystatus_vm_pressure_level) "
+        "reaches this, kill the largest selected group; never fires where there is no such level",
+    )
     for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
     grace: Duration = Field(5.0, description="wait between the first and the last signal")
     signals: list[SignalName] = Field(
@@ -288,6 +293,7 @@ class Rule(_Strict):
         "gpu_memory_above",
         "system_available_below",
         "memory_pressure_above",
+        "system_pressure_level",
     )
 
     @property

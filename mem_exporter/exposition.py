@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from . import __version__
 from .config import Groups
 from .containers import group_ids
-from .sample import Sample
+from .sample import Sample, SystemMemory
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,23 @@ P = "mem_exporter_"
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = (), unit: str = "") -> GaugeMetricFamily:
     return GaugeMetricFamily(P + name, doc, labels=list(labels), unit=unit)
+
+
+def _os_system(m: SystemMemory) -> Iterable[Metric]:
+    """What only one OS reports about the whole system: macOS's pressure level, Windows' commit charge."""
+    for name, doc, value in (
+        (
+            "system_memory_pressure_level",
+            "macOS memory pressure (kern.memorystatus_vm_pressure_level): 1 normal, 2 warn, 4 critical.",
+            m.pressure_level,
+        ),
+        ("system_commit_bytes", "Windows commit charge: private memory the system has promised.", m.commit_bytes),
+        ("system_commit_limit_bytes", "Windows commit limit: RAM plus page files.", m.commit_limit_bytes),
+    ):
+        if value is not None:
+            g = _gauge(name, doc)
+            g.add_metric([], value)
+            yield g
 
 
 class SampleCollector:
@@ -97,6 +114,7 @@ class SampleCollector:
                         ratio.add_metric([kind, window], getattr(line, window))
                     stall.add_metric([kind], line.total_seconds)
             yield from (ratio, stall)
+        yield from _os_system(m)
         g = _gauge(
             "skipped_processes",
             "Processes left out of the last sample (or, for permission, read in part), by reason.",
@@ -141,6 +159,10 @@ class SampleCollector:
                 mem.add_metric([g.label, "pss"], g.pss_bytes)
             if g.swap_bytes is not None:
                 mem.add_metric([g.label, "swap"], g.swap_bytes)
+            if g.footprint_bytes is not None:
+                mem.add_metric([g.label, "footprint"], g.footprint_bytes)
+            if g.private_bytes is not None:
+                mem.add_metric([g.label, "private"], g.private_bytes)
             count.add_metric([g.label], g.processes)
             leader = next((p for p in g.members if p.pid == g.pgid), g.members[0]) if g.members else None
             values = [g.label, g.kind, str(g.pgid or ""), leader.comm if leader else ""]

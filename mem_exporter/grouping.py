@@ -79,6 +79,8 @@ def make_group(
         pss_bytes=_sum_optional(p.pss_bytes for p in members),
         swap_bytes=_sum_optional(p.swap_bytes for p in members),
         pgid=pgid,
+        footprint_bytes=_sum_optional(p.footprint_bytes for p in members),
+        private_bytes=_sum_optional(p.private_bytes for p in members),
         gpu_memory_bytes=gpu_memory or {},
         gpu_gtt_memory_bytes=gtt_memory or {},
     )
@@ -156,6 +158,8 @@ def cap_groups(
                 pss_bytes=_sum_optional(g.pss_bytes for g in rest),
                 swap_bytes=_sum_optional(g.swap_bytes for g in rest),
                 gpu_memory_bytes=gpu,
+                footprint_bytes=_sum_optional(g.footprint_bytes for g in rest),
+                private_bytes=_sum_optional(g.private_bytes for g in rest),
                 gpu_gtt_memory_bytes=gtt,
             )
         )

@@ -7,6 +7,10 @@ What each OS gives:
 - Windows: RSS (working set); USS with `memory: pss`; no process groups, so a group is a process tree
   (`tree_roots`): the process a shell or service host started, with everything below it.
 
+Beside RSS, each process's own number on its OS (platforms/): macOS phys_footprint (memtype
+`footprint`), Windows PrivateUsage (memtype `private`); and for the system macOS's pressure level,
+Windows' commit charge and limit.
+
 `start_time` is kept in the same unit as procfs (clock ticks after boot; 100 per second outside
 Linux), so (pid, start_time) identities agree between sources and with the actuators.
 """
@@ -21,6 +25,7 @@ from typing import NamedTuple
 
 import psutil
 
+from . import platforms
 from .sample import ProcessInfo, SystemMemory
 
 # `uids` exists only where the OS has numeric users (not Windows): asking psutil for it there is an error.
@@ -132,6 +137,7 @@ class PsutilReader:
         cgroup: bool = False,
         trees: bool | None = None,
         is_host: Callable[[TreeRecord], bool] = is_tree_host,
+        platform: str | None = None,
     ):
         self.pss = pss  # memory_full_info: pss and swap on Linux; elsewhere uss is the closest
         self.exe = exe
@@ -139,6 +145,9 @@ class PsutilReader:
         self.trees = (not hasattr(os, "getpgid")) if trees is None else trees  # groups as process trees
         self.is_host = is_host
         self._roots: dict[int, int] = {}  # pid -> tree root, from the last full read (trees only)
+        self.platform = platforms.PLATFORM if platform is None else platform
+        # (memtype, reader) of the OS's own per-process number (footprint, private), None where there is none
+        self.native = platforms.process_memory(self.platform)
 
     def read_system(self) -> SystemMemory:
         vm = psutil.virtual_memory()
@@ -149,6 +158,7 @@ class PsutilReader:
             free_bytes=vm.free,
             swap_total_bytes=sw.total,
             swap_used_bytes=sw.used,
+            **platforms.read_system_extra(self.platform),
         )
 
     def read_cpu_times(self) -> tuple[float, float]:
@@ -206,6 +216,9 @@ class PsutilReader:
                 except (psutil.AccessDenied, psutil.NoSuchProcess):
                     pass
             uids = info.get("uids")
+            native = None if self.native is None else self.native[1](pid, info["memory_info"])
+            footprint = native if self.native is not None and self.native[0] == "footprint" else None
+            private = native if self.native is not None and self.native[0] == "private" else None
             procs.append(
                 ProcessInfo(
                     pid=pid,
@@ -221,6 +234,8 @@ class PsutilReader:
                     pss_bytes=pss,
                     swap_bytes=swap,
                     exe=info.get("exe") if self.exe else None,
+                    footprint_bytes=footprint,
+                    private_bytes=private,
                 )
             )
         return procs, skipped

@@ -93,13 +93,14 @@ def exit_record(now: float, started: float, cause: str, exit_status: int, **info
     }
 
 
-def run_member(p: ProcessInfo) -> dict[str, Any]:
+def run_member(p: ProcessInfo, memtype: str = "rss") -> dict[str, Any]:
+    used = p.memory_bytes(memtype)
     return {
         "pid": p.pid,
         "comm": p.comm,
         "command": p.cmdline[:300],
-        "memory_bytes": p.rss_bytes,
-        "memory_mb": mb(p.rss_bytes),
+        "memory_bytes": used,
+        "memory_mb": mb(used),
     }
 
 
@@ -110,23 +111,26 @@ def run_sample_record(
     system: SystemMemory | None,
     fast: bool = False,
     phase: str | None = None,
+    memtype: str = "rss",
 ) -> dict[str, Any]:
-    """One reading of a `run`'s tree. `groups` repeats the total in the session-log shape, so `report` reads it."""
+    """One reading of a `run`'s tree; `memory_bytes` is the `memtype` the threshold limits. `groups` repeats the
+    total in the session-log shape, so `report` reads it."""
+    used = tree.memory_bytes(memtype)
     rec: dict[str, Any] = {
         "type": "sample",
         "timestamp": iso(timestamp),
         "t": round(timestamp, 3),
         "pgid": tree.pgid,
-        "memory_bytes": tree.rss_bytes,
-        "memory_mb": mb(tree.rss_bytes),
+        "memory_bytes": used,
+        "memory_mb": mb(used),
         "threshold_bytes": threshold,
         "threshold_mb": mb(threshold),
-        "percent": round(100 * tree.rss_bytes / threshold, 1) if threshold else None,
+        "percent": round(100 * used / threshold, 1) if threshold else None,
         "processes": tree.processes,
-        "members": [run_member(p) for p in tree.members[:TOP_MEMBERS]],
+        "members": [run_member(p, memtype) for p in tree.members[:TOP_MEMBERS]],
         "fast": fast,
         "phase": phase,
-        "memtype": "rss",
+        "memtype": memtype,
         "groups": [
             {
                 "group": tree.label,
@@ -135,6 +139,7 @@ def run_sample_record(
                 "pgid": tree.pgid,
                 "processes": tree.processes,
                 "rss_bytes": tree.rss_bytes,
+                **({f"{memtype}_bytes": used} if memtype != "rss" else {}),
                 "limits": {"run": threshold},
             }
         ],
@@ -219,7 +224,7 @@ def session_sample_record(sample: Sample, groups: Iterable[GroupSample], limits:
 
 
 def event_member(p: ProcessInfo, memtype: str = "rss") -> dict[str, Any]:
-    mem = p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes
+    mem = p.memory_bytes(memtype)
     return {"pid": p.pid, "comm": p.comm, "command": p.cmdline[:300], "uid": p.uid, "memory_bytes": mem}
 
 
@@ -272,6 +277,8 @@ _GROUP = {
         "rss_bytes": _INT,
         "pss_bytes": _INT,
         "swap_bytes": _INT,
+        "footprint_bytes": _INT,
+        "private_bytes": _INT,
         "pgid": _OPT_INT,
         "leader": _STR,
         "gpu_memory_bytes": {"type": "object", "additionalProperties": _INT},
@@ -297,7 +304,7 @@ LINE_SCHEMAS: dict[str, dict[str, Any]] = {
             "host": _STR,
             "pid": _INT,
             "format": _STR,
-            "memtype": {"enum": ["rss", "pss"]},
+            "memtype": {"enum": ["rss", "pss", "footprint", "private"]},
             "interval": _NUM,
         },
     },
@@ -309,7 +316,7 @@ LINE_SCHEMAS: dict[str, dict[str, Any]] = {
             "t": _NUM,
             "timestamp": _STR,
             "phase": _OPT_STR,
-            "memtype": {"enum": ["rss", "pss"]},
+            "memtype": {"enum": ["rss", "pss", "footprint", "private"]},
             "processes": _INT,
             "cpu_ratio": _OPT_NUM,
             "groups": {"type": "array", "items": _GROUP},

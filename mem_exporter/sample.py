@@ -29,10 +29,17 @@ class ProcessInfo(NamedTuple):
     swap_bytes: int | None = None
     cgroup: str | None = None
     exe: str | None = None
+    footprint_bytes: int | None = None  # macOS: phys_footprint (Activity Monitor's Memory column)
+    private_bytes: int | None = None  # Windows: PrivateUsage, the commit charge (Task Manager's Commit size)
 
     @property
     def identity(self) -> tuple[int, int]:
         return (self.pid, self.start_time)
+
+    def memory_bytes(self, memtype: str = "rss") -> int:
+        """This process's memory of one type; RSS where that type was not read."""
+        value = {"pss": self.pss_bytes, "footprint": self.footprint_bytes, "private": self.private_bytes}.get(memtype)
+        return self.rss_bytes if value is None else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +49,9 @@ class SystemMemory:
     free_bytes: int
     swap_total_bytes: int
     swap_used_bytes: int
+    pressure_level: int | None = None  # macOS kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
+    commit_bytes: int | None = None  # Windows: the system's commit charge (GetPerformanceInfo CommitTotal)
+    commit_limit_bytes: int | None = None  # Windows: the commit limit (RAM plus page files)
 
     @property
     def used_bytes(self) -> int:
@@ -145,11 +155,13 @@ class GroupSample:
     pgid: int | None = None
     gpu_memory_bytes: Mapping[int, int] = field(default_factory=dict)  # gpu index -> bytes
     gpu_gtt_memory_bytes: Mapping[int, int] = field(default_factory=dict)  # gpu index -> GTT bytes (DRM cards)
+    footprint_bytes: int | None = None  # macOS: summed phys_footprint
+    private_bytes: int | None = None  # Windows: summed commit charge (PrivateUsage)
 
     def memory_bytes(self, memtype: str = "rss") -> int:
-        if memtype == "pss" and self.pss_bytes is not None:
-            return self.pss_bytes
-        return self.rss_bytes
+        """The group's memory of one type; RSS where that type was not read (another OS, no access)."""
+        value = {"pss": self.pss_bytes, "footprint": self.footprint_bytes, "private": self.private_bytes}.get(memtype)
+        return self.rss_bytes if value is None else value
 
     @property
     def gpu_memory_total_bytes(self) -> int:

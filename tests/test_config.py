@@ -81,12 +81,12 @@ BAD = [
     (
         "enforcer: {rules: [{name: r}]}\n",
         "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
-        "system_available_below, memory_pressure_above; got none",
+        "system_available_below, memory_pressure_above, system_pressure_level; got none",
     ),
     (
         "enforcer: {rules: [{name: r, max_rss: 1GB, max_gpu_memory: 1GB}]}\n",
         "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
-        "system_available_below, memory_pressure_above; got max_rss, max_gpu_memory",
+        "system_available_below, memory_pressure_above, system_pressure_level; got max_rss, max_gpu_memory",
     ),
     (
         "enforcer: {rules: [{name: r, max_rss: -5MB}]}\n",

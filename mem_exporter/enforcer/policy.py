@@ -6,7 +6,8 @@ groups in the fast lane, on partial samples holding just those groups re-read
 
 Cooldown keys: a group-limit rule (max_rss, max_pss, max_gpu_memory) cools down per
 group, so a second runaway under the same rule is still stopped at once;
-`gpu_memory_above` per card; `system_available_below` and `memory_pressure_above` per rule
+`gpu_memory_above` per card; `system_available_below`, `memory_pressure_above` and
+`system_pressure_level` per rule
 (memory freed by a kill takes a moment to show, and a second victim must not follow on stale numbers).
 
 `memory_pressure_above` reads the Sample's PSI readings: avg10 as a ratio, or the stall time per
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
 from ..grouping import user_name as _user_name
+from ..platforms.macos import LEVEL_OF_NAME
 from ..pressure import StallWindow
 from ..sample import GpuCard, GroupSample, ProcessInfo, Sample
 
@@ -411,6 +413,17 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
             candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
             _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
+        elif (level := rule.system_pressure_level) is not None:
+            # macOS's own verdict (1 normal, 2 warn, 4 critical); None on every other OS: never fires there
+            current, need = sample.system.pressure_level, LEVEL_OF_NAME[level]
+            if current is None or current < need:
+                rs.since.pop("pressure_level", None)
+                continue
+            if not _held(rule, rs, "pressure_level", now) or _cooling(rule, rs, "pressure_level", now):
+                continue
+            selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
+            candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            _choose(rule, rs, candidates, sample, ctx, cond, current, need, now, "pressure_level", out, busy)
         elif (share := rule.gpu_memory_above) is not None:
             for card in sample.gpus:
                 key = f"gpu:{card.index}"

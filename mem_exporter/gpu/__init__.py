@@ -7,6 +7,9 @@ A source is read once per sampler tick and never raises. The kinds:
 - `fake`: a YAML scenario replayed over time (`fake.py`), for tests, demos and dashboards;
 - `none`: no GPU metrics at all.
 
+On Windows the NVML source is wrapped by `wddm.WddmProcessMemory`: per-process memory from Windows'
+own counters, which NVML does not give under WDDM.
+
 `open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)` picks one.
 """
 
@@ -71,6 +74,16 @@ class CombinedSource:
             p.close()
 
 
+def _per_process_on_windows(source: GpuSource) -> GpuSource:
+    from .. import platforms
+
+    if platforms.PLATFORM != "win32":
+        return source
+    from .wddm import WddmProcessMemory
+
+    return WddmProcessMemory(source)
+
+
 def open_gpu_source(
     backend: str, retry_max: float = 60.0, log: logging.Logger | None = None, paths: object = None
 ) -> GpuSource:
@@ -109,7 +122,7 @@ def open_gpu_source(
         )
         nvml.start(time.monotonic())
         if drm is None:
-            return nvml
+            return _per_process_on_windows(nvml)
         drm.number_from(max(nvidia or 0, nvml.card_count or 0))  # `gpu` stays unique on the host
         return CombinedSource(nvml, drm)
     if backend.startswith("fake:") and backend[5:]:

@@ -77,7 +77,8 @@ def add_sample(run: Run, rec: dict[str, Any]) -> None:
         run.swap.add(t, s.get("swap_used_bytes"))
     for g in rec.get("groups") or ():
         series = run.group(g["group"])
-        value = g.get("pss_bytes") if memtype == "pss" and g.get("pss_bytes") is not None else g.get("rss_bytes")
+        value = g.get(f"{memtype}_bytes")  # pss, footprint (macOS), private (Windows) where the log has them
+        value = g.get("rss_bytes") if value is None else value
         series.add(t, value)
         for rule, limit in (g.get("limits") or {}).items():
             series.limits[rule] = float(limit)

@@ -5,7 +5,9 @@ starts, in its process group or not (a `setsid` grandchild such as `ollama serve
 wrapper is a child subreaper, so a descendant orphaned on the way reparents to the wrapper instead
 of init and stays in the tree. Members are remembered by (pid, start time): a reused pid is never
 mistaken for one, and without a subreaper (macOS, Windows) an orphan seen before its parent exited
-stays a member. The tree's summed RSS is what the threshold limits.
+stays a member. The tree's summed memory is what the threshold limits: RSS, or with `--memory`
+(by default on those OSes) macOS's footprint or Windows' private commit, the numbers Activity
+Monitor and Task Manager show.
 
 A Supervisor (supervisor.py) starts the command, forwards signals to the Runner and learns when the
 command exits: the POSIX one with a self-pipe, waitpid and job control on a terminal, the polling
@@ -44,7 +46,7 @@ from ..enforcer.kill import KillOrder, execute
 from ..enforcer.lane import Growth
 from ..enforcer.metrics import EnforcerCollector, EnforcerState, Tally
 from ..enforcer.policy import Action, poll_period, protection
-from ..grouping import descendants
+from ..grouping import _sum_optional, descendants
 from ..phase import PhaseWatcher
 from ..procfs import ProcfsReader
 from ..records import exit_record, session_header
@@ -73,6 +75,7 @@ TTY_STATUS_EVERY = 0.2
 COLOURS = {"safe": "32", "caution": "33", "critical": "31"}  # green, yellow, red
 
 _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read succeeds
+MEMORY_WORDS = {"rss": "memory", "footprint": "memory footprint", "private": "private commit"}
 CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
 
 
@@ -104,6 +107,7 @@ class Runner:
         self.actuator = make_actuator(self.config)
         self.ctx = own_context(self.config.paths.procfs, builtin=False)  # nothing in the user's own tree is exempt
         self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
+        self.memtype = opts.memory  # rss | footprint | private: the number the threshold limits
         self.members: dict[int, ProcessInfo] = {}
         self.group: GroupSample | None = None
         self.breach: GroupSample | None = None
@@ -217,7 +221,7 @@ class Runner:
                 threshold_mb=mb(self.opts.threshold),
                 interval=self.opts.interval,
                 grace=self.opts.grace,
-                memtype="rss",
+                memtype=self.memtype,
                 terminal=self.supervisor.tty is not None,
                 subreaper=self.supervisor.subreaper,
             )
@@ -238,12 +242,13 @@ class Runner:
             if full:
                 next_full = now + self.opts.interval
             group = self._read(full)
-            if group.rss_bytes > self.opts.threshold:
+            used = group.memory_bytes(self.memtype)
+            if used > self.opts.threshold:
                 self.breach = group
                 return "memory"
             period = min(
                 TREE_EVERY,
-                poll_period(self.opts.threshold - group.rss_bytes, self.growth.rate(RULE), self.opts.interval),
+                poll_period(self.opts.threshold - used, self.growth.rate(RULE), self.opts.interval),
             )
             self.supervisor.sleep(min(next_full, time.monotonic() + period) - time.monotonic())
 
@@ -256,7 +261,7 @@ class Runner:
         else:
             sample = self._read_by_listing(full)
             ok = sample is None or all(sample.sources_up.values())
-        members = sorted(self.members.values(), key=lambda p: p.rss_bytes, reverse=True)
+        members = sorted(self.members.values(), key=lambda p: p.memory_bytes(self.memtype), reverse=True)
         group = GroupSample(
             key=f"tree:{self.cmd_pid}",
             label=self.name,
@@ -265,10 +270,13 @@ class Runner:
             processes=len(members),
             members=tuple(members),
             pgid=self.cmd_pid,
+            footprint_bytes=_sum_optional(p.footprint_bytes for p in members),
+            private_bytes=_sum_optional(p.private_bytes for p in members),
         )
         self.group = group
-        self.peak = max(self.peak, group.rss_bytes)
-        self.growth.observe(RULE, group.rss_bytes, time.monotonic())
+        used = group.memory_bytes(self.memtype)
+        self.peak = max(self.peak, used)
+        self.growth.observe(RULE, used, time.monotonic())
         if record:
             self._record(group, full, sample, ok, time.perf_counter() - began)
         return group
@@ -324,7 +332,7 @@ class Runner:
 
     def _record(self, group: GroupSample, full: bool, sample: Sample | None, ok: bool, duration: float) -> None:
         now = time.monotonic()
-        share = group.rss_bytes / self.opts.threshold
+        share = group.memory_bytes(self.memtype) / self.opts.threshold
         # a line per full reading; from the caution zone on, fast readings too (every one past the limit)
         if (
             full
@@ -333,7 +341,15 @@ class Runner:
         ):
             self._last_logged = now
             self.run_log.write(
-                sample_record(group, self.opts.threshold, time.time(), self.system, fast=not full, phase=self.phase)
+                sample_record(
+                    group,
+                    self.opts.threshold,
+                    time.time(),
+                    self.system,
+                    fast=not full,
+                    phase=self.phase,
+                    memtype=self.memtype,
+                )
             )
         if full:
             self.run_log.flush()  # once per interval: `tail -f` shows the run as it goes
@@ -356,7 +372,7 @@ class Runner:
             process_count=group.processes,
             groups=(group,),
             processes=group.members,
-            memtype="rss",
+            memtype=self.memtype,
             sources_up={source: ok},
             errors_total={source: self.sampler.errors_total[source]},
             phase=self.phase,
@@ -371,9 +387,10 @@ class Runner:
         if not full and (not tty or now - self._last_status < TTY_STATUS_EVERY):
             return
         self._last_status = now
-        share = group.rss_bytes / self.opts.threshold
+        used = group.memory_bytes(self.memtype)
+        share = used / self.opts.threshold
         text = (
-            f"mem-exporter: {group.rss_bytes / MB:.1f} MB of {self.opts.threshold / MB:g} MB ({share:.0%}), "
+            f"mem-exporter: {used / MB:.1f} MB of {self.opts.threshold / MB:g} MB ({share:.0%}), "
             f"peak {self.peak / MB:.1f} MB, {processes(group.processes)}"
         )
         try:
@@ -418,7 +435,7 @@ class Runner:
         def refresh() -> tuple[list[ProcessInfo], bool]:
             self._reap()
             current = self._read(False)
-            return signallable(), cause == "memory" and current.rss_bytes > ceiling
+            return signallable(), cause == "memory" and current.memory_bytes(self.memtype) > ceiling
 
         # killpg reaches forks not read yet; never when the group holds a process we must not signal
         spare = any(p.pgid == self.cmd_pid and protection(p, self.ctx) for p in self.members.values())
@@ -432,7 +449,7 @@ class Runner:
             rule=self.rule,
             group=group,
             condition=CONDITIONS[cause],
-            value=group.rss_bytes,
+            value=group.memory_bytes(self.memtype),
             limit=self.opts.threshold,
             at=report.started,
             targets=tuple(report.targets.values()),
@@ -442,7 +459,7 @@ class Runner:
             action,
             time.time(),
             5,
-            "rss",
+            self.memtype,
             type="event",
             cause=cause,
             signal=signal_name(first),
@@ -460,7 +477,7 @@ class Runner:
             rules=(RULE,),
             kills=dict(self.tally.kills),
             actions=dict(self.tally.actions),
-            limits=((RULE, self.name, "rss", self.opts.threshold),),
+            limits=((RULE, self.name, self.memtype, self.opts.threshold),),
             last_kill=dict(self.tally.last_kill),
             last_time_to_death=dict(self.tally.last_time_to_death),
         )
@@ -474,10 +491,11 @@ class Runner:
         if cause == "memory" and g is not None:
             verb = "killed" if event and event["outcome"] == "dead" else "could not kill"
             lines.append(
-                f"{verb} `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
+                f"{verb} `{command}` ({processes(g.processes)}): {MEMORY_WORDS[self.memtype]} "
+                f"{g.memory_bytes(self.memtype) / MB:.1f} MB passed the "
                 f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}"
             )
-            top = ", ".join(f"{p.comm}[{p.pid}] {p.rss_bytes / MB:.1f} MB" for p in g.top(5))
+            top = ", ".join(f"{p.comm}[{p.pid}] {p.memory_bytes(self.memtype) / MB:.1f} MB" for p in g.top(5))
             lines.append(f"largest: {top}")
         elif cause == "signal" and event and self.signalled is not None:
             lines.append(

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..platforms import native_memtype
 from ..runlog import MB
 from ..units import parse_duration, parse_size
 
@@ -19,7 +20,9 @@ ENV_INTERVAL = "MEM_EXPORTER_INTERVAL"
 ENV_LOG = "MEM_EXPORTER_LOG"
 ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
 ENV_SOURCE = "MEM_EXPORTER_SOURCE"
+ENV_MEMORY = "MEM_EXPORTER_MEMORY"
 SOURCES = ("auto", "procfs", "psutil")
+MEMTYPES = ("auto", "rss", "footprint", "private")
 
 
 class SetupError(Exception):
@@ -37,6 +40,7 @@ class RunOptions:
     notify: bool = False
     listen: str | None = None
     source: str = "auto"  # auto | procfs | psutil: how the tree is read
+    memory: str = "rss"  # rss | footprint (macOS) | private (Windows): what the threshold limits
 
 
 def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
@@ -79,6 +83,12 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
     source = getattr(args, "source", None) or environ.get(ENV_SOURCE, "").strip() or "auto"
     if source not in SOURCES:
         raise SetupError(f"{ENV_SOURCE}: {source!r} is not one of {', '.join(SOURCES)}")
+    memory = getattr(args, "memory", None) or environ.get(ENV_MEMORY, "").strip() or "auto"
+    if memory not in MEMTYPES:
+        raise SetupError(f"{ENV_MEMORY}: {memory!r} is not one of {', '.join(MEMTYPES)}")
+    if memory not in ("auto", "rss") and memory != native_memtype():
+        where = "--memory" if getattr(args, "memory", None) else ENV_MEMORY
+        raise SetupError(f"{where}: {memory} is read on {'macOS' if memory == 'footprint' else 'Windows'} only")
     return RunOptions(
         command=tuple(command),
         threshold=threshold,
@@ -89,4 +99,5 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         notify=bool(args.notify),
         listen=args.listen,
         source=source,
+        memory=native_memtype() if memory == "auto" else memory,
     )

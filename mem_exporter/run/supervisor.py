@@ -6,11 +6,14 @@ Runner (run/__init__.py) watches the tree, enforces the limit and reports; a Sup
   stay its children and it reaps them; signals and children's exits wake the loop through a
   self-pipe; on a terminal the command gets the foreground, and Ctrl-Z stops and resumes both.
 - PollingSupervisor (Windows; portable, so it runs on Linux too): subprocess.Popen, poll() for the
-  command's exit, sleeps in short slices. No subreaper and no terminal sharing.
+  command's exit, sleeps in short slices. No subreaper and no terminal sharing. On Windows the command
+  starts suspended inside a Job Object with KILL_ON_JOB_CLOSE (platforms/windows.py), so the whole tree
+  dies with `run`, even when `run` itself is killed.
 """
 
 from __future__ import annotations
 
+import logging
 import ntpath
 import os
 import shutil
@@ -19,7 +22,9 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 # the signals `run` stops the tree on, those the OS has: SIGHUP is POSIX only, SIGBREAK (Ctrl-Break) Windows only
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
@@ -102,11 +107,25 @@ class PollingSupervisor:
     self-pipe), and Ctrl-C does not interrupt a wait on a lock or select() there; it does interrupt
     time.sleep, hence sleeps in short slices that also check poll() and whether a signal came."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: Callable[[], Any] | None = None, popen: Callable[..., subprocess.Popen] = subprocess.Popen):
         self.tty: int | None = None  # the command keeps our console (Windows) or gets a session of its own (POSIX)
         self.subreaper = False  # an orphan stays in the tree only because members are remembered once seen
         self.proc: subprocess.Popen | None = None
         self._woken = False
+        # Windows: a Job Object the tree lives in (windows.JobObject); `job` makes one (tests give a stand-in)
+        self._make_job = job if job is not None else (_windows_job if os.name == "nt" else None)
+        self._popen = popen
+        self.job: Any = None
+        self.in_job = False  # whether the command was put in the job (then the tree dies with `run`)
+
+    def _new_job(self) -> Any:
+        if self._make_job is None:
+            return None
+        try:
+            return self._make_job()
+        except OSError as e:  # the tree is still watched and killed by `run`, only not when `run` is killed
+            log.warning("no Job Object for the command (%s): if `run` is killed, its tree may outlive it", e)
+            return None
 
     def start(self, argv: Sequence[str], on_signal: OnSignal) -> int:
         def handler(signum: int, _frame: object) -> None:
@@ -118,7 +137,18 @@ class PollingSupervisor:
         # Windows: no creation flags: the command shares our console and its process group, so Ctrl-C
         # (and Ctrl-Break) reach it as they would without the wrapper; the wrapper gets them too and
         # stops whatever is left of the tree.
-        self.proc = subprocess.Popen(command_line(argv), start_new_session=os.name == "posix")
+        self.job = self._new_job()
+        flags = {"creationflags": self.job.creationflags} if self.job is not None else {}
+        self.proc = self._popen(command_line(argv), start_new_session=os.name == "posix", **flags)
+        if self.job is not None:
+            try:  # started suspended: in the job before it runs, so nothing it starts is outside
+                self.in_job = self.job.adopt(int(self.proc._handle))  # type: ignore[attr-defined]  # Windows only
+            except OSError:
+                self.proc.kill()  # it would stay suspended for ever
+                self.proc.wait()
+                raise
+            if not self.in_job:
+                log.warning("the command could not be put in a Job Object: if `run` is killed, its tree may outlive it")
         return self.proc.pid
 
     def reap(self) -> int | None:
@@ -136,3 +166,9 @@ class PollingSupervisor:
 
     def restore(self) -> None:
         pass  # the terminal was never handed over
+
+
+def _windows_job() -> Any:
+    from ..platforms.windows import JobObject
+
+    return JobObject()
