@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--phase-file",
         metavar="FILE",
         help="default: $MEM_EXPORTER_PHASE_FILE, "
-        "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /tmp/mem-exporter-UID/phase",
+        "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /run/mem-exporter/phase for root and "
+        "$XDG_STATE_HOME/mem-exporter/phase (~/.local/state/mem-exporter/phase) for other users; every directory "
+        "on the way must belong to root or you",
     )
     phase.set_defaults(func=cmd_phase)
 
