@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a command; kill its whole process tree if it uses too much memory (docs/run.md)",
-        description="Run CMD in a new process group, watch its whole process tree (sessions of its own included) "
+        description="Run CMD: on a terminal, in a process group of its own in the terminal's foreground; "
+        "otherwise, in a new session without a terminal. Watch its whole process tree (sessions of its own included) "
         "and kill the tree (SIGTERM, grace, SIGKILL) when its summed RSS passes the threshold. "
         "Exit status: CMD's own (128+N for a signal), 137 when killed for memory, 2 for a setup error.",
     )
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notify", action="store_true", help="desktop notification when the tree is killed")
     run.add_argument("--grace", metavar="SECONDS", help="between SIGTERM and SIGKILL; default 5s")
     run.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics for the tree while it runs")
+    run.add_argument(
+        "--keep-phase",
+        action="store_true",
+        help="adopt a phase set before the run started, if the session that set it is still alive "
+        "(default: only phases set while the run runs)",
+    )
     _add_source_option(run, env="MEM_EXPORTER_SOURCE")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run")
     run.set_defaults(func=cmd_run)

@@ -37,6 +37,8 @@ class RunOptions:
     notify: bool = False
     listen: str | None = None
     source: str = "auto"  # auto | procfs | psutil: how the tree is read
+    threshold_text: str = "800"  # the threshold as the user wrote it, for the log and the report
+    keep_phase: bool = False  # adopt a phase set before the run started (by a session still alive)
 
 
 def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
@@ -63,6 +65,7 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         return value
 
     threshold = pick(args.threshold, "--threshold", ENV_THRESHOLD, lambda v: parse_size(v, bare_unit=MB), 800 * MB)
+    threshold_text = str(args.threshold if args.threshold is not None else environ.get(ENV_THRESHOLD, "") or "800")
     interval = pick(args.interval, "--interval", ENV_INTERVAL, parse_duration, 2.0)
     if interval > 3600:
         raise SetupError(f"--interval: at most 1h (got {interval:g}s)")
@@ -89,4 +92,6 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         notify=bool(args.notify),
         listen=args.listen,
         source=source,
+        threshold_text=threshold_text.strip(),
+        keep_phase=bool(getattr(args, "keep_phase", False)),
     )

@@ -1,0 +1,50 @@
+"""What to call a command: the program a shell or a launcher runs, not the shell.
+
+`bash -c "bun test"`, `sh -c 'exec bun test'` and `env FOO=1 bun test` are all `bun`: the group `run` watches,
+and a group in `top` whose leader is such a wrapper, is named after the program that does the work. A
+shell running a script (`bash ci.sh`) is named after the script.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
+LAUNCHERS = frozenset({"env", "exec", "nice", "nohup", "time", "timeout", "stdbuf", "setsid", "ionice", "chrt"})
+MAX_DEPTH = 4  # wrappers unwrapped at most (bash -c "env sh -c '...'")
+
+
+def program_name(argv: Sequence[str]) -> str:
+    """The base name of the program `argv` ends up running, as far as its words tell."""
+    words = list(argv)
+    for _ in range(MAX_DEPTH):
+        if not words:
+            break
+        head = os.path.basename(words[0])
+        rest = words[1:]
+        if head in SHELLS:
+            if "-c" in rest[:3] and rest.index("-c") + 1 < len(rest):
+                try:
+                    words = shlex.split(rest[rest.index("-c") + 1])
+                except ValueError:  # unbalanced quotes: the shell's own problem
+                    return head
+                continue
+            script = next((w for w in rest if not w.startswith("-")), None)
+            return os.path.basename(script) if script else head
+        if head in LAUNCHERS:
+            words = _after_options(rest)
+            continue
+        return head or "run"
+    return os.path.basename(argv[0]) if argv else "run"
+
+
+def _after_options(words: list[str]) -> list[str]:
+    """The command a launcher runs: past its options, VAR=value pairs and (timeout, nice) numbers."""
+    i = 0
+    while i < len(words) and (
+        words[i].startswith("-") or "=" in words[i] or words[i].replace(".", "", 1).rstrip("smhd").isdigit()
+    ):
+        i += 1
+    return words[i:]
