@@ -2,7 +2,8 @@
 
 `bash -c "bun test"`, `sh -c 'exec bun test'` and `env FOO=1 bun test` are all `bun`: the group `run` watches,
 and a group in `top` whose leader is such a wrapper, is named after the program that does the work. A
-shell running a script (`bash ci.sh`) is named after the script.
+shell running a script (`bash ci.sh`) is named after the script. Of a list (`cd app && bun test`,
+`setup; bun test | tee out`) the last command counts, of a pipeline its first program.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
 LAUNCHERS = frozenset({"env", "exec", "nice", "nohup", "time", "timeout", "stdbuf", "setsid", "ionice", "chrt"})
+_LIST = frozenset({";", "&&", "||", "&", ";;", "\n"})  # what separates the commands of a list
 MAX_DEPTH = 4  # wrappers unwrapped at most (bash -c "env sh -c '...'")
 
 
@@ -26,9 +28,8 @@ def program_name(argv: Sequence[str]) -> str:
         rest = words[1:]
         if head in SHELLS:
             if "-c" in rest[:3] and rest.index("-c") + 1 < len(rest):
-                try:
-                    words = shlex.split(rest[rest.index("-c") + 1])
-                except ValueError:  # unbalanced quotes: the shell's own problem
+                words = _last_command(rest[rest.index("-c") + 1])
+                if not words:
                     return head
                 continue
             script = next((w for w in rest if not w.startswith("-")), None)
@@ -38,6 +39,26 @@ def program_name(argv: Sequence[str]) -> str:
             continue
         return head or "run"
     return os.path.basename(argv[0]) if argv else "run"
+
+
+def _last_command(script: str) -> list[str]:
+    """The words of the last command of a shell list, the first program of its pipeline; [] when the script
+    cannot be split (unbalanced quotes: the shell's own problem)."""
+    lexer = shlex.shlex(script.replace("\n", " ; "), posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    try:
+        for token in lexer:
+            if token in _LIST:
+                commands.append([])
+            elif token == "|":
+                commands.append(["|"])  # a later part of a pipeline: never the one named
+            else:
+                commands[-1].append(token)
+    except ValueError:
+        return []
+    named = [words for words in commands if words and words[0] != "|"]
+    return named[-1] if named else []
 
 
 def _after_options(words: list[str]) -> list[str]:

@@ -323,3 +323,15 @@ def test_run_help_and_the_docs_say_the_same_about_the_command_s_group_and_sessio
     said += "without a terminal"
     assert said in help_text and said in docs
     assert "in a new process group" not in help_text
+
+
+def test_program_names_of_wrapped_commands():
+    from mem_exporter.naming import program_name
+
+    assert program_name(["bash", "-c", "cd app && bun test"]) == "bun"
+    assert program_name(["sh", "-c", "exec bun test | tee out"]) == "bun"
+    assert program_name(["bash", "-c", "sleep 1; python3 -c 'a; b'"]) == "python3"
+    assert program_name(["env", "CI=1", "timeout", "5m", "bun", "test"]) == "bun"
+    assert program_name(["/usr/bin/npm", "test"]) == "npm"
+    assert program_name(["bash", "ci.sh"]) == "ci.sh"
+    assert program_name(["bash", "-c", "x 'unbalanced"]) == "bash"

@@ -105,7 +105,7 @@ class Runner:
         self.supervisor = supervisor if supervisor is not None else make_supervisor()
         self.name = program_name(opts.command)  # `bash -c "bun test"` is `bun`
         self.started = time.time()
-        self.log_path = resolve_path(opts.log, opts.command[0], self.started, os.getpid(), environ)
+        self.log_path = resolve_path(opts.log, self.name, self.started, os.getpid(), environ)
         self.config = load_config(None, {"interval": opts.interval, "source": opts.source})
         self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher())  # `mem-exporter phase NAME` marks samples
         self.actuator = make_actuator(self.config)
