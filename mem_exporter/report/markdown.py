@@ -160,8 +160,11 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         for st in a.groups:
             limits = run.groups[st.name].limits
             cells = _stats_row(st, fmt)
+            r = a.run_of(st.name)
             cells[1] = (
-                f"{format_bytes(min(limits.values()))} (limit)"
+                f"{limit_text(r)} (limit)"
+                if r is not None
+                else f"{format_bytes(min(limits.values()))} (limit)"
                 if limits
                 else f"{format_bytes(st.capacity)} (RAM)"
                 if st.capacity
