@@ -3,7 +3,8 @@
 `bash -c "bun test"`, `sh -c 'exec bun test'` and `env FOO=1 bun test` are all `bun`: the group `run` watches,
 and a group in `top` whose leader is such a wrapper, is named after the program that does the work. A
 shell running a script (`bash ci.sh`) is named after the script. Of a list (`cd app && bun test`,
-`setup; bun test | tee out`) the last command counts, of a pipeline its first program.
+`setup; bun test | tee out`) the last command that is not a shell builtin counts, of a pipeline its
+first program; a script of builtins alone (`exit 3`) is named after the shell.
 """
 
 from __future__ import annotations
@@ -13,6 +14,35 @@ import shlex
 from collections.abc import Sequence
 
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
+# builtins and waiting: never what a list is named after (`A & B & wait` is B, `exit 3` is the shell)
+BUILTINS = frozenset(
+    {
+        "exit",
+        "return",
+        "wait",
+        "cd",
+        "export",
+        "set",
+        "unset",
+        "true",
+        "false",
+        ":",
+        "echo",
+        "printf",
+        "kill",
+        "trap",
+        "shift",
+        "read",
+        "eval",
+        "source",
+        ".",
+        "test",
+        "[",
+        "ulimit",
+        "umask",
+        "sleep",
+    }
+)
 LAUNCHERS = frozenset({"env", "exec", "nice", "nohup", "time", "timeout", "stdbuf", "setsid", "ionice", "chrt"})
 _LIST = frozenset({";", "&&", "||", "&", ";;", "\n"})  # what separates the commands of a list
 MAX_DEPTH = 4  # wrappers unwrapped at most (bash -c "env sh -c '...'")
@@ -57,7 +87,7 @@ def _last_command(script: str) -> list[str]:
                 commands[-1].append(token)
     except ValueError:
         return []
-    named = [words for words in commands if words and words[0] != "|"]
+    named = [words for words in commands if words and words[0] != "|" and words[0] not in BUILTINS]
     return named[-1] if named else []
 
 

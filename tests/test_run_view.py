@@ -335,3 +335,5 @@ def test_program_names_of_wrapped_commands():
     assert program_name(["/usr/bin/npm", "test"]) == "npm"
     assert program_name(["bash", "ci.sh"]) == "ci.sh"
     assert program_name(["bash", "-c", "x 'unbalanced"]) == "bash"
+    assert program_name(["sh", "-c", "exit 3"]) == "sh"  # builtins alone: the shell
+    assert program_name(["sh", "-c", "hog a & hog b & wait"]) == "hog"
