@@ -80,6 +80,9 @@ class StatusLine:
             rows, cols = self._size()
         except (OSError, ValueError):
             return
+        if rows < 3:  # shrunk past use: no region until it grows again
+            self.close()
+            return
         out = self._region(rows)
         text = text[: max(cols - 1, 0)]
         if colour:
