@@ -290,6 +290,13 @@ def test_the_terminal_is_restored_when_run_is_killed(terminal):
     assert_restored(t.output)
 
 
+def test_the_terminal_is_restored_after_a_kill_for_memory(terminal):
+    t = terminal("-v", "-t", "100", "-l", "/dev/null", "--", sys.executable, HOG, "--grow", "300", "--max-mb", "400")
+    assert t.exit_status() == 137
+    assert REGION in t.output and t.output.rindex(REGION) < t.output.rindex(RESET)
+    assert b"mem-exporter: killed" in t.output[t.output.rindex(RESET) :]
+
+
 def test_the_terminal_is_restored_after_ctrl_c(terminal):
     t = terminal("-v", "-l", "/dev/null", "--", "sleep", "30")
     t.wait_for(b"MB of 800 MB")
