@@ -13,7 +13,9 @@ one (Windows) with Popen.poll() and short sleeps. The Runner keeps one loop on t
 the supervisor for the command's exit, read the tree, log, check the limit. The tree is read
 from the wrapper down through the kernel's child links (tree.py): at least every 0.5 s, and every 50
 to 100 ms near the limit, as the enforcer's fast lane does; system memory is one meminfo read per
-interval. Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
+interval. A young run (its first 5 s) is fully sampled every 0.25 s, so a 3 s test suite leaves a
+dozen samples; whenever the peak was read, its reading goes into the log at the end (a `peak` line).
+Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
 the kernel has no child links, or the source is not procfs, the Sampler's full walk every interval
 and a listing of new pids in between take their place. Stopping the tree goes through the
 enforcer's kill engine (kill.execute): identity-checked signals to every member and killpg on the
