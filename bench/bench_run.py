@@ -1,12 +1,14 @@
 """CPU of `mem-exporter run -t 2000 -- sleep 40` on a quiet and on busy hosts, before and after a change.
 
-    python bench/bench_run.py [--before REF] [--hosts 1000,10000] [--seconds 25]
+    python bench/bench_run.py [--before REF] [--hosts 1000,10000] [--seconds 25] [--young]
 
 For each host size (the host as it is, then topped up with background processes to about 1000 and
 10 000) the wrapper of REF's code (`git archive`, default `main`) and of this checkout's run side by
 side, each watching `sleep 40`; the bench reads their utime+stime from /proc/PID/stat over the same
-window, after their first two samples. The background processes are forked from one Python process
-into one new process group and wait in signal.pause(); each group is killed by its pgid at the end.
+window, after their first two samples. With --young the window is the run's first seconds instead (from
+the command's start, the session line of the log, for --seconds, default 5), where a young run is
+sampled faster. The background processes are forked from one Python process into one new process
+group and wait in signal.pause(); each group is killed by its pgid at the end.
 Only process groups the bench started are ever signalled.
 """
 
@@ -85,6 +87,12 @@ class Wrapper:
             stderr=subprocess.DEVNULL,
         )
 
+    def started(self) -> bool:
+        try:
+            return '"type":"session"' in self.log.read_text()
+        except OSError:
+            return False
+
     def samples(self) -> int:
         try:
             return self.log.read_text().count('"type":"sample"')
@@ -101,12 +109,13 @@ class Wrapper:
                 self.proc.wait(5)
 
 
-def measure(codes: dict[str, Path], tmp: Path, seconds: float) -> dict[str, tuple[float, float]]:
+def measure(codes: dict[str, Path], tmp: Path, seconds: float, young: bool = False) -> dict[str, tuple[float, float]]:
     """Both wrappers at once over the same window: their CPU share of one core (utime+stime, schedstat)."""
     wrappers = [Wrapper(name, code, tmp) for name, code in codes.items()]
     try:
         deadline = time.monotonic() + 30
-        while any(w.samples() < 2 for w in wrappers):  # start-up (imports) left out of the window
+        ready = (lambda w: w.started()) if young else (lambda w: w.samples() >= 2)
+        while not all(ready(w) for w in wrappers):  # start-up (imports) left out of the window
             if time.monotonic() > deadline or any(w.proc.poll() is not None for w in wrappers):
                 raise RuntimeError("a wrapper did not start sampling")
             time.sleep(0.1)
@@ -125,8 +134,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default="main", help="git ref of the code to compare with (default main)")
     ap.add_argument("--hosts", default="1000,10000", help="host sizes to top up to, after the host as it is")
-    ap.add_argument("--seconds", type=float, default=25.0, help="measuring window (sleep 40 must outlive it)")
+    ap.add_argument("--seconds", type=float, default=None, help="measuring window (default 25, 5 with --young)")
+    ap.add_argument("--young", action="store_true", help="measure the run's first seconds (a young run)")
     args = ap.parse_args()
+    args.seconds = args.seconds or (5.0 if args.young else 25.0)
     if args.seconds > 32:
         ap.error("--seconds: at most 32, the window must end before `sleep 40` does")
     groups: list[subprocess.Popen] = []
@@ -140,7 +151,7 @@ def main() -> int:
                 if missing > 0:
                     groups.append(background(missing))
                 host = host_processes()
-                cpu = measure(codes, tmp, args.seconds)
+                cpu = measure(codes, tmp, args.seconds, args.young)
                 end = host_processes()  # the host moves on by itself: both ends when they differ by over 5 %
                 label = str(host) if abs(end - host) <= host // 20 else f"{host}-{end}"
                 rows.append((label, cpu["before"], cpu["after"]))
@@ -150,7 +161,9 @@ def main() -> int:
                 os.killpg(g.pid, signal.SIGKILL)
                 g.wait(60)
     print(
-        f"`mem-exporter run -t 2000 -- sleep 40`, CPU of the wrapper (utime+stime) over {args.seconds:g} s, "
+        f"`mem-exporter run -t 2000 -- sleep 40`, CPU of the wrapper (utime+stime) over {args.seconds:g} s"
+        + (" from the command's start" if args.young else "")
+        + ", "
         f"before = {args.before}, {os.cpu_count()} CPUs"
     )
     print()

@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--phase-file",
         metavar="FILE",
         help="default: $MEM_EXPORTER_PHASE_FILE, "
-        "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /tmp/mem-exporter-UID/phase",
+        "else $XDG_RUNTIME_DIR/mem-exporter/phase, else /run/mem-exporter/phase for root and "
+        "$XDG_STATE_HOME/mem-exporter/phase (~/.local/state/mem-exporter/phase) for other users; every directory "
+        "on the way must belong to root or you",
     )
     phase.set_defaults(func=cmd_phase)
 
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a command; kill its whole process tree if it uses too much memory (docs/run.md)",
-        description="Run CMD in a new process group, watch its whole process tree (sessions of its own included) "
+        description="Run CMD: on a terminal, in a process group of its own in the terminal's foreground; "
+        "otherwise, in a new session without a terminal. Watch its whole process tree (sessions of its own included) "
         "and kill the tree (SIGTERM, grace, SIGKILL) when its summed RSS passes the threshold. "
         "Exit status: CMD's own (128+N for a signal), 137 when killed for memory, 2 for a setup error.",
     )
@@ -206,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "rss", "footprint", "private"),
         help="which memory the limit counts: auto (default) is footprint on macOS (Activity Monitor's Memory), "
         "private on Windows (Task Manager's Commit size), rss elsewhere (env MEM_EXPORTER_MEMORY)",
+    )
+    run.add_argument(
+        "--keep-phase",
+        action="store_true",
+        help="adopt a phase set before the run started, if the session that set it is still alive "
+        "(default: only phases set while the run runs)",
     )
     _add_source_option(run, env="MEM_EXPORTER_SOURCE")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run")

@@ -153,6 +153,22 @@ def run_sample_record(
     return rec
 
 
+def peak_record(
+    tree: GroupSample,
+    threshold: int,
+    timestamp: float,
+    system: SystemMemory | None,
+    phase: str | None = None,
+    memtype: str = "rss",
+) -> dict[str, Any]:
+    """The `type: peak` line of a `run` log, written at the end: the reading at which the peak was read, members
+    and all, in the sample's shape (a reading between two logged samples is otherwise not in the log)."""
+    rec = run_sample_record(tree, threshold, timestamp, system, phase=phase, memtype=memtype)
+    rec["type"] = "peak"
+    del rec["fast"], rec["groups"]  # not a sample of the timeline: report takes the peak's value from it
+    return rec
+
+
 Limits = Sequence[tuple]  # (rule, group label, ..., limit bytes): the enforcer's limit_series rows
 
 
@@ -345,6 +361,19 @@ LINE_SCHEMAS: dict[str, dict[str, Any]] = {
             "memory_bytes": _OPT_INT,
             "processes": _INT,
             "outcome": _STR,
+            "members": {"type": "array", "items": _MEMBER},
+        },
+    },
+    "peak": {
+        "type": "object",
+        "required": ["type", "t", "memory_bytes", "members"],
+        "properties": {
+            "type": {"const": "peak"},
+            "t": _NUM,
+            "timestamp": _STR,
+            "memory_bytes": _INT,
+            "processes": _INT,
+            "phase": _OPT_STR,
             "members": {"type": "array", "items": _MEMBER},
         },
     },

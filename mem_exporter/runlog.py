@@ -19,7 +19,7 @@ from typing import Any
 from .records import MB, SCHEMA, LogFile, mb  # the run's API, re-exported (runner.py imports them here)
 from .records import run_sample_record as sample_record
 
-__all__ = ["MB", "SCHEMA", "RunLog", "mb", "resolve_path", "runs_dir", "sample_record"]
+__all__ = ["MB", "SCHEMA", "RunLog", "is_no_log", "mb", "resolve_path", "runs_dir", "sample_record"]
 
 APP = "mem-exporter"
 
@@ -55,22 +55,38 @@ def resolve_path(
     if not requested:
         return runs_dir(environ) / log_name(command, started, pid)
     path = Path(requested).expanduser()
+    if is_no_log(path):
+        return path
     return path / log_name(command, started, pid) if requested.endswith("/") or path.is_dir() else path
 
 
+def is_no_log(path: Path) -> bool:
+    """`-l /dev/null` (os.devnull, as written): no log at all. Only that name: a symlink to it elsewhere is
+    refused like any symlink."""
+    return os.path.normpath(str(path)) == os.devnull
+
+
 class RunLog:
-    """The run's log file. OSError (a symlink or FIFO in the way, no permission) is raised here, before
-    the command starts; afterwards a full disk never stops the watching (records are kept to retry)."""
+    """The run's log file, or none for /dev/null. OSError (a symlink or FIFO in the way, no permission) is
+    raised here, before the command starts; afterwards a full disk never stops the watching (records are
+    kept to retry)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = LogFile(path)
+        self._file = None if is_no_log(path) else LogFile(path)
+
+    @property
+    def kept(self) -> bool:
+        return self._file is not None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(record)
+        if self._file is not None:
+            self._file.write(record)
 
     def flush(self) -> None:
-        self._file.sync(background=True)
+        if self._file is not None:
+            self._file.sync(background=True)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -11,7 +11,8 @@ import sys
 import time
 
 from .config import Config, Zones
-from .sample import Sample
+from .naming import LAUNCHERS, SHELLS, program_name
+from .sample import GroupSample, Sample
 from .units import format_bytes
 from .zones import Kind, zone_for
 
@@ -38,6 +39,24 @@ def _meter(label: str, used: float, total: float, kind: Kind, zones: Zones | Non
 def _elapsed(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def group_name(g: GroupSample) -> str:
+    """A group led by a shell or a launcher (`bash -c "bun test"`, `npm test` through `sh -c`) is named after
+    the program it runs, not the shell: `bun-6549`, where the label says `bash-6549`."""
+    leader = next((p for p in g.members if p.pid == g.pgid), None)
+    if g.kind != "pgid" or leader is None or leader.comm not in SHELLS | LAUNCHERS:
+        return g.label
+    return f"{program_name(leader.cmdline.split() or [leader.comm])}-{g.pgid}"
+
+
+def largest_member(g: GroupSample, memtype: str) -> str:
+    """The group's largest process beside its name, when the group has more than one."""
+    if g.processes < 2 or not g.members:
+        return "-"
+    p = max(g.members, key=lambda m: m.pss_bytes if memtype == "pss" and m.pss_bytes is not None else m.rss_bytes)
+    mem = p.pss_bytes if memtype == "pss" and p.pss_bytes is not None else p.rss_bytes
+    return f"{p.comm}[{p.pid}] {format_bytes(mem)}"
 
 
 def screen(sample: Sample, elapsed: float, rows: int = 40, zones: Zones | None = None) -> list[list[Piece]]:
@@ -82,15 +101,16 @@ def screen(sample: Sample, elapsed: float, rows: int = 40, zones: Zones | None =
             )
         else:
             lines.append([(f"GPU {c.index:<6}memory not reported{extra}", None)])
-    lines += [[], [(f"{'GROUP':<32} {'PROCS':>6} {'MEMORY':>11} {'GPU':>11} {'RAM %':>6}", None)]]
+    lines += [[], [(f"{'GROUP':<32} {'PROCS':>6} {'MEMORY':>11} {'GPU':>11} {'RAM %':>6}  LARGEST", None)]]
     for g in sample.groups[: max(0, rows - len(lines))]:
         mem = g.memory_bytes(sample.memtype)
         ratio = mem / s.total_bytes if s.total_bytes else 0.0
         gpu = format_bytes(g.gpu_memory_total_bytes) if g.gpu_memory_bytes else "-"
         lines.append(
             [
-                (f"{g.label[:32]:<32} {g.processes:>6} {format_bytes(mem):>11} {gpu:>11} ", None),
+                (f"{group_name(g)[:32]:<32} {g.processes:>6} {format_bytes(mem):>11} {gpu:>11} ", None),
                 (f"{ratio:6.1%}", zone_for("system_memory", ratio, zones)),
+                (f"  {largest_member(g, sample.memtype)}", None),
             ]
         )
     return lines[:rows]

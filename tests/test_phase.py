@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +56,7 @@ def test_environment_names_the_file(tmp_path):
     f = tmp_path / "from-env"
     env = dict(os.environ, **{ENV: str(f)})
     assert phase_cli("Full-Processing", env=env).returncode == 0
-    assert f.read_text() == "Full-Processing\n"
+    assert f.read_text().splitlines()[0] == "Full-Processing"
 
 
 def test_default_path_is_per_user(monkeypatch, tmp_path):
@@ -178,3 +182,64 @@ def test_unwritable_place_is_an_error(tmp_path):
     blocker.write_text("")
     r = phase_cli("Idle", "--phase-file", str(blocker / "sub" / "phase"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and str(blocker) in r.stderr
+
+
+NOBODY = 65534  # the unprivileged local user
+
+
+def as_nobody(*cmd: str) -> None:
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root writing where an ordinary user prepared the path")
+def test_root_never_writes_through_a_directory_another_user_controls():
+    """A user-owned directory, or a user's symlink to a directory of root's, on root's --phase-file path: refused,
+    and nothing is written into the symlink's target."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="phase-trust-", dir="/tmp"))  # pytest's own is root's 0700
+    try:
+        _refused_for_root(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _refused_for_root(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    os.chown(home, NOBODY, NOBODY)
+    target = tmp_path / "roots-own"  # a directory of root's the user would like root to write into
+    target.mkdir(mode=0o700)
+    as_nobody("ln", "-s", str(target), str(home / "link"))
+    as_nobody("mkdir", str(home / "dir"))
+    for path in (home / "link" / "phase", home / "dir" / "phase", home / "link" / "new" / "phase"):
+        r = phase_cli("Idle", "--phase-file", str(path))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "uid 65534" in r.stderr, r.stderr
+    assert list(target.iterdir()) == [] and not (home / "dir" / "phase").exists()
+    # root's own symlink on the way is followed, as /var/run -> /run is
+    os.symlink(target, tmp_path / "roots-link")
+    assert phase_cli("Idle", "--phase-file", str(tmp_path / "roots-link" / "phase")).returncode == 0
+    assert read_phase(target / "phase") == "Idle"
+
+
+def test_phase_help_names_the_default_paths():
+    out = subprocess.run(
+        [sys.executable, "-m", "mem_exporter", "phase", "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+    text = " ".join(re.sub(r"-\n\s+", "-", out).split())  # argparse wraps lines after a hyphen too
+    assert "/tmp/mem-exporter-UID" not in text
+    for path in ("$XDG_RUNTIME_DIR/mem-exporter/phase", "/run/mem-exporter/phase", "~/.local/state/mem-exporter/phase"):
+        assert path in text
+
+
+def test_a_phase_says_who_set_it_and_when(tmp_path):
+    f = tmp_path / "phase"
+    before = time.time()
+    assert phase_cli("Model-Active", "--phase-file", str(f)).returncode == 0
+    name, setter = phase.read_phase_info(f)
+    assert name == "Model-Active" and setter is not None
+    assert before <= setter.t <= time.time() and setter.uid == os.geteuid()
+    assert setter.sid == os.getsid(0)  # the test's session set it through the CLI: alive
+    assert setter.session_alive() is True
+    f.write_text("Model-Active\n")  # written by something older: its time is the file's
+    assert phase.read_phase_info(f)[1] == phase.Setter(t=f.stat().st_mtime)

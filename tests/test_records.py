@@ -107,7 +107,7 @@ def test_every_line_of_every_log_matches_the_schema(tmp_path):
         for rec in lines(path):
             jsonschema.validate(rec, LINE_SCHEMA)
             seen.add(line_kind(rec))
-    assert seen == {"session", "sample", "event", "exit"}
+    assert seen == {"session", "sample", "peak", "event", "exit"}
 
 
 def test_the_session_header_is_the_same_in_every_rotated_file(tmp_path):

@@ -122,7 +122,7 @@ def test_screen_colours_by_zone():
     assert "elapsed 00:01:15" in text and "phase: Full-Processing" in text and "Swap      none" in text
     ram = next(line for line in lines if line and line[0][0].startswith("RAM"))
     assert ram[1] == ("[" + "#" * 23 + "." + "]", "critical")  # 95 % used
-    assert lines[-1][-1] == (" 95.0%", "critical")
+    assert lines[-1][1] == (" 95.0%", "critical")
     assert len(screen(sample, 0.0, rows=3)) == 3
 
 

@@ -6,8 +6,11 @@ Pure functions of a `Run`; no files, no charts. Thresholds are module constants,
 from __future__ import annotations
 
 import bisect
+import math
 import re
+import shlex
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 from ..config import Zones
 from ..units import format_bytes
 from ..zones import DEFAULT_ZONES, ZONE_NAMES, Kind, zone_for
-from .model import Run, Series
+from .model import Run, RunRecord, Series
 
 ZONES = ZONE_NAMES  # shares of the capacity per kind of resource: mem_exporter/zones.py
 NEAR_MISS = 0.90  # a peak at or above this share of a limit (or a card) that was not killed
@@ -30,6 +33,33 @@ RELEASE_MIN_SHARE = 0.5
 RELEASE_MIN_BYTES = 256 * 2**20
 _IDLE = re.compile(r"idle", re.I)
 _NOT_KILLS = ("dry_run", "no_victim")
+
+
+RUN_MB = 1000**2  # `run` speaks MB (10^6 bytes): a report of run logs does too
+RUN_HEADROOM = 1.25  # a suggested `-t`: the peak plus this share, rounded up to RUN_STEP_MB
+RUN_STEP_MB = 100
+
+
+def format_mb(n: int | float | None) -> str:
+    """A size in `run`'s unit, as its exit line prints it: `201.3 MB`."""
+    return "-" if n is None else f"{float(n) / RUN_MB:.1f} MB"
+
+
+def limit_text(r: RunRecord) -> str:
+    """A run's limit as the user typed it: `-t 800` is `800 MB` (a bare number is MB), `-t 1.5GB` stays."""
+    text = (r.threshold_text or "").strip()
+    if not text:
+        return f"{r.threshold_bytes / RUN_MB:g} MB"
+    try:
+        float(text)
+    except ValueError:
+        return text
+    return f"{text} MB"
+
+
+def suggested_threshold(peak: float) -> int:
+    """A `-t` (MB) with headroom over `peak`: 201 MB gives 300, 823 MB gives 1100."""
+    return int(math.ceil(peak * RUN_HEADROOM / RUN_MB / RUN_STEP_MB) * RUN_STEP_MB)
 
 
 def zone(ratio: float, kind: Kind = "limit") -> str:
@@ -231,6 +261,10 @@ class Analysis:
     near_misses: list[NearMiss]
     recommendations: list[str] = field(default_factory=list)
     zones: Zones = DEFAULT_ZONES
+    fmt: Callable[[int | float | None], str] = format_bytes  # sizes as the logs' writer speaks them
+
+    def run_of(self, series: str) -> RunRecord | None:
+        return next((r for r in self.run.runs if r.series == series), None)
 
 
 def group_capacity(run: Run, series: Series) -> float | None:
@@ -305,6 +339,7 @@ def analyse(run: Run, top: int = 8, zones: Zones = DEFAULT_ZONES) -> Analysis:
         dry_runs=[e for e in run.events if e.get("action") == "dry_run"],
         near_misses=near,
         zones=zones,
+        fmt=format_mb if run.only_runs else format_bytes,
     )
     a.recommendations = recommendations(a)
     return a
@@ -326,12 +361,23 @@ def format_rate(bytes_per_second: float) -> str:
 def recommendations(a: Analysis) -> list[str]:
     """Concrete advice from the numbers, most urgent first."""
     run, out = a.run, []
+    format_bytes = a.fmt  # every size below in the logs' own unit (MB for run logs)
     killed = {e.get("group") for e in a.kills}  # no "time to the limit" for a group already killed
     by_group: dict[tuple[str, str], list[dict]] = {}
     for e in a.kills:
         by_group.setdefault((str(e.get("group") or "a group"), str(e.get("rule"))), []).append(e)
     for (group, rule), evs in by_group.items():
         held = max((e.get("memory_bytes") or 0 for e in evs), default=0)
+        r = a.run_of(group) if rule == "run" else None
+        if r is not None:
+            peak = max(r.peak_bytes or 0, held)
+            out.append(
+                f"`{shlex.join(r.command)}` was killed at {format_bytes(held)} (limit {limit_text(r)}, peak "
+                f"{format_bytes(peak)}): if it needs that much, rerun with `-t {suggested_threshold(peak)}` "
+                "(the peak + 25 %, rounded up) and see where it settles; otherwise cut its memory (fewer "
+                "workers, smaller fixtures), since the limit did its job."
+            )
+            continue
         limit = next((e.get("limit") for e in evs if e.get("limit")), None)
         text = f"**{group}** was killed {len(evs)}× by rule `{rule}`"
         if held:
@@ -345,6 +391,14 @@ def recommendations(a: Analysis) -> list[str]:
     for nm in a.near_misses:
         if nm.rule is None:
             continue
+        r = a.run_of(nm.what) if nm.rule == "run" else None
+        if r is not None:
+            out.append(
+                f"`{shlex.join(r.command)}` peaked at {format_bytes(nm.peak)}, {nm.ratio:.0%} of its limit "
+                f"({limit_text(r)}): rerun with `-t {suggested_threshold(nm.peak)}` (the peak + 25 %, rounded up) "
+                "or reduce its memory; one larger spike and `run` kills it."
+            )
+            continue
         out.append(
             f"**{nm.what}** peaked at {format_bytes(nm.peak)}, {nm.ratio:.0%} of the {format_bytes(nm.limit)} "
             f"limit of rule `{nm.rule}`: raise the limit to at least {format_bytes(nm.peak * 1.25)} "
@@ -353,7 +407,7 @@ def recommendations(a: Analysis) -> list[str]:
     for lk in (lk for lk in a.leaks if lk.flagged):
         series = run.groups[lk.group]
         text = (
-            f"**{lk.group}** grew steadily by {format_rate(lk.slope)} (R² {lk.r2:.2f}) over "
+            f"**{lk.group}** grew steadily by {format_bytes(lk.slope * 60)}/min (R² {lk.r2:.2f}) over "
             f"{format_seconds(lk.seconds)}, {format_bytes(lk.growth)} in all: look for a leak (caches that never "
             "shrink, lists that keep growing, tensors kept alive)"
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..records import line_kind
-from .model import Run
+from .model import Run, RunRecord
 from .progress import Progress
 
 _LOG_SUFFIXES = (".jsonl", ".json", ".csv", ".ndjson")
@@ -87,22 +87,62 @@ def add_sample(run: Run, rec: dict[str, Any]) -> None:
         run.gpu(str(c["gpu"]), c.get("name"), c.get("memory_total_bytes")).add(t, c.get("memory_used_bytes"))
 
 
-def add_event(run: Run, rec: dict[str, Any]) -> None:
+def add_event(run: Run, rec: dict[str, Any], current: RunRecord | None = None) -> None:
     ev = dict(rec)
     ev["t"] = _time(rec.get("t", rec.get("timestamp"))) or 0.0
     run.events.append(ev)
+    if current is not None and ev.get("cause") == "memory" and ev.get("action") in ("term", "kill"):
+        current.killed = ev
 
 
-def add_record(run: Run, rec: dict[str, Any]) -> None:
-    """One JSON line of any of this project's logs: a session log, a `run` log, an event log."""
+def _run_started(run: Run, rec: dict[str, Any]) -> RunRecord | None:
+    """The session line of a `run` log (it names the command and the threshold) opens a RunRecord."""
+    command, threshold = rec.get("command"), rec.get("threshold_bytes")
+    if not isinstance(command, list) or not threshold:
+        return None
+    r = RunRecord(
+        command=[str(c) for c in command],
+        group=str(rec.get("session") or command[0]),
+        started=float(_time(rec.get("t", rec.get("started"))) or 0.0),
+        threshold_bytes=float(threshold),
+        threshold_text=rec.get("threshold_text"),
+    )
+    run.runs.append(r)
+    return r
+
+
+def _run_line(r: RunRecord, rec: dict[str, Any]) -> None:
+    """A line of an open run: its samples' span, the peak's reading, the exit."""
+    t = _time(rec.get("t"))
+    kind = rec.get("type")
+    if kind == "sample" and t is not None:
+        r.first = t if r.first is None else r.first
+        r.last = t
+    elif kind == "peak":
+        r.peak_t, r.peak_bytes = t, float(rec["memory_bytes"])
+        r.peak_members = list(rec.get("members") or [])
+    elif kind == "exit":
+        r.exit_status, r.cause = rec.get("exit_status"), rec.get("cause")
+        r.duration = _num(rec.get("duration_seconds"))
+        if rec.get("peak_bytes") is not None:
+            r.peak_bytes = float(rec["peak_bytes"])
+
+
+def add_record(run: Run, rec: dict[str, Any], current: RunRecord | None = None) -> RunRecord | None:
+    """One JSON line of any of this project's logs: a session log, a `run` log, an event log. Returns the
+    `run` this line belongs to, if any (a run log's lines follow its session line)."""
     kind = line_kind(rec)
     if kind == "sample":
         add_sample(run, rec)
     elif kind == "session":
         run.sessions.append(rec)
         run.memtype = rec.get("memtype") or run.memtype
+        return _run_started(run, rec)
     elif kind == "event":
-        add_event(run, rec)
+        add_event(run, rec, current)
+    if current is not None and kind in ("sample", "peak", "exit"):
+        _run_line(current, rec)
+    return current
 
 
 def _damaged(run: Run, path: Path) -> None:
@@ -111,6 +151,7 @@ def _damaged(run: Run, path: Path) -> None:
 
 def read_jsonl(path: Path, run: Run, progress: Progress) -> None:
     """Every line a record; one that does not parse (cut by a crash or a full disk) is skipped and counted."""
+    current: RunRecord | None = None
     with open(path, "rb") as f:
         for line in f:
             progress.update(len(line))
@@ -119,7 +160,7 @@ def read_jsonl(path: Path, run: Run, progress: Progress) -> None:
             try:
                 rec = json.loads(line)
                 if isinstance(rec, dict):
-                    add_record(run, rec)
+                    current = add_record(run, rec, current)
             except (ValueError, KeyError, TypeError):
                 _damaged(run, path)
 

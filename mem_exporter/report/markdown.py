@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from .analysis import (
     ZONES,
     Analysis,
     Stats,
-    format_rate,
     format_seconds,
+    limit_text,
 )
+from .model import Run
 
 
 def _zone_text(z: Zones) -> str:
@@ -46,16 +48,59 @@ def _zones(st: Stats) -> list[str]:
     return [f"{st.zones[z] / total:.0%}" for z in ZONES]
 
 
-def _stats_row(st: Stats) -> list[str]:
+def _stats_row(st: Stats, fmt=format_bytes) -> list[str]:
     share = f"{st.peak_ratio:.0%}" if st.peak_ratio is not None else "-"
+    return [st.name, fmt(st.capacity), fmt(st.peak), share, fmt(st.mean), fmt(st.p95), *_zones(st)]
+
+
+def _exit_text(status: int | None, cause: str | None) -> str:
+    if status is None:
+        return "- (no exit line: still running, or `run` was killed)"
+    why = {"memory": "killed for memory", "signal": "stopped by a signal", "not_started": "not started"}
+    return f"{status}" + (f" ({why[cause]})" if cause in why else "")
+
+
+def _run_seconds(seconds: float | None) -> str:
+    """A run's duration as its exit line has it: tenths of a second for a short one (a 3.3 s test suite)."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 60 else format_seconds(seconds)
+
+
+def _run_rows(run: Run, fmt) -> list[list[str]]:
+    """One row per `mem-exporter run`, from its own lines: what it ran, its limit as typed, peak, exit, kill."""
+    rows = []
+    for i, r in enumerate(run.runs, 1):
+        killed = "-"
+        if r.killed is not None:
+            killed = f"yes, at {fmt(r.killed.get('memory_bytes'))}" + (
+                "" if r.killed.get("outcome") in (None, "dead") else f" ({r.killed.get('outcome')})"
+            )
+        rows.append(
+            [
+                str(i),
+                f"`{shlex.join(r.command)}`",
+                _when(r.started),
+                _run_seconds(r.duration),
+                limit_text(r),
+                fmt(r.peak_bytes),
+                _exit_text(r.exit_status, r.cause),
+                killed,
+            ]
+        )
+    return rows
+
+
+def _run_facts(run: Run, fmt) -> list[list[str]]:
+    """The facts of a report of one `run`: from its own records, as `run` itself printed them."""
+    if len(run.runs) != 1 or not run.only_runs:
+        return [["Runs", str(len(run.runs))]] if run.runs else []
+    r = run.runs[0]
     return [
-        st.name,
-        format_bytes(st.capacity),
-        format_bytes(st.peak),
-        share,
-        format_bytes(st.mean),
-        format_bytes(st.p95),
-        *_zones(st),
+        ["Command", f"`{shlex.join(r.command)}`"],
+        ["Limit", limit_text(r)],
+        ["Peak", fmt(r.peak_bytes)],
+        ["Exit status", _exit_text(r.exit_status, r.cause)],
     ]
 
 
@@ -69,11 +114,20 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines = [f"# Memory report{': ' + ', '.join(names) if names else ''}", ""]
     if not run.times:
         return "\n".join(lines + ["No samples found in: " + ", ".join(run.sources), ""])
+    fmt = a.fmt
+    format_bytes = fmt  # every size in the logs' own unit: MB for `run` logs, as `run` prints them
+    start, end = run.start, run.end
+    if run.only_runs:  # a run's own start and end, not its first and last sample
+        start, end = min(r.started for r in run.runs), max(r.end for r in run.runs)
+    duration = _run_seconds(end - start) if run.only_runs else format_seconds(end - start)
+    if run.only_runs and len(run.runs) > 1:
+        duration += f" (from the first run's start to the last one's end; {len(run.runs)} runs)"
     facts = [
         ["Sources", "<br>".join(f"`{s}`" for s in run.sources)],
-        ["From", _when(run.start)],
-        ["To", _when(run.end)],
-        ["Duration", format_seconds(run.end - run.start)],
+        *_run_facts(run, fmt),
+        ["From", _when(start)],
+        ["To", _when(end)],
+        ["Duration", duration],
         ["Samples", str(len(run.times))],
         ["Memory measure", run.memtype],
     ]
@@ -83,8 +137,18 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     if note:
         lines += [note, ""]
 
+    if run.runs:
+        lines += ["## Runs", ""]
+        lines += _table(["#", "Command", "Started", "Duration", "Limit", "Peak", "Exit", "Killed"], _run_rows(run, fmt))
+        peak_run = max(run.runs, key=lambda r: r.peak_bytes or 0)
+        if peak_run.peak_members:
+            who = ", ".join(
+                f"{m.get('comm')}[{m.get('pid')}] {fmt(m.get('memory_bytes'))}" for m in peak_run.peak_members[:5]
+            )
+            lines += [f"Largest at the peak of {fmt(peak_run.peak_bytes)}: {who}.", ""]
+
     lines += ["## Summary", ""]
-    rows = [_stats_row(st) for st in [a.system, a.swap, *a.gpus] if st]
+    rows = [_stats_row(st, fmt) for st in [a.system, a.swap, *a.gpus] if st]
     lines += _table(STATS_HEADER, rows)
     for key, title in (("system", "System memory"), ("gpus", "GPU memory")):
         if key in charts:
@@ -95,9 +159,12 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         rows = []
         for st in a.groups:
             limits = run.groups[st.name].limits
-            cells = _stats_row(st)
+            cells = _stats_row(st, fmt)
+            r = a.run_of(st.name)
             cells[1] = (
-                f"{format_bytes(min(limits.values()))} (limit)"
+                f"{limit_text(r)} (limit)"
+                if r is not None
+                else f"{format_bytes(min(limits.values()))} (limit)"
                 if limits
                 else f"{format_bytes(st.capacity)} (RAM)"
                 if st.capacity
@@ -129,6 +196,7 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
             cells.append(f"{top.name} ({format_bytes(top.peak)})" if top else "-")
             rows.append(cells)
         lines += _table(header, rows)
+    if any(row["phase"] for row in a.phases) and a.transitions:
         lines += [
             "### Memory released between phases",
             "",
@@ -149,7 +217,7 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
             for tr in a.transitions
         ]
         lines += _table(["At", "Change", "Resource", "Gained before", "At the end", "Lowest after", "Released"], rows)
-    else:
+    if not any(row["phase"] for row in a.phases):
         lines += ["No phases were set (`mem-exporter phase NAME` marks them).", ""]
 
     lines += [
@@ -167,7 +235,7 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         rows = [
             [
                 lk.group,
-                format_rate(lk.slope),
+                f"{fmt(lk.slope * 60)}/min",
                 f"{lk.r2:.2f}",
                 format_bytes(lk.growth),
                 format_seconds(lk.seconds),
@@ -187,7 +255,7 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
                 str(e.get("rule", "")),
                 str(e.get("group") or "-"),
                 format_bytes(e.get("memory_bytes")),
-                _limit(e),
+                _limit(e, a),
                 str(e.get("outcome") or e.get("action")),
             ]
             for e in a.kills
@@ -232,7 +300,11 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     return "\n".join(lines)
 
 
-def _limit(e: dict) -> str:
+def _limit(e: dict, a: Analysis) -> str:
+    r = a.run_of(str(e.get("group"))) if e.get("rule") == "run" else None
+    if r is not None:
+        return limit_text(r)
+    format_bytes = a.fmt
     limit = e.get("limit")
     if limit is None:
         return "-"

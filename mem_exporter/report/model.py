@@ -30,6 +30,31 @@ class Series:
 
 
 @dataclass
+class RunRecord:
+    """One `mem-exporter run`, from its own log: the session line, the peak line, the kill, the exit line."""
+
+    command: list[str]
+    group: str  # the tree's label in the samples
+    started: float
+    threshold_bytes: float
+    threshold_text: str | None = None  # as the user typed it (`800`, `1.5GB`); None in logs older than that
+    first: float | None = None  # the first and last sample
+    last: float | None = None
+    peak_bytes: float | None = None  # from the exit line (what `run` said on stderr)
+    peak_t: float | None = None
+    peak_members: list[dict[str, Any]] = field(default_factory=list)
+    exit_status: int | None = None
+    cause: str | None = None
+    duration: float | None = None
+    killed: dict[str, Any] | None = None  # the kill event, when the tree was killed for memory
+    series: str = ""  # the name of its group's series in the report (the label, numbered when runs share it)
+
+    @property
+    def end(self) -> float:
+        return self.started + self.duration if self.duration is not None else (self.last or self.started)
+
+
+@dataclass
 class Run:
     sources: list[str] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)
@@ -42,6 +67,7 @@ class Run:
     groups: dict[str, Series] = field(default_factory=dict)  # group label -> memory
     events: list[dict[str, Any]] = field(default_factory=list)  # enforcer events (kills, dry runs)
     skipped: dict[str, int] = field(default_factory=dict)  # file -> damaged records skipped
+    runs: list[RunRecord] = field(default_factory=list)  # the `mem-exporter run`s among the logs
     _seen: set = field(default_factory=set, repr=False)
 
     def new_sample(self, t: float, phase: str | None) -> bool:
@@ -67,7 +93,14 @@ class Run:
             s = self.groups[label] = Series(label)
         return s
 
+    @property
+    def only_runs(self) -> bool:
+        """Every log read is a `run` log: sizes are then in MB, the unit `run` speaks."""
+        return bool(self.runs) and len(self.runs) == len(self.sessions)
+
     def finish(self) -> Run:
+        self.runs.sort(key=lambda r: r.started)
+        self._split_runs()
         if any(b < a for a, b in pairwise(self.times)):
             order = sorted(range(len(self.times)), key=self.times.__getitem__)
             self.times = [self.times[i] for i in order]
@@ -76,6 +109,34 @@ class Run:
             s.sort()
         self.events.sort(key=lambda e: e.get("t", 0.0))
         return self
+
+    def _split_runs(self) -> None:
+        """Runs whose trees share a label (`bun`, run after run) get a series each, `bun (run 2)`, with that
+        run's limit, its peak reading, and its events: a peak is never paired with another run's limit, and
+        no line is drawn from one run into the next."""
+        labels = [r.group for r in self.runs]
+        for i, r in enumerate(self.runs, 1):
+            r.series = f"{r.group} (run {i})" if labels.count(r.group) > 1 else r.group
+        for label in set(labels):
+            merged = self.groups.get(label)
+            mine = [r for r in self.runs if r.group == label]
+            if merged is None:
+                continue
+            if len(mine) > 1:
+                del self.groups[label]
+            for r in mine:
+                s = merged if len(mine) == 1 else self.group(r.series)
+                lo, hi = r.started - 0.001, r.end + 0.001
+                if len(mine) > 1:
+                    pairs = [(t, v) for t, v in zip(merged.times, merged.values, strict=True) if lo <= t <= hi]
+                    s.times, s.values = [t for t, _ in pairs], [v for _, v in pairs]
+                    s.gpu_bytes = merged.gpu_bytes
+                s.limits = {"run": r.threshold_bytes}
+                if r.peak_t is not None and r.peak_bytes is not None:
+                    s.add(r.peak_t, r.peak_bytes)  # the peak's own reading, between samples or not
+                for e in self.events:
+                    if e.get("rule") == "run" and e.get("group") == label and lo <= e.get("t", 0.0) <= hi:
+                        e["group"] = r.series
 
     @property
     def start(self) -> float:

@@ -15,7 +15,9 @@ one (Windows) with Popen.poll() and short sleeps. The Runner keeps one loop on t
 the supervisor for the command's exit, read the tree, log, check the limit. The tree is read
 from the wrapper down through the kernel's child links (tree.py): at least every 0.5 s, and every 50
 to 100 ms near the limit, as the enforcer's fast lane does; system memory is one meminfo read per
-interval. Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
+interval. A young run (its first 5 s) is fully sampled every 0.25 s, so a 3 s test suite leaves a
+dozen samples; whenever the peak was read, its reading goes into the log at the end (a `peak` line).
+Nothing lists the host's processes, so the cost is the tree's, however busy the host. Where
 the kernel has no child links, or the source is not procfs, the Sampler's full walk every interval
 and a listing of new pids in between take their place. Stopping the tree goes through the
 enforcer's kill engine (kill.execute): identity-checked signals to every member and killpg on the
@@ -26,6 +28,8 @@ tree is exempt: it is the user's own command.
     supervisor.py  the Supervisor interface; the polling supervisor (Windows, and anywhere)
     posix.py       the POSIX supervisor (Linux, macOS): subreaper, self-pipe, terminal, Ctrl-Z
     tree.py        the tree through child links
+    statusline.py  `-v` on a terminal: the status on the last row, the output scrolling above it
+    adopt.py       which phase a run adopts (one of the present, not a stale one)
 """
 
 from __future__ import annotations
@@ -47,15 +51,18 @@ from ..enforcer.lane import Growth
 from ..enforcer.metrics import EnforcerCollector, EnforcerState, Tally
 from ..enforcer.policy import Action, poll_period, protection
 from ..grouping import _sum_optional, descendants
+from ..naming import program_name
 from ..phase import PhaseWatcher
 from ..procfs import ProcfsReader
-from ..records import exit_record, session_header
+from ..records import exit_record, peak_record, session_header
 from ..runlog import MB, RunLog, mb, resolve_path, sample_record
 from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
 from ..signals import SIGKILL, signal_name
 from ..zones import zone_for
+from .adopt import PhaseAdopter
 from .options import EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError, options_from
+from .statusline import StatusLine, usable
 from .supervisor import Supervisor, make_supervisor
 from .tree import TreeWalk, links_available
 
@@ -72,6 +79,8 @@ SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by
 TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
 TTY_STATUS_EVERY = 0.2
+YOUNG_SECONDS = 5.0  # a young run is fully sampled every YOUNG_EVERY: a 3 s test suite gets a dozen samples
+YOUNG_EVERY = 0.25
 COLOURS = {"safe": "32", "caution": "33", "critical": "31"}  # green, yellow, red
 
 _NO_SYSTEM = SystemMemory(0, 0, 0, 0, 0)  # exposed until the first meminfo read succeeds
@@ -99,9 +108,9 @@ class Runner:
     def __init__(self, opts: RunOptions, environ: Mapping[str, str] = os.environ, supervisor: Supervisor | None = None):
         self.opts = opts
         self.supervisor = supervisor if supervisor is not None else make_supervisor()
-        self.name = os.path.basename(opts.command[0]) or opts.command[0]
+        self.name = program_name(opts.command)  # `bash -c "bun test"` is `bun`
         self.started = time.time()
-        self.log_path = resolve_path(opts.log, opts.command[0], self.started, os.getpid(), environ)
+        self.log_path = resolve_path(opts.log, self.name, self.started, os.getpid(), environ)
         self.config = load_config(None, {"interval": opts.interval, "source": opts.source})
         self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher())  # `mem-exporter phase NAME` marks samples
         self.actuator = make_actuator(self.config)
@@ -114,10 +123,16 @@ class Runner:
         self.system: SystemMemory | None = None
         self.latest: Sample | None = None
         self.phase: str | None = None
+        self.adopter = PhaseAdopter(self.started, opts.keep_phase, self.config.paths.procfs)
         self.tree: TreeWalk | None = None  # None: parent links from full listings (the fallback)
         self._cpu_prev: tuple[float, float] | None = None
         self._cpu: float | None = None
         self.peak = 0
+        self.peak_group: GroupSample | None = None  # the reading of the peak, members and all
+        self.peak_t = 0.0
+        self.peak_phase: str | None = None
+        self._last_flush = 0.0
+        self._t0 = time.monotonic()  # when the command started: a young run is sampled faster
         self.tally = Tally()
         self.cmd_pid = 0
         self.cmd_status: int | None = None
@@ -129,8 +144,9 @@ class Runner:
         self.exposition: Exposition | None = None
         self._seen: set[int] = set()
         self.growth = Growth()
-        self._last_logged = self._last_status = 0.0
-        self._status_line = False
+        self._last_logged = 0.0
+        self._last_status = -1e9
+        self._line: StatusLine | None = None  # -v on a terminal that can keep a last row
         self._serving = False
 
     @property
@@ -147,15 +163,21 @@ class Runner:
         reader = self.sampler.reader
         if isinstance(reader, ProcfsReader) and links_available(procfs, os.getpid()):
             self.tree = TreeWalk(reader, procfs, os.getpid())
+        if self.opts.verbose and usable(sys.stderr):
+            self._line = StatusLine(sys.stderr)
+            self._line.open()  # before the command writes its first line
         try:
             self.cmd_pid = self.supervisor.start(self.opts.command, self._on_signal)
         except OSError as e:
             status = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+            if self._line is not None:
+                self._line.close()
             print(f"mem-exporter: {self.opts.command[0]}: {e.strerror or e}", file=sys.stderr)
             self._write_header()
             self._finish_log("not_started", status, None)
             return status
         self._write_header()
+        self._t0 = time.monotonic()
         if self.server is not None:
             self.server.start()
             self._serving = True
@@ -168,6 +190,8 @@ class Runner:
             self._reap()
             self.supervisor.restore()
             status = self._exit_status(cause, event)
+            if self._line is not None:  # the terminal scrolls whole again before anything else is said
+                self._line.close()
             self._report(cause, event, status)
             self._finish_log(cause, status, event)
         return status
@@ -219,6 +243,7 @@ class Runner:
                 command_pid=self.cmd_pid or None,
                 threshold_bytes=self.opts.threshold,
                 threshold_mb=mb(self.opts.threshold),
+                threshold_text=self.opts.threshold_text,
                 interval=self.opts.interval,
                 grace=self.opts.grace,
                 memtype=self.memtype,
@@ -240,7 +265,7 @@ class Runner:
             now = time.monotonic()
             full = now >= next_full
             if full:
-                next_full = now + self.opts.interval
+                next_full = now + self._full_every(now)
             group = self._read(full)
             used = group.memory_bytes(self.memtype)
             if used > self.opts.threshold:
@@ -251,6 +276,12 @@ class Runner:
                 poll_period(self.opts.threshold - used, self.growth.rate(RULE), self.opts.interval),
             )
             self.supervisor.sleep(min(next_full, time.monotonic() + period) - time.monotonic())
+
+    def _full_every(self, now: float) -> float:
+        """The interval; YOUNG_EVERY while the run is young, when the tree is read through child links (a
+        few reads of the tree's own files; never a walk of the host)."""
+        young = self.tree is not None and now - self._t0 < YOUNG_SECONDS
+        return min(YOUNG_EVERY, self.opts.interval) if young else self.opts.interval
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
         """Re-read the tree; `full` once per interval: system memory too, a log line, the exposition."""
@@ -275,7 +306,8 @@ class Runner:
         )
         self.group = group
         used = group.memory_bytes(self.memtype)
-        self.peak = max(self.peak, used)
+        if used > self.peak or self.peak_group is None:
+            self.peak, self.peak_group, self.peak_t, self.peak_phase = used, group, time.time(), self.phase
         self.growth.observe(RULE, used, time.monotonic())
         if record:
             self._record(group, full, sample, ok, time.perf_counter() - began)
@@ -304,7 +336,8 @@ class Runner:
                 log.debug("reading system memory failed: %s", e)
                 ok = False
             if self.sampler.phase_watcher is not None:
-                self.phase = self.sampler.phase_watcher.read()
+                self.sampler.phase_watcher.read()
+                self._adopt_phase()
         return ok
 
     def _read_by_listing(self, full: bool) -> Sample | None:
@@ -312,7 +345,7 @@ class Runner:
         sample = None
         if full:
             sample = self.sampler.tick()
-            self.phase = sample.phase
+            self._adopt_phase()
             if all(sample.sources_up.values()):  # a failed walk reads as an empty tree: keep the last one
                 self.system = sample.system
                 self._seen = {p.pid for p in sample.processes}
@@ -329,6 +362,25 @@ class Runner:
             except OSError as e:
                 log.debug("fast read failed: %s", e)
         return sample
+
+    def _adopt_phase(self) -> None:
+        """The phase file's phase, if it is one of this run's present (adopt.py); said once on stderr."""
+        watcher = self.sampler.phase_watcher
+        if watcher is None:
+            return
+        phase = self.adopter.adopt(watcher.phase, watcher.setter)
+        if phase is not None and phase != self.phase:
+            self._say(f"phase {phase} ({self.adopter.describe(watcher.setter)})")
+        self.phase = phase
+
+    def _say(self, line: str) -> None:
+        try:
+            if self._line is not None:
+                self._line.close()  # the region is set again at the next redraw
+            sys.stderr.write(f"mem-exporter: {line}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
 
     def _record(self, group: GroupSample, full: bool, sample: Sample | None, ok: bool, duration: float) -> None:
         now = time.monotonic()
@@ -351,11 +403,12 @@ class Runner:
                     memtype=self.memtype,
                 )
             )
-        if full:
-            self.run_log.flush()  # once per interval: `tail -f` shows the run as it goes
-            if self.exposition is not None:
-                self.latest = self._sample(group, sample, ok, duration)
-                self.exposition.refresh()
+        if full and now - self._last_flush >= min(self.opts.interval, 1.0):
+            self._last_flush = now
+            self.run_log.flush()  # about once per interval (a young run samples faster): `tail -f` follows
+        if full and self.exposition is not None:
+            self.latest = self._sample(group, sample, ok, duration)
+            self.exposition.refresh()
         self._status(group, full=full)
 
     def _sample(self, group: GroupSample, sample: Sample | None, ok: bool, duration: float) -> Sample:
@@ -382,10 +435,11 @@ class Runner:
     def _status(self, group: GroupSample, full: bool) -> None:
         if not self.opts.verbose:
             return
-        tty = sys.stderr.isatty()
         now = time.monotonic()
-        if not full and (not tty or now - self._last_status < TTY_STATUS_EVERY):
+        if self._line is not None and now - self._last_status < TTY_STATUS_EVERY:
             return
+        if self._line is None and (not full or now - self._last_status < self.opts.interval * 0.9):
+            return  # plain lines: one per interval, a young run's faster samples aside
         self._last_status = now
         used = group.memory_bytes(self.memtype)
         share = used / self.opts.threshold
@@ -393,15 +447,14 @@ class Runner:
             f"mem-exporter: {used / MB:.1f} MB of {self.opts.threshold / MB:g} MB ({share:.0%}), "
             f"peak {self.peak / MB:.1f} MB, {processes(group.processes)}"
         )
+        if self.phase:
+            text += f", phase {self.phase}"
+        if self._line is not None:
+            colour = None if os.environ.get("NO_COLOR") else COLOURS[zone_for("limit", share, self.config.zones)]
+            self._line.draw(text, colour)
+            return
         try:
-            if tty:
-                if not os.environ.get("NO_COLOR"):
-                    colour = COLOURS[zone_for("limit", share, self.config.zones)]
-                    text = f"\x1b[{colour}m{text}\x1b[0m"
-                sys.stderr.write("\r" + text + "\x1b[K")
-                self._status_line = True
-            else:
-                sys.stderr.write(text + "\n")
+            sys.stderr.write(text + "\n")
             sys.stderr.flush()
         except OSError:
             pass
@@ -508,10 +561,8 @@ class Runner:
         if lines or self.opts.verbose:
             if cause != "memory":
                 lines.append(f"peak {self.peak / MB:.1f} MB of {limit}")
-            lines.append(f"log: {self.log_path}")
+            lines.append(f"log: {self.log_path}" if self.run_log.kept else "log: none (-l /dev/null)")
         try:
-            if self._status_line:
-                sys.stderr.write("\n")
             for line in lines:
                 sys.stderr.write(f"mem-exporter: {line}\n")
             sys.stderr.flush()
@@ -523,6 +574,17 @@ class Runner:
             notifier.flush(3.0)
 
     def _finish_log(self, cause: str, status: int, event: dict | None) -> None:
+        if self.peak_group is not None:  # the moment of the peak, with its members, whatever was logged
+            self.run_log.write(
+                peak_record(
+                    self.peak_group,
+                    self.opts.threshold,
+                    self.peak_t,
+                    self.system,
+                    phase=self.peak_phase,
+                    memtype=self.memtype,
+                )
+            )
         if event is not None:
             self.run_log.write(event)
         now = time.time()
@@ -536,6 +598,8 @@ class Runner:
                 peak_bytes=self.peak,
                 peak_mb=mb(self.peak),
                 threshold_bytes=self.opts.threshold,
+                command=list(self.opts.command),
+                **self.adopter.log_fields(),
             )
         )
         self.run_log.close()

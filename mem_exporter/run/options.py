@@ -41,6 +41,8 @@ class RunOptions:
     listen: str | None = None
     source: str = "auto"  # auto | procfs | psutil: how the tree is read
     memory: str = "rss"  # rss | footprint (macOS) | private (Windows): what the threshold limits
+    threshold_text: str = "800"  # the threshold as the user wrote it, for the log and the report
+    keep_phase: bool = False  # adopt a phase set before the run started (by a session still alive)
 
 
 def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
@@ -67,6 +69,7 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         return value
 
     threshold = pick(args.threshold, "--threshold", ENV_THRESHOLD, lambda v: parse_size(v, bare_unit=MB), 800 * MB)
+    threshold_text = str(args.threshold if args.threshold is not None else environ.get(ENV_THRESHOLD, "") or "800")
     interval = pick(args.interval, "--interval", ENV_INTERVAL, parse_duration, 2.0)
     if interval > 3600:
         raise SetupError(f"--interval: at most 1h (got {interval:g}s)")
@@ -100,4 +103,6 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         listen=args.listen,
         source=source,
         memory=native_memtype() if memory == "auto" else memory,
+        threshold_text=threshold_text.strip(),
+        keep_phase=bool(getattr(args, "keep_phase", False)),
     )
