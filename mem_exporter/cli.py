@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notify", action="store_true", help="desktop notification when the tree is killed")
     run.add_argument("--grace", metavar="SECONDS", help="between SIGTERM and SIGKILL; default 5s")
     run.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics for the tree while it runs")
+    run.add_argument(
+        "--no-cgroup",
+        action="store_true",
+        help="do not put the command in a cgroup of its own with a kernel limit (Linux; env MEM_EXPORTER_NO_CGROUP=1)",
+    )
     _add_source_option(run, env="MEM_EXPORTER_SOURCE")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run")
     run.set_defaults(func=cmd_run)

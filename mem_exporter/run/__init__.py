@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from ..cgroups import Request
 from ..config import Groups, Notify, Rule, load_config
 from ..enforcer.actuator import make_actuator, own_context
 from ..enforcer.events import Notifier, make_event
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 RULE = "run"  # the rule label of the limit metric and of the events
 HARD_CEILING = 0.10  # during the grace period, this far over the limit gets SIGKILL at once
+# the cgroup's kernel limit is the hard ceiling, with at least this much over the limit: the kernel also
+# charges what RSS does not count (page tables, kernel stacks), and must not beat `run` to a small limit
+KERNEL_SLACK = 16 * 2**20
 SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by itself before SIGTERM
 TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
@@ -102,7 +106,8 @@ class Runner:
         self.config = load_config(None, {"interval": opts.interval, "source": opts.source})
         self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher())  # `mem-exporter phase NAME` marks samples
         self.actuator = make_actuator(self.config)
-        self.ctx = own_context(self.config.paths.procfs, builtin=False)  # nothing in the user's own tree is exempt
+        # nothing in the user's own tree is exempt, not even a member that joined the wrapper's process group
+        self.ctx = dataclasses.replace(own_context(self.config.paths.procfs, builtin=False), pgid=-1)
         self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
         self.members: dict[int, ProcessInfo] = {}
         self.group: GroupSample | None = None
@@ -117,6 +122,7 @@ class Runner:
         self.tally = Tally()
         self.cmd_pid = 0
         self.cmd_status: int | None = None
+        self.kernel_kills = 0  # processes the kernel killed at the cgroup's limit (the backstop)
         self.signalled: int | None = None
         self.stopping = False
         self.hurry = False
@@ -144,7 +150,7 @@ class Runner:
         if isinstance(reader, ProcfsReader) and links_available(procfs, os.getpid()):
             self.tree = TreeWalk(reader, procfs, os.getpid())
         try:
-            self.cmd_pid = self.supervisor.start(self.opts.command, self._on_signal)
+            self.cmd_pid = self.supervisor.start(self.opts.command, self._on_signal, self._cgroup_request())
         except OSError as e:
             status = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_NOT_EXECUTABLE
             print(f"mem-exporter: {self.opts.command[0]}: {e.strerror or e}", file=sys.stderr)
@@ -162,11 +168,24 @@ class Runner:
             first = self.signalled if cause == "signal" and self.signalled is not None else signal.SIGTERM
             event = self._terminate(first, cause)
             self._reap()
+            cgroup = self.supervisor.cgroup
+            self.kernel_kills = cgroup.oom_kills() if cgroup else 0  # before restore() removes the cgroup
             self.supervisor.restore()
             status = self._exit_status(cause, event)
             self._report(cause, event, status)
             self._finish_log(cause, status, event)
         return status
+
+    @property
+    def kernel_limit(self) -> int:
+        return int(self.opts.threshold + max(self.opts.threshold * HARD_CEILING, KERNEL_SLACK))
+
+    def _cgroup_request(self) -> Request | None:
+        """A cgroup of the command's own, its kernel limit the hard ceiling: a backstop should `run` stall."""
+        if self.opts.cgroupfs is None or not sys.platform.startswith("linux"):
+            return None
+        name = f"mem-exporter-run-{os.getpid()}"
+        return Request(name, self.kernel_limit, self.opts.cgroupfs, self.config.paths.procfs)
 
     def _exit_status(self, cause: str, event: dict | None) -> int:
         if cause == "memory":  # 137 only for a kill that happened: the whole tree confirmed dead
@@ -220,9 +239,13 @@ class Runner:
                 memtype="rss",
                 terminal=self.supervisor.tty is not None,
                 subreaper=self.supervisor.subreaper,
+                cgroup=self.supervisor.cgroup.describe() if self.supervisor.cgroup else None,
+                cgroup_note=self.supervisor.cgroup_note or None,
             )
         )
         self.run_log.flush()
+        if self.opts.verbose and self.supervisor.cgroup_note:
+            print(f"mem-exporter: {self.supervisor.cgroup_note}", file=sys.stderr)
 
     # --- watching ---------------------------------------------------------------------------
     def _watch(self) -> str:
@@ -412,6 +435,7 @@ class Runner:
             self._reap()
             targets = [p for p in targets if act.alive(p)]
         if not targets:
+            self.supervisor.sweep()
             return None
         ceiling = self.opts.threshold * (1 + HARD_CEILING)
 
@@ -426,6 +450,7 @@ class Runner:
             signals=[first, SIGKILL], grace=self.opts.grace, targets=targets, pgid=None if spare else self.cmd_pid
         )
         report = execute(act, order, refresh, hurry=lambda: self.hurry)
+        swept = self.supervisor.sweep()  # the cgroup: what the tree's signals did not reach
         self._reap()
         action = Action(
             kind=report.kind,
@@ -450,6 +475,9 @@ class Runner:
             ceiling=ceiling if cause == "memory" else None,
             peak_bytes=self.peak,
         )
+        if swept:
+            event["survivors"] = sorted({*event["survivors"], *swept})
+            event["outcome"] = "survived"
         if cause == "memory":
             self.tally.count(event, time.time())
         return event
@@ -485,6 +513,11 @@ class Runner:
             )
         elif cause == "exited" and event:
             lines.append(f"`{command}` exited; stopped {processes(len(event['signalled']))} it left running")
+        if self.kernel_kills:
+            lines.append(
+                f"the kernel killed {processes(self.kernel_kills)} at the cgroup's limit of "
+                f"{self.kernel_limit / MB:g} MB"
+            )
         if event and event["survivors"]:
             lines.append(f"warning: still alive after SIGKILL: {' '.join(map(str, event['survivors']))}")
         if lines or self.opts.verbose:
@@ -518,6 +551,7 @@ class Runner:
                 peak_bytes=self.peak,
                 peak_mb=mb(self.peak),
                 threshold_bytes=self.opts.threshold,
+                kernel_oom_kills=self.kernel_kills,
             )
         )
         self.run_log.close()

@@ -19,6 +19,9 @@ ENV_INTERVAL = "MEM_EXPORTER_INTERVAL"
 ENV_LOG = "MEM_EXPORTER_LOG"
 ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
 ENV_SOURCE = "MEM_EXPORTER_SOURCE"
+ENV_NO_CGROUP = "MEM_EXPORTER_NO_CGROUP"
+ENV_CGROUPFS = "MEM_EXPORTER_CGROUPFS"
+YES = ("1", "true", "yes", "on")
 SOURCES = ("auto", "procfs", "psutil")
 
 
@@ -37,6 +40,7 @@ class RunOptions:
     notify: bool = False
     listen: str | None = None
     source: str = "auto"  # auto | procfs | psutil: how the tree is read
+    cgroupfs: str | None = "/sys/fs/cgroup"  # where the command's cgroup is made (Linux); None: no cgroup
 
 
 def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
@@ -79,6 +83,7 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
     source = getattr(args, "source", None) or environ.get(ENV_SOURCE, "").strip() or "auto"
     if source not in SOURCES:
         raise SetupError(f"{ENV_SOURCE}: {source!r} is not one of {', '.join(SOURCES)}")
+    no_cgroup = getattr(args, "no_cgroup", False) or environ.get(ENV_NO_CGROUP, "").strip().lower() in YES
     return RunOptions(
         command=tuple(command),
         threshold=threshold,
@@ -89,4 +94,5 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         notify=bool(args.notify),
         listen=args.listen,
         source=source,
+        cgroupfs=None if no_cgroup else environ.get(ENV_CGROUPFS, "").strip() or "/sys/fs/cgroup",
     )
