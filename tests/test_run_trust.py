@@ -34,7 +34,8 @@ def mode(request) -> list[str]:
 # --- 20.11: a member that joins the wrapper's process group is killed too ----------------------------
 
 ESCAPE = (
-    "import os, sys, time\n"
+    "import os, signal, sys, time\n"
+    "signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the hangup when the wrapper, the session leader, exits\n"
     "os.setpgid(0, os.getsid(0))  # the wrapper leads the session: its group is the session's\n"
     "open(sys.argv[1] + '.tmp', 'w').write(f'{os.getpid()} {os.getpgrp()}')\n"
     "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
