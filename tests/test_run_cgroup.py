@@ -269,3 +269,53 @@ def test_nothing_is_made_where_no_cgroup_can_be(tmp_path):
     assert not fake.holds(os.getpid())  # the kernel never heard of it
     fake.remove()
     assert not (tmp_path / "fake" / "unified" / "x").exists()
+
+
+# an ordinary user (uid 65534): nothing where root owns the cgroups; in a subtree delegated to it (as
+# `systemd-run --user --scope -p Delegate=yes` gives), a cgroup of its own with cgroup.kill
+AS_USER = (
+    "import json, os, signal, subprocess, sys, time\n"
+    "from mem_exporter import cgroups\n"
+    "sys.stdin.readline()  # moved into the delegated cgroup, if any, by now\n"
+    "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+    "made = cgroups.make(cgroups.Request('mem-exporter-user-test', 100 * 10**6))\n"
+    "out = {'made': bool(made), 'who': made.who, 'why': made.why, 'kinds': sorted(made.dirs)}\n"
+    "if made:\n"
+    "    p = subprocess.Popen(['sleep', '60'], preexec_fn=made.join)\n"
+    "    time.sleep(0.2)\n"
+    "    out.update(holds=made.holds(p.pid), killed=made.kill(), left=made.wait_empty(5), status=p.wait(5))\n"
+    "    out['kept'] = made.remove()\n"
+    "print(json.dumps(out))\n"
+)
+
+
+@pytest.mark.parametrize("delegated", [False, True])
+def test_an_ordinary_user_gets_a_cgroup_only_in_a_delegated_subtree(delegated, tmp_path):
+    d = cgroup_dir(cgroups.V2, f"mem-exporter-delegated-{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AS_USER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        if delegated:
+            d.mkdir()
+            for path in (d, d / "cgroup.procs", d / "cgroup.subtree_control", d / "cgroup.threads"):
+                os.chown(path, 65534, 65534)
+            (d / "cgroup.procs").write_text(str(proc.pid))  # a process this test started
+        out, _ = proc.communicate("go\n", timeout=30)
+        result = json.loads(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if delegated:
+            wait_for(lambda: not (d / "cgroup.procs").read_text().split(), 5, what="the delegated cgroup empty")
+            d.rmdir()
+    assert result["who"] == "delegated subtree"
+    if not delegated:
+        assert not result["made"] and "Permission denied" in result["why"]
+        return
+    # v2 only: the v1 memory hierarchy is root's, so no kernel limit, but an atomic kill
+    assert result["made"] and result["kinds"] == ["v2"] and "Permission denied" in result["why"]
+    assert result["holds"] and result["killed"] and result["left"] == [] and result["status"] == -signal.SIGKILL
+    assert result["kept"] == []
