@@ -184,6 +184,7 @@ def test_a_stopped_wrapper_still_bounds_its_command_by_the_kernel_limit(wrap, tm
         os.kill(w.proc.pid, signal.SIGCONT)
     assert w.wait() == 137, w.stderr()
     assert records(log)[-1]["kernel_oom_kills"] >= 1
+    assert 150 * MB < records(log)[-1]["cgroup_peak_bytes"] <= 220 * MB  # the kernel's own high-water mark
     assert "the kernel killed 1 process at the cgroup's limit of 220 MB" in w.stderr()
     assert not memory_dir.exists()
 
@@ -234,6 +235,8 @@ def test_a_fork_storm_a_double_fork_and_new_groups_cannot_escape_the_kill(
     assert not pid_alive(daemon)
     event = next(r for r in records(log) if r.get("type") == "event")
     assert event["outcome"] == "dead" and event["survivors"] == []
+    # the cgroup counts each page once: the storm's copy-on-write pages are far below their summed RSS
+    assert 0 < event["cgroup_charge_bytes"] < event["value"]
 
 
 # --- the module on its own --------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class Runner:
         self.cmd_pid = 0
         self.cmd_status: int | None = None
         self.kernel_kills = 0  # processes the kernel killed at the cgroup's limit (the backstop)
+        self.cgroup_peak: int | None = None  # the kernel's high-water mark of the cgroup's usage
         self.signalled: int | None = None
         self.stopping = False
         self.hurry = False
@@ -170,6 +171,7 @@ class Runner:
             self._reap()
             cgroup = self.supervisor.cgroup
             self.kernel_kills = cgroup.oom_kills() if cgroup else 0  # before restore() removes the cgroup
+            self.cgroup_peak = cgroup.peak() if cgroup else None
             self.supervisor.restore()
             status = self._exit_status(cause, event)
             self._report(cause, event, status)
@@ -425,6 +427,8 @@ class Runner:
         self.stopping = True
         group = self.breach or self._read(False, record=False)  # forks since the last reading count too
         act = self.actuator
+        cgroup = self.supervisor.cgroup
+        charge = cgroup.charge() if cgroup else None  # the cgroup's own count, beside summed RSS (docs/run.md)
 
         def signallable() -> list[ProcessInfo]:
             return [p for p in self.members.values() if protection(p, self.ctx) is None]
@@ -474,6 +478,7 @@ class Runner:
             **report.event_fields(),
             ceiling=ceiling if cause == "memory" else None,
             peak_bytes=self.peak,
+            cgroup_charge_bytes=charge,
         )
         if swept:
             event["survivors"] = sorted({*event["survivors"], *swept})
@@ -552,6 +557,7 @@ class Runner:
                 peak_mb=mb(self.peak),
                 threshold_bytes=self.opts.threshold,
                 kernel_oom_kills=self.kernel_kills,
+                cgroup_peak_bytes=self.cgroup_peak,
             )
         )
         self.run_log.close()
