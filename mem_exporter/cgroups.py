@@ -271,7 +271,11 @@ def make(request: Request, uses: Iterable[str] = (V2, MEMORY, FREEZER)) -> Made:
         parent = os.path.join(found[kind], own[kind].strip("/"))
         d = os.path.join(parent, request.name)
         try:
-            os.mkdir(d)
+            try:
+                os.mkdir(d)
+            except FileExistsError:  # left empty by a killed wrapper that had our pid: only an empty one goes
+                os.rmdir(d)
+                os.mkdir(d)
         except OSError as e:
             problems.append(f"{parent}: {e.strerror or e}")
             continue

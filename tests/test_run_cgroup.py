@@ -322,3 +322,24 @@ def test_an_ordinary_user_gets_a_cgroup_only_in_a_delegated_subtree(delegated, t
     assert result["made"] and result["kinds"] == ["v2"] and "Permission denied" in result["why"]
     assert result["holds"] and result["killed"] and result["left"] == [] and result["status"] == -signal.SIGKILL
     assert result["kept"] == []
+
+
+def test_a_cgroup_left_under_the_same_name_is_replaced_only_when_empty(tmp_path):
+    name = f"mem-exporter-test-stale-{os.getpid()}"
+    stale = cgroup_dir(cgroups.V2, name)
+    stale.mkdir()  # as a wrapper killed by SIGKILL leaves it, once its members are gone
+    made = cgroups.make(cgroups.Request(name, None))
+    sleeper = None
+    try:
+        assert made and cgroups.V2 in made.dirs and made.why == ""
+        sleeper = subprocess.Popen(["sleep", "60"], preexec_fn=made.join)  # now one with a member left in it
+        again = cgroups.make(cgroups.Request(name, None))
+        assert cgroups.V2 not in again.dirs and "busy" in again.why
+        again.remove()
+        assert made.holds(sleeper.pid)
+    finally:
+        made.kill()
+        made.wait_empty(5)
+        if sleeper is not None:
+            sleeper.wait(5)
+        made.remove()
