@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .signals import SIGKILL
+
 DEFAULT_ROOT = "/sys/fs/cgroup"
 V2, MEMORY, FREEZER = "v2", "memory", "freezer"  # the hierarchies used, by what they are used for
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # Linux only, like the module; imported (never used) everywhere
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def mounts(root: str = DEFAULT_ROOT) -> dict[str, str]:
 
 
 def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | _CLOEXEC)
     try:
         os.write(fd, text.encode())
     finally:
@@ -91,7 +93,7 @@ def _write(path: str, text: str) -> None:
 
 
 def _read(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
     try:
         return os.read(fd, 1 << 16).decode()
     finally:
@@ -239,7 +241,7 @@ def freeze_kill(freezer_dir: str, timeout: float = 2.0) -> bool:
             time.sleep(0.005)
         for pid in _read(os.path.join(freezer_dir, "cgroup.procs")).split():
             try:
-                os.kill(int(pid), signal.SIGKILL)  # frozen in our cgroup: the pid cannot be reused meanwhile
+                os.kill(int(pid), SIGKILL)  # frozen in our cgroup: the pid cannot be reused meanwhile
             except (ProcessLookupError, ValueError):
                 pass
         return True
@@ -255,7 +257,7 @@ def freeze_kill(freezer_dir: str, timeout: float = 2.0) -> bool:
 def make(request: Request, uses: Iterable[str] = (V2, MEMORY, FREEZER)) -> Made:
     """A cgroup named `request.name` below this process's own, in each usable hierarchy, limited where
     a memory controller is there. Made() with `why` when none could be made (nothing is left behind)."""
-    made = Made(who="root" if os.geteuid() == 0 else "delegated subtree")
+    made = Made(who="root" if getattr(os, "geteuid", lambda: -1)() == 0 else "delegated subtree")
     try:
         own = own_paths(request.procfs)
     except OSError as e:
