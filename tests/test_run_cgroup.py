@@ -184,6 +184,7 @@ def test_a_stopped_wrapper_still_bounds_its_command_by_the_kernel_limit(wrap, tm
         os.kill(w.proc.pid, signal.SIGCONT)
     assert w.wait() == 137, w.stderr()
     assert records(log)[-1]["kernel_oom_kills"] >= 1
+    assert records(log)[-1]["cause"] == "memory"  # the kernel's kill at the limit is a kill for memory
     assert 150 * MB < records(log)[-1]["cgroup_peak_bytes"] <= 220 * MB  # the kernel's own high-water mark
     assert "the kernel killed 1 process at the cgroup's limit of 220 MB" in w.stderr()
     assert not memory_dir.exists()

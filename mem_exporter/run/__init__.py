@@ -189,9 +189,15 @@ class Runner:
         name = f"mem-exporter-run-{os.getpid()}"
         return Request(name, self.kernel_limit, self.opts.cgroupfs, self.config.paths.procfs)
 
+    def _killed(self, event: dict | None) -> bool:
+        """The whole tree confirmed dead after a kill: by our signals, or by the kernel at the cgroup's limit."""
+        if event is None:
+            return self.kernel_kills > 0
+        return event["outcome"] == "dead" or (event["outcome"] == "gone" and self.kernel_kills > 0)
+
     def _exit_status(self, cause: str, event: dict | None) -> int:
         if cause == "memory":  # 137 only for a kill that happened: the whole tree confirmed dead
-            return EXIT_MEMORY if event and event["outcome"] == "dead" else 1
+            return EXIT_MEMORY if self._killed(event) else 1
         if cause == "signal" and self.signalled is not None:
             return 128 + self.signalled
         if self.cmd_status is None:
@@ -257,7 +263,7 @@ class Runner:
             if self.signalled:
                 return "signal"
             if self.cmd_status is not None:
-                return "exited"
+                return "memory" if self._kernel_breach() else "exited"
             now = time.monotonic()
             full = now >= next_full
             if full:
@@ -271,6 +277,18 @@ class Runner:
                 poll_period(self.opts.threshold - group.rss_bytes, self.growth.rate(RULE), self.opts.interval),
             )
             self.supervisor.sleep(min(next_full, time.monotonic() + period) - time.monotonic())
+
+    def _kernel_breach(self) -> bool:
+        """Whether the cgroup's kernel limit ended the command (its OOM killer, when `run` was too slow or
+        stopped): a kill for memory like `run`'s own, the cgroup's high-water mark its measure."""
+        cgroup = self.supervisor.cgroup
+        if not cgroup or not cgroup.oom_kills():
+            return False
+        group = self.group or self._read(False, record=False)
+        used = max(group.rss_bytes, cgroup.peak() or 0)
+        self.breach = dataclasses.replace(group, rss_bytes=used)
+        self.peak = max(self.peak, used)
+        return True
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
         """Re-read the tree; `full` once per interval: system memory too, a log line, the exposition."""
@@ -505,7 +523,7 @@ class Runner:
         command = " ".join(self.opts.command)
         g = self.breach
         if cause == "memory" and g is not None:
-            verb = "killed" if event and event["outcome"] == "dead" else "could not kill"
+            verb = "killed" if self._killed(event) else "could not kill"
             lines.append(
                 f"{verb} `{command}` ({processes(g.processes)}): memory {g.rss_bytes / MB:.1f} MB passed the "
                 f"limit of {limit} (peak {self.peak / MB:.1f} MB); exit status {status}"
