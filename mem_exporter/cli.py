@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="adopt a phase set before the run started, if the session that set it is still alive "
         "(default: only phases set while the run runs)",
     )
+    run.add_argument(
+        "--no-cgroup",
+        action="store_true",
+        help="do not put the command in a cgroup of its own with a kernel limit (Linux; env MEM_EXPORTER_NO_CGROUP=1)",
+    )
     _add_source_option(run, env="MEM_EXPORTER_SOURCE")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run")
     run.set_defaults(func=cmd_run)

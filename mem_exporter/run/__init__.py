@@ -43,6 +43,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from .. import platforms
+from ..cgroups import Request
 from ..config import Groups, Notify, Rule, load_config
 from ..enforcer.actuator import make_actuator, own_context
 from ..enforcer.events import Notifier, make_event
@@ -75,6 +77,9 @@ log = logging.getLogger(__name__)
 
 RULE = "run"  # the rule label of the limit metric and of the events
 HARD_CEILING = 0.10  # during the grace period, this far over the limit gets SIGKILL at once
+# the cgroup's kernel limit is the hard ceiling, with at least this much over the limit: the kernel also
+# charges what RSS does not count (page tables, kernel stacks), and must not beat `run` to a small limit
+KERNEL_SLACK = 16 * 2**20
 SETTLE = 0.5  # when the command exits, what it leaves gets this long to exit by itself before SIGTERM
 TREE_EVERY = 0.5  # the tree's few files are re-read at least this often, whatever the full interval
 FAST_LOG_EVERY = 0.5  # fast readings in the caution zone are logged at most this often (full samples always)
@@ -114,7 +119,8 @@ class Runner:
         self.config = load_config(None, {"interval": opts.interval, "source": opts.source})
         self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher())  # `mem-exporter phase NAME` marks samples
         self.actuator = make_actuator(self.config)
-        self.ctx = own_context(self.config.paths.procfs, builtin=False)  # nothing in the user's own tree is exempt
+        # nothing in the user's own tree is exempt, not even a member that joined the wrapper's process group
+        self.ctx = dataclasses.replace(own_context(self.config.paths.procfs, builtin=False), pgid=-1)
         self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
         self.memtype = opts.memory  # rss | footprint | private: the number the threshold limits
         self.members: dict[int, ProcessInfo] = {}
@@ -136,6 +142,8 @@ class Runner:
         self.tally = Tally()
         self.cmd_pid = 0
         self.cmd_status: int | None = None
+        self.kernel_kills = 0  # processes the kernel killed at the cgroup's limit (the backstop)
+        self.cgroup_peak: int | None = None  # the kernel's high-water mark of the cgroup's usage
         self.signalled: int | None = None
         self.stopping = False
         self.hurry = False
@@ -167,7 +175,7 @@ class Runner:
             self._line = StatusLine(sys.stderr)
             self._line.open()  # before the command writes its first line
         try:
-            self.cmd_pid = self.supervisor.start(self.opts.command, self._on_signal)
+            self.cmd_pid = self.supervisor.start(self.opts.command, self._on_signal, self._cgroup_request())
         except OSError as e:
             status = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_NOT_EXECUTABLE
             if self._line is not None:
@@ -188,6 +196,9 @@ class Runner:
             first = self.signalled if cause == "signal" and self.signalled is not None else signal.SIGTERM
             event = self._terminate(first, cause)
             self._reap()
+            cgroup = self.supervisor.cgroup
+            self.kernel_kills = cgroup.oom_kills() if cgroup else 0  # before restore() removes the cgroup
+            self.cgroup_peak = cgroup.peak() if cgroup else None
             self.supervisor.restore()
             status = self._exit_status(cause, event)
             if self._line is not None:  # the terminal scrolls whole again before anything else is said
@@ -196,9 +207,26 @@ class Runner:
             self._finish_log(cause, status, event)
         return status
 
+    @property
+    def kernel_limit(self) -> int:
+        return int(self.opts.threshold + max(self.opts.threshold * HARD_CEILING, KERNEL_SLACK))
+
+    def _cgroup_request(self) -> Request | None:
+        """A cgroup of the command's own, its kernel limit the hard ceiling: a backstop should `run` stall."""
+        if self.opts.cgroupfs is None or not platforms.PLATFORM.startswith("linux"):
+            return None
+        name = f"mem-exporter-run-{os.getpid()}"
+        return Request(name, self.kernel_limit, self.opts.cgroupfs, self.config.paths.procfs)
+
+    def _killed(self, event: dict | None) -> bool:
+        """The whole tree confirmed dead after a kill: by our signals, or by the kernel at the cgroup's limit."""
+        if event is None:
+            return self.kernel_kills > 0
+        return event["outcome"] == "dead" or (event["outcome"] == "gone" and self.kernel_kills > 0)
+
     def _exit_status(self, cause: str, event: dict | None) -> int:
         if cause == "memory":  # 137 only for a kill that happened: the whole tree confirmed dead
-            return EXIT_MEMORY if event and event["outcome"] == "dead" else 1
+            return EXIT_MEMORY if self._killed(event) else 1
         if cause == "signal" and self.signalled is not None:
             return 128 + self.signalled
         if self.cmd_status is None:
@@ -249,9 +277,13 @@ class Runner:
                 memtype=self.memtype,
                 terminal=self.supervisor.tty is not None,
                 subreaper=self.supervisor.subreaper,
+                cgroup=self.supervisor.cgroup.describe() if self.supervisor.cgroup else None,
+                cgroup_note=self.supervisor.cgroup_note or None,
             )
         )
         self.run_log.flush()
+        if self.opts.verbose and self.supervisor.cgroup_note:
+            print(f"mem-exporter: {self.supervisor.cgroup_note}", file=sys.stderr)
 
     # --- watching ---------------------------------------------------------------------------
     def _watch(self) -> str:
@@ -261,7 +293,7 @@ class Runner:
             if self.signalled:
                 return "signal"
             if self.cmd_status is not None:
-                return "exited"
+                return "memory" if self._kernel_breach() else "exited"
             now = time.monotonic()
             full = now >= next_full
             if full:
@@ -282,6 +314,18 @@ class Runner:
         few reads of the tree's own files; never a walk of the host)."""
         young = self.tree is not None and now - self._t0 < YOUNG_SECONDS
         return min(YOUNG_EVERY, self.opts.interval) if young else self.opts.interval
+
+    def _kernel_breach(self) -> bool:
+        """Whether the cgroup's kernel limit ended the command (its OOM killer, when `run` was too slow or
+        stopped): a kill for memory like `run`'s own, the cgroup's high-water mark its measure."""
+        cgroup = self.supervisor.cgroup
+        if not cgroup or not cgroup.oom_kills():
+            return False
+        group = self.group or self._read(False, record=False)
+        used = max(group.rss_bytes, cgroup.peak() or 0)
+        self.breach = dataclasses.replace(group, rss_bytes=used)
+        self.peak = max(self.peak, used)
+        return True
 
     def _read(self, full: bool, record: bool = True) -> GroupSample:
         """Re-read the tree; `full` once per interval: system memory too, a log line, the exposition."""
@@ -472,6 +516,8 @@ class Runner:
         self.stopping = True
         group = self.breach or self._read(False, record=False)  # forks since the last reading count too
         act = self.actuator
+        cgroup = self.supervisor.cgroup
+        charge = cgroup.charge() if cgroup else None  # the cgroup's own count, beside summed RSS (docs/run.md)
 
         def signallable() -> list[ProcessInfo]:
             return [p for p in self.members.values() if protection(p, self.ctx) is None]
@@ -482,6 +528,7 @@ class Runner:
             self._reap()
             targets = [p for p in targets if act.alive(p)]
         if not targets:
+            self.supervisor.sweep()
             return None
         ceiling = self.opts.threshold * (1 + HARD_CEILING)
 
@@ -496,6 +543,7 @@ class Runner:
             signals=[first, SIGKILL], grace=self.opts.grace, targets=targets, pgid=None if spare else self.cmd_pid
         )
         report = execute(act, order, refresh, hurry=lambda: self.hurry)
+        swept = self.supervisor.sweep()  # the cgroup: what the tree's signals did not reach
         self._reap()
         action = Action(
             kind=report.kind,
@@ -519,7 +567,11 @@ class Runner:
             **report.event_fields(),
             ceiling=ceiling if cause == "memory" else None,
             peak_bytes=self.peak,
+            cgroup_charge_bytes=charge,
         )
+        if swept:
+            event["survivors"] = sorted({*event["survivors"], *swept})
+            event["outcome"] = "survived"
         if cause == "memory":
             self.tally.count(event, time.time())
         return event
@@ -542,7 +594,7 @@ class Runner:
         command = " ".join(self.opts.command)
         g = self.breach
         if cause == "memory" and g is not None:
-            verb = "killed" if event and event["outcome"] == "dead" else "could not kill"
+            verb = "killed" if self._killed(event) else "could not kill"
             lines.append(
                 f"{verb} `{command}` ({processes(g.processes)}): {MEMORY_WORDS[self.memtype]} "
                 f"{g.memory_bytes(self.memtype) / MB:.1f} MB passed the "
@@ -556,6 +608,11 @@ class Runner:
             )
         elif cause == "exited" and event:
             lines.append(f"`{command}` exited; stopped {processes(len(event['signalled']))} it left running")
+        if self.kernel_kills:
+            lines.append(
+                f"the kernel killed {processes(self.kernel_kills)} at the cgroup's limit of "
+                f"{self.kernel_limit / MB:g} MB"
+            )
         if event and event["survivors"]:
             lines.append(f"warning: still alive after SIGKILL: {' '.join(map(str, event['survivors']))}")
         if lines or self.opts.verbose:
@@ -600,6 +657,8 @@ class Runner:
                 threshold_bytes=self.opts.threshold,
                 command=list(self.opts.command),
                 **self.adopter.log_fields(),
+                kernel_oom_kills=self.kernel_kills,
+                cgroup_peak_bytes=self.cgroup_peak,
             )
         )
         self.run_log.close()

@@ -21,6 +21,9 @@ ENV_LOG = "MEM_EXPORTER_LOG"
 ENV_VERBOSE = "MEM_EXPORTER_VERBOSE"
 ENV_SOURCE = "MEM_EXPORTER_SOURCE"
 ENV_MEMORY = "MEM_EXPORTER_MEMORY"
+ENV_NO_CGROUP = "MEM_EXPORTER_NO_CGROUP"
+ENV_CGROUPFS = "MEM_EXPORTER_CGROUPFS"
+YES = ("1", "true", "yes", "on")
 SOURCES = ("auto", "procfs", "psutil")
 MEMTYPES = ("auto", "rss", "footprint", "private")
 
@@ -43,6 +46,7 @@ class RunOptions:
     memory: str = "rss"  # rss | footprint (macOS) | private (Windows): what the threshold limits
     threshold_text: str = "800"  # the threshold as the user wrote it, for the log and the report
     keep_phase: bool = False  # adopt a phase set before the run started (by a session still alive)
+    cgroupfs: str | None = "/sys/fs/cgroup"  # where the command's cgroup is made (Linux); None: no cgroup
 
 
 def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
@@ -92,6 +96,7 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
     if memory not in ("auto", "rss") and memory != native_memtype():
         where = "--memory" if getattr(args, "memory", None) else ENV_MEMORY
         raise SetupError(f"{where}: {memory} is read on {'macOS' if memory == 'footprint' else 'Windows'} only")
+    no_cgroup = getattr(args, "no_cgroup", False) or environ.get(ENV_NO_CGROUP, "").strip().lower() in YES
     return RunOptions(
         command=tuple(command),
         threshold=threshold,
@@ -105,4 +110,5 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         memory=native_memtype() if memory == "auto" else memory,
         threshold_text=threshold_text.strip(),
         keep_phase=bool(getattr(args, "keep_phase", False)),
+        cgroupfs=None if no_cgroup else environ.get(ENV_CGROUPFS, "").strip() or "/sys/fs/cgroup",
     )

@@ -1,12 +1,17 @@
-"""`run`'s supervisor on Linux and macOS: subreaper, self-pipe wakeups, the terminal, Ctrl-Z.
+"""`run`'s supervisor on Linux and macOS: subreaper, self-pipe wakeups, the terminal, Ctrl-Z, and on
+Linux a cgroup of the command's own and its death with the wrapper.
 
 POSIX only (process groups, terminals, waitpid(-1)); supervisor.py picks it where os.name is "posix".
+
+On Linux the command is started with PR_SET_PDEATHSIG (SIGKILL): when the wrapper dies, even by
+SIGKILL, the kernel kills the command. The signal follows the death of the *thread* that forked
+the child, so the command is forked from the main thread, which lives as long as the wrapper.
+What the command started stays in its cgroup (cgroups.py), under the kernel limit, until it ends.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import select
 import signal
@@ -14,9 +19,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from .. import cgroups
 from .supervisor import OnSignal, handle_signals, returncode_status
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+SWEEP_TIMEOUT = 5.0  # after the cgroup's kill, how long its members get to be gone
 
 
 def exit_code(status: int) -> int:
@@ -24,13 +32,19 @@ def exit_code(status: int) -> int:
     return returncode_status(os.waitstatus_to_exitcode(status), posix=True)
 
 
-def become_subreaper() -> bool:
+def _prctl():
+    """libc's prctl (Linux), or None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def become_subreaper() -> bool:
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def foreground_tty() -> int | None:
@@ -62,30 +76,78 @@ def _take_terminal(tty: int) -> None:
     signal.signal(signal.SIGTTOU, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
 
 
+class ChildSetup:
+    """What the child does between fork and exec: the terminal, death with the wrapper, the cgroup.
+    Everything it needs is looked up in the parent: the child only calls and writes."""
+
+    def __init__(self, tty: int | None, made: cgroups.Made | None):
+        self.tty = tty
+        self.made = made
+        self.parent = os.getpid()
+        self.prctl = _prctl()
+
+    def __call__(self) -> None:
+        if self.tty is not None:
+            _take_terminal(self.tty)
+        if self.prctl is not None:
+            self.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != self.parent:  # the wrapper died before the line above: follow it now
+                os.kill(os.getpid(), signal.SIGKILL)
+        if self.made:
+            try:
+                self.made.join()
+            except OSError:  # the parent sees it (Made.holds) and says so
+                pass
+
+
 class PosixSupervisor:
-    """waitpid(-1) for the command and every orphan; select() on a pipe that every signal writes to."""
+    """waitpid(-1) for the command and every orphan; poll() on a pipe that every signal writes to
+    (poll, not select: the pipe's descriptors may be numbered above 1023 when many were inherited)."""
 
     def __init__(self) -> None:
         self.tty: int | None = None
         self.subreaper = False
         self.proc: subprocess.Popen | None = None
         self.status: int | None = None
+        self.cgroup: cgroups.Made | None = None
+        self.cgroup_note = ""
         self._wake_r = -1
+        self._poll = select.poll()
 
-    def start(self, argv: Sequence[str], on_signal: OnSignal) -> int:
+    def start(self, argv: Sequence[str], on_signal: OnSignal, cgroup: cgroups.Request | None = None) -> int:
         self.subreaper = become_subreaper()
         self._install_signals(on_signal)
+        if cgroup is not None:
+            self._make_cgroup(cgroup)
         try:
-            return self._spawn(argv)
+            pid = self._spawn(argv)
         except OSError:
             self.restore()  # the child may have taken the terminal before its exec failed
             raise
+        if self.cgroup and not self.cgroup.holds(pid):
+            self.cgroup_note = f"no cgroup: the command could not join {', '.join(self.cgroup.dirs.values())}"
+            self.cgroup.remove()
+            self.cgroup = None
+        return pid
+
+    def _make_cgroup(self, request: cgroups.Request) -> None:
+        made = cgroups.make(request)
+        if not made:
+            self.cgroup_note = f"no cgroup: {made.why}"
+            return
+        self.cgroup = made
+        limit = f"kernel limit {request.limit} bytes in {made.limit_file}" if made.limit_file else "no kernel limit"
+        kill = "cgroup.kill" if cgroups.V2 in made.dirs else "freezer" if cgroups.FREEZER in made.dirs else "signals"
+        self.cgroup_note = f"cgroup ({made.who}): {', '.join(made.dirs.values())}; {limit}; kill by {kill}"
+        if made.why:
+            self.cgroup_note += f" ({made.why})"
 
     def _install_signals(self, on_signal: OnSignal) -> None:
-        r, w = os.pipe()  # the loop sleeps in select() on r; any signal writes to w and wakes it
+        r, w = os.pipe()  # the loop sleeps in poll() on r; any signal writes to w and wakes it
         os.set_blocking(r, False)
         os.set_blocking(w, False)
         self._wake_r = r
+        self._poll.register(r, select.POLLIN)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         handle_signals(lambda signum, _frame: on_signal(signum))
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so a child's exit wakes the loop too
@@ -96,14 +158,14 @@ class PosixSupervisor:
             # from now on the wrapper may be in the background: it must not be stopped for taking
             # the terminal or writing to it (whichever of parent and child runs first)
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            proc = subprocess.Popen(list(argv), preexec_fn=functools.partial(_take_terminal, self.tty))
+            proc = subprocess.Popen(list(argv), preexec_fn=ChildSetup(self.tty, self.cgroup))
             try:
                 os.setpgid(proc.pid, proc.pid)  # as the child does: whichever runs first wins the race
             except OSError:
                 pass
             _set_foreground(self.tty, proc.pid)
         else:  # no terminal to share: a session of its own
-            proc = subprocess.Popen(list(argv), start_new_session=True)
+            proc = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=ChildSetup(None, self.cgroup))
         self.proc = proc
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # only now: the command's SIGTTOU stays default
         return proc.pid
@@ -144,13 +206,23 @@ class PosixSupervisor:
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
-            select.select([self._wake_r], [], [], seconds)
+            self._poll.poll(seconds * 1000)
         try:
             while os.read(self._wake_r, 512):
                 pass
         except BlockingIOError:
             pass
 
+    def sweep(self) -> list[int]:
+        """SIGKILL whatever is left in the command's cgroup (what the tree's signals did not reach: a fork
+        storm's newest, a process that left the tree); the pids still there after SWEEP_TIMEOUT."""
+        if not self.cgroup or not self.cgroup.pids():
+            return []
+        self.cgroup.kill()
+        return self.cgroup.wait_empty(SWEEP_TIMEOUT)
+
     def restore(self) -> None:
         if self.tty is not None:
             _set_foreground(self.tty, os.getpgrp())
+        if self.cgroup:
+            self.cgroup.remove()  # empty by now, or kept (with the kernel limit) for what survived

@@ -22,7 +22,10 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..cgroups import Made, Request
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,18 @@ class Supervisor(Protocol):
 
     tty: int | None  # the terminal whose foreground the command was given; None when it is not shared
     subreaper: bool  # whether the tree's orphans are reparented to the wrapper
+    cgroup: Made | None  # the command's own cgroup (Linux), made and removed by the supervisor
+    cgroup_note: str  # the command's cgroup, or why it has none ("" when none was asked for)
 
-    def start(self, argv: Sequence[str], on_signal: OnSignal) -> int:
-        """Send forwarded signals to on_signal, start the command; its pid. OSError when it cannot be
-        executed (FileNotFoundError: not found), with the terminal the wrapper's again."""
+    def start(self, argv: Sequence[str], on_signal: OnSignal, cgroup: Request | None = None) -> int:
+        """Send forwarded signals to on_signal, start the command (in a cgroup of its own where one is
+        asked for and can be made); its pid. OSError when it cannot be executed (FileNotFoundError:
+        not found), with the terminal the wrapper's again."""
+        ...
+
+    def sweep(self) -> list[int]:
+        """Once the tree has been stopped: kill what is left of the command where the tree walk cannot
+        see (its cgroup); the pids that survived."""
         ...
 
     def reap(self) -> int | None:
@@ -53,7 +64,7 @@ class Supervisor(Protocol):
         ...
 
     def restore(self) -> None:
-        """The terminal back to the wrapper, once the command is gone."""
+        """The terminal back to the wrapper, and the command's cgroup removed, once the command is gone."""
         ...
 
 
@@ -110,6 +121,8 @@ class PollingSupervisor:
     def __init__(self, job: Callable[[], Any] | None = None, popen: Callable[..., subprocess.Popen] = subprocess.Popen):
         self.tty: int | None = None  # the command keeps our console (Windows) or gets a session of its own (POSIX)
         self.subreaper = False  # an orphan stays in the tree only because members are remembered once seen
+        self.cgroup: Made | None = None  # no cgroups: the portable path, as on hosts without them
+        self.cgroup_note = ""
         self.proc: subprocess.Popen | None = None
         self._woken = False
         # Windows: a Job Object the tree lives in (windows.JobObject); `job` makes one (tests give a stand-in)
@@ -127,7 +140,7 @@ class PollingSupervisor:
             log.warning("no Job Object for the command (%s): if `run` is killed, its tree may outlive it", e)
             return None
 
-    def start(self, argv: Sequence[str], on_signal: OnSignal) -> int:
+    def start(self, argv: Sequence[str], on_signal: OnSignal, cgroup: Request | None = None) -> int:
         def handler(signum: int, _frame: object) -> None:
             self._woken = True
             on_signal(signum)
@@ -163,6 +176,9 @@ class PollingSupervisor:
                 break
             time.sleep(min(SLICE, left))
         self._woken = False
+
+    def sweep(self) -> list[int]:
+        return []  # nothing beyond the tree to reach
 
     def restore(self) -> None:
         pass  # the terminal was never handed over
