@@ -91,8 +91,9 @@ class Service:
         """Re-read the config; a bad one is reported and the running one stays in force."""
         try:
             new = load_config(self.config_path, self.overrides)
-        except ConfigError as e:
-            for problem in e.problems:
+        except Exception as e:  # ConfigError, or whatever else reading it raised: the daemon runs on
+            problems = e.problems if isinstance(e, ConfigError) else [f"{self.config_path}: {type(e).__name__}: {e}"]
+            for problem in problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             self.reload_web(self.config.web.config_file)
             return False
