@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from ..config import Config
 from ..grouping import group_key, make_group
+from ..outbox import dropped
 from ..pressure import FALLBACK_PERIOD, PressureWatches
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
@@ -183,6 +184,7 @@ class Enforcer:
                 kills_in_progress=self.kills_in_progress(),
                 last_kill=dict(t.last_kill),
                 last_time_to_death=dict(t.last_time_to_death),
+                events_dropped=dropped(),
             )
 
     # --- the enforcer thread ----------------------------------------------------------------
