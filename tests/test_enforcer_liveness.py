@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, free_port, http_get, metric_value, wait_for
+from conftest import ROOT, free_port, http_get, metric_value, pid_alive, wait_for
 
 from mem_exporter.outbox import QUEUE_SIZE
 
@@ -89,3 +89,103 @@ def _healthy(port: int) -> bool:
         return http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+# A process group of one leader and SLEEPERS children, all ignoring SIGTERM; the leader grows by GROW_MB
+# once it gets SIGUSR1, and writes its children's pids to the ready file first.
+SLEEPERS = 300
+LEADER = """
+import os, signal, subprocess, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the children through exec
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+kids = [subprocess.Popen(["sleep", "3600"]).pid for _ in range(int(sys.argv[2]))]
+with open(sys.argv[3] + ".tmp", "w") as f:
+    f.write(" ".join(map(str, kids)))
+os.rename(sys.argv[3] + ".tmp", sys.argv[3])
+signal.sigwait({signal.SIGUSR1})
+hold = bytearray(int(sys.argv[4]) * 2**20)
+hold[::4096] = b"x" * len(range(0, len(hold), 4096))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+while True:
+    signal.pause()
+"""
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def test_out_of_descriptors_a_kill_of_many_sigterm_ignoring_processes_still_reaches_sigkill(tmp_path, tag):
+    """`ulimit -n 330`, 30 idle HTTP connections held open, a group of 300 processes ignoring SIGTERM: the
+    kill spent the descriptors on pidfds, then failed for want of one and never sent SIGKILL; all lived."""
+    import resource
+    import socket
+
+    ready = tmp_path / "ready"
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER, tag, str(SLEEPERS), str(ready), "300"], start_new_session=True
+    )
+    port = free_port()
+    enforcer = None
+    conns: list[socket.socket] = []
+    try:
+        wait_for(ready.exists, 60, what="the 300 children")
+        kids = [int(x) for x in ready.read_text().split()]
+        assert len(kids) == SLEEPERS
+        base = sum(_rss(p) for p in [leader.pid, *kids])
+        limit = base + 150 * 2**20  # crossed only once the leader grows by 300 MiB (and below the 50 % ceiling)
+        cfg = tmp_path / "enforce.yaml"
+        cfg.write_text(
+            "interval: 0.5s\ngpu: {backend: none}\nweb: {timeout: 600s}\n"
+            f"enforcer:\n  event_log: {tmp_path / 'events.jsonl'}\n"
+            f"  rules:\n    - {{name: many, match: {{cmdline: '{tag}'}}, max_rss: {limit}, grace: 2s,"
+            " hard_ceiling: 50%}\n"
+        )
+
+        def low_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (330, 330))
+
+        enforcer = subprocess.Popen(
+            [sys.executable, "-m", "mem_exporter", "enforce", "-c", str(cfg), "--listen", f"127.0.0.1:{port}"],
+            cwd=ROOT,
+            stdout=open(tmp_path / "enforce.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=low_limit,
+        )
+        wait_for(lambda: _healthy(port), 30, what="the enforcer's /healthz")
+        for _ in range(30):  # idle clients: each holds a descriptor of the enforcer's
+            conns.append(socket.create_connection(("127.0.0.1", port)))
+        wait_for(lambda: len(os.listdir(f"/proc/{enforcer.pid}/fd")) >= 30, 10, what="the connections accepted")
+        spare = 330 - len(os.listdir(f"/proc/{enforcer.pid}/fd"))
+        assert spare < SLEEPERS, f"only {spare} descriptors left: fewer than the processes to kill"
+        os.kill(leader.pid, signal.SIGUSR1)
+        everyone = [leader.pid, *kids]
+        deadline = time.monotonic() + 40
+        while any(pid_alive(p) for p in everyone) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = (tmp_path / "enforce.log").read_text()
+        survivors = [p for p in everyone if pid_alive(p)]
+        assert not survivors, f"{len(survivors)} of 301 alive; the enforcer's log: {log[-3000:]}"
+        assert leader.wait(5) == -signal.SIGKILL
+        wait_for(lambda: (tmp_path / "events.jsonl").read_text().strip(), 10, what="the kill's event")
+        (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+        assert (event["action"], event["outcome"], event["survivors"]) == ("kill", "dead", [])
+        assert [s["signal"] for s in event["signals_sent"]] == ["SIGTERM", "SIGKILL"], event["signals_sent"]
+        assert not event["hard_ceiling"]  # the whole grace was spent with the descriptors short
+        assert "kill of" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        for c in conns:
+            c.close()
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)  # the group this test started
+        except ProcessLookupError:
+            pass
+        leader.wait(10)
+        if enforcer is not None:
+            os.killpg(enforcer.pid, signal.SIGKILL)
+            enforcer.wait(10)
