@@ -189,3 +189,65 @@ def test_out_of_descriptors_a_kill_of_many_sigterm_ignoring_processes_still_reac
         if enforcer is not None:
             os.killpg(enforcer.pid, signal.SIGKILL)
             enforcer.wait(10)
+
+
+def test_per_group_state_is_bounded_by_the_live_groups(enforcer, tag):
+    """Rounds of short-lived groups over a limit (dry run): root's get a `dry_run` (and a cooldown each),
+    another user's a `skipped_other_user` (and a note each). Once they are gone nothing of them stays in
+    the rule state or the match memo, which grew by every group ever seen, in locked memory; while they
+    live, their cooldowns hold (no group is acted on twice)."""
+    from mem_exporter.enforcer import policy
+
+    per_round, rounds = 40, 3
+    rule = {"name": "short", "match": {"cmdline": tag}, "max_rss": "1KB", "cooldown": "10min"}
+    enf = enforcer([rule], dry_run=True)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    seen: set[tuple[int, int]] = set()
+
+    def keys() -> set[str]:
+        rs = enf.state.rules.get("short")
+        return set(rs.last_action) | {k for k, _ in rs.noted} if rs else set()
+
+    for _ in range(rounds):
+        procs = [
+            subprocess.Popen([*(nobody if i % 2 else []), "sh", "-c", "sleep 60; :", tag], start_new_session=True)
+            for i in range(per_round)
+        ]
+        try:
+            ours = {f"pgid:{p.pid}" for p in procs}
+            wait_for(lambda ours=ours: ours <= keys(), 20, what="every group acted on")
+            seen |= {(p.pid, _start_time(p.pid)) for p in procs}
+        finally:
+            for p in procs:  # the groups this test started
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        wait_for(lambda: not keys(), 10, what="the state of the dead groups forgotten")
+    acted = [(e["group"], e["action"]) for e in enf.events if e["action"] in ("dry_run", "skipped_other_user")]
+    assert len(acted) >= rounds * per_round and len(set(acted)) == len(acted), "a group was acted on twice"
+    memoized = {(k[0], k[1]) for memo in policy._MEMO.values() for k in memo}
+    assert not memoized & seen, "matches of dead processes are still memoized"
+
+
+def _start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+
+
+def test_forgetting_keeps_live_groups_rule_wide_keys_and_what_came_after_the_sample():
+    from test_enforcer_policy import rule
+
+    from mem_exporter.enforcer.policy import PolicyState
+
+    big = rule(name="big", max_rss=100, cooldown=30.0)
+    low = rule(name="low", system_available_below=0.1, cooldown=30.0)
+    state = PolicyState()
+    b, w = state.for_rule("big"), state.for_rule("low")
+    b.last_action = {"pgid:1": 95.0, "pgid:2": 95.0, "pgid:3": 50.0, "pgid:9": 99.5}
+    b.noted = {("pgid:2", "skipped_other_user"): 95.0, ("pgid:1", "skipped_protected"): 95.0}
+    w.last_action = {"system": 95.0}
+    w.noted = {("pgid:7", "skipped_protected"): 95.0, ("system", "no_victim"): 95.0, ("pgid:1", "x"): 10.0}
+    state.forget_gone({"pgid:1"}, now=100.0, rules=[big, low], started=99.0)
+    assert b.last_action == {"pgid:1": 95.0, "pgid:9": 99.5}  # pgid:3's cooldown is over; pgid:9 came after
+    assert b.noted == {("pgid:1", "skipped_protected"): 95.0}
+    assert w.last_action == {"system": 95.0}  # rule-wide: kept for its window
+    assert w.noted == {("system", "no_victim"): 95.0}

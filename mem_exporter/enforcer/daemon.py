@@ -53,6 +53,7 @@ from .policy import (
     PolicyState,
     decide,
     eligible,
+    forget_processes,
     group_value,
     limits,
     selects,
@@ -255,6 +256,11 @@ class Enforcer:
             self._schedule(rule.name, grp, lim, value, rate, sample.monotonic)
         self.growth.keep_only(keys | {"system"})
         self.lane.keep_only(keys - self.state.busy)
+        # every per-group and per-process map is bounded by what is alive (thousands of short-lived groups)
+        if all(sample.sources_up.values()):  # a failed read shows no groups: they are not gone
+            live = {g.key for g in sample.groups} | self.state.busy
+            self.state.forget_gone(live, sample.monotonic, self.rules, sample.monotonic - sample.duration_seconds)
+        forget_processes({(p.pid, p.start_time) for p in sample.processes})
         return kills
 
     def _schedule(
