@@ -175,7 +175,7 @@ class Gpu(_Strict):
         description="auto (NVML for NVIDIA cards, DRM for amdgpu/i915/xe) | nvml | drm | none "
         "| fake:FILE (a YAML scenario)",
     )
-    retry_max: Duration = Field(60.0, gt=0, description="longest wait between retries after a GPU error")
+    retry_max: Duration = Field(60.0, ge=0.1, description="longest wait between retries after a GPU error")
 
 
 class RuleMatch(Matcher):
@@ -365,7 +365,7 @@ class Web(_Strict):
         description="exporter-toolkit web config (TLS, basic auth) for every endpoint; --web.config.file overrides it",
     )
     max_connections: int = Field(100, ge=1, le=10000, description="open HTTP connections at most; beyond, answered 503")
-    timeout: Duration = Field(10.0, gt=0, description="a client idle this long in the middle of a request is dropped")
+    timeout: Duration = Field(10.0, ge=0.1, description="a client idle this long in the middle of a request is dropped")
 
 
 class Config(_Strict):

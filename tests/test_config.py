@@ -48,6 +48,8 @@ BAD = [
     ("interval: 0\n", "interval: Input should be greater than or equal to 0.05 (got 0.0)"),
     ("interval: 1e-300\n", "interval: Input should be greater than or equal to 0.05 (got 1e-300)"),
     ("interval: .inf\n", "interval: inf: a duration must be a finite number of seconds"),
+    ("web: {timeout: 1e-300}\n", "web.timeout: Input should be greater than or equal to 0.1 (got 1e-300)"),
+    ("gpu: {retry_max: 0s}\n", "gpu.retry_max: Input should be greater than or equal to 0.1 (got 0.0)"),
     ("intervall: 2s\n", "intervall: unknown key"),
     ("memory: uss\n", "memory: Input should be 'rss' or 'pss' (got 'uss')"),
     ("listen: 9713\n", "listen: Input should be a valid string (got 9713)"),
