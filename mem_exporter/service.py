@@ -142,7 +142,10 @@ class Service:
             self._stop.wait(0.2)
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
+                try:
+                    self.reload()
+                except Exception as e:  # a config that validated but could not be applied: the daemon runs on
+                    log.error("reload failed, running on: %s: %s", type(e).__name__, e)
         self.stop()
 
     def stop(self) -> None:
