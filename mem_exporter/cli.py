@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .config import DEFAULT_LISTEN, ConfigError, json_schema_text, load_config
+from .outbox import install_stderr_logging
 
 ENFORCER_DEFAULT_LISTEN = "0.0.0.0:9714"
 
@@ -396,11 +397,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # stderr through a bounded queue: a blocked stderr (a full pipe, Ctrl-S) never stalls a decision or a kill
+    install_stderr_logging(getattr(logging, args.log_level.upper()), "%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

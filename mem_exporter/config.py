@@ -26,10 +26,11 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from .signals import signal_number
-from .units import parse_duration, parse_ratio, parse_size, read_yaml
+from .units import parse_duration, parse_ratio, parse_size, read_yaml_lines
 
 DEFAULT_PORT = 9713
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+MIN_INTERVAL = 0.05  # seconds; the fast lanes react between samples, a shorter interval only burns CPU
 
 
 def _regex(value: str) -> str:
@@ -194,7 +195,7 @@ class Gpu(_Strict):
         description="auto (NVML for NVIDIA cards, DRM for amdgpu/i915/xe) | nvml | drm | none "
         "| fake:FILE (a YAML scenario)",
     )
-    retry_max: Duration = Field(60.0, gt=0, description="longest wait between retries after a GPU error")
+    retry_max: Duration = Field(60.0, ge=0.1, description="longest wait between retries after a GPU error")
 
 
 class RuleMatch(Matcher):
@@ -390,11 +391,11 @@ class Web(_Strict):
         description="exporter-toolkit web config (TLS, basic auth) for every endpoint; --web.config.file overrides it",
     )
     max_connections: int = Field(100, ge=1, le=10000, description="open HTTP connections at most; beyond, answered 503")
-    timeout: Duration = Field(10.0, gt=0, description="a client idle this long in the middle of a request is dropped")
+    timeout: Duration = Field(10.0, ge=0.1, description="a client idle this long in the middle of a request is dropped")
 
 
 class Config(_Strict):
-    interval: Duration = Field(2.0, gt=0, le=3600, description="normal sampling interval")
+    interval: Duration = Field(2.0, ge=MIN_INTERVAL, le=3600, description="normal sampling interval")
     source: Literal["auto", "procfs", "psutil"] = Field(
         "auto",
         description="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced), "
@@ -465,17 +466,33 @@ def _problem_text(err: ErrorDetails) -> str:
     return msg
 
 
-def _problem_line(source: str, err: ErrorDetails) -> str:
+def _problem_line(source: str, err: ErrorDetails, lines: dict[tuple, int] | None = None) -> str:
+    """`FILE: [line N: ]KEY: problem`; the line where the file has the key (or its nearest enclosing one)."""
     text = _problem_text(err)
-    if not err["loc"] and _KEYED_MESSAGE.match(text):  # a cross-key check names its own key
-        return f"{source}: {text}"
-    return f"{source}: {_key_path(err['loc'])}: {text}"
+    loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "constrained-")))
+    if not loc and (keyed := _KEYED_MESSAGE.match(text)):  # a cross-key check names its own key
+        line = _line_of(_loc_of(keyed.group(0)[:-2]), lines)
+        return f"{source}: {line}{text}"
+    return f"{source}: {_line_of(loc, lines)}{_key_path(err['loc'])}: {text}"
+
+
+def _loc_of(key_path: str) -> tuple:
+    """("enforcer", "rules", 0, "max_pss") from `enforcer.rules[0].max_pss`."""
+    return tuple(int(p) if p.isdigit() else p for p in re.findall(r"[a-z_]+|(?<=\[)\d+(?=\])", key_path))
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int] | None) -> str:
+    for n in range(len(loc), 0, -1):
+        if lines and (line := lines.get(loc[:n])) is not None:
+            return f"line {line}: "
+    return ""
 
 
 _KEYED_MESSAGE = re.compile(r"^[a-z_]+(\.[a-z_]+|\[\d+\])*: ")
 
 
-def validate_config(data: Any, source: str = "<config>") -> Config:
+def validate_config(data: Any, source: str = "<config>", lines: dict[tuple, int] | None = None) -> Config:
+    """The Config, or ConfigError: one line per problem, naming the file, the line where known, and the key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -483,7 +500,9 @@ def validate_config(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_problem_line(source, err) for err in e.errors()]) from None
+        raise ConfigError([_problem_line(source, err, lines) for err in e.errors()]) from None
+    except Exception as e:  # whatever a validator raised (OverflowError, RecursionError): still one line
+        raise ConfigError([f"{source}: {type(e).__name__}: {e}"]) from None
 
 
 def _apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
@@ -506,12 +525,14 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is None:
         return validate_config(_apply_overrides({}, overrides), "<defaults>")
     try:
-        data = read_yaml(path)
+        data, lines = read_yaml_lines(path)
     except ValueError as e:
         raise ConfigError([str(e)]) from None
+    except RecursionError:  # aliases nested beyond Python's stack
+        raise ConfigError([f"{path}: YAML nested too deeply"]) from None
     if isinstance(data, dict):
         data = _apply_overrides(data, overrides)
-    return validate_config(data, str(path))
+    return validate_config(data, str(path), lines)
 
 
 def json_schema() -> dict:

@@ -91,8 +91,9 @@ class Service:
         """Re-read the config; a bad one is reported and the running one stays in force."""
         try:
             new = load_config(self.config_path, self.overrides)
-        except ConfigError as e:
-            for problem in e.problems:
+        except Exception as e:  # ConfigError, or whatever else reading it raised: the daemon runs on
+            problems = e.problems if isinstance(e, ConfigError) else [f"{self.config_path}: {type(e).__name__}: {e}"]
+            for problem in problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             self.reload_web(self.config.web.config_file)
             return False
@@ -141,7 +142,10 @@ class Service:
             self._stop.wait(0.2)
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
+                try:
+                    self.reload()
+                except Exception as e:  # a config that validated but could not be applied: the daemon runs on
+                    log.error("reload failed, running on: %s: %s", type(e).__name__, e)
         self.stop()
 
     def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -24,6 +25,7 @@ _SIZE_UNITS = {
     "ti": 1024**4,
     "tib": 1024**4,
 }
+MAX_SIZE = 2**63 - 1
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 
@@ -49,9 +51,14 @@ def parse_size(value: int | float | str, bare_unit: int = 1) -> int:
     if unit not in _SIZE_UNITS:
         raise ValueError(f"{value!r}: unknown size unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     factor = _SIZE_UNITS[unit] if unit else bare_unit
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r}: a size must be a finite number of bytes")
     if number < 0:
         raise ValueError(f"{value!r}: a size cannot be negative")
-    return int(round(number * factor))
+    size = int(round(number * factor))
+    if size > MAX_SIZE:
+        raise ValueError(f"{value!r}: a size must be below 8 EiB (the kernel counts bytes in 63 bits)")
+    return size
 
 
 def parse_duration(value: int | float | str) -> float:
@@ -59,7 +66,12 @@ def parse_duration(value: int | float | str) -> float:
     number, unit = _number_and_unit(value, "duration", "2s, 500ms, 1m")
     if unit not in _DURATION_UNITS:
         raise ValueError(f"{value!r}: unknown duration unit {unit!r} (use ms, s, m, h)")
-    return number * _DURATION_UNITS[unit]
+    seconds = number * _DURATION_UNITS[unit]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r}: a duration must be a finite number of seconds")
+    if seconds < 0:
+        raise ValueError(f"{value!r}: a duration cannot be negative")
+    return seconds
 
 
 def parse_hertz(value: int | float | str) -> float:
@@ -89,23 +101,92 @@ def parse_ratio(value: int | float | str) -> float:
     return ratio
 
 
+def _strict_loader():
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently,
+    so a second `enforcer:` would replace the first). Keys brought in by a merge (`<<:`) may be overridden."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = self.construct_object(key_node)
+                    try:
+                        if key in first:
+                            raise DuplicateKeyError(key, key_node.start_mark, first[key])
+                        first[key] = key_node.start_mark.line
+                    except TypeError:  # an unhashable key: the base class says so
+                        continue
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+class DuplicateKeyError(Exception):
+    def __init__(self, key, mark, first_line: int):
+        where = f"line {mark.line + 1} column {mark.column + 1}"
+        super().__init__(f"{where}: {key}: duplicate key (first given on line {first_line + 1})")
+
+
 def read_yaml(path) -> object:
     """The parsed YAML in `path`, or ValueError with one line: `file: [line L column C: ]problem`."""
+    return read_yaml_lines(path)[0]
+
+
+def read_yaml_lines(path) -> tuple[object, dict[tuple, int]]:
+    """(the parsed YAML in `path`, the 1-based line of each key by its path: ("enforcer", "rules", 0, "grace")),
+    or ValueError with one line: `file: [line L column C: ]problem`. A key given twice in a mapping is an error."""
     import yaml
 
     source = str(path)
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ValueError(f"{source}: cannot read: {e.strerror or e}") from None
     try:
-        return yaml.safe_load(text)
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source}: not a text file (byte {e.start} is not UTF-8)") from None
+    lines: dict[tuple, int] = {}
+    loader = None
+    try:
+        loader = _strict_loader()(text)  # checks the characters at once
+        node = loader.get_single_node()
+        if node is not None:
+            _key_lines(node, (), lines)  # before construction, which flattens merges into the nodes
+        data = loader.construct_document(node) if node is not None else None
+    except DuplicateKeyError as e:
+        raise ValueError(f"{source}: {e}") from None
+    except yaml.reader.ReaderError as e:
+        raise ValueError(f"{source}: not a text file (character #x{e.character:04x} at {e.position})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"{source}: {where}YAML syntax error: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return data, lines
+
+
+def _key_lines(node, path: tuple, out: dict[tuple, int]) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                here = (*path, key_node.value)
+                out.setdefault(here, key_node.start_mark.line + 1)
+                _key_lines(value, here, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.setdefault((*path, i), item.start_mark.line + 1)
+            _key_lines(item, (*path, i), out)
 
 
 def iso_utc(ts: float) -> str:

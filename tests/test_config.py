@@ -45,7 +45,11 @@ def test_ratios(text, expected):
 BAD = [
     # (yaml text, expected problem line after "FILE: ")
     ("interval: fast\n", "interval: 'fast' is not a duration (examples: 2s, 500ms, 1m)"),
-    ("interval: 0\n", "interval: Input should be greater than 0 (got 0.0)"),
+    ("interval: 0\n", "interval: Input should be greater than or equal to 0.05 (got 0.0)"),
+    ("interval: 1e-300\n", "interval: Input should be greater than or equal to 0.05 (got 1e-300)"),
+    ("interval: .inf\n", "interval: inf: a duration must be a finite number of seconds"),
+    ("web: {timeout: 1e-300}\n", "web.timeout: Input should be greater than or equal to 0.1 (got 1e-300)"),
+    ("gpu: {retry_max: 0s}\n", "gpu.retry_max: Input should be greater than or equal to 0.1 (got 0.0)"),
     ("intervall: 2s\n", "intervall: unknown key"),
     ("memory: uss\n", "memory: Input should be 'rss' or 'pss' (got 'uss')"),
     ("listen: 9713\n", "listen: Input should be a valid string (got 9713)"),
@@ -144,6 +148,26 @@ BAD = [
         "enforcer: {enabled: maybe}\n",
         "enforcer.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')",
     ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: .inf, match: {all: true}}]}\n",
+        "enforcer.rules[0].max_rss: inf: a size must be a finite number of bytes",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1e400, match: {all: true}}]}\n",
+        "enforcer.rules[0].max_rss: '1e400': a size must be a finite number of bytes",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, grace: -5, match: {all: true}}]}\n",
+        "enforcer.rules[0].grace: -5: a duration cannot be negative",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, cooldown: -1, match: {all: true}}]}\n",
+        "enforcer.rules[0].cooldown: -1: a duration cannot be negative",
+    ),
+    (
+        "enforcer: {rules: [{name: r, max_rss: 1GB, for: .nan, match: {all: true}}]}\n",
+        "enforcer.rules[0].for: nan: a duration must be a finite number of seconds",
+    ),
     ("- just\n- a list\n", "(top level): must be a mapping of keys, got list"),
     ("interval: [2s\n", "line 2 column 1: YAML syntax error: expected ',' or ']', but got '<stream end>'"),
 ]
@@ -155,7 +179,78 @@ def test_bad_config_is_one_clear_line(tmp_path, text, problem):
     f.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(f)
-    assert e.value.problems == [f"{f}: {problem}"]
+    where = "" if problem.startswith(("(top level)", "line ")) else "line 1: "  # each text above is one line
+    assert e.value.problems == [f"{f}: {where}{problem}"]
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    """A second `enforcer:` used to replace the first in silence: rules gone, `check-config` said ok."""
+    f = tmp_path / "twice.yaml"
+    f.write_text(
+        "enforcer:\n  rules:\n    - {name: r, max_rss: 1GB, match: {all: true}}\n"
+        "interval: 2s\nenforcer:\n  dry_run: true\n"
+    )
+    r = run_cli("check-config", str(f))
+    assert (r.returncode, r.stdout.splitlines()) == (
+        2,
+        [f"{f}: line 5 column 1: enforcer: duplicate key (first given on line 1)"],
+    )
+    f.write_text("enforcer: {rules: [{name: r, max_rss: 1GB, grace: 1s, grace: 9s, match: {all: true}}]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert e.value.problems == [f"{f}: line 1 column 55: grace: duplicate key (first given on line 1)"]
+
+
+def test_a_merge_may_still_override_keys(tmp_path):
+    f = tmp_path / "merge.yaml"
+    f.write_text(
+        "x-rule: &base {max_rss: 1GB, grace: 1s, match: {all: true}}\n"
+        "enforcer:\n  rules:\n    - <<: *base\n      name: r\n      grace: 2s\n"
+    )
+    with pytest.raises(ConfigError) as e:  # x-rule is no key of ours, but the merge itself was accepted
+        load_config(f)
+    assert e.value.problems == [f"{f}: line 1: x-rule: unknown key"]
+
+
+def test_problems_name_the_line_of_their_key(tmp_path):
+    f = tmp_path / "lines.yaml"
+    f.write_text(
+        "interval: 2s\nenforcer:\n  rules:\n    - name: r\n      match: {cmdline: x}\n      max_rss: 1GB\n"
+        "      grace: -5\n      cooldown: -1\n      for: .nan\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert sorted(e.value.problems) == [
+        f"{f}: line 7: enforcer.rules[0].grace: -5: a duration cannot be negative",
+        f"{f}: line 8: enforcer.rules[0].cooldown: -1: a duration cannot be negative",
+        f"{f}: line 9: enforcer.rules[0].for: nan: a duration must be a finite number of seconds",
+    ]
+
+
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        (bytes(range(128, 256)), "not a text file (byte 0 is not UTF-8)"),
+        (b"interval: 2s\x00\x01", "not a text file (character #x0000 at 12)"),
+    ],
+)
+def test_a_binary_file_is_named_in_its_error(tmp_path, content, problem):
+    f = tmp_path / "binary.yaml"
+    f.write_bytes(content)
+    r = run_cli("check-config", str(f))
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"{f}: {problem}"]
+
+
+def test_check_config_turns_any_validation_failure_into_one_line(tmp_path):
+    """An exception no validator expected (here a size that overflowed into OverflowError) is still one line."""
+    f = tmp_path / "inf.yaml"
+    f.write_text("enforcer:\n  rules:\n    - {name: r, max_rss: .inf, match: {all: true}}\n")
+    r = run_cli("check-config", str(f))
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"{f}: line 3: enforcer.rules[0].max_rss: inf: a size must be a finite number of bytes"
+    ]
 
 
 def test_every_problem_is_reported(tmp_path):
@@ -198,8 +293,8 @@ def test_check_config_ok_and_bad(tmp_path):
     r = run_cli("check-config", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert r.stdout.splitlines() == [
-        f"{bad}: interval: 'fast' is not a duration (examples: 2s, 500ms, 1m)",
-        f"{bad}: groups.max_groups: Input should be greater than or equal to 1 (got -1)",
+        f"{bad}: line 1: interval: 'fast' is not a duration (examples: 2s, 500ms, 1m)",
+        f"{bad}: line 2: groups.max_groups: Input should be greater than or equal to 1 (got -1)",
     ]
 
 
@@ -208,12 +303,14 @@ def test_check_config_refuses_a_zero_limit_that_would_select_everything(tmp_path
     bad = tmp_path / "zero.yaml"
     bad.write_text("enforcer:\n  rules:\n    - name: oops\n      max_rss: 0\n")
     r = run_cli("check-config", str(bad))
-    assert r.returncode == 2 and r.stdout.splitlines() == [f"{bad}: enforcer.rules[0].max_rss: must be above 0, got 0"]
+    assert r.returncode == 2 and r.stdout.splitlines() == [
+        f"{bad}: line 4: enforcer.rules[0].max_rss: must be above 0, got 0"
+    ]
     bad.write_text("enforcer:\n  rules:\n    - name: oops\n      max_rss: 1GB\n")
     r = run_cli("check-config", str(bad))
     assert r.returncode == 2 and r.stdout.splitlines() == [
-        f"{bad}: enforcer.rules[0].match: say which groups rule 'oops' watches, e.g. match: {{cmdline: 'bun test'}}, "
-        "or match: {all: true} for every group"
+        f"{bad}: line 3: enforcer.rules[0].match: say which groups rule 'oops' watches, "
+        "e.g. match: {cmdline: 'bun test'}, or match: {all: true} for every group"
     ]
 
 
@@ -222,7 +319,7 @@ def test_serve_refuses_a_bad_config_with_exit_2(tmp_path):
     bad.write_text("memory: uss\n")
     r = run_cli("serve", "--config", str(bad))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"mem-exporter: {bad}: memory: Input should be 'rss' or 'pss' (got 'uss')"
+    assert r.stderr.strip() == f"mem-exporter: {bad}: line 1: memory: Input should be 'rss' or 'pss' (got 'uss')"
 
 
 def test_example_documents_every_key():

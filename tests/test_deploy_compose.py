@@ -159,9 +159,13 @@ def test_lab_enforcer_kills_the_demo_workload_for_real(tmp_path):
         enforcer.wait_healthy()
         wait_for(lambda: workload.poll() is not None, 60, what="the lab enforcer to kill the demo workload")
         assert workload.returncode in (-signal.SIGTERM, -signal.SIGKILL)
-        events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-        kills = [e for e in events if e.get("rule") == "lab-demo" and e.get("action") in ("term", "kill")]
-        assert kills and all(e["group"].endswith(f"-{workload.pid}") for e in kills), events
+
+        def lab_kills() -> list[dict]:  # the event log is written on a thread of its own: shortly after
+            events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+            return [e for e in events if e.get("rule") == "lab-demo" and e.get("action") in ("term", "kill")]
+
+        kills = wait_for(lab_kills, 10, what="the lab kill in the event log")
+        assert all(e["group"].endswith(f"-{workload.pid}") for e in kills), kills
         # the counter is rendered with the next sample after the kill is confirmed
         wait_for(
             lambda: metric_value(enforcer.metrics(), "mem_exporter_enforcer_kills_total", rule="lab-demo") == 1,

@@ -44,8 +44,7 @@ def test_a_group_growing_past_its_limit_dies_completely(enforcer, spawn_group, t
     assert ev["time_to_death_seconds"] is not None
     wait_for(lambda: not any(pid_alive(p) for p in everyone), 10, what="every process of the group gone")
     assert enf.tally.kills["grow"] == 1
-    lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert any(x["pgid"] == hog.pgid and x["action"] == "term" for x in lines)
+    assert any(x["pgid"] == hog.pgid and x["action"] == "term" for x in written(tmp_path, hog.pgid))
 
 
 def test_under_the_limit_and_protected_groups_survive(enforcer, spawn_group, tag):
@@ -89,6 +88,16 @@ def test_hard_ceiling_kills_a_sigterm_ignoring_grower_during_the_grace_period(en
     wait_for(lambda: not pid_alive(hog.pid), 10, what="the hog gone")
 
 
+def written(tmp_path, pgid: int) -> list[dict]:
+    """The event log's records of a group, once there is one (the log is written on a thread of its own)."""
+
+    def records() -> list[dict]:
+        lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+        return [x for x in lines if x["pgid"] == pgid]
+
+    return wait_for(records, 10, what="the group's events in the event log")
+
+
 def test_dry_run_kills_nothing_and_logs_the_would_be_victim(enforcer, spawn_group, tag, tmp_path):
     hog = spawn_group("--mb", "150", "--children", "1", "--tag", tag)
     kids = hog.wait_ready()
@@ -99,8 +108,7 @@ def test_dry_run_kills_nothing_and_logs_the_would_be_victim(enforcer, spawn_grou
     time.sleep(1.5)  # longer than the grace period would have been
     assert pid_alive(hog.pid) and all(pid_alive(k) for k in kids)
     assert enf.tally.kills["dry"] == 0
-    lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [x["action"] for x in lines if x["pgid"] == hog.pgid] == ["dry_run"]  # once, then the cooldown
+    assert [x["action"] for x in written(tmp_path, hog.pgid)] == ["dry_run"]  # once, then the cooldown
 
 
 def test_stop_waits_for_a_kill_in_progress(enforcer, spawn_group, tag):

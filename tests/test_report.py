@@ -289,7 +289,7 @@ def test_zones_come_from_the_config(tmp_path):
     config.write_text("zones: {system_memory: {caution: 99%, critical: 95%}}\n")
     done = cli("report", str(log), "-o", str(out), "-c", str(config))
     assert done.returncode == 2 and done.stderr.strip() == (
-        f"mem-exporter: {config}: zones.system_memory: caution (0.99) must be below critical (0.95)"
+        f"mem-exporter: {config}: line 1: zones.system_memory: caution (0.99) must be below critical (0.95)"
     )
 
 

@@ -95,7 +95,7 @@ def test_sighup_reloads_and_a_bad_reload_keeps_the_last_good_config(daemon, tmp_
     cfg.write_text("interval: never\n")
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload rejected" in d.output(), what="the rejected reload in the log")
-    assert f"{cfg}: interval: 'never' is not a duration" in d.output()
+    assert f"{cfg}: line 1: interval: 'never' is not a duration" in d.output()
     time.sleep(0.7)  # two more ticks under the old config
     assert d.proc.poll() is None
     assert metric_value(d.metrics(), "mem_exporter_group_processes", group="the-hog") == 1

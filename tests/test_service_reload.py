@@ -1,6 +1,9 @@
 """The service's reload: a config file's `dry_run` follows the file; `--dry-run` holds across reloads."""
 
-from conftest import free_port
+import os
+import signal
+
+from conftest import free_port, wait_for
 
 from mem_exporter.service import Service
 
@@ -33,3 +36,32 @@ def test_the_dry_run_flag_holds_across_reloads(tmp_path):
         assert svc.enforcer.dry_run
     finally:
         svc.stop()
+
+
+def test_a_reload_with_an_infinite_limit_is_refused_and_the_running_rules_still_kill(
+    tmp_path, daemon, spawn_group, tag
+):
+    """`max_rss: .inf` raised OverflowError out of reload() and the daemon died; now the bad file is one
+    logged line and the rules in force go on killing."""
+    cfg = tmp_path / "enforce.yaml"
+    rule = f"    - {{name: hogs, match: {{cmdline: '{tag}'}}, grace: 1s, max_rss: %s}}\n"
+    head = "interval: 0.3s\ngpu: {backend: none}\nenforcer:\n  rules:\n"
+    cfg.write_text(head + rule % "150MB")
+    d = daemon("enforce", "--config", str(cfg)).wait_healthy()
+
+    def rejected() -> list[str]:
+        return [line for line in d.output().splitlines() if "reload rejected" in line]
+
+    for n, bad in enumerate((".inf", "1e400"), 1):
+        cfg.write_text(head + rule % bad)
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_for(lambda n=n: len(rejected()) >= n or d.proc.poll() is not None, 10, what="the reload rejected")
+        assert d.proc.poll() is None, d.output()
+    assert [line.split("reload rejected, keeping the running config: ")[1] for line in rejected()] == [
+        f"{cfg}: line 5: enforcer.rules[0].max_rss: inf: a size must be a finite number of bytes",
+        f"{cfg}: line 5: enforcer.rules[0].max_rss: '1e400': a size must be a finite number of bytes",
+    ]
+    assert "Traceback" not in d.output()
+    hog = spawn_group("--mb", "250", "--tag", tag)
+    wait_for(lambda: hog.proc.poll() is not None, 20, what="the hog killed under the running rules")
+    assert hog.proc.returncode == -signal.SIGTERM

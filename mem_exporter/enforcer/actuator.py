@@ -23,8 +23,8 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from ..procfs import parse_stat, task_alive
 from ..sample import ProcessInfo
@@ -37,14 +37,20 @@ HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 _NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)
 
 
+class NoDescriptor(OSError):
+    """No descriptor could be had, even with the reserve spent and the donors asked."""
+
+
 class DescriptorReserve:
     """A few descriptors held from the start (on /dev/null) and handed back when an open fails for
-    want of one, so the identity check and the signal that follow a kill decision can always open."""
+    want of one, so the identity check and the signal that follow a kill decision can always open.
+    With the reserve spent, donors (a kill's PidfdWatch) are asked to close one of theirs."""
 
     def __init__(self, count: int = 8):
         self._fds: list[int] = []
         self._lock = threading.Lock()
         self.count = count
+        self.donors: list[Callable[[], bool]] = []  # each closes one descriptor of its own; False when it has none
         self.refill()
 
     def refill(self) -> None:
@@ -57,19 +63,23 @@ class DescriptorReserve:
 
     def release(self) -> bool:
         with self._lock:
-            if not self._fds:
-                return False
-            os.close(self._fds.pop())
-            return True
+            if self._fds:
+                os.close(self._fds.pop())
+                return True
+            donors = list(self.donors)
+        return any(give() for give in donors)
 
     def call(self, fn, *args):
-        """fn(*args), retried with a reserve descriptor released whenever it fails with EMFILE/ENFILE."""
+        """fn(*args), retried with a descriptor freed whenever it fails with EMFILE/ENFILE;
+        NoDescriptor when none can be freed."""
         while True:
             try:
                 return fn(*args)
             except OSError as e:
-                if e.errno not in _NO_DESCRIPTOR or not self.release():
+                if e.errno not in _NO_DESCRIPTOR:
                     raise
+                if not self.release():
+                    raise NoDescriptor(e.errno, e.strerror) from None
 
 
 RESERVE = DescriptorReserve()  # one for the whole process
@@ -153,6 +163,7 @@ class Delivery:
     mismatch: list[int]  # pid now belongs to another process: not signalled
     denied: list[int]
     group: bool = False  # killpg / cgroup.kill was used too
+    unchecked: list[int] = field(default_factory=list)  # no descriptor for the identity check: not signalled
 
 
 class Actuator:
@@ -195,8 +206,12 @@ class Actuator:
             return None
 
     def alive(self, proc: ProcessInfo) -> bool:
-        """The very process of the sample still runs (not gone, not a zombie, not a reused pid)."""
-        st = self._stat(proc.pid)
+        """The very process of the sample still runs (not gone, not a zombie, not a reused pid).
+        True when it cannot be told for want of a descriptor: a kill then keeps going, never gives up."""
+        try:
+            st = self._stat(proc.pid)
+        except NoDescriptor:
+            return True
         return st is not None and st[0] not in ("Z", "X") and st[2] == proc.start_time
 
     # --- signalling one process -------------------------------------------------------------
@@ -215,7 +230,11 @@ class Actuator:
                     return "gone", None
                 fd = None  # no descriptor left (or no pidfd support): kill() behind the same check
         try:
-            st = self._stat(proc.pid)  # read after the pidfd is open: a match means the pidfd is this process
+            try:
+                st = self._stat(proc.pid)  # read after the pidfd is open: a match means the pidfd is this process
+            except NoDescriptor:
+                log.warning("no descriptor to check pid %d (%s): not signalled by pid", proc.pid, proc.comm)
+                return "unchecked", None
             if st is None or st[0] in ("Z", "X"):
                 return "gone", None
             if st[2] != proc.start_time:
@@ -311,17 +330,26 @@ class Actuator:
 class PidfdWatch:
     """Sleep until one of the watched processes exits (its pidfd becomes readable), or a timeout.
 
-    poll(), not select(): pidfds opened on a busy host are numbered far above 1023. A process
-    whose pidfd could not be opened (no descriptor left) is simply not watched: callers re-check
-    liveness after every wait, so they lose at most the early wake-up."""
+    poll(), not select(): pidfds opened on a busy host are numbered far above 1023. The watch is
+    the one part of a kill that can do without descriptors: it stops opening pidfds at the first
+    EMFILE/ENFILE and closes HEADROOM of its own then, and while open it is a donor to RESERVE (it
+    closes one more whenever an identity check finds no descriptor). A process without a pidfd is
+    simply not watched: callers re-check liveness after every wait, so they lose at most the early
+    wake-up."""
+
+    HEADROOM = 16
 
     def __init__(self, actuator: Actuator):
         self.actuator = actuator
         self.fds: dict[int, int] = {}  # fd -> pid
+        self.full = False  # a pidfd could not be opened: no more are tried
+        self._lock = threading.Lock()
         self._poll = select.poll() if actuator.use_pidfd else None  # no poll() on Windows, no pidfds outside Linux
+        if self._poll is not None:
+            RESERVE.donors.append(self.give_one)
 
     def add(self, procs: Iterable[ProcessInfo]) -> None:
-        if not self.actuator.use_pidfd:
+        if not self.actuator.use_pidfd or self.full:
             return
         watched = set(self.fds.values())
         for p in procs:
@@ -329,27 +357,43 @@ class PidfdWatch:
                 continue
             try:
                 fd = os.pidfd_open(p.pid)
-            except OSError:
+            except OSError as e:
+                if e.errno in _NO_DESCRIPTOR:
+                    self.full = True
+                    for _ in range(self.HEADROOM):
+                        self.give_one()
+                    return
                 continue
             if self.actuator.alive(p):
-                self.fds[fd] = p.pid
+                with self._lock:
+                    self.fds[fd] = p.pid
+                    self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
                 watched.add(p.pid)
-                self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
             else:
                 os.close(fd)
+
+    def give_one(self) -> bool:
+        """Close one watched pidfd (its process is no longer watched); False when none is left."""
+        with self._lock:
+            if not self.fds:
+                return False
+            fd, _ = self.fds.popitem()
+            self._poll.unregister(fd)  # type: ignore[union-attr]
+            os.close(fd)
+            return True
 
     def wait(self, timeout: float) -> None:
         if not self.fds or self._poll is None or timeout <= 0:
             time.sleep(max(0.0, timeout))
             return
         for fd, _ in self._poll.poll(timeout * 1000):
-            self._poll.unregister(fd)
-            del self.fds[fd]
-            os.close(fd)
+            with self._lock:
+                if self.fds.pop(fd, None) is not None:  # unless given away meanwhile
+                    self._poll.unregister(fd)
+                    os.close(fd)
 
     def close(self) -> None:
-        for fd in self.fds:
-            if self._poll is not None:
-                self._poll.unregister(fd)
-            os.close(fd)
-        self.fds.clear()
+        if self._poll is not None and self.give_one in RESERVE.donors:
+            RESERVE.donors.remove(self.give_one)
+        while self.give_one():
+            pass

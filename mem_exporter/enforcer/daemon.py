@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from ..config import Config
 from ..grouping import group_key, make_group
+from ..outbox import dropped
 from ..pressure import FALLBACK_PERIOD, PressureWatches
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
@@ -52,6 +53,7 @@ from .policy import (
     PolicyState,
     decide,
     eligible,
+    forget_processes,
     group_value,
     limits,
     selects,
@@ -185,6 +187,7 @@ class Enforcer:
                 kills_in_progress=self.kills_in_progress(),
                 last_kill=dict(t.last_kill),
                 last_time_to_death=dict(t.last_time_to_death),
+                events_dropped=dropped(),
             )
 
     # --- the enforcer thread ----------------------------------------------------------------
@@ -255,6 +258,11 @@ class Enforcer:
             self._schedule(rule.name, grp, lim, value, rate, sample.monotonic)
         self.growth.keep_only(keys | {"system"})
         self.lane.keep_only(keys - self.state.busy)
+        # every per-group and per-process map is bounded by what is alive (thousands of short-lived groups)
+        if all(sample.sources_up.values()):  # a failed read shows no groups: they are not gone
+            live = {g.key for g in sample.groups} | self.state.busy
+            self.state.forget_gone(live, sample.monotonic, self.rules, sample.monotonic - sample.duration_seconds)
+        forget_processes({(p.pid, p.start_time) for p in sample.processes})
         return kills
 
     def _schedule(

@@ -1,7 +1,8 @@
 """Events: one JSON line per action, and notifications sent from a worker thread.
 
-A notification never blocks the kill path: `Notifier.send()` only queues; a daemon
-thread posts with short timeouts and drops what it cannot deliver (logged).
+Nothing here blocks the kill path: the event line, its summary on stderr and each notification
+are queued (bounded, outbox.py); daemon threads write and post them, and what a full queue
+cannot take is dropped and counted (mem_exporter_enforcer_events_dropped_total{sink}).
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..outbox import Outbox
 from ..records import (
     DEFAULT_EVENT_KEEP,
     DEFAULT_EVENT_MAX_BYTES,
@@ -38,11 +38,20 @@ member = event_member  # the shapes live in records; these names stay for caller
 make_event = event_record
 
 
+def _append(item: tuple[LogFile, dict]) -> None:
+    file, event = item
+    file.write(event)
+    file.sync(background=True)
+
+
+_EVENT_FILES = Outbox("event_log", _append)  # one writer thread for every event log of the process
+
+
 class EventLog:
     """The enforcer's event log: one JSON line per event (also logged as a one-line summary), in a file
-    capped at `max_bytes` with `keep` rotated ones. `write()` returns once the line is in the page cache;
-    the fsync runs on the writer's own thread, so a caller holding a lock never waits for the disk.
-    Every EventLog of one path in a process shares one writer (a reload makes a new EventLog)."""
+    capped at `max_bytes` with `keep` rotated ones. `write()` only queues: the line is written, and
+    fsynced, on the outbox's thread, so neither a slow disk nor a FIFO nobody reads holds the caller.
+    Every EventLog of one path in a process shares one file (a reload makes a new EventLog)."""
 
     def __init__(self, path: str | None, max_bytes: int = DEFAULT_EVENT_MAX_BYTES, keep: int = DEFAULT_EVENT_KEEP):
         self.path = path
@@ -71,12 +80,12 @@ class EventLog:
             else "",
         )
         if self._file is not None:
-            self._file.write(event)
-            self._file.sync(background=True)
+            _EVENT_FILES.offer((self._file, event))
 
-    def close(self) -> None:
-        """fsync; the file stays open while another EventLog of the same path uses it."""
-        if self._file is not None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (waiting `timeout` at most), then fsync; the file stays open while another
+        EventLog of the same path uses it."""
+        if self._file is not None and _EVENT_FILES.flush(timeout):
             self._file.sync()
 
 
@@ -142,8 +151,7 @@ class Notifier:
     def __init__(self, notify, instance: str | None = None):
         self.notify = notify
         self.instance = instance or socket.gethostname()
-        self._q: queue.Queue = queue.Queue(maxsize=100)
-        self._thread: threading.Thread | None = None
+        self._outbox = Outbox("notify", self._deliver, maxsize=100)
         self.sent = 0
         self.failed = 0
 
@@ -153,42 +161,26 @@ class Notifier:
         return bool(n.alertmanager_url or n.webhook_url or n.desktop)
 
     def send(self, event: dict) -> None:
-        """Queue a kill (or dry-run) event; returns at once."""
+        """Queue a kill (or dry-run) event; returns at once (dropped and counted when the queue is full)."""
         if not self.enabled:
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="enforcer-notify", daemon=True)
-            self._thread.start()
-        try:
-            self._q.put_nowait((self.notify, event))
-        except queue.Full:
+        if not self._outbox.offer((self.notify, event)):
             log.warning("notification queue full; dropped the event for %s", event.get("group"))
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (bounded) for queued notifications: used when stopping."""
-        if self._thread is None:
-            return
-        done = threading.Event()
-        try:
-            self._q.put((None, done), timeout=timeout)
-        except queue.Full:
-            return
-        done.wait(timeout)
+        self._outbox.flush(timeout)
 
-    def _run(self) -> None:
-        while True:
-            notify, event = self._q.get()
-            if notify is None:
-                event.set()
-                continue
-            channels = (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop))
-            for name, fn in channels:
-                try:
-                    if fn(notify, event):
-                        self.sent += 1
-                except Exception as e:  # never let a notification failure reach the enforcer
-                    self.failed += 1
-                    log.warning("%s notification failed: %s", name, e)
+    def _deliver(self, item: tuple) -> None:
+        notify, event = item
+        channels = (("alertmanager", self._alertmanager), ("webhook", self._webhook), ("desktop", self._desktop))
+        for name, fn in channels:
+            try:
+                if fn(notify, event):
+                    self.sent += 1
+            except Exception as e:  # never let a notification failure reach the enforcer
+                self.failed += 1
+                log.warning("%s notification failed: %s", name, e)
 
     def _alertmanager(self, notify, event: dict) -> bool:
         if not notify.alertmanager_url or event["action"] == "dry_run":

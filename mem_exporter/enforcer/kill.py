@@ -8,7 +8,10 @@
 What differs between callers is how they re-read (`refresh`) and when they hurry: the enforcer
 re-reads the group through its own reader, `run` reaps its children and re-reads its tree.
 Nothing here allocates much or opens more than a pidfd per target between the decision and the
-first signal; waiting is poll() on pidfds, so it works at any descriptor number.
+first signal; waiting is poll() on pidfds, so it works at any descriptor number. Out of descriptors,
+a kill goes on: the watch's pidfds are given up first, a process whose identity cannot be checked
+is not signalled by pid (its group still is, through a verified member), and the last signal is
+always sent.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..sample import ProcessInfo
 from ..signals import signal_name
-from .actuator import Actuator, PidfdWatch
+from .actuator import RESERVE, Actuator, PidfdWatch
 
 DEATH_TIMEOUT = 10.0  # after the last signal, how long to wait for confirmed death
 STEP = 0.05  # re-read period during the grace
@@ -160,5 +163,6 @@ def execute(
                 report.gone_at = time.monotonic()
     finally:
         watch.close()
+        RESERVE.refill()  # what this kill spent, for the next one
     report.survivors = [p for p in targets.values() if actuator.alive(p)]
     return report

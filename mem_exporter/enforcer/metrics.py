@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..outbox import SINKS
+
 PREFIX = "mem_exporter_enforcer_"
 
 # every action an event can record, so each (rule, action) series exists from the start
@@ -43,6 +45,7 @@ class EnforcerState:
     kills_in_progress: int = 0
     last_kill: Mapping[str, float] = field(default_factory=dict)  # rule -> unix time
     last_time_to_death: Mapping[str, float] = field(default_factory=dict)  # rule -> seconds
+    events_dropped: Mapping[str, int] = field(default_factory=dict)  # sink -> items a full queue dropped
 
 
 def families(s: EnforcerState) -> Iterable[Metric]:
@@ -89,6 +92,15 @@ def families(s: EnforcerState) -> Iterable[Metric]:
     for r, sec in sorted(s.last_time_to_death.items()):
         g.add_metric([r], sec)
     yield g
+    c = CounterMetricFamily(
+        PREFIX + "events_dropped",
+        "Log lines, event records and notifications dropped because their sink (stderr, the event log file, "
+        "a webhook) did not keep up; dropped, never waited for.",
+        labels=["sink"],
+    )
+    for sink in sorted(set(SINKS) | set(s.events_dropped)):
+        c.add_metric([sink], s.events_dropped.get(sink, 0))
+    yield c
 
 
 class EnforcerCollector:

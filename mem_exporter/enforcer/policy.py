@@ -133,6 +133,30 @@ class PolicyState:
         for n in [n for n in self.rules if n not in names]:
             del self.rules[n]
 
+    def forget_gone(self, live: set[str], now: float, rules: Sequence[Rule], started: float | None = None) -> None:
+        """After a full sample (taken from `started` to `now`), bound the per-group state to the groups
+        alive in it (`live`: their keys): an entry goes when its window has passed (it decides nothing
+        any more) or its group is gone. Rule-wide entries (system, pressure, a card) stay for their
+        window, and so do entries made since the sample began (a group born meanwhile, acted on between
+        samples). `since` needs nothing more: a full decide keeps only the groups it saw."""
+        started = now if started is None else started
+        by_name = {r.name: r for r in rules}
+        for name, rs in self.rules.items():
+            rule = by_name.get(name)
+            if rule is None:
+                continue
+
+            def stays(key: str, at: float, window: float, rule: Rule = rule) -> bool:
+                return now - at < window and (key in live or at >= started or _rule_wide(rule, key))
+
+            rs.last_action = {k: t for k, t in rs.last_action.items() if stays(k, t, rule.cooldown)}
+            rs.noted = {k: t for k, t in rs.noted.items() if stays(k[0], t, max(rule.cooldown, 1.0))}
+
+
+def _rule_wide(rule: Rule, key: str) -> bool:
+    """A cooldown key of the whole rule (`system`, `pressure`, `gpu:N`), not of a group."""
+    return rule.condition not in GROUP_LIMITS and (key in ("system", "pressure") or key.startswith("gpu:"))
+
 
 # --- selection and limits ---------------------------------------------------------------------
 
@@ -145,6 +169,14 @@ def _memo(match: RuleMatch) -> dict:
     if memo is None or len(memo) > _MEMO_MAX:
         memo = _MEMO[match] = {}
     return memo
+
+
+def forget_processes(live: set[tuple[int, int]]) -> None:
+    """Drop the memoized matches of processes no longer alive (`live`: (pid, start time) of a full sample)."""
+    for match in list(_MEMO.keys()):
+        memo = _MEMO.get(match)
+        if memo is not None:
+            _MEMO[match] = {k: v for k, v in memo.items() if (k[0], k[1]) in live}
 
 
 def selects(match: RuleMatch, group: GroupSample, user_name: Callable[[int], str] = _user_name) -> bool:
