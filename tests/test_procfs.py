@@ -80,8 +80,20 @@ def test_static_fields_are_cached_until_exec(tmp_path):
     assert reader.read_processes()[0][0].cmdline == "sh -c x"  # cached: same pid, start time, comm
     fp.add(10, "python3", cmdline="python3 app.py")  # exec: new comm
     assert reader.read_processes()[0][0].cmdline == "python3 app.py"
+    fp.add(10, "python3", cmdline="python3 other.py", exec_at=0x7FFD0000)  # exec: same comm, new exec fields
+    assert reader.read_processes()[0][0].cmdline == "python3 other.py"
     fp.add(10, "python3", cmdline="reused pid", start=9999)  # pid reuse: new start time
     assert reader.read_processes()[0][0].cmdline == "reused pid"
+
+
+def test_without_the_exec_fields_the_command_line_is_read_every_walk(tmp_path):
+    """stat shows a reader without ptrace access zeros where the exec fields are."""
+    fp = FakeProc(tmp_path)
+    fp.add(10, "sh", cmdline="sh -c x", exec_at=None)
+    reader = ProcfsReader(str(tmp_path))
+    assert reader.read_processes()[0][0].cmdline == "sh -c x"
+    (tmp_path / "10" / "cmdline").write_bytes(b"sh\0-c\0y\0")
+    assert reader.read_processes()[0][0].cmdline == "sh -c y"
 
 
 def test_system_memory_and_cpu(tmp_path):
