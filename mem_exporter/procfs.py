@@ -168,7 +168,7 @@ class _Known:
     """What the reader keeps about one process between walks."""
 
     # slots, not a dict or tuples: thousands of these live as long as their processes
-    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "exec_mark", "fds", "last")
+    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "exec_mark", "fds", "last", "reading")
 
     def __init__(self, start_time=None, comm="", uid=-1, cmdline="", exe=None, cgroup=None):
         self.start_time, self.comm, self.uid = start_time, comm, uid
@@ -176,6 +176,7 @@ class _Known:
         self.exec_mark = 0  # hash of what changes on exec (see the module doc) at the last read
         self.fds: tuple[int, int] | None = None  # open stat and statm, re-read with pread
         self.last: ProcessInfo | None = None  # the record the last full walk made
+        self.reading: int | None = None  # hash of the stat and statm `last` was made from
 
     def close(self) -> bool:
         """Close the descriptors; True if there were any."""
@@ -288,11 +289,15 @@ class ProcfsReader:
             if known is not None and (kept := known.fds) is not None:
                 data = os.pread(kept[0], 4096, 0)
                 statm = os.pread(kept[1], 4096, 0)
+                if (reading := hash((data, statm))) == known.reading:
+                    return known.last, None  # a process that did not run since: nothing to parse
             elif keep_open and self._budget.take() and (opened := self._open_kept(base)):
                 data = os.pread(opened[0], 4096, 0)
                 statm = os.pread(opened[1], 4096, 0)
+                reading = hash((data, statm))
             else:  # partial reads, or over the descriptor budget: open, read, close
                 data, statm = read_file(base + "stat"), read_file(base + "statm")
+                reading = None
             close_paren = data.rfind(b")")
             f = data[close_paren + 2 :].split(None, 20)
             state = f[0]
@@ -303,7 +308,7 @@ class ProcfsReader:
                     return None, "zombie"  # `opened` is closed below: a zombie is not worth keeping
                 # the leader exited, its threads run on: their memory and identity (command line, exe,
                 # cgroup: the leader's read empty) are read through a live thread, every time
-                statm, state, identity_base = read_file(task + "statm"), b"S", task
+                statm, state, identity_base, reading = read_file(task + "statm"), b"S", task, None
                 if opened:
                     self._budget.give()
                     _close(opened)
@@ -386,6 +391,10 @@ class ProcfsReader:
             proc = known.last  # unchanged since the last walk: share it, so two samples cost one record
         elif keep_open:
             known.last = proc
+        if keep_open:
+            # the next walk returns `last` as it is if stat and statm read the same (hash: SipHash with a
+            # per-run key, a collision cannot be aimed); not where each walk must read more than those
+            known.reading = None if hidden or self.pss else reading
         return proc, incomplete
 
     @staticmethod
