@@ -109,6 +109,15 @@ def against_kept_floor(tick, binary: str, rounds: int) -> tuple[float, float, fl
     return median(ours), median(floor), median(ours_cpu), median(floor_cpu)
 
 
+def profile_ticks(tick, rounds: int) -> None:
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [tick() for _ in range(rounds)])
+    pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+
+
 def scrape_ms(url: str, rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
@@ -176,6 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="200,1000,3000")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of our ticks at each size")
     args = ap.parse_args()
 
     build = Path(tempfile.mkdtemp(prefix="memexp-bench-"))
@@ -194,6 +204,8 @@ def main() -> None:
             pss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "memory": "pss"}))
             psutil_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "source": "psutil"}))
             ours, kept, ours_cpu, kept_cpu = against_kept_floor(rss_sampler.tick, str(cwalk), args.rounds)
+            if args.profile:
+                profile_ticks(rss_sampler.tick, args.rounds)
             portable = median_ms(psutil_sampler.tick, args.rounds)
             pss = median_ms(pss_sampler.tick, max(3, args.rounds // 3))
             ps = median_ms(psutil_loop, args.rounds)

@@ -5,7 +5,9 @@ What changes only on exec (uid, cmdline, exe, cgroup) is cached by (pid, start t
 re-read when stat says the process exec'd: its comm changed, or the addresses the kernel set up at
 exec (data, brk, arguments, environment: the last fields of stat) did. The kernel shows those
 addresses only to a reader allowed to ptrace the process; for the others the command line is
-re-read every time (nothing else an unprivileged reader sees tells an exec apart).
+re-read whenever stat or statm changed (nothing else an unprivileged reader sees tells an exec
+apart; a process that did not run did not exec: an exec faults pages in, and stat counts those).
+Reading a command line takes the process's mmap lock, as smaps_rollup does for PSS.
 Only stat and statm (and smaps_rollup when PSS is on) are read every tick.
 """
 
@@ -393,8 +395,9 @@ class ProcfsReader:
             known.last = proc
         if keep_open:
             # the next walk returns `last` as it is if stat and statm read the same (hash: SipHash with a
-            # per-run key, a collision cannot be aimed); not where each walk must read more than those
-            known.reading = None if hidden or self.pss else reading
+            # per-run key, a collision cannot be aimed): such a process has not exec'd either, since an
+            # exec faults pages in and stat counts those (minflt). Not with PSS, read every walk.
+            known.reading = None if self.pss else reading
         return proc, incomplete
 
     @staticmethod

@@ -87,13 +87,14 @@ def test_static_fields_are_cached_until_exec(tmp_path):
     assert reader.read_processes()[0][0].cmdline == "reused pid"
 
 
-def test_without_the_exec_fields_the_command_line_is_read_every_walk(tmp_path):
-    """stat shows a reader without ptrace access zeros where the exec fields are."""
+def test_without_the_exec_fields_the_command_line_is_read_again_when_the_process_ran(tmp_path):
+    """stat shows a reader without ptrace access zeros where the exec fields are: the command line
+    is read again whenever stat or statm changed (an exec faults pages in: stat counts them)."""
     fp = FakeProc(tmp_path)
     fp.add(10, "sh", cmdline="sh -c x", exec_at=None)
     reader = ProcfsReader(str(tmp_path))
     assert reader.read_processes()[0][0].cmdline == "sh -c x"
-    (tmp_path / "10" / "cmdline").write_bytes(b"sh\0-c\0y\0")
+    fp.add(10, "sh", cmdline="sh -c y", exec_at=None, rss_kb=2048)  # exec'd: same comm, new memory
     assert reader.read_processes()[0][0].cmdline == "sh -c y"
 
 
