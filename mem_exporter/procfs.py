@@ -394,8 +394,8 @@ class ProcfsReader:
         elif keep_open:
             known.last = proc
         if keep_open:
-            # the next walk returns `last` as it is if stat and statm read the same (hash: SipHash with a
-            # per-run key, a collision cannot be aimed): such a process has not exec'd either, since an
+            # the next walk returns `last` as it is if stat and statm read the same (a 64-bit hash: to
+            # match a given one takes about 2^64 tries): such a process has not exec'd either, since an
             # exec faults pages in and stat counts those (minflt). Not with PSS, read every walk.
             known.reading = None if self.pss else reading
         return proc, incomplete
