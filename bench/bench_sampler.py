@@ -5,9 +5,13 @@
 Columns: this project's full sample (warm, the steady state), the same with
 `memory: pss`, the same Sample through the portable source (`source: psutil`, what
 macOS and Windows run) and its ratio to the procfs path, a plain psutil loop, a
-minimal C walk of stat+statm (the floor), Debian's prometheus-process-exporter scrape (if installed), and for the
-exporter daemon the /metrics scrape p50/p99 and its RSS. The processes are
-`sleep`s in one process group that the bench starts and kills itself.
+minimal C walk of stat+statm that opens each file anew (bench/cwalk.c), the same C walk keeping
+each process's two descriptors open and re-reading them with pread (`cwalk N keep`: the floor for
+what the reader does) with our sample's ratio to it in wall and in CPU time, Debian's
+prometheus-process-exporter scrape (if installed), and for the exporter daemon the /metrics scrape
+p50/p99 and its RSS. Our sample and the kept-descriptor floor are taken in turn, round by round, so
+that load from elsewhere weighs on both alike; CPU time (user + system) does not count waiting for a
+core. The processes are `sleep`s in one process group that the bench starts and kills itself.
 """
 
 from __future__ import annotations
@@ -74,6 +78,44 @@ def psutil_loop() -> None:
 def c_walk_ms(binary: str, rounds: int) -> float:
     out = subprocess.run([binary, str(rounds + 1)], capture_output=True, text=True, check=True).stdout.split("\n")
     return statistics.median(float(line.split()[0]) for line in out[1:] if line)
+
+
+def against_kept_floor(tick, binary: str, rounds: int) -> tuple[float, float, float, float]:
+    """Medians in ms of (our sample, the kept-descriptor C floor) in wall time, then in CPU time: one
+    of each in turn per round, after a warm-up round of each."""
+    walk = subprocess.Popen([binary, str(rounds + 1), "keep", "step"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert walk.stdin is not None and walk.stdout is not None
+
+    def floor_round() -> tuple[float, float]:
+        walk.stdin.write(b"\n")
+        walk.stdin.flush()
+        fields = walk.stdout.readline().split()
+        return float(fields[0]), float(fields[3])
+
+    tick()
+    floor_round()
+    ours, floor, ours_cpu, floor_cpu = [], [], [], []
+    for _ in range(rounds):
+        wall, cpu = time.perf_counter(), time.process_time()
+        tick()
+        ours.append((time.perf_counter() - wall) * 1000)
+        ours_cpu.append((time.process_time() - cpu) * 1000)
+        wall_ms, cpu_ms = floor_round()
+        floor.append(wall_ms)
+        floor_cpu.append(cpu_ms)
+    walk.stdin.close()
+    walk.wait()
+    median = statistics.median
+    return median(ours), median(floor), median(ours_cpu), median(floor_cpu)
+
+
+def profile_ticks(tick, rounds: int) -> None:
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [tick() for _ in range(rounds)])
+    pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(12)
 
 
 def scrape_ms(url: str, rounds: int) -> list[float]:
@@ -143,6 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="200,1000,3000")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of our ticks at each size")
     args = ap.parse_args()
 
     build = Path(tempfile.mkdtemp(prefix="memexp-bench-"))
@@ -160,14 +203,16 @@ def main() -> None:
             rss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}}))
             pss_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "memory": "pss"}))
             psutil_sampler = Sampler(validate_config({"gpu": {"backend": "none"}, "source": "psutil"}))
-            ours = median_ms(rss_sampler.tick, args.rounds)
+            ours, kept, ours_cpu, kept_cpu = against_kept_floor(rss_sampler.tick, str(cwalk), args.rounds)
+            if args.profile:
+                profile_ticks(rss_sampler.tick, args.rounds)
             portable = median_ms(psutil_sampler.tick, args.rounds)
             pss = median_ms(pss_sampler.tick, max(3, args.rounds // 3))
             ps = median_ms(psutil_loop, args.rounds)
             floor = c_walk_ms(str(cwalk), args.rounds)
             pe = process_exporter_ms(args.rounds)
             p50, p99, rss = exporter_scrape(args.rounds)
-            rows.append((n, ours, pss, portable, ps, floor, pe, p50, p99, rss))
+            rows.append((n, ours, pss, portable, ps, floor, kept, ours_cpu / kept_cpu, pe, p50, p99, rss))
             print(f"measured {n} processes", file=sys.stderr)
         finally:
             pop.close()
@@ -176,14 +221,16 @@ def main() -> None:
     print(f"\nFull sample, median ms (host: {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
     print(
         "| processes | mem-exporter | with pss | psutil source | psutil source / ours | psutil loop | C floor | "
+        "C floor, kept descriptors | ours / kept floor | same, CPU time | "
         "process-exporter | ours / C | process-exporter / ours | scrape p50 | scrape p99 | exporter RSS |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, ours, pss, portable, ps, floor, pe, p50, p99, rss in rows:
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, ours, pss, portable, ps, floor, kept, cpu_ratio, pe, p50, p99, rss in rows:
         pe_text = f"{pe:.1f}" if pe is not None else "n/a"
         ratio = f"{pe / ours:.1f}x" if pe is not None else "n/a"
         print(
             f"| {n} | {ours:.1f} | {pss:.1f} | {portable:.1f} | {portable / ours:.1f}x | {ps:.1f} | {floor:.1f} | "
+            f"{kept:.1f} | {ours / kept:.2f}x | {cpu_ratio:.2f}x | "
             f"{pe_text} | {ours / floor:.2f}x | {ratio} | {p50:.2f} | {p99:.2f} | {rss:.1f} MiB |"
         )
 

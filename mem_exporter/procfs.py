@@ -1,8 +1,13 @@
 """Linux fast path: processes and system memory read straight from procfs.
 
 The root is a parameter (`--path.procfs`), so tests point it at a fixture tree.
-What never changes for a process (uid, cmdline, exe, cgroup) is cached by
-(pid, start time, comm): comm changes on exec, which also changes the cmdline.
+What changes only on exec (uid, cmdline, exe, cgroup) is cached by (pid, start time) and
+re-read when stat says the process exec'd: its comm changed, or the addresses the kernel set up at
+exec (data, brk, arguments, environment: the last fields of stat) did. The kernel shows those
+addresses only to a reader allowed to ptrace the process; for the others the command line is
+re-read whenever stat or statm changed (nothing else an unprivileged reader sees tells an exec
+apart; a process that did not run did not exec: an exec faults pages in, and stat counts those).
+Reading a command line takes the process's mmap lock, as smaps_rollup does for PSS.
 Only stat and statm (and smaps_rollup when PSS is on) are read every tick.
 """
 
@@ -20,6 +25,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096  # im
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
 _GONE = (FileNotFoundError, ProcessLookupError)
 _STATES = {s.encode(): s for s in "RSDTtWPIZX"}
+# stat's last 8 fields (start_data end_data start_brk arg_start arg_end env_start env_end exit_code)
+# as a reader without ptrace access to the process sees them
+_HIDDEN_EXEC_FIELDS = b" 0 0 0 0 0 0 0 0\n"
 
 
 class DescriptorBudget:
@@ -162,13 +170,15 @@ class _Known:
     """What the reader keeps about one process between walks."""
 
     # slots, not a dict or tuples: thousands of these live as long as their processes
-    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "fds", "last")
+    __slots__ = ("start_time", "comm", "uid", "cmdline", "exe", "cgroup", "exec_mark", "fds", "last", "reading")
 
     def __init__(self, start_time=None, comm="", uid=-1, cmdline="", exe=None, cgroup=None):
         self.start_time, self.comm, self.uid = start_time, comm, uid
         self.cmdline, self.exe, self.cgroup = cmdline, exe, cgroup
+        self.exec_mark = 0  # hash of what changes on exec (see the module doc) at the last read
         self.fds: tuple[int, int] | None = None  # open stat and statm, re-read with pread
         self.last: ProcessInfo | None = None  # the record the last full walk made
+        self.reading: int | None = None  # hash of the stat and statm `last` was made from
 
     def close(self) -> bool:
         """Close the descriptors; True if there were any."""
@@ -281,20 +291,26 @@ class ProcfsReader:
             if known is not None and (kept := known.fds) is not None:
                 data = os.pread(kept[0], 4096, 0)
                 statm = os.pread(kept[1], 4096, 0)
+                if (reading := hash((data, statm))) == known.reading:
+                    return known.last, None  # a process that did not run since: nothing to parse
             elif keep_open and self._budget.take() and (opened := self._open_kept(base)):
                 data = os.pread(opened[0], 4096, 0)
                 statm = os.pread(opened[1], 4096, 0)
+                reading = hash((data, statm))
             else:  # partial reads, or over the descriptor budget: open, read, close
                 data, statm = read_file(base + "stat"), read_file(base + "statm")
+                reading = None
             close_paren = data.rfind(b")")
             f = data[close_paren + 2 :].split(None, 20)
             state = f[0]
+            identity_base = base
             if state == b"Z" or state == b"X":
                 task = live_task(base, pid) if state == b"Z" and int(f[17]) > 1 else None
                 if task is None:
                     return None, "zombie"  # `opened` is closed below: a zombie is not worth keeping
-                # the leader exited, its threads run on: their memory is read through a live thread
-                statm, state = read_file(task + "statm"), b"S"
+                # the leader exited, its threads run on: their memory and identity (command line, exe,
+                # cgroup: the leader's read empty) are read through a live thread, every time
+                statm, state, identity_base, reading = read_file(task + "statm"), b"S", task, None
                 if opened:
                     self._budget.give()
                     _close(opened)
@@ -307,14 +323,25 @@ class ProcfsReader:
                     self._keep(pid, known, opened)
                     opened = None
                 return None, "kernel_thread"
-            resident = int(statm.split(None, 2)[1]) * PAGE_SIZE
+            sizes = statm.split(None, 2)
+            resident = int(sizes[1]) * PAGE_SIZE
             start_time = int(f[19])
             comm = data[data.find(b"(") + 1 : close_paren].decode(errors="replace")
-            if known is None or known.start_time != start_time or known.comm != comm:
-                fresh = self._read_static(base, start_time, comm)
+            exec_fields = data[len(data.rsplit(None, 8)[0]) :]
+            hidden = exec_fields == _HIDDEN_EXEC_FIELDS
+            exec_mark = hash(exec_fields)
+            if (
+                known is None
+                or known.start_time != start_time
+                or known.comm != comm
+                or known.exec_mark != exec_mark
+                or (hidden and self._read_cmdline(base) != known.cmdline)
+            ):
+                fresh = self._read_static(identity_base, start_time, comm)
                 if known is not None:  # the same process after exec: its descriptors still hold
                     fresh.fds = known.fds
                 known = self._known[pid] = fresh
+            known.exec_mark = exec_mark
             if opened:
                 self._keep(pid, known, opened)
                 opened = None
@@ -366,14 +393,23 @@ class ProcfsReader:
             proc = known.last  # unchanged since the last walk: share it, so two samples cost one record
         elif keep_open:
             known.last = proc
+        if keep_open:
+            # the next walk returns `last` as it is if stat and statm read the same (a 64-bit hash: to
+            # match a given one takes about 2^64 tries): such a process has not exec'd either, since an
+            # exec faults pages in and stat counts those (minflt). Not with PSS, read every walk.
+            known.reading = None if self.pss else reading
         return proc, incomplete
+
+    @staticmethod
+    def _read_cmdline(base: str) -> str:
+        try:
+            return read_file(base + "cmdline").rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except PermissionError:
+            return ""
 
     def _read_static(self, base: str, start_time: int, comm: str) -> _Known:
         uid = os.stat(base).st_uid
-        try:
-            cmdline = read_file(base + "cmdline").rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-        except PermissionError:
-            cmdline = ""
+        cmdline = self._read_cmdline(base)
         exe = cgroup = None
         if self.exe:
             try:

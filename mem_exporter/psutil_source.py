@@ -182,8 +182,10 @@ class PsutilReader:
                 skipped["kernel_thread"] += 1  # the idle task / kernel_task, and Linux's kthreadd and its children
                 continue
             if info["status"] == psutil.STATUS_ZOMBIE:
-                skipped["zombie"] += 1
-                continue
+                info = _through_live_thread(info) if IS_LINUX else None
+                if info is None:
+                    skipped["zombie"] += 1
+                    continue
             if info["memory_info"] is None or info["create_time"] is None:
                 skipped["permission"] += 1
                 continue
@@ -250,6 +252,32 @@ _STATE: Mapping[str, str] = {
     psutil.STATUS_IDLE: "I",
     psutil.STATUS_DEAD: "X",
 }
+
+
+class _Resident(NamedTuple):
+    rss: int
+
+
+def _through_live_thread(info: dict) -> dict | None:
+    """Linux: a leader that called pthread_exit() is a zombie while its threads run on, holding the
+    memory; its command line, exe and memory are read through a live thread. None for a real zombie."""
+    from .procfs import PAGE_SIZE, live_task, read_file
+
+    task = live_task(f"/proc/{info['pid']}/", info["pid"])
+    if task is None:
+        return None
+    try:
+        cmdline = [a.decode(errors="replace") for a in read_file(task + "cmdline").rstrip(b"\0").split(b"\0")]
+        resident = int(read_file(task + "statm").split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None  # the thread ended since
+    exe = None
+    if "exe" in info:
+        try:
+            exe = os.readlink(task + "exe")
+        except OSError:
+            pass
+    return info | {"cmdline": cmdline, "exe": exe, "status": psutil.STATUS_SLEEPING, "memory_info": _Resident(resident)}
 
 
 def _processes(pids: Iterable[int], skipped: Counter):

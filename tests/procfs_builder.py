@@ -65,6 +65,7 @@ class FakeProc:
         pss_kb: int | None = None,
         swap_kb: int | None = None,
         cgroup: str | None = None,
+        exec_at: int | None = 0x7FFC0000,
     ) -> Path:
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
@@ -96,7 +97,11 @@ class FakeProc:
             start,
             rss_pages * PAGE * 4,
             rss_pages,
-        ] + [0] * 30
+        ] + [0] * 22
+        # start_data end_data start_brk arg_start arg_end env_start env_end (what an exec sets; zeros
+        # for a reader without ptrace access: exec_at=None), exit_code
+        fields += [0] * 7 if exec_at is None else [exec_at + 0x100 * i for i in range(7)]
+        fields.append(0)
         (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(str(f) for f in fields) + "\n")
         (d / "statm").write_text(f"{rss_pages * 4} {rss_pages} 100 10 0 {rss_pages} 0\n")
         args = (cmdline if cmdline is not None else comm).split(" ")

@@ -336,21 +336,44 @@ for line in sys.stdin:
 """
 
 
+def opener_whose_first_recheck_comes_soonest() -> subprocess.Popen:
+    """An OPENER whose pid is 60 mod 61: the PID stagger puts its first recheck at 1/61 of the period
+    after first sight, the soonest any process gets one (with the default 60 s: 0.98 s)."""
+    import sys
+
+    for _ in range(1000):
+        spent = subprocess.Popen(["true"])  # cheap pids, to reach the one before
+        spent.wait()
+        if spent.pid % 61 != 59:
+            continue
+        child = subprocess.Popen(
+            [sys.executable, "-c", OPENER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        if child.pid % 61 == 60:
+            return child
+        child.kill()  # another process took that pid: again
+        child.wait()
+    raise AssertionError("no pid 60 mod 61 in 1000 tries")
+
+
 def test_on_procfs_an_unchanged_descriptor_count_skips_the_listing_and_a_new_descriptor_does_not(monkeypatch):
-    """On the real /proc (Linux 6.2+: fd/'s size is the descriptor count), with a process this test starts."""
+    """On the real /proc (Linux 6.2+: fd/'s size is the descriptor count), with a process this test starts.
+
+    The scans are 1 s apart, within a recheck period long enough that no process is due for its first
+    periodic re-resolution (staggered by PID over the period): with the default 60 s period a child
+    whose pid is 60 mod 61 was due after 0.98 s, listed again, and the test failed for 1 pid in 61."""
     from mem_exporter.gpu import drm
 
     if not drm.fd_dir_size_is_count("/proc"):
         pytest.skip("this kernel does not give fd/ a size (Linux before 6.2)")
-    import sys
 
-    child = subprocess.Popen([sys.executable, "-c", OPENER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = opener_whose_first_recheck_comes_soonest()
     try:
         assert child.stdout.readline().strip() == "0"
         listed: list[str] = []
         real_listdir = os.listdir
         monkeypatch.setattr(drm.os, "listdir", lambda p: (listed.append(str(p)), real_listdir(p))[1])
-        source = DrmSource("/proc", "/nonexistent")
+        source = DrmSource("/proc", "/nonexistent", recheck=3600.0)  # the soonest first recheck: after 59 s
         mine = f"/proc/{child.pid}/fd"
         source.scan_processes({}, {}, 0.0)
         assert mine in listed

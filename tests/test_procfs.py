@@ -1,6 +1,7 @@
 """The procfs reader against synthetic and captured trees."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,21 @@ def test_static_fields_are_cached_until_exec(tmp_path):
     assert reader.read_processes()[0][0].cmdline == "sh -c x"  # cached: same pid, start time, comm
     fp.add(10, "python3", cmdline="python3 app.py")  # exec: new comm
     assert reader.read_processes()[0][0].cmdline == "python3 app.py"
+    fp.add(10, "python3", cmdline="python3 other.py", exec_at=0x7FFD0000)  # exec: same comm, new exec fields
+    assert reader.read_processes()[0][0].cmdline == "python3 other.py"
     fp.add(10, "python3", cmdline="reused pid", start=9999)  # pid reuse: new start time
     assert reader.read_processes()[0][0].cmdline == "reused pid"
+
+
+def test_without_the_exec_fields_the_command_line_is_read_again_when_the_process_ran(tmp_path):
+    """stat shows a reader without ptrace access zeros where the exec fields are: the command line
+    is read again whenever stat or statm changed (an exec faults pages in: stat counts them)."""
+    fp = FakeProc(tmp_path)
+    fp.add(10, "sh", cmdline="sh -c x", exec_at=None)
+    reader = ProcfsReader(str(tmp_path))
+    assert reader.read_processes()[0][0].cmdline == "sh -c x"
+    fp.add(10, "sh", cmdline="sh -c y", exec_at=None, rss_kb=2048)  # exec'd: same comm, new memory
+    assert reader.read_processes()[0][0].cmdline == "sh -c y"
 
 
 def test_system_memory_and_cpu(tmp_path):
@@ -154,3 +168,25 @@ def test_partial_reads_keep_nothing_open_and_the_budget_is_a_fallback_not_a_limi
     reader._budget.pairs = 0
     procs, _ = reader.read_processes()
     assert any(p.pid == os.getpid() for p in procs) and reader._open_count == 0
+
+
+def test_a_process_that_did_not_run_since_the_last_walk_is_not_parsed_again(monkeypatch, spawn_group):
+    """A full walk keeps each process's stat and statm open; when both read as they did, the last
+    record stands as it is. A process whose memory changed is parsed and its record rebuilt."""
+    import mem_exporter.procfs as procfs
+
+    idle = spawn_group("--mb", "5")
+    growing = spawn_group("--mb", "5", "--grow", "20", "--max-mb", "200")
+    idle.wait_ready()
+    growing.wait_ready()
+    built: list[int] = []
+    real = procfs.ProcessInfo
+    monkeypatch.setattr(procfs, "ProcessInfo", lambda pid, *rest: (built.append(pid), real(pid, *rest))[1])
+    reader = ProcfsReader("/proc")
+    first = {p.pid: p for p in reader.read_processes()[0]}
+    assert idle.pid in built and growing.pid in built
+    built.clear()
+    time.sleep(0.3)  # the growing hog grows meanwhile, the idle one sleeps
+    second = {p.pid: p for p in reader.read_processes()[0]}
+    assert idle.pid not in built and second[idle.pid] is first[idle.pid]
+    assert growing.pid in built and second[growing.pid].rss_bytes > first[growing.pid].rss_bytes

@@ -181,7 +181,7 @@ def forget_processes(live: set[tuple[int, int]]) -> None:
 
 def selects(match: RuleMatch, group: GroupSample, user_name: Callable[[int], str] = _user_name) -> bool:
     """Whether a rule's `match` selects the group. Per-process regex results are memoized by
-    (pid, start time, comm, uid): what they read never changes for a process (an exec changes comm)."""
+    everything they read: an exec may keep pid, start time and comm and change only the command line."""
     if group.kind == "other" or not group.members:
         return False
     if match.group is not None and not re.search(match.group, group.label):
@@ -191,7 +191,7 @@ def selects(match: RuleMatch, group: GroupSample, user_name: Callable[[int], str
     memo = _memo(match)
 
     def test(p: ProcessInfo) -> bool:
-        key = (p.pid, p.start_time, p.comm, p.uid)
+        key = (p.pid, p.start_time, p.comm, p.uid, p.cmdline, p.exe)
         hit = memo.get(key)
         if hit is None:
             hit = memo[key] = match.matches(p.comm, p.cmdline, p.exe, user_name(p.uid))

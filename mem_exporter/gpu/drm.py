@@ -526,7 +526,7 @@ def fd_dir_size_is_count(procfs: str) -> bool:
     Checked on our own fd/: a fixture tree (no entry for us) or another file system says no."""
     fd_dir = f"{procfs}/{os.getpid()}/fd"
     try:
-        for _ in range(3):  # another thread may open or close a descriptor in between: try again
+        for _ in range(20):  # another thread may open or close a descriptor in between: try again
             size = os.stat(fd_dir).st_size
             count = len(os.listdir(fd_dir)) - 1  # the listing's own descriptor
             if size and size == count:
