@@ -323,6 +323,19 @@ class EnforcerConfig(_Strict):
         description="the enforcer's own oom_score_adj, so the kernel "
         "OOM killer spares it; lowering needs CAP_SYS_RESOURCE",
     )
+    walk_interval: Duration = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="`enforce` reads every process this often when its rules do not need it each interval "
+        "(docs/enforcer.md: what it reads instead); its group metrics are this old at most. "
+        "0: every interval, as `serve` does",
+    )
+    process_events: Literal["auto", "off"] = Field(
+        "auto",
+        description="learn of new processes from the kernel's proc connector (root on the host), "
+        "else by listing procfs; off: always list",
+    )
 
     @model_validator(mode="after")
     def _unique_rules(self):

@@ -8,6 +8,7 @@ the latest Sample and never waits on /proc.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -101,6 +102,8 @@ class Sampler:
         self.phase: str | None = None
         self.phase_watcher = phase_watcher  # a phase.PhaseWatcher: the phase is then re-read each tick
         self._lock = threading.Lock()  # a reload must not close descriptors a tick is reading
+        self._walked: Sample | None = None  # the last sample that read every process
+        self.walks = 0  # ticks that read every process
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -108,13 +111,62 @@ class Sampler:
         with self._lock:
             old = getattr(self, "reader", None)
             self.config, self.source_name, self.reader = config, source_name, reader
+            self._walked = None  # the next tick walks, under the new grouping
         close = getattr(old, "close", None)
         if close is not None:
             close()
 
-    def tick(self) -> Sample:
+    def tick(self, walk: bool = True) -> Sample:
+        """A sample. `walk=False` (a light tick) reads system memory, CPU, GPUs and PSI only; its processes
+        and groups are those of the last walk (`Sample.light` says so)."""
         with self._lock:
-            return self._tick()
+            if not walk and self._walked is not None:
+                return self._light_tick()
+            sample = self._tick()
+            self._walked = sample
+            self.walks += 1
+            return sample
+
+    def _light_tick(self) -> Sample:
+        start = time.perf_counter()
+        last = self._walked
+        assert last is not None
+        up = {k: v for k, v in last.sources_up.items() if k != "gpu"}
+        try:
+            system = self.reader.read_system()
+            cpu = self._cpu_usage()
+            self._last_system = system
+        except OSError as e:
+            log.error("reading %s failed: %s", self.source_name, e)
+            self.errors_total[self.source_name] += 1
+            system, cpu = self._last_system, None
+            up[self.source_name] = False
+        gpus = last.gpus
+        if self.gpu is not None and self.gpu.name != "none":
+            reading = self.gpu.read(time.monotonic())
+            up["gpu"] = reading.up
+            if reading.error:
+                self.errors_total["gpu"] += 1
+            gpus = tuple(reading.cards)
+        if self.phase_watcher is not None:
+            self.phase = self.phase_watcher.read()
+        pressure, cgroup_pressure = self._pressure()
+        return dataclasses.replace(
+            last,
+            timestamp=time.time(),
+            monotonic=time.monotonic(),
+            duration_seconds=time.perf_counter() - start,
+            system=system,
+            cpu_usage_ratio=cpu,
+            gpus=gpus,
+            sources_up=up,
+            errors_total=dict(self.errors_total),
+            phase=self.phase,
+            pressure=pressure,
+            cgroup_pressure=cgroup_pressure,
+            interval_seconds=self.config.interval,
+            light=True,
+        )
 
     def _tick(self) -> Sample:
         start = time.perf_counter()
@@ -226,6 +278,24 @@ class GroupReader:
             unwatched.update(set(fresh).difference(p.pid for p in procs))
         return procs
 
+    def read_pids(self, pids: Iterable[int], unwatched: set[int] | None = None) -> list[ProcessInfo]:
+        """These processes (from process events); `unwatched` receives those that are none to watch."""
+        pids = list(pids)
+        procs = self.reader.read_processes(pids)[0] if pids else []
+        if unwatched is not None and pids:
+            unwatched.update(set(pids).difference(p.pid for p in procs))
+        return procs
+
+    def read_all(self) -> list[ProcessInfo]:
+        """Every process, read without keeping descriptors (a victim's choice between full walks)."""
+        return self.reader.read_processes(self.reader.pids())[0]
+
+    def forget_except(self, live: Collection[int]) -> None:
+        """Drop what the reader keeps about processes not in `live` (for a reader that never lists)."""
+        forget = getattr(self.reader, "forget_except", None)
+        if forget is not None:
+            forget(live)
+
     def close(self) -> None:
         close = getattr(self.reader, "close", None)
         if close is not None:
@@ -233,12 +303,17 @@ class GroupReader:
 
 
 class SamplingLoop:
-    """Ticks every `config.interval` in a daemon thread; `latest` is the newest Sample."""
+    """Ticks every `config.interval` in a daemon thread; `latest` is the newest Sample.
+
+    Every tick walks all processes unless `walk_period` (set by `enforce`, whose rules may not need
+    it) says how often to: the ticks between are light (Sampler.tick(walk=False))."""
 
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
         self.latest: Sample | None = None
         self.consumers: list[Callable[[Sample], None]] = []
+        self.walk_period: Callable[[], float] | None = None
+        self._last_walk: float | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -260,8 +335,12 @@ class SamplingLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             began = time.monotonic()
+            period = self.walk_period() if self.walk_period is not None else 0.0
+            walk = self._last_walk is None or began - self._last_walk >= period - 0.05
             try:
-                sample = self.sampler.tick()
+                sample = self.sampler.tick(walk)
+                if not sample.light:
+                    self._last_walk = began
             except Exception:  # a bug in one tick must not stop monitoring
                 log.exception("sample failed")
                 self.sampler.errors_total["sampler"] += 1

@@ -47,8 +47,11 @@ class Service:
             from .enforcer import Enforcer
 
             # only `--dry-run` holds across reloads; the file's `dry_run` follows the file
-            self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")))
+            # `enforce` reads every process only as often as its rules need; `serve` exports them each interval
+            self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")), lean=enforce)
             self.loop.consumers.append(self.enforcer.on_sample)
+            if enforce:
+                self.loop.walk_period = self.enforcer.walk_period
             collectors.append(self.enforcer.collector)
             from .selfprotect import SelfProtection, SelfProtectionCollector
 
