@@ -44,8 +44,9 @@ NONE, FORK, EXEC, EXIT = 0x00000000, 0x00000001, 0x00000002, 0x80000000  # proc_
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 _EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
-_TWO_PIDS = struct.Struct("=II")  # pid (the thread), tgid (the process)
-_FORK = struct.Struct("=IIII")  # parent pid, parent tgid, child pid, child tgid
+# one whole message, as parse reads it: nlmsghdr (skipped), cn_msg idx, val, seq (ack, len, flags skipped),
+# proc_event what, cpu (timestamp skipped), and the first four u32 of its event data
+_MSG = struct.Struct("=16xIII8xII8xIIII")
 
 
 class ProcEvent(NamedTuple):
@@ -69,37 +70,29 @@ def parse(data: bytes, seqs: dict[int, int]) -> tuple[list[ProcEvent], bool]:
     lost = False
     off = 0
     while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+        length, mtype = _NLMSGHDR.unpack_from(data, off)[:2]
         if length < _NLMSGHDR.size or off + length > len(data):
             return events, True  # truncated
-        body = off + _NLMSGHDR.size
-        off += (length + 3) & ~3
+        at, off = off, off + ((length + 3) & ~3)
         if mtype in (NLMSG_ERROR, NLMSG_OVERRUN):
             lost = True
             continue
-        if length < _NLMSGHDR.size + _CN_MSG.size + _EVENT.size:
+        if length < _MSG.size:
             continue
-        idx, val, seq, _ack, _len, _ = _CN_MSG.unpack_from(data, body)
-        if (idx, val) != (CN_IDX_PROC, CN_VAL_PROC):
+        (idx, val, seq, what, cpu, a, b, c, d) = _MSG.unpack_from(data, at)
+        if idx != CN_IDX_PROC or val != CN_VAL_PROC:
             continue
-        ev = body + _CN_MSG.size
-        what, cpu, _ts = _EVENT.unpack_from(data, ev)
-        ev += _EVENT.size
         last = seqs.get(cpu)
         if last is not None and seq != (last + 1) & 0xFFFFFFFF:
             lost = True
         seqs[cpu] = seq
-        if what == FORK:
-            _ppid, ptgid, cpid, ctgid = _FORK.unpack_from(data, ev)
-            if cpid == ctgid:  # a new process, not a new thread
-                events.append(ProcEvent("fork", ctgid, ptgid))
-        elif what == EXEC:
-            _pid, tgid = _TWO_PIDS.unpack_from(data, ev)
-            events.append(ProcEvent("exec", tgid))
-        elif what == EXIT:
-            pid, tgid = _TWO_PIDS.unpack_from(data, ev)
-            if pid == tgid:  # the process (its leader thread), not one of its threads
-                events.append(ProcEvent("exit", tgid))
+        if what == FORK:  # parent pid, parent tgid, child pid, child tgid
+            if c == d:  # a new process, not a new thread
+                events.append(ProcEvent("fork", d, b))
+        elif what == EXEC:  # pid, tgid
+            events.append(ProcEvent("exec", b))
+        elif what == EXIT and a == b:  # the process (its leader thread), not one of its threads
+            events.append(ProcEvent("exit", b))
     return events, lost
 
 

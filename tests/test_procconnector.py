@@ -112,7 +112,7 @@ def test_a_procfs_that_is_not_the_hosts_is_listed_instead(tmp_path):
 
 
 def _msg(what: int, cpu: int, seq: int, data: bytes) -> bytes:
-    body = struct.pack("=IIQ", what, cpu, 0) + data
+    body = struct.pack("=IIQ", what, cpu, 0) + data.ljust(24, b"\0")  # the kernel sends the whole union
     cn = struct.pack("=IIIIHH", 1, 1, seq, 0, len(body), 0) + body
     return struct.pack("=IHHII", 16 + len(cn), 3, 0, seq, 0) + cn
 

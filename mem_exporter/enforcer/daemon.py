@@ -386,12 +386,13 @@ class Enforcer:
         for key, (kind, procs) in by_key.items():
             if key in self.state.busy:
                 continue
+            base = known_groups.get(key)
+            # what the group would be, from what is already read: a group no rule selects is not re-read
+            seen = make_group(key, kind, list(base.members) + procs if base else list(procs), cfg.memory)
+            if not any(selects(r.match, seen, self.ctx.user_name) for r in self.group_rules):
+                continue
             try:
-                g = (
-                    self._reader.refresh_group(known_groups[key], procs)
-                    if key in known_groups
-                    else make_group(key, kind, procs, cfg.memory)
-                )
+                g = self._reader.refresh_group(base, procs) if base is not None else seen
             except OSError:
                 continue
             if g is not None:
