@@ -154,6 +154,11 @@ class Groups(_Strict):
     )
     min_memory: Size = Field(parse_size("10MB"), description='smaller groups are summed into group="other"')
     top_processes: int = Field(5, ge=1, le=1000, description="largest members kept per group for logs and events")
+    memory_from: Literal["auto", "processes"] = Field(
+        "auto",
+        description="by: cgroup | container: auto reads each cgroup's own memory accounts where the host has "
+        "them (docs/containers.md: which number); processes: sum every process's RSS each interval",
+    )
     cmdline_label: bool = Field(
         False, description="add a `cmdline` label to group_info (command lines may hold secrets)"
     )

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
 from .config import Config
-from .grouping import cap_groups, group_key, group_processes, make_group
+from .grouping import attach_gpu, cap_groups, group_key, group_processes, make_group
 from .pressure import cgroup_pressure_path, host_pressure_path, read_pressure
 from .sample import GroupSample, MemoryPressure, ProcessInfo, Sample, SystemMemory
 
@@ -93,6 +93,21 @@ def make_reader(config: Config) -> tuple[str, Reader]:
     return "psutil", PsutilReader(pss=pss, exe=needs_exe, cgroup=cgroup)
 
 
+def make_cgroup_sampler(config: Config, source_name: str):
+    """For `groups.by: cgroup | container` on the procfs source: a CgroupSampler where the memory accounts
+    can be read (groups measured from them), else None (every process read and summed, as for PGIDs)."""
+    if config.groups.by == "pgid" or source_name != "procfs" or config.groups.memory_from != "auto":
+        return None
+    from .cgroupfs_reader import CgroupAccounts, CgroupSampler
+
+    accounts = CgroupAccounts(config.paths.cgroupfs)
+    if accounts.version is None:
+        log.info("no cgroup memory accounts under %s: groups sum their processes", config.paths.cgroupfs)
+        return None
+    log.info("group memory from the cgroup v%d accounts under %s", accounts.version, accounts.root)
+    return CgroupSampler(accounts, config.paths.procfs)
+
+
 class Sampler:
     def __init__(self, config: Config, gpu=None, phase_watcher=None):
         self.gpu = gpu
@@ -108,9 +123,11 @@ class Sampler:
 
     def configure(self, config: Config) -> None:
         source_name, reader = make_reader(config)
+        cgroups = make_cgroup_sampler(config, source_name)
         with self._lock:
             old = getattr(self, "reader", None)
             self.config, self.source_name, self.reader = config, source_name, reader
+            self.cgroups = cgroups
             self._walked = None  # the next tick walks, under the new grouping
         close = getattr(old, "close", None)
         if close is not None:
@@ -126,6 +143,14 @@ class Sampler:
             self._walked = sample
             self.walks += 1
             return sample
+
+    def release_descriptors(self) -> None:
+        """Close the descriptors a walk keeps for the next one: between walks a minute apart they only
+        cost (every listing of this process's descriptors, /metrics' process_open_fds, walks them all)."""
+        with self._lock:
+            close = getattr(self.reader, "close", None)
+            if close is not None:
+                close()
 
     def _light_tick(self) -> Sample:
         start = time.perf_counter()
@@ -174,7 +199,10 @@ class Sampler:
         up: dict[str, bool] = {}
         try:
             system = self.reader.read_system()
-            procs, skipped = self.reader.read_processes()
+            if self.cgroups is not None:
+                procs, cgroup_groups, skipped = self.cgroups.sample(self.reader, cfg.groups, cfg.memory)
+            else:
+                procs, skipped = self.reader.read_processes()
             cpu = self._cpu_usage()
             up[self.source_name] = True
             self._last_system = system
@@ -190,7 +218,11 @@ class Sampler:
             if reading.error:
                 self.errors_total["gpu"] += 1
             gpus = reading.cards
-        groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
+        if self.cgroups is not None and up[self.source_name]:
+            with_gpu = attach_gpu(cgroup_groups, self.cgroups.key_of_pid(), gpus) if gpus else cgroup_groups
+            groups = tuple(sorted(with_gpu, key=lambda g: g.memory_bytes(cfg.memory), reverse=True))
+        else:
+            groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
         exported = tuple(cap_groups(groups, cfg.groups.max_groups, cfg.groups.min_memory, cfg.memory))
         if self.phase_watcher is not None:
             self.phase = self.phase_watcher.read()
@@ -341,6 +373,8 @@ class SamplingLoop:
                 sample = self.sampler.tick(walk)
                 if not sample.light:
                     self._last_walk = began
+                    if period > self.sampler.config.interval:
+                        self.sampler.release_descriptors()
             except Exception:  # a bug in one tick must not stop monitoring
                 log.exception("sample failed")
                 self.sampler.errors_total["sampler"] += 1

@@ -110,6 +110,7 @@ class Enforcer:
         self._next_pressure = 0.0
         self.pressure: PressureWatches | None = None
         self._known: set[int] = set()
+        self._selected: set[str] = set()  # keys of the groups a group-memory rule selected at the last walk
         self._ignored: set[int] = set()
         self._settling: set[int] = set()  # newcomers too young to be judged by their command line yet
         self._pending: Sample | None = None
@@ -303,6 +304,7 @@ class Enforcer:
             self._schedule(rule.name, grp, lim, value, rate, sample.monotonic)
         self.growth.keep_only(keys | {"system"})
         self.lane.keep_only(keys - self.state.busy)
+        self._selected = keys
         self.walk_period_seconds = self._walk_period(self.config, len(keys))
         return kills
 
@@ -387,12 +389,14 @@ class Enforcer:
             if key in self.state.busy:
                 continue
             base = known_groups.get(key)
-            # what the group would be, from what is already read: a group no rule selects is not re-read
-            seen = make_group(key, kind, list(base.members) + procs if base else list(procs), cfg.memory)
-            if not any(selects(r.match, seen, self.ctx.user_name) for r in self.group_rules):
+            # a group no rule selected at the last walk, joined by newcomers no rule selects, is not re-read
+            joined = make_group(key, kind, list(procs), cfg.memory)
+            if key not in self._selected and not any(
+                selects(r.match, joined, self.ctx.user_name) for r in self.group_rules
+            ):
                 continue
             try:
-                g = self._reader.refresh_group(base, procs) if base is not None else seen
+                g = self._reader.refresh_group(base, procs) if base is not None else joined
             except OSError:
                 continue
             if g is not None:
