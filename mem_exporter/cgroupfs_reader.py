@@ -11,17 +11,18 @@ over its processes, except that a page shared by several of them counts once, pa
 process maps is left out (memory.current and usage_in_bytes include it), and a shared page is
 charged to the cgroup that touched it first.
 
-Membership: each process is read once on first sight (its labels and cgroup), then followed through
-the `cgroup.procs` of the cgroups already known; a listing of the procfs root finds new ones.
-Processes in the root cgroup, in named groups, or in no container (by: container) are still read
-one by one, as is every group whose accounts cannot be read (no memory controller, permissions):
-then it is summed from its processes as before.
+Membership: the `cgroup.procs` of every cgroup of that hierarchy, each tick (no listing of the
+procfs root); a process is read once, on first sight, for its labels. Processes in the root cgroup,
+in named groups, or in no container (by: container) are still read one by one each tick, as is
+every group whose accounts cannot be read (gone, permissions): then it is summed from its
+processes as before. Without a memory hierarchy the sampler does not use this module at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections import Counter
 from typing import NamedTuple
 
@@ -38,13 +39,27 @@ class Charge(NamedTuple):
     swap_bytes: int | None
 
 
+# the memory.stat lines a charge needs (v2: anon, file_mapped; v1: rss, mapped_file, swap), by regex: fast
+_STAT_KEYS = re.compile(rb"^(anon|file_mapped|rss|mapped_file|swap) (\d+)$", re.M)
+RESCAN = 30  # ticks between full walks of the cgroup tree (in between, only directories whose subdirectory count moved)
+
+
 def _stat(data: bytes) -> dict[bytes, int]:
-    out = {}
-    for line in data.splitlines():
-        key, _, value = line.partition(b" ")
-        if value:
-            out[key] = int(value)
-    return out
+    return {k: int(v) for k, v in _STAT_KEYS.findall(data)}
+
+
+def _read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) < 65536:  # the whole file: one read (an end-of-file read would double the calls)
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class CgroupAccounts:
@@ -65,18 +80,6 @@ class CgroupAccounts:
         v1 = os.path.join(cgroupfs, "memory")
         if os.path.isfile(os.path.join(v1, "memory.stat")):
             self.version, self.root = 1, v1
-
-    def path_of(self, pid: int, procfs: str) -> str | None:
-        """The process's cgroup in the hierarchy that holds the memory accounts (from /proc/PID/cgroup)."""
-        data = read_file(f"{procfs}/{pid}/cgroup").decode(errors="replace")
-        for line in data.splitlines():
-            hierarchy, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if self.version == 2 and hierarchy == "0" and controllers == "":
-                return path
-            if self.version == 1 and "memory" in controllers.split(","):
-                return path
-        return None
 
     def _dir(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -102,101 +105,168 @@ class CgroupAccounts:
 
     def procs(self, path: str) -> list[int] | None:
         """The processes in the cgroup itself (not its children), or None when it is gone or unreadable."""
+        raw = self.procs_raw(path)
+        return None if raw is None else [int(x) for x in raw.split()]
+
+    def procs_raw(self, path: str) -> bytes | None:
         if self.version is None:
             return None
         try:
-            with open(f"{self._dir(path)}/cgroup.procs", "rb") as f:
-                return [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
+            return _read_all(f"{self._dir(path)}/cgroup.procs")
+        except OSError:
             return None
+
+    def tree(self, known: dict[str, tuple[int, list[str]]] | None = None) -> dict[str, tuple[int, list[str]]]:
+        """Every cgroup of the hierarchy (the root is "/") -> (its directory's link count: 2 + its
+        subdirectories, its subdirectories). With `known` (an earlier answer), only directories whose
+        count moved are listed again."""
+        out: dict[str, tuple[int, list[str]]] = {}
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            path = rel or "/"
+            try:
+                nlink = os.stat(self.root + rel).st_nlink
+            except OSError:
+                continue
+            before = known.get(path) if known is not None else None
+            if before is not None and before[0] == nlink:  # the same subdirectories, as far as a count tells
+                children = before[1]
+            else:
+                try:
+                    with os.scandir(self.root + rel) as it:
+                        children = [f"{rel}/{e.name}" for e in it if e.is_dir(follow_symlinks=False)]
+                except OSError:
+                    continue
+            out[path] = (nlink, children)
+            stack += children
+        return out
+
+
+class _Cgroup:
+    """What a cgroup held at its last reading: its cgroup.procs as read, and its processes by group."""
+
+    __slots__ = ("raw", "pids", "accounted", "per_process")
+
+    def __init__(self, raw: bytes, pids: list[int]):
+        self.raw, self.pids = raw, pids
+        self.accounted: dict[str, tuple[str, list[ProcessInfo]]] = {}  # key -> (kind, members): from accounts
+        self.per_process: list[int] = []  # named groups, PGID groups, the root cgroup: read and summed
 
 
 class CgroupSampler:
-    """One tick's processes and groups with cgroup groups measured from their accounts. Keeps, per pid,
-    the record of its first sight and its cgroup; `reader` is the procfs reader of the sampler."""
+    """One tick's processes and groups, cgroup groups measured from their accounts. Membership is the
+    cgroup.procs of every cgroup in the hierarchy (no listing of procfs, whose root is slow to list on
+    a busy host); a process is read once on first sight (its labels); a cgroup whose cgroup.procs has
+    not changed costs two reads and no work per process. `reader` is the sampler's procfs reader."""
 
     def __init__(self, accounts: CgroupAccounts, procfs: str):
         self.accounts = accounts
         self.procfs = procfs.rstrip("/") or "/"
         self._seen: dict[int, ProcessInfo] = {}  # pid -> first-sight record, its cgroup the accounts' path
-        self._keys: dict[int, tuple[str, str]] = {}  # pid -> its group (key, kind), while its cgroup holds
-        self.first_sight_reads = 0  # processes read on first sight (labels and cgroup)
+        self._unwatched: set[int] = set()  # kernel threads, unreadable: not read again while they live
+        self._cgroups: dict[str, _Cgroup] = {}
+        self._tree: dict[str, tuple[int, list[str]]] = {}
+        self._ticks = 0
+        self._made: dict[str, tuple[tuple[int, ...], GroupSample]] = {}  # key -> (its entries' ids, group)
+        self.first_sight_reads = 0  # processes read on first sight (labels)
 
     def sample(self, reader, cfg: Groups, memtype: str) -> tuple[list[ProcessInfo], list[GroupSample], Counter]:
         """Every process (as first seen, or read now where summed) and every group; GPUs are for the caller."""
         skipped: Counter = Counter()
-        listing = reader.pids()
-        live = set(listing)
-        seen, keys = self._seen, self._keys
-        for pid in [p for p in seen if p not in live]:
-            del seen[pid]
-            keys.pop(pid, None)
-        forget = getattr(reader, "forget_except", None)
-        if forget is not None:  # the reader never walks in full here: its cache follows the listing
-            forget(live)
-        # where each known process is now: the cgroup.procs of every cgroup already known
-        where: dict[int, str] = {}
-        listed: set[str] = set()
-        for path in {p.cgroup for p in seen.values() if p.cgroup not in (None, "/")}:
-            inside = self.accounts.procs(path)
-            if inside is not None:
-                listed.add(path)
-                for pid in inside:
-                    where[pid] = path
-        new = [pid for pid in listing if pid not in seen]
-        if new:
-            procs, skipped = reader.read_processes(new)
-            self.first_sight_reads += len(new)
-            for p in procs:
-                try:  # no line for the accounts' hierarchy: the reader's own choice stands (likely summed)
-                    seen[p.pid] = p._replace(cgroup=self.accounts.path_of(p.pid, self.procfs) or p.cgroup)
-                except OSError:
-                    continue
+        seen, known = self._seen, self._cgroups
+        current: dict[str, _Cgroup] = {}
+        self._ticks += 1
+        self._tree = self.accounts.tree(None if self._ticks % RESCAN == 1 else self._tree)
+        for path in self._tree:
+            raw = self.accounts.procs_raw(path)
+            if not raw:
+                continue
+            entry = known.get(path)
+            if entry is None or entry.raw != raw:
+                entry = self._read_cgroup(path, raw, reader, cfg, skipped)
+            current[path] = entry
+        self._cgroups = current
+        alive: set[int] = set()
+        for entry in current.values():
+            alive.update(entry.pids)
+        if len(seen) + len(self._unwatched) > len(alive):  # some are gone: forget them
+            for pid in [p for p in seen if p not in alive]:
+                del seen[pid]
+            self._unwatched &= alive
+            forget = getattr(reader, "forget_except", None)
+            if forget is not None:  # the reader never walks in full here: its cache follows the cgroups
+                forget(alive)
         by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
+        charges: dict[str, list[Charge | None]] = {}
+        sources: dict[str, list[int]] = {}
         per_process: list[int] = []
-        for pid, p in seen.items():
-            now_in = where.get(pid)
-            if now_in is None and p.cgroup in listed:  # left its cgroup for one not known yet
-                try:
-                    now_in = self.accounts.path_of(pid, self.procfs)
-                except OSError:
-                    continue
-            if now_in is not None and now_in != p.cgroup:
-                p = seen[pid] = p._replace(cgroup=now_in)
-                keys.pop(pid, None)
-            kk = keys.get(pid)
-            if kk is None:
-                kk = keys[pid] = group_key(p, cfg)
-            if kk[1] not in CGROUP_KINDS or p.cgroup in (None, "/"):
-                per_process.append(pid)
-            else:
-                by_key.setdefault(kk[0], (kk[1], []))[1].append(p)
-        groups: list[GroupSample] = []
+        for path, entry in current.items():
+            per_process += entry.per_process
+            if entry.accounted:
+                charge = self.accounts.charge(path)
+                for key, (kind, members) in entry.accounted.items():
+                    by_key.setdefault(key, (kind, []))[1].extend(members)
+                    charges.setdefault(key, []).append(charge)
+                    sources.setdefault(key, []).append(id(entry))
         fresh, more = reader.read_processes(per_process) if per_process else ([], Counter())
         skipped += more
+        groups: list[GroupSample] = []
+        made_now: dict[str, tuple[tuple[int, ...], GroupSample]] = {}
         summed: dict[str, tuple[str, list[ProcessInfo]]] = {}
         for p in fresh:
-            if p.pid in seen:
-                p = p._replace(cgroup=seen[p.pid].cgroup)
-            key, kind = keys.get(p.pid) or group_key(p, cfg)
+            first = seen.get(p.pid)
+            p = p._replace(cgroup=first.cgroup) if first is not None else p
+            key, kind = group_key(p, cfg)
             summed.setdefault(key, (kind, []))[1].append(p)
         for key, (kind, members) in by_key.items():
-            charges = [self.accounts.charge(path) for path in {p.cgroup for p in members if p.cgroup}]
-            if any(c is None for c in charges):  # no accounts to be had: read and sum its processes
+            got = charges[key]
+            if any(c is None for c in got):  # no accounts to be had: read and sum its processes
                 read, more = reader.read_processes([p.pid for p in members])
                 skipped += more
                 fresh += read
                 summed.setdefault(key, (kind, []))[1].extend(read)
                 continue
-            group = make_group(key, kind, members, memtype)  # labels and members as of first sight
-            swaps = [c.swap_bytes for c in charges if c is not None and c.swap_bytes is not None]
-            rss = sum(c.rss_bytes for c in charges if c is not None)
+            made = self._made.get(key)
+            ids = tuple(sources[key])
+            if made is None or made[0] != ids:  # its members changed: labels and members as of first sight
+                made = (ids, make_group(key, kind, list(members), memtype))
+            made_now[key] = made
+            group = made[1]
+            swaps = [c.swap_bytes for c in got if c is not None and c.swap_bytes is not None]
+            rss = sum(c.rss_bytes for c in got if c is not None)
             swap = sum(swaps) if swaps else None
             groups.append(dataclasses.replace(group, rss_bytes=rss, pss_bytes=None, swap_bytes=swap))
+        self._made = made_now
         groups += [make_group(key, kind, members, memtype) for key, (kind, members) in summed.items()]
-        read_now = {p.pid for p in fresh}
-        procs = [p for p in seen.values() if p.pid not in read_now] + fresh
+        if fresh:
+            read_now = {p.pid for p in fresh}
+            procs = [p for p in seen.values() if p.pid not in read_now] + fresh
+        else:
+            procs = list(seen.values())
         return procs, groups, skipped
 
-    def key_of_pid(self) -> dict[int, str]:
-        return {pid: kk[0] for pid, kk in self._keys.items()}
+    def _read_cgroup(self, path: str, raw: bytes, reader, cfg: Groups, skipped: Counter) -> _Cgroup:
+        """A cgroup whose processes changed: newcomers read on first sight, members sorted into groups."""
+        seen = self._seen
+        entry = _Cgroup(raw, [int(x) for x in raw.split()])
+        new = [pid for pid in entry.pids if pid not in seen and pid not in self._unwatched]
+        if new:
+            procs, reasons = reader.read_processes(new)
+            skipped += reasons
+            self.first_sight_reads += len(new)
+            for p in procs:
+                seen[p.pid] = p._replace(cgroup=path)
+            self._unwatched.update(set(new).difference(p.pid for p in procs))
+        for pid in entry.pids:
+            p = seen.get(pid)
+            if p is None:
+                continue
+            if p.cgroup != path:  # moved here since its first sight
+                p = seen[pid] = p._replace(cgroup=path)
+            key, kind = group_key(p, cfg)
+            if kind not in CGROUP_KINDS or path == "/":
+                entry.per_process.append(pid)
+            else:
+                entry.accounted.setdefault(key, (kind, []))[1].append(p)
+        return entry

@@ -100,6 +100,12 @@ def make_cgroup_sampler(config: Config, source_name: str):
         return None
     from .cgroupfs_reader import CgroupAccounts, CgroupSampler
 
+    paths = config.paths
+    if (paths.procfs.rstrip("/") == "/proc") != (paths.cgroupfs.rstrip("/") == "/sys/fs/cgroup"):
+        log.info(
+            "procfs %s and cgroupfs %s are not one host's: groups sum their processes", paths.procfs, paths.cgroupfs
+        )
+        return None
     accounts = CgroupAccounts(config.paths.cgroupfs)
     if accounts.version is None:
         log.info("no cgroup memory accounts under %s: groups sum their processes", config.paths.cgroupfs)
@@ -219,7 +225,11 @@ class Sampler:
                 self.errors_total["gpu"] += 1
             gpus = reading.cards
         if self.cgroups is not None and up[self.source_name]:
-            with_gpu = attach_gpu(cgroup_groups, self.cgroups.key_of_pid(), gpus) if gpus else cgroup_groups
+            if gpus:
+                cgroup_groups = attach_gpu(
+                    cgroup_groups, {p.pid: g.key for g in cgroup_groups for p in g.members}, gpus
+                )
+            with_gpu = cgroup_groups
             groups = tuple(sorted(with_gpu, key=lambda g: g.memory_bytes(cfg.memory), reverse=True))
         else:
             groups = group_processes(procs, cfg.groups, cfg.memory, gpus)

@@ -51,6 +51,7 @@ def v2(tmp_path):
     for pid in (101, 102, 103):
         proc.add(pid, "worker", rss_kb=100_000, cgroup="0::/system.slice/app.service\n")
     proc.add(200, "sshd", rss_kb=5_000, cgroup="0::/\n")
+    (cg / "cgroup.procs").write_text("200\n")  # the root cgroup's own processes
     d = _cgroup(
         cg,
         "/system.slice/app.service",
@@ -88,7 +89,7 @@ def test_each_tick_reads_the_accounts_and_only_newcomers_processes(v2, tmp_path)
     g = _group(s.tick(), "cgroup:/system.slice/app.service")
     assert g.rss_bytes == 300_000 * KB and g.processes == 4
     assert s.cgroups.first_sight_reads == first + 1  # only the newcomer was read
-    # a process that moved to a cgroup not known yet is found through its old cgroup's cgroup.procs
+    # a process that moved to another cgroup is found in that cgroup's cgroup.procs
     other = _cgroup(cg, "/system.slice/other.service", {"anon": 1_000 * KB, "file_mapped": 0}, [104])
     (proc.root / "104" / "cgroup").write_text("0::/system.slice/other.service\n")
     (d / "cgroup.procs").write_text("101\n102\n103\n")
@@ -128,6 +129,7 @@ def test_by_container_reads_the_containers_accounts_and_sums_host_processes(tmp_
     proc.add(401, "postgres", rss_kb=50_000, cgroup=f"0::{path}\n")
     proc.add(402, "postgres", pgid=401, rss_kb=50_000, cgroup=f"0::{path}\n")
     proc.add(500, "bash", rss_kb=3_000, cgroup="0::/user.slice/user-1000.slice/session-1.scope\n")
+    _cgroup(cg, "/user.slice/user-1000.slice/session-1.scope", {"anon": 3_000 * KB, "file_mapped": 0}, [500])
     _cgroup(cg, path, {"anon": 70_000 * KB, "file_mapped": 1_000 * KB}, [401, 402])
     sample = Sampler(_config(tmp_path / "proc", cg, by="container")).tick()
     c = _group(sample, f"container:docker/{cid[:12]}")
