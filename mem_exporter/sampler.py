@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
+from .cgroupfs_reader import CGROUP_KINDS, CgroupAccounts, CgroupSampler
 from .config import Config
 from .grouping import attach_gpu, cap_groups, group_key, group_processes, make_group
 from .pressure import cgroup_pressure_path, host_pressure_path, read_pressure
@@ -93,24 +94,26 @@ def make_reader(config: Config) -> tuple[str, Reader]:
     return "psutil", PsutilReader(pss=pss, exe=needs_exe, cgroup=cgroup)
 
 
-def make_cgroup_sampler(config: Config, source_name: str):
+def make_cgroup_sampler(config: Config, source_name: str, quiet: bool = False):
     """For `groups.by: cgroup | container` on the procfs source: a CgroupSampler where the memory accounts
     can be read (groups measured from them), else None (every process read and summed, as for PGIDs)."""
     if config.groups.by == "pgid" or source_name != "procfs" or config.groups.memory_from != "auto":
         return None
-    from .cgroupfs_reader import CgroupAccounts, CgroupSampler
-
     paths = config.paths
     if (paths.procfs.rstrip("/") == "/proc") != (paths.cgroupfs.rstrip("/") == "/sys/fs/cgroup"):
-        log.info(
+        (log.debug if quiet else log.info)(
             "procfs %s and cgroupfs %s are not one host's: groups sum their processes", paths.procfs, paths.cgroupfs
         )
         return None
     accounts = CgroupAccounts(config.paths.cgroupfs)
     if accounts.version is None:
-        log.info("no cgroup memory accounts under %s: groups sum their processes", config.paths.cgroupfs)
+        (log.debug if quiet else log.info)(
+            "no cgroup memory accounts under %s: groups sum their processes", config.paths.cgroupfs
+        )
         return None
-    log.info("group memory from the cgroup v%d accounts under %s", accounts.version, accounts.root)
+    (log.debug if quiet else log.info)(
+        "group memory from the cgroup v%d accounts under %s", accounts.version, accounts.root
+    )
     return CgroupSampler(accounts, config.paths.procfs)
 
 
@@ -285,7 +288,9 @@ class GroupReader:
 
     def __init__(self, config: Config):
         self.config = config
-        _, self.reader = make_reader(config)
+        source_name, self.reader = make_reader(config)
+        cgroups = make_cgroup_sampler(config, source_name, quiet=True)
+        self.accounts = cgroups.accounts if cgroups is not None else None  # groups measured as the sampler does
 
     def read_system(self) -> SystemMemory:
         return self.reader.read_system()
@@ -303,7 +308,16 @@ class GroupReader:
         procs += [p for p in newcomers if p.pid not in seen and group_key(p, self.config.groups)[0] == group.key]
         if not procs:
             return None
-        return make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
+        fresh = make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
+        if self.accounts is not None and group.kind in CGROUP_KINDS:  # as the sampler measured it: its accounts
+            charges = [self.accounts.charge(path) for path in {p.cgroup for p in group.members if p.cgroup}]
+            if charges and all(c is not None for c in charges):
+                swaps = [c.swap_bytes for c in charges if c is not None and c.swap_bytes is not None]
+                rss = sum(c.rss_bytes for c in charges if c is not None)
+                fresh = dataclasses.replace(
+                    fresh, rss_bytes=rss, pss_bytes=None, swap_bytes=sum(swaps) if swaps else None
+                )
+        return fresh
 
     def new_processes(self, known_pids: Collection[int], unwatched: set[int] | None = None) -> list[ProcessInfo]:
         """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files.

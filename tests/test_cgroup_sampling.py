@@ -202,3 +202,18 @@ def test_a_real_v1_memory_cgroup(v1_cgroup, tmp_path):
     )
     assert summed > g.rss_bytes  # the interpreter's shared pages are counted per process there, once here
     assert CgroupAccounts("/sys/fs/cgroup").procs(rel) is not None
+
+
+def test_the_enforcers_re_reads_measure_a_cgroup_group_as_the_sampler_does(v2, tmp_path):
+    """Between full samples a group is re-read alone: by its accounts too, not by summing its processes
+    (a limit must not be judged on two different numbers)."""
+    from mem_exporter.sampler import GroupReader
+
+    proc, cg, d = v2
+    cfg = _config(tmp_path / "proc", cg)
+    g = _group(Sampler(cfg).tick(), "cgroup:/system.slice/app.service")
+    (d / "memory.stat").write_text(f"anon {400_000 * KB}\nfile_mapped {1_000 * KB}\n")
+    again = GroupReader(cfg).refresh_group(g)
+    assert again is not None and again.rss_bytes == 401_000 * KB and again.processes == 3
+    (cg / "cgroup.controllers").write_text("cpu\n")  # no accounts: summed, as the sampler would then
+    assert GroupReader(cfg).refresh_group(g).rss_bytes == 300_000 * KB
