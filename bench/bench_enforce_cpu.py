@@ -33,11 +33,11 @@ from benchlib import EARLYOOM, cpu_seconds, free_port, wait_http
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def spawner(build: Path, procs: int, groups: int, tag: str) -> subprocess.Popen:
+def spawner(build: Path, procs: int, groups: int) -> subprocess.Popen:
     exe = build / "spawner"
     subprocess.run(["cc", "-O2", "-o", str(exe), str(Path(__file__).with_name("spawner.c"))], check=True)
     p = subprocess.Popen(
-        [str(exe), str(groups), str(max(1, procs // groups)), tag],
+        [str(exe), str(groups), str(max(1, procs // groups))],  # no tag: the rules must select none of them
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -86,7 +86,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-enforce-cpu-") as d:
         tmp = Path(d)
-        bg = spawner(tmp, a.procs, a.groups, tag)
+        bg = spawner(tmp, a.procs, a.groups)
         eo = None
         try:
             total = len([n for n in os.listdir("/proc") if n.isdigit()])
