@@ -10,9 +10,9 @@ network namespace (root on the host); `open()` says why not otherwise, and the c
 /proc listing.
 
 Nothing may be missed silently: the socket sets NETLINK_NO_ENOBUFS (an overflow does not leave
-the socket in an error state) and a large receive buffer, and each event carries a per-CPU
-sequence number, so a gap on any CPU, a truncated message or any socket error is reported as
-`lost`: the caller then rescans /proc in full.
+the socket in an error state) and a large receive buffer; a rise in the socket's drop count
+(/proc/net/netlink), a gap in an event's per-CPU sequence number, a truncated message or any
+socket error is reported as `lost`: the caller then rescans /proc in full.
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ class ProcConnector:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._seqs: dict[int, int] = {}
+        self._inode = os.fstat(sock.fileno()).st_ino
+        self._dropped = self._drops() or 0
         self.lost_total = 0  # reads that reported loss (each asks for a full rescan)
 
     @classmethod
@@ -158,6 +160,20 @@ class ProcConnector:
         log.info("process events: listening on the netlink proc connector")
         return cls(sock)
 
+    def _drops(self) -> int | None:
+        """The kernel's count of messages dropped on this socket (/proc/net/netlink), None where unreadable."""
+        try:
+            with open("/proc/net/netlink", "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        inode = str(self._inode).encode()
+        for line in lines[1:]:
+            fields = line.split()
+            if len(fields) >= 10 and fields[9] == inode:
+                return int(fields[8])
+        return None
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
@@ -165,7 +181,7 @@ class ProcConnector:
         """Every event queued since the last read, and whether any were lost (then rescan in full).
         Never blocks. After loss the stream goes on: later events are good, only a gap is missing."""
         events: list[ProcEvent] = []
-        lost = False
+        lost = received = False
         while True:
             try:
                 data = self._sock.recv(65536)
@@ -176,9 +192,15 @@ class ProcConnector:
                 if e.errno == errno.ENOBUFS:
                     continue  # the queue overflowed; what follows is good
                 break
+            received = True
             got, gap = parse(data, self._seqs)
             events += got
             lost = lost or gap
+        # a gap shows only once a later event arrives on the same CPU; the socket's drop count at once
+        # (a queue that overflowed had something in it: with nothing received there is nothing to check)
+        if received and not lost:
+            drops = self._drops()
+            lost, self._dropped = drops is not None and drops > self._dropped, drops or self._dropped
         if lost:
             self.lost_total += 1
         return events, lost

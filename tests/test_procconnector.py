@@ -74,13 +74,13 @@ def test_threads_are_not_processes(conn):
 @needs_root
 def test_an_overflow_is_reported_as_loss(tmp_path):
     """A tiny receive buffer and a burst of forks nobody reads: with NETLINK_NO_ENOBUFS the kernel drops
-    silently, and the per-CPU sequence gap must tell."""
+    silently, and the loss must still be told."""
     c = ProcConnector.open(rcvbuf=4096)
     if c is None:
         pytest.skip("no proc connector here")
     try:
         subprocess.run(["/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done"], check=True)
-        events, lost = _drain(c, lambda evs: False, timeout=0.3)
+        events, lost = c.read()  # at once: the socket's drop count tells, no later event is needed
         assert lost
         assert c.lost_total >= 1
         # the stream goes on after the loss
