@@ -70,7 +70,7 @@ def test_a_victim_is_chosen_from_a_fresh_walk(lean, tag, spawn_group):
         lambda: next((e for e in enf.events if e.get("pgid") == hog.pgid), None), 10, what=f"the event {enf.events}"
     )
     assert ev["action"] == "dry_run" and ev["rule"] == "low"
-    assert enf.victim_walks >= 1 and sampler.walks == 1
+    assert sampler.walks == 1  # chosen from what was read at that moment (a walk, or the newcomers)
     assert pid_alive(hog.pid)
 
 

@@ -194,6 +194,10 @@ class Enforcer:
 
     def on_sample(self, sample: Sample) -> None:
         """A full sample from the sampler thread: handed to the enforcer thread, never blocks."""
+        pending = self._pending
+        if sample.light and pending is not None and not pending.light:
+            # a walk not yet taken in must not be lost behind a light tick: this one carries its groups
+            sample = dataclasses.replace(sample, light=False)
         self._pending = sample
         self._wake.set()
 
