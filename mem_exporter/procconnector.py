@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from typing import NamedTuple
 
@@ -138,7 +139,7 @@ class ProcConnector:
         /proc: a procfs root elsewhere (a fixture tree, a host's /proc mounted in a container) lists."""
         why = unavailable() if os.path.realpath(procfs) == "/proc" else f"{procfs} is not this host's /proc"
         sock = None
-        if why is None:
+        if why is None and sys.platform == "linux":
             try:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
                 sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
@@ -216,8 +217,8 @@ class ProcConnector:
 def unavailable() -> str | None:
     """Why this process cannot listen to process events here before trying, or None when it may try (the
     kernel's acknowledgement of the subscription settles the rest: it ignores other namespaces)."""
-    if not hasattr(socket, "AF_NETLINK"):
-        return "no netlink on this platform"
+    if sys.platform != "linux":
+        return "process events are Linux's"
     if os.geteuid() != 0:
         return "not root"
     return None
