@@ -309,15 +309,19 @@ class GroupReader:
         if not procs:
             return None
         fresh = make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
-        if self.accounts is not None and group.kind in CGROUP_KINDS:  # as the sampler measured it: its accounts
-            charges = [self.accounts.charge(path) for path in {p.cgroup for p in group.members if p.cgroup}]
-            if charges and all(c is not None for c in charges):
-                swaps = [c.swap_bytes for c in charges if c is not None and c.swap_bytes is not None]
-                rss = sum(c.rss_bytes for c in charges if c is not None)
-                fresh = dataclasses.replace(
-                    fresh, rss_bytes=rss, pss_bytes=None, swap_bytes=sum(swaps) if swaps else None
-                )
-        return fresh
+        return self.by_accounts(fresh, {p.cgroup for p in group.members if p.cgroup})
+
+    def by_accounts(self, group: GroupSample, paths: Collection[str | None] = ()) -> GroupSample:
+        """A cgroup group measured as the sampler measures it: by its cgroups' accounts (`paths`, else
+        its members' cgroups) where they can be read; as summed from its processes otherwise."""
+        if self.accounts is None or group.kind not in CGROUP_KINDS:
+            return group
+        charges = [self.accounts.charge(p) for p in (paths or {m.cgroup for m in group.members}) if p]
+        if not charges or any(c is None for c in charges):
+            return group
+        swaps = [c.swap_bytes for c in charges if c is not None and c.swap_bytes is not None]
+        rss = sum(c.rss_bytes for c in charges if c is not None)
+        return dataclasses.replace(group, rss_bytes=rss, pss_bytes=None, swap_bytes=sum(swaps) if swaps else None)
 
     def new_processes(self, known_pids: Collection[int], unwatched: set[int] | None = None) -> list[ProcessInfo]:
         """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files.

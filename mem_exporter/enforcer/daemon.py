@@ -335,7 +335,13 @@ class Enforcer:
         now = time.monotonic()
         fresh = dataclasses.replace(
             sample,
-            groups=group_processes(procs, cfg.groups, cfg.memory, sample.gpus),
+            groups=tuple(
+                sorted(
+                    (self._reader.by_accounts(g) for g in group_processes(procs, cfg.groups, cfg.memory, sample.gpus)),
+                    key=lambda g: g.memory_bytes(cfg.memory),
+                    reverse=True,
+                )
+            ),
             processes=tuple(procs),
             process_count=len(procs),
             monotonic=now,
