@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -217,3 +218,47 @@ def test_the_enforcers_re_reads_measure_a_cgroup_group_as_the_sampler_does(v2, t
     assert again is not None and again.rss_bytes == 401_000 * KB and again.processes == 3
     (cg / "cgroup.controllers").write_text("cpu\n")  # no accounts: summed, as the sampler would then
     assert GroupReader(cfg).refresh_group(g).rss_bytes == 300_000 * KB
+
+
+def test_a_cgroup_group_over_its_limit_is_killed_and_its_event_shows_members_read_now(v1_cgroup, tmp_path, tag):
+    """by: cgroup with a max_rss rule: the group is judged on its account and killed; the event's top
+    processes are read at the kill, not the first-sight records (20 MB when first seen)."""
+    from mem_exporter.enforcer import Enforcer
+    from mem_exporter.sampler import SamplingLoop
+
+    d, started = v1_cgroup
+    ready = tmp_path / "ready"
+    code = f"open('{d}/cgroup.procs', 'w').write('0'); import os; os.execv(sys.executable, sys.argv[1:])"
+    cmd = [sys.executable, "-c", "import sys; " + code, sys.executable, HOG, "--mb", "20", "--tag", tag]
+    cmd += ["--grow", "2000", "--max-mb", "300", "--grow-on-signal", "--ready", str(ready)]
+    started.append(subprocess.Popen(cmd, start_new_session=True))
+    wait_for(ready.exists, 30, what="the hog")
+    cfg = validate_config(
+        {
+            "interval": "0.2s",
+            "gpu": {"backend": "none"},
+            "groups": {"by": "cgroup"},
+            "enforcer": {
+                "event_log": str(tmp_path / "events.jsonl"),
+                "rules": [{"name": "cap", "max_rss": "150MB", "match": {"cmdline": f"--tag {tag}"}, "grace": "1s"}],
+            },
+        }
+    )
+    sampler = Sampler(cfg)
+    assert sampler.cgroups is not None
+    loop = SamplingLoop(sampler)
+    enf = Enforcer(cfg)
+    loop.consumers.append(enf.on_sample)
+    loop.start()
+    try:
+        wait_for(lambda: loop.latest, 10, what="the first sample")
+        time.sleep(0.5)
+        os.kill(started[0].pid, signal.SIGUSR1)
+        kill = wait_for(lambda: next((e for e in enf.events if e["action"] in ("term", "kill")), None), 20, what="kill")
+    finally:
+        loop.stop()
+        enf.stop(30)
+    assert kill["group"] == "/" + str(d.relative_to("/sys/fs/cgroup/memory"))
+    assert kill["memory_bytes"] > 150 * 10**6
+    assert kill["members"][0]["memory_bytes"] > 100 * 10**6  # read at the kill, not the 20 MB first seen
+    wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 10, what="the cgroup emptied by the kill")

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from ..cgroupfs_reader import CGROUP_KINDS
 from ..config import Config
 from ..grouping import group_key, group_processes, make_group
 from ..pressure import FALLBACK_PERIOD, PressureWatches
@@ -609,8 +610,23 @@ class Enforcer:
                 self.lane.drop_group(a.group.key)
                 kills.append(Kill(a, a.group, sample))
             else:
+                if a.kind == "dry_run":
+                    a = self._fresh_members(a, self._reader)
                 self._count(make_event(a, sample.timestamp, self.config.groups.top_processes, sample.memtype))
         return kills
+
+    @staticmethod
+    def _fresh_members(action: Action, reader: GroupReader) -> Action:
+        """A cgroup group measured by its accounts carries its members as first seen: the event's top
+        processes are read now (the group's own figure stays the one the decision saw)."""
+        g = action.group
+        if g is None or reader.accounts is None or g.kind not in CGROUP_KINDS:
+            return action
+        try:
+            now = reader.refresh_group(g)
+        except OSError:
+            return action
+        return action if now is None else dataclasses.replace(action, group=dataclasses.replace(g, members=now.members))
 
     def _count(self, event: dict) -> None:
         """Under the lock: the event counts at once; it is written and sent after the lock is released."""
@@ -697,11 +713,12 @@ class Enforcer:
             pgid=group.pgid if group.kind == "pgid" else None,
             cgroup=group.key[7:] if group.kind == "cgroup" else None,
         )
+        shown = self._fresh_members(action, reader)  # read before the signals: after them they are gone
         try:
             report = execute(self.actuator, order, refresh)
         finally:
             reader.close()
-        a = dataclasses.replace(action, kind=report.kind)
+        a = dataclasses.replace(shown, kind=report.kind)
         return make_event(
             a,
             time.time(),
