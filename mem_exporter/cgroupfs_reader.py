@@ -69,6 +69,7 @@ class CgroupAccounts:
     def __init__(self, cgroupfs: str = "/sys/fs/cgroup"):
         self.version: int | None = None
         self.root = ""
+        self._dirs: dict[str, str] = {}  # cgroup path -> its directory
         for root in (cgroupfs, os.path.join(cgroupfs, "unified")):
             try:
                 controllers = read_file(os.path.join(root, "cgroup.controllers")).split()
@@ -82,7 +83,12 @@ class CgroupAccounts:
             self.version, self.root = 1, v1
 
     def _dir(self, path: str) -> str:
-        return os.path.join(self.root, path.lstrip("/"))
+        d = self._dirs.get(path)
+        if d is None:
+            if len(self._dirs) > 100_000:  # cgroups come and go: never more than a bounded memo
+                self._dirs.clear()
+            d = self._dirs[path] = os.path.join(self.root, path.lstrip("/"))
+        return d
 
     def charge(self, path: str) -> Charge | None:
         """The cgroup's own memory charge, or None (gone, unreadable, the root: no accounts of its own in v2,
