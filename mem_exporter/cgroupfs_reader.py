@@ -16,6 +16,8 @@ procfs root); a process is read once, on first sight, for its labels. Processes 
 in named groups, or in no container (by: container) are still read one by one each tick, as is
 every group whose accounts cannot be read (gone, permissions): then it is summed from its
 processes as before. Without a memory hierarchy the sampler does not use this module at all.
+A pid that exits and is handed to a new process between two ticks keeps its first record (labels)
+until it leaves the tree; the enforcer re-checks identity before any signal.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _stat(data: bytes) -> dict[bytes, int]:
 
 
 def _read_all(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO where a cgroup file should be must not block
     try:
         data = os.read(fd, 65536)
         if len(data) < 65536:  # the whole file: one read (an end-of-file read would double the calls)
@@ -196,8 +198,9 @@ class CgroupSampler:
         alive: set[int] = set()
         for entry in current.values():
             alive.update(entry.pids)
-        if len(seen) + len(self._unwatched) > len(alive):  # some are gone: forget them
-            for pid in [p for p in seen if p not in alive]:
+        gone = seen.keys() - alive
+        if gone or not self._unwatched <= alive:  # some are gone: forget them
+            for pid in gone:
                 del seen[pid]
             self._unwatched &= alive
             forget = getattr(reader, "forget_except", None)
@@ -255,7 +258,11 @@ class CgroupSampler:
     def _read_cgroup(self, path: str, raw: bytes, reader, cfg: Groups, skipped: Counter) -> _Cgroup:
         """A cgroup whose processes changed: newcomers read on first sight, members sorted into groups."""
         seen = self._seen
-        entry = _Cgroup(raw, [int(x) for x in raw.split()])
+        try:
+            pids = [int(x) for x in raw.split()]
+        except ValueError:  # not a cgroup.procs (a --path.cgroupfs that is not a cgroup filesystem)
+            pids = []
+        entry = _Cgroup(raw, pids)
         new = [pid for pid in entry.pids if pid not in seen and pid not in self._unwatched]
         if new:
             procs, reasons = reader.read_processes(new)

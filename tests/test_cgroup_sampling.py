@@ -262,3 +262,29 @@ def test_a_cgroup_group_over_its_limit_is_killed_and_its_event_shows_members_rea
     assert kill["memory_bytes"] > 150 * 10**6
     assert kill["members"][0]["memory_bytes"] > 100 * 10**6  # read at the kill, not the 20 MB first seen
     wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 10, what="the cgroup emptied by the kill")
+
+
+def test_a_process_gone_as_another_comes_leaves_no_stale_record(v2, tmp_path):
+    import shutil
+
+    proc, cg, d = v2
+    s = Sampler(_config(tmp_path / "proc", cg))
+    s.tick()
+    shutil.rmtree(proc.root / "103")
+    proc.add(105, "worker", rss_kb=1, cgroup="0::/system.slice/app.service\n")
+    (d / "cgroup.procs").write_text("101\n102\n105\n")
+    sample = s.tick()
+    assert {p.pid for p in _group(sample, "cgroup:/system.slice/app.service").members} == {101, 102, 105}
+    assert sorted(p.pid for p in sample.processes) == [101, 102, 105, 200]
+
+
+def test_hostile_cgroup_files_neither_hang_nor_break_a_tick(v2, tmp_path):
+    proc, cg, d = v2
+    (d / "cgroup.procs").unlink()
+    os.mkfifo(d / "cgroup.procs")  # opened without O_NONBLOCK this would wait for a writer forever
+    weird = _cgroup(cg, "/weird.service", {"anon": 1}, [])
+    (weird / "cgroup.procs").write_text("not a pid\n")
+    (cg / "loop").symlink_to(cg)  # a link back to the root is not followed
+    sample = Sampler(_config(tmp_path / "proc", cg)).tick()
+    assert _group(sample, "cgroup:/").rss_bytes == 5_000 * KB
+    assert not any(g.key.startswith("cgroup:/system.slice") for g in sample.groups)
