@@ -329,7 +329,7 @@ class EnforcerConfig(_Strict):
         "OOM killer spares it; lowering needs CAP_SYS_RESOURCE",
     )
     walk_interval: Duration = Field(
-        60.0,
+        300.0,
         ge=0,
         le=86400,
         description="`enforce` reads every process this often when its rules do not need it each interval "
