@@ -51,7 +51,8 @@ def _stat(data: bytes) -> dict[bytes, int]:
 
 
 def _read_all(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO where a cgroup file should be must not block
+    # a FIFO where a cgroup file should be must not block (cgroups are Linux's; elsewhere nothing is read)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         data = os.read(fd, 65536)
         if len(data) < 65536:  # the whole file: one read (an end-of-file read would double the calls)
