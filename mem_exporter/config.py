@@ -175,6 +175,11 @@ class Groups(_Strict):
     )
     min_memory: Size = Field(parse_size("10MB"), description='smaller groups are summed into group="other"')
     top_processes: int = Field(5, ge=1, le=1000, description="largest members kept per group for logs and events")
+    memory_from: Literal["auto", "processes"] = Field(
+        "auto",
+        description="by: cgroup | container: auto reads each cgroup's own memory accounts where the host has "
+        "them (docs/containers.md: which number); processes: sum every process's RSS each interval",
+    )
     cmdline_label: bool = Field(
         False, description="add a `cmdline` label to group_info (command lines may hold secrets)"
     )
@@ -349,6 +354,19 @@ class EnforcerConfig(_Strict):
         le=1000,
         description="the enforcer's own oom_score_adj, so the kernel "
         "OOM killer spares it; lowering needs CAP_SYS_RESOURCE",
+    )
+    walk_interval: Duration = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        description="`enforce` reads every process this often when its rules do not need it each interval "
+        "(docs/enforcer.md: what it reads instead); its group metrics are this old at most. "
+        "0: every interval, as `serve` does",
+    )
+    process_events: Literal["auto", "off"] = Field(
+        "auto",
+        description="learn of new processes from the kernel's proc connector (root on the host), "
+        "else by listing procfs; off: always list",
     )
 
     @model_validator(mode="after")

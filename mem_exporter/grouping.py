@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 try:
@@ -99,6 +100,19 @@ def group_processes(
             buckets[key] = bucket = (kind, [])
         bucket[1].append(p)
         key_of_pid[p.pid] = key
+    gpu_by_key, gtt_by_key = _gpu_by_key(key_of_pid, gpus)
+    groups = [
+        make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
+        for key, (kind, members) in buckets.items()
+    ]
+    groups.sort(key=lambda g: g.memory_bytes(memtype), reverse=True)
+    return tuple(groups)
+
+
+def _gpu_by_key(
+    key_of_pid: dict[int, str], gpus: Iterable[GpuCard]
+) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]]:
+    """GPU memory and GTT per group key and card, from the cards' processes."""
     gpu_by_key: dict[str, dict[int, int]] = {}
     gtt_by_key: dict[str, dict[int, int]] = {}
     for card in gpus:
@@ -110,12 +124,20 @@ def group_processes(
             if owner is not None and gp.gtt_memory_bytes is not None:
                 per_card = gtt_by_key.setdefault(owner, {})
                 per_card[card.index] = per_card.get(card.index, 0) + gp.gtt_memory_bytes
-    groups = [
-        make_group(key, kind, members, memtype, gpu_by_key.get(key), gtt_by_key.get(key))
-        for key, (kind, members) in buckets.items()
+    return gpu_by_key, gtt_by_key
+
+
+def attach_gpu(groups: list[GroupSample], key_of_pid: dict[int, str], gpus: Iterable[GpuCard]) -> list[GroupSample]:
+    """The groups with the GPU memory of their processes (for groups made without group_processes)."""
+    gpu_by_key, gtt_by_key = _gpu_by_key(key_of_pid, gpus)
+    if not gpu_by_key and not gtt_by_key:
+        return groups
+    return [
+        dataclasses.replace(
+            g, gpu_memory_bytes=gpu_by_key.get(g.key, {}), gpu_gtt_memory_bytes=gtt_by_key.get(g.key, {})
+        )
+        for g in groups
     ]
-    groups.sort(key=lambda g: g.memory_bytes(memtype), reverse=True)
-    return tuple(groups)
 
 
 def cap_groups(

@@ -191,3 +191,5 @@ class Sample:
     pressure: MemoryPressure | None = None  # the host's PSI (<procfs>/pressure/memory); None without PSI
     cgroup_pressure: Mapping[str, MemoryPressure] = field(default_factory=dict)  # cgroup a rule names -> its PSI
     interval_seconds: float | None = None  # the configured sampling interval this sample was taken at
+    # processes and groups are those of an earlier walk (a light tick: system memory, GPUs and PSI are fresh)
+    light: bool = False

@@ -8,6 +8,7 @@ the latest Sample and never waits on /proc.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -17,8 +18,9 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
+from .cgroupfs_reader import CGROUP_KINDS, CgroupAccounts, CgroupSampler
 from .config import Config
-from .grouping import cap_groups, group_key, group_processes, make_group
+from .grouping import attach_gpu, cap_groups, group_key, group_processes, make_group
 from .pressure import cgroup_pressure_path, host_pressure_path, read_pressure
 from .sample import GroupSample, MemoryPressure, ProcessInfo, Sample, SystemMemory
 
@@ -92,6 +94,29 @@ def make_reader(config: Config) -> tuple[str, Reader]:
     return "psutil", PsutilReader(pss=pss, exe=needs_exe, cgroup=cgroup)
 
 
+def make_cgroup_sampler(config: Config, source_name: str, quiet: bool = False):
+    """For `groups.by: cgroup | container` on the procfs source: a CgroupSampler where the memory accounts
+    can be read (groups measured from them), else None (every process read and summed, as for PGIDs)."""
+    if config.groups.by == "pgid" or source_name != "procfs" or config.groups.memory_from != "auto":
+        return None
+    paths = config.paths
+    if (paths.procfs.rstrip("/") == "/proc") != (paths.cgroupfs.rstrip("/") == "/sys/fs/cgroup"):
+        (log.debug if quiet else log.info)(
+            "procfs %s and cgroupfs %s are not one host's: groups sum their processes", paths.procfs, paths.cgroupfs
+        )
+        return None
+    accounts = CgroupAccounts(config.paths.cgroupfs)
+    if accounts.version is None:
+        (log.debug if quiet else log.info)(
+            "no cgroup memory accounts under %s: groups sum their processes", config.paths.cgroupfs
+        )
+        return None
+    (log.debug if quiet else log.info)(
+        "group memory from the cgroup v%d accounts under %s", accounts.version, accounts.root
+    )
+    return CgroupSampler(accounts, config.paths.procfs)
+
+
 class Sampler:
     def __init__(self, config: Config, gpu=None, phase_watcher=None):
         self.gpu = gpu
@@ -101,20 +126,81 @@ class Sampler:
         self.phase: str | None = None
         self.phase_watcher = phase_watcher  # a phase.PhaseWatcher: the phase is then re-read each tick
         self._lock = threading.Lock()  # a reload must not close descriptors a tick is reading
+        self._walked: Sample | None = None  # the last sample that read every process
+        self.walks = 0  # ticks that read every process
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         source_name, reader = make_reader(config)
+        cgroups = make_cgroup_sampler(config, source_name)
         with self._lock:
             old = getattr(self, "reader", None)
             self.config, self.source_name, self.reader = config, source_name, reader
+            self.cgroups = cgroups
+            self._walked = None  # the next tick walks, under the new grouping
         close = getattr(old, "close", None)
         if close is not None:
             close()
 
-    def tick(self) -> Sample:
+    def tick(self, walk: bool = True) -> Sample:
+        """A sample. `walk=False` (a light tick) reads system memory, CPU, GPUs and PSI only; its processes
+        and groups are those of the last walk (`Sample.light` says so)."""
         with self._lock:
-            return self._tick()
+            if not walk and self._walked is not None:
+                return self._light_tick()
+            sample = self._tick()
+            self._walked = sample
+            self.walks += 1
+            return sample
+
+    def release_descriptors(self) -> None:
+        """Close the descriptors a walk keeps for the next one: between walks a minute apart they only
+        cost (every listing of this process's descriptors, /metrics' process_open_fds, walks them all)."""
+        with self._lock:
+            close = getattr(self.reader, "close", None)
+            if close is not None:
+                close()
+
+    def _light_tick(self) -> Sample:
+        start = time.perf_counter()
+        last = self._walked
+        assert last is not None
+        up = {k: v for k, v in last.sources_up.items() if k != "gpu"}
+        try:
+            system = self.reader.read_system()
+            cpu = self._cpu_usage()
+            self._last_system = system
+        except OSError as e:
+            log.error("reading %s failed: %s", self.source_name, e)
+            self.errors_total[self.source_name] += 1
+            system, cpu = self._last_system, None
+            up[self.source_name] = False
+        gpus = last.gpus
+        if self.gpu is not None and self.gpu.name != "none":
+            reading = self.gpu.read(time.monotonic())
+            up["gpu"] = reading.up
+            if reading.error:
+                self.errors_total["gpu"] += 1
+            gpus = tuple(reading.cards)
+        if self.phase_watcher is not None:
+            self.phase = self.phase_watcher.read()
+        pressure, cgroup_pressure = self._pressure()
+        return dataclasses.replace(
+            last,
+            timestamp=time.time(),
+            monotonic=time.monotonic(),
+            duration_seconds=time.perf_counter() - start,
+            system=system,
+            cpu_usage_ratio=cpu,
+            gpus=gpus,
+            sources_up=up,
+            errors_total=dict(self.errors_total),
+            phase=self.phase,
+            pressure=pressure,
+            cgroup_pressure=cgroup_pressure,
+            interval_seconds=self.config.interval,
+            light=True,
+        )
 
     def _tick(self) -> Sample:
         start = time.perf_counter()
@@ -122,7 +208,10 @@ class Sampler:
         up: dict[str, bool] = {}
         try:
             system = self.reader.read_system()
-            procs, skipped = self.reader.read_processes()
+            if self.cgroups is not None:
+                procs, cgroup_groups, skipped = self.cgroups.sample(self.reader, cfg.groups, cfg.memory)
+            else:
+                procs, skipped = self.reader.read_processes()
             cpu = self._cpu_usage()
             up[self.source_name] = True
             self._last_system = system
@@ -138,7 +227,15 @@ class Sampler:
             if reading.error:
                 self.errors_total["gpu"] += 1
             gpus = reading.cards
-        groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
+        if self.cgroups is not None and up[self.source_name]:
+            if gpus:
+                cgroup_groups = attach_gpu(
+                    cgroup_groups, {p.pid: g.key for g in cgroup_groups for p in g.members}, gpus
+                )
+            with_gpu = cgroup_groups
+            groups = tuple(sorted(with_gpu, key=lambda g: g.memory_bytes(cfg.memory), reverse=True))
+        else:
+            groups = group_processes(procs, cfg.groups, cfg.memory, gpus)
         exported = tuple(cap_groups(groups, cfg.groups.max_groups, cfg.groups.min_memory, cfg.memory))
         if self.phase_watcher is not None:
             self.phase = self.phase_watcher.read()
@@ -191,7 +288,9 @@ class GroupReader:
 
     def __init__(self, config: Config):
         self.config = config
-        _, self.reader = make_reader(config)
+        source_name, self.reader = make_reader(config)
+        cgroups = make_cgroup_sampler(config, source_name, quiet=True)
+        self.accounts = cgroups.accounts if cgroups is not None else None  # groups measured as the sampler does
 
     def read_system(self) -> SystemMemory:
         return self.reader.read_system()
@@ -209,7 +308,20 @@ class GroupReader:
         procs += [p for p in newcomers if p.pid not in seen and group_key(p, self.config.groups)[0] == group.key]
         if not procs:
             return None
-        return make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
+        fresh = make_group(group.key, group.kind, procs, self.config.memory, dict(group.gpu_memory_bytes))
+        return self.by_accounts(fresh, {p.cgroup for p in group.members if p.cgroup})
+
+    def by_accounts(self, group: GroupSample, paths: Collection[str | None] = ()) -> GroupSample:
+        """A cgroup group measured as the sampler measures it: by its cgroups' accounts (`paths`, else
+        its members' cgroups) where they can be read; as summed from its processes otherwise."""
+        if self.accounts is None or group.kind not in CGROUP_KINDS:
+            return group
+        charges = [self.accounts.charge(p) for p in (paths or {m.cgroup for m in group.members}) if p]
+        if not charges or any(c is None for c in charges):
+            return group
+        swaps = [c.swap_bytes for c in charges if c is not None and c.swap_bytes is not None]
+        rss = sum(c.rss_bytes for c in charges if c is not None)
+        return dataclasses.replace(group, rss_bytes=rss, pss_bytes=None, swap_bytes=sum(swaps) if swaps else None)
 
     def new_processes(self, known_pids: Collection[int], unwatched: set[int] | None = None) -> list[ProcessInfo]:
         """Processes whose pid is not in `known_pids`: one directory listing plus the newcomers' few files.
@@ -226,6 +338,24 @@ class GroupReader:
             unwatched.update(set(fresh).difference(p.pid for p in procs))
         return procs
 
+    def read_pids(self, pids: Iterable[int], unwatched: set[int] | None = None) -> list[ProcessInfo]:
+        """These processes (from process events); `unwatched` receives those that are none to watch."""
+        pids = list(pids)
+        procs = self.reader.read_processes(pids)[0] if pids else []
+        if unwatched is not None and pids:
+            unwatched.update(set(pids).difference(p.pid for p in procs))
+        return procs
+
+    def read_all(self) -> list[ProcessInfo]:
+        """Every process, read without keeping descriptors (a victim's choice between full walks)."""
+        return self.reader.read_processes(self.reader.pids())[0]
+
+    def forget_except(self, live: Collection[int]) -> None:
+        """Drop what the reader keeps about processes not in `live` (for a reader that never lists)."""
+        forget = getattr(self.reader, "forget_except", None)
+        if forget is not None:
+            forget(live)
+
     def close(self) -> None:
         close = getattr(self.reader, "close", None)
         if close is not None:
@@ -233,12 +363,17 @@ class GroupReader:
 
 
 class SamplingLoop:
-    """Ticks every `config.interval` in a daemon thread; `latest` is the newest Sample."""
+    """Ticks every `config.interval` in a daemon thread; `latest` is the newest Sample.
+
+    Every tick walks all processes unless `walk_period` (set by `enforce`, whose rules may not need
+    it) says how often to: the ticks between are light (Sampler.tick(walk=False))."""
 
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
         self.latest: Sample | None = None
         self.consumers: list[Callable[[Sample], None]] = []
+        self.walk_period: Callable[[], float] | None = None
+        self._last_walk: float | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -260,8 +395,14 @@ class SamplingLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             began = time.monotonic()
+            period = self.walk_period() if self.walk_period is not None else 0.0
+            walk = self._last_walk is None or began - self._last_walk >= period - 0.05
             try:
-                sample = self.sampler.tick()
+                sample = self.sampler.tick(walk)
+                if not sample.light:
+                    self._last_walk = began
+                    if period > self.sampler.config.interval:
+                        self.sampler.release_descriptors()
             except Exception:  # a bug in one tick must not stop monitoring
                 log.exception("sample failed")
                 self.sampler.errors_total["sampler"] += 1

@@ -47,8 +47,13 @@ class Service:
             from .enforcer import Enforcer
 
             # only `--dry-run` holds across reloads; the file's `dry_run` follows the file
-            self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")))
+            # `enforce` reads every process only as often as its rules need; `serve` exports them each
+            # interval, and a session log (--log-dir) records them each interval
+            lean = enforce and session_log is None
+            self.enforcer = Enforcer(self.config, dry_run=bool(self.overrides.get("enforcer.dry_run")), lean=lean)
             self.loop.consumers.append(self.enforcer.on_sample)
+            if lean:
+                self.loop.walk_period = self.enforcer.walk_period
             collectors.append(self.enforcer.collector)
             from .selfprotect import SelfProtection, SelfProtectionCollector
 

@@ -16,6 +16,7 @@ own reader (the readers' caches are not thread-safe).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
@@ -24,10 +25,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from ..cgroupfs_reader import CGROUP_KINDS
 from ..config import Config
-from ..grouping import group_key, make_group
+from ..grouping import group_key, group_processes, make_group
 from ..outbox import dropped
 from ..pressure import FALLBACK_PERIOD, PressureWatches
+from ..procconnector import ProcConnector
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from ..signals import signal_number
@@ -47,8 +50,10 @@ from .lane import (
 )
 from .metrics import EnforcerCollector, EnforcerState, Tally
 from .policy import (
+    GROUP_LIMITS,
     GROUP_MEMORY,
     LIMIT_MEMTYPE,
+    MAX_LANE,
     Action,
     PolicyState,
     decide,
@@ -84,8 +89,15 @@ class Enforcer:
         dry_run: bool = False,
         actuator: Actuator | None = None,
         start_thread: Callable[[threading.Thread], None] = threading.Thread.start,
+        lean: bool = False,
     ):
         self._force_dry_run = dry_run  # `--dry-run` holds across reloads
+        # `enforce`: every process is read only as often as the rules need it (walk_period); `serve`
+        # with the enforcer walks every interval for the metrics it exports
+        self._lean = lean
+        self.walk_period_seconds = 0.0  # read by the sampler thread without the lock: one float
+        self.victim_walks = 0  # every process read between walks, to choose a victim from fresh readings
+        self._events: ProcConnector | None = None
         self.state = PolicyState()
         self.tally = Tally()
         self.events: deque = deque(maxlen=200)
@@ -101,6 +113,7 @@ class Enforcer:
         self._next_pressure = 0.0
         self.pressure: PressureWatches | None = None
         self._known: set[int] = set()
+        self._selected: set[str] = set()  # keys of the groups a group-memory rule selected at the last walk
         self._ignored: set[int] = set()
         self._settling: set[int] = set()  # newcomers too young to be judged by their command line yet
         self._pending: Sample | None = None
@@ -123,6 +136,11 @@ class Enforcer:
     def configure(self, config: Config) -> None:
         """Take new rules (already validated); per-rule state is kept by rule name."""
         reader = GroupReader(config)  # the fast lane's own reader
+        group_rules = any(r.condition in GROUP_MEMORY for r in config.enforcer.rules)
+        want_events = group_rules and config.enforcer.process_events == "auto" and config.source != "psutil"
+        events = self._events if want_events and self._events is not None else None
+        if want_events and events is None:
+            events = ProcConnector.open(config.paths.procfs)
         with self._lock:
             self.config = config
             self.rules = list(config.enforcer.rules)
@@ -146,6 +164,10 @@ class Enforcer:
             self._pids = PidWatch(config.paths.procfs)
             self.state.keep_only(r.name for r in self.rules)
             self.lane.clear()
+            old_events, self._events = self._events, events
+            self.walk_period_seconds = self._walk_period(config)
+        if old_events is not None and old_events is not events:
+            old_events.close()
         if old_pressure is not None:
             old_pressure.close()
         if old is not None:
@@ -153,8 +175,34 @@ class Enforcer:
         log.info("enforcer: %d rule(s)%s", len(self.rules), " (dry run: nothing is killed)" if self.dry_run else "")
         self._wake.set()
 
+    def walk_period(self) -> float:
+        """How often the sampler must read every process for these rules (SamplingLoop.walk_period):
+        0 for every tick. Between walks system memory, PSI and GPUs are read each tick, the groups a
+        group-memory rule selects stay in the fast lane (re-read at least each interval), newcomers
+        come from process events (or the listing), and a victim is chosen from a fresh walk."""
+        return self.walk_period_seconds
+
+    def _walk_period(self, config: Config, selected: int = 0) -> float:
+        slow = config.enforcer.walk_interval
+        if not self._lean or slow <= config.interval:
+            return 0.0
+        if any(r.condition in GROUP_LIMITS and r.condition not in GROUP_MEMORY for r in self.rules):
+            return 0.0  # a group's GPU memory needs its members' GPU processes: read by each walk
+        if selected > MAX_LANE:  # more selected groups than the lane holds: the walk reads them all
+            return 0.0
+        return slow
+
+    @property
+    def process_events(self) -> bool:
+        """Whether newcomers come from the kernel's process events (else: listing procfs)."""
+        return self._events is not None
+
     def on_sample(self, sample: Sample) -> None:
         """A full sample from the sampler thread: handed to the enforcer thread, never blocks."""
+        pending = self._pending
+        if sample.light and pending is not None and not pending.light:
+            # a walk not yet taken in must not be lost behind a light tick: this one carries its groups
+            sample = dataclasses.replace(sample, light=False)
         self._pending = sample
         self._wake.set()
 
@@ -170,6 +218,9 @@ class Enforcer:
         if self.notifier is not None:
             self.notifier.flush(3.0)
         self.event_log.close()  # fsync what the kills above wrote
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def kills_in_progress(self) -> int:
         return len(self._jobs)
@@ -239,8 +290,13 @@ class Enforcer:
 
     def _on_full(self, sample: Sample) -> list[Kill]:
         self.latest = sample
+        if sample.light:  # processes as of the last walk: only the conditions read afresh are judged
+            rules = [r for r in self.rules if r.condition not in GROUP_LIMITS]
+            return self._decide_fresh(sample, rules) if rules else []
         self._known = {p.pid for p in sample.processes}
         self._ignored.clear()
+        if self._events is not None:  # no listing prunes the lane reader's cache: the walk does
+            self._reader.forget_except(self._known)
         kills = self._dispatch(decide(sample, self.rules, self.state, self.ctx, full=True), sample)
         watched = limits(sample, self.rules, self.ctx.user_name)
         exported = {x.label for x in sample.exported if x.kind != "other"}
@@ -263,7 +319,49 @@ class Enforcer:
             live = {g.key for g in sample.groups} | self.state.busy
             self.state.forget_gone(live, sample.monotonic, self.rules, sample.monotonic - sample.duration_seconds)
         forget_processes({(p.pid, p.start_time) for p in sample.processes})
+        self._selected = keys
+        self.walk_period_seconds = self._walk_period(self.config, len(keys))
         return kills
+
+    def _decide_fresh(self, sample: Sample, rules: list) -> list[Kill]:
+        """Decide victim-choosing rules (system memory, PSI, a card's memory) on `sample`; if it is light
+        and a rule would act, every process is read now and the decision taken again on fresh groups."""
+        saved = copy.deepcopy(self.state) if sample.light else None
+        actions = decide(sample, rules, self.state, self.ctx, full=True)
+        if not actions or saved is None:
+            return self._dispatch(actions, sample)
+        self.state = saved
+        fresh = self._walk(sample)
+        return self._dispatch(decide(fresh, rules, self.state, self.ctx, full=True), fresh)
+
+    def _walk(self, sample: Sample) -> Sample:
+        """`sample` with every process read now (the victim's choice needs fresh groups); it becomes the
+        latest. A failed read keeps the sample's own groups."""
+        try:
+            procs = self._reader.read_all()
+        except OSError:
+            return sample
+        self.victim_walks += 1
+        cfg = self.config
+        now = time.monotonic()
+        fresh = dataclasses.replace(
+            sample,
+            groups=tuple(
+                sorted(
+                    (self._reader.by_accounts(g) for g in group_processes(procs, cfg.groups, cfg.memory, sample.gpus)),
+                    key=lambda g: g.memory_bytes(cfg.memory),
+                    reverse=True,
+                )
+            ),
+            processes=tuple(procs),
+            process_count=len(procs),
+            monotonic=now,
+            light=False,
+            timestamp=time.time(),
+        )
+        self.latest = fresh
+        self._known = {p.pid for p in procs}
+        return fresh
 
     def _schedule(
         self, rule: str, group: GroupSample, limit: int, value: int, rate: float, now: float, probe: bool = False
@@ -271,39 +369,55 @@ class Enforcer:
         if group.key in self.state.busy:
             self.lane.drop_group(group.key)
         else:
-            self.lane.schedule(rule, group, limit, value, rate, now, self.config.interval, probe)
+            # between slow walks the lane is what reads a selected group: it keeps every one
+            keep = self.walk_period_seconds > 0
+            self.lane.schedule(rule, group, limit, value, rate, now, self.config.interval, probe, keep)
 
     def _newcomers(self, now: float, latest: Sample) -> list[Kill]:
         """No blind spot between full samples: processes started since are read (only they), and a
         group they start or join that a group-memory rule selects goes into the fast lane at once,
         its growth estimated from its age, or is acted on now if it is already over its limit."""
         self._next_scan = now + NEWCOMER_PERIOD
-        if not self._settling and not self._pids.moved():  # no pid handed out since the last scan: nothing new
-            return []
-        self.newcomer_scans += 1
         unwatched: set[int] = set()
-        try:
-            newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored, unwatched)
-        except OSError:
-            self._pids.forget()
-            return []
+        fresh_pids = self._event_pids()
+        if fresh_pids is not None:  # from the kernel's events: exactly the processes forked or exec'ed since
+            if not fresh_pids:
+                return []
+            self.newcomer_scans += 1
+            try:
+                newcomers = self._reader.read_pids(sorted(fresh_pids), unwatched)
+            except OSError:
+                return []
+        else:
+            if not self._settling and not self._pids.moved():  # no pid handed out since the last scan
+                return []
+            self.newcomer_scans += 1
+            try:
+                newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored, unwatched)
+            except OSError:
+                self._pids.forget()
+                return []
         self._ignored |= unwatched  # kernel threads, zombies: not read again until the next full sample
         self._settling.clear()
         if not newcomers:
             return []
         cfg = self.config
         by_key = self._by_group(newcomers)
-        known_groups = {g.key: g for g in latest.groups}
+        # a group in the lane has members that joined since the last walk: start from the lane's reading
+        known_groups = {g.key: g for g in latest.groups} | self.lane.groups()
         fresh: list[GroupSample] = []
         for key, (kind, procs) in by_key.items():
             if key in self.state.busy:
                 continue
+            base = known_groups.get(key)
+            # a group no rule selected at the last walk, joined by newcomers no rule selects, is not re-read
+            joined = make_group(key, kind, list(procs), cfg.memory)
+            if key not in self._selected and not any(
+                selects(r.match, joined, self.ctx.user_name) for r in self.group_rules
+            ):
+                continue
             try:
-                g = (
-                    self._reader.refresh_group(known_groups[key], procs)
-                    if key in known_groups
-                    else make_group(key, kind, procs, cfg.memory)
-                )
+                g = self._reader.refresh_group(base, procs) if base is not None else joined
             except OSError:
                 continue
             if g is not None:
@@ -322,8 +436,9 @@ class Enforcer:
                 self._schedule(rule.name, g, lim, value, rate, now, probe=True)
         self._known |= claimed
         for p in newcomers:  # unclaimed: ignored until the next full sample, unless it may not have exec'ed yet
-            if p.pid not in claimed:
-                (self._settling if just_started(p, uptime) else self._ignored).add(p.pid)
+            if p.pid not in claimed:  # (with process events, an exec is an event of its own: no settling)
+                settle = just_started(p, uptime) and self._events is None
+                (self._settling if settle else self._ignored).add(p.pid)
         if not claimed:
             return []
         partial = dataclasses.replace(
@@ -334,6 +449,26 @@ class Enforcer:
             processes=latest.processes + tuple(newcomers),
         )
         return self._dispatch(decide(partial, self.group_rules, self.state, self.ctx, full=False), partial)
+
+    def _event_pids(self) -> set[int] | None:
+        """Pids forked or exec'ed since the last look, from process events; None without events, or after a
+        loss (the caller then lists procfs: a full rescan for newcomers). Exits are forgotten here."""
+        if self._events is None:
+            return None
+        events, lost = self._events.read()
+        pids: set[int] = set()
+        for e in events:
+            if e.kind == "exit":
+                pids.discard(e.pid)
+                self._known.discard(e.pid)
+                self._ignored.discard(e.pid)
+            else:  # a fork, or an exec (a new program, even in a process seen before)
+                pids.add(e.pid)
+        if lost:
+            log.warning("process events were lost: listing %s for newcomers", self.config.paths.procfs)
+            self._pids.forget()
+            return None
+        return pids
 
     def _by_group(self, procs: list[ProcessInfo]) -> dict[str, tuple[str, list[ProcessInfo]]]:
         """Processes read between full samples, by the group key (and kind) a full sample would give them."""
@@ -370,6 +505,12 @@ class Enforcer:
             self._next_system = now + min(self.config.interval, max(SYSTEM_MIN_PERIOD, min(waits)))
             partial = dataclasses.replace(latest, system=system, groups=(), monotonic=now, timestamp=time.time())
             return self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
+        if latest.light:  # the groups are as old as the last walk: choose from every process read now
+            partial = self._walk(dataclasses.replace(latest, system=system))
+            kills = self._dispatch(decide(partial, self.system_rules, self.state, self.ctx, full=True), partial)
+            if not kills:
+                self._next_system = now + min(self.config.interval, SYSTEM_RETRY)
+            return kills
         try:
             newcomers = self._reader.new_processes(self._known | self._ignored)
         except OSError:
@@ -413,8 +554,7 @@ class Enforcer:
         self._next_pressure = now + FALLBACK_PERIOD
         if self.pressure is None or self.latest is None or not self.pressure.wait(0):
             return []
-        fresh = self.pressure.refresh(self.latest)
-        return self._dispatch(decide(fresh, self.pressure_rules, self.state, self.ctx, full=True), fresh)
+        return self._decide_fresh(self.pressure.refresh(self.latest), self.pressure_rules)
 
     def _fast_lane(self) -> list[Kill]:
         now = time.monotonic()
@@ -422,8 +562,12 @@ class Enforcer:
         latest = self.latest
         if not due or latest is None:
             return []
-        try:
-            newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored)
+        try:  # with process events, newcomers join the lane's groups through _newcomers instead
+            newcomers = (
+                []
+                if self._events is not None
+                else self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored)
+            )
         except OSError:
             newcomers = []
         refreshed: dict[str, GroupSample | None] = {}
@@ -435,7 +579,10 @@ class Enforcer:
                     refreshed[e.group.key] = e.group
                 self.fast_reads += 1
         claimed = {p.pid for g in refreshed.values() if g for p in g.members}
-        self._ignored.update(p.pid for p in newcomers if p.pid not in claimed)
+        uptime = self._uptime() if newcomers else None
+        for p in newcomers:  # as in _newcomers: one that may not have exec'ed yet is read again
+            if p.pid not in claimed:
+                (self._settling if just_started(p, uptime) else self._ignored).add(p.pid)
         now = time.monotonic()
         by_rule = {r.name: r for r in self.rules}
         for e in due:
@@ -473,8 +620,23 @@ class Enforcer:
                 self.lane.drop_group(a.group.key)
                 kills.append(Kill(a, a.group, sample))
             else:
+                if a.kind == "dry_run":
+                    a = self._fresh_members(a, self._reader)
                 self._count(make_event(a, sample.timestamp, self.config.groups.top_processes, sample.memtype))
         return kills
+
+    @staticmethod
+    def _fresh_members(action: Action, reader: GroupReader) -> Action:
+        """A cgroup group measured by its accounts carries its members as first seen: the event's top
+        processes are read now (the group's own figure stays the one the decision saw)."""
+        g = action.group
+        if g is None or reader.accounts is None or g.kind not in CGROUP_KINDS:
+            return action
+        try:
+            now = reader.refresh_group(g)
+        except OSError:
+            return action
+        return action if now is None else dataclasses.replace(action, group=dataclasses.replace(g, members=now.members))
 
     def _count(self, event: dict) -> None:
         """Under the lock: the event counts at once; it is written and sent after the lock is released."""
@@ -570,11 +732,12 @@ class Enforcer:
             pgid=group.pgid if group.kind == "pgid" and not action.spared else None,
             cgroup=group.key[7:] if group.kind == "cgroup" and not action.spared else None,
         )
+        shown = self._fresh_members(action, reader)  # read before the signals: after them they are gone
         try:
             report = execute(self.actuator, order, refresh)
         finally:
             reader.close()
-        a = dataclasses.replace(action, kind=report.kind)
+        a = dataclasses.replace(shown, kind=report.kind)
         return make_event(
             a,
             time.time(),

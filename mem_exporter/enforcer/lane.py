@@ -145,6 +145,10 @@ class FastLane:
     def due(self, now: float) -> list[LaneEntry]:
         return [e for e in self.entries.values() if e.due <= now]
 
+    def groups(self) -> dict[str, GroupSample]:
+        """The latest reading of each group in the lane, by key."""
+        return {e.group.key: e.group for e in self.entries.values()}
+
     def member_pids(self) -> set[int]:
         return {p.pid for e in self.entries.values() for p in e.group.members}
 
@@ -158,13 +162,18 @@ class FastLane:
         now: float,
         interval: float,
         probe: bool = False,
+        keep: bool = False,
     ) -> None:
         """Put the group in the lane when it may cross its limit before the next full sample.
-        `probe`: first seen between samples, so re-read within NEW_PROBE to learn how fast it grows."""
+        `probe`: first seen between samples, so re-read within NEW_PROBE to learn how fast it grows.
+        `keep`: the next full sample is further than an interval away, so the group is re-read at
+        least each interval whatever its headroom."""
         period = poll_period(limit - value, rate, interval)
         if probe:
             period = min(period, NEW_PROBE)
-        if period >= interval:
+        if keep:
+            period = min(period, interval)
+        elif period >= interval:
             self.entries.pop((rule, group.key), None)
             return
         entry = self.entries.get((rule, group.key))
