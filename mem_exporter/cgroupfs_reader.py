@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from .config import Groups
 from .grouping import group_key, make_group
-from .procfs import read_file
+from .procfs import read_all, read_file
 from .sample import GroupSample, ProcessInfo
 
 CGROUP_KINDS = ("cgroup", "container", "unit")
@@ -50,19 +50,13 @@ def _stat(data: bytes) -> dict[bytes, int]:
     return {k: int(v) for k, v in _STAT_KEYS.findall(data)}
 
 
-def _read_all(path: str) -> bytes:
-    # a FIFO where a cgroup file should be must not block (cgroups are Linux's; elsewhere nothing is read)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        data = os.read(fd, 65536)
-        if len(data) < 65536:  # the whole file: one read (an end-of-file read would double the calls)
-            return data
-        chunks = [data]
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+def charge_of(memory_stat: bytes, version: int) -> int:
+    """Anonymous memory plus mapped file pages in a cgroup's own `memory.stat`: v2 anon + file_mapped,
+    v1 rss + mapped_file."""
+    stat = _stat(memory_stat)
+    if version == 2:
+        return stat.get(b"anon", 0) + stat.get(b"file_mapped", 0)
+    return stat.get(b"rss", 0) + stat.get(b"mapped_file", 0)
 
 
 class CgroupAccounts:
@@ -100,17 +94,17 @@ class CgroupAccounts:
             return None
         d = self._dir(path)
         try:
-            stat = _stat(read_file(f"{d}/memory.stat"))
-        except (OSError, ValueError):
+            data = read_file(f"{d}/memory.stat")
+        except OSError:
             return None
+        rss = charge_of(data, self.version)
         if self.version == 2:
-            rss = stat.get(b"anon", 0) + stat.get(b"file_mapped", 0)
             try:
                 swap: int | None = int(read_file(f"{d}/memory.swap.current"))
             except (OSError, ValueError):
                 swap = None
             return Charge(rss, swap)
-        return Charge(stat.get(b"rss", 0) + stat.get(b"mapped_file", 0), stat.get(b"swap"))
+        return Charge(rss, _stat(data).get(b"swap"))
 
     def procs(self, path: str) -> list[int] | None:
         """The processes in the cgroup itself (not its children), or None when it is gone or unreadable."""
@@ -121,7 +115,7 @@ class CgroupAccounts:
         if self.version is None:
             return None
         try:
-            return _read_all(f"{self._dir(path)}/cgroup.procs")
+            return read_all(f"{self._dir(path)}/cgroup.procs")
         except OSError:
             return None
 

@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .cgroupfs_reader import charge_of
+from .procfs import read_file
 from .signals import SIGKILL
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
@@ -156,11 +158,9 @@ class Made:
         """Anonymous memory plus mapped file pages charged to the cgroup (see the module's docstring)."""
         try:
             if V2 in self.dirs and os.path.exists(os.path.join(self.dirs[V2], "memory.stat")):
-                s = _stat(os.path.join(self.dirs[V2], "memory.stat"))
-                return s.get("anon", 0) + s.get("file_mapped", 0)
-            if MEMORY in self.dirs:
-                s = _stat(os.path.join(self.dirs[MEMORY], "memory.stat"))
-                return s.get("total_rss", s.get("rss", 0)) + s.get("total_mapped_file", s.get("mapped_file", 0))
+                return charge_of(read_file(os.path.join(self.dirs[V2], "memory.stat")), 2)
+            if MEMORY in self.dirs:  # a leaf: its own rss is its whole tree's
+                return charge_of(read_file(os.path.join(self.dirs[MEMORY], "memory.stat")), 1)
         except OSError:
             pass
         return None

@@ -122,6 +122,22 @@ def read_file(path: str) -> bytes:
         os.close(fd)
 
 
+def read_all(path: str) -> bytes:
+    """The whole file, however long (a child list, a cgroup.procs). Non-blocking: a FIFO where a kernel
+    file should be reads as empty instead of hanging the reader."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        data = os.read(fd, 65536)
+        if len(data) < 65536:  # the whole file: one read (an end-of-file read would double the calls)
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
     """comm and the fields after it up to starttime (fields[0] is state; field N of proc(5) is fields[N-3])."""
     open_paren = data.find(b"(")

@@ -125,6 +125,8 @@ class Sampler:
         self._last_system = _EMPTY_SYSTEM
         self.phase: str | None = None
         self.phase_watcher = phase_watcher  # a phase.PhaseWatcher: the phase is then re-read each tick
+        # between walks, fresher readings of some groups (the enforcer's lane: the groups its limits watch)
+        self.fresh_groups: Callable[[], Sequence[GroupSample]] | None = None
         self._lock = threading.Lock()  # a reload must not close descriptors a tick is reading
         self._walked: Sample | None = None  # the last sample that read every process
         self.walks = 0  # ticks that read every process
@@ -185,8 +187,11 @@ class Sampler:
         if self.phase_watcher is not None:
             self.phase = self.phase_watcher.read()
         pressure, cgroup_pressure = self._pressure()
+        groups, exported = self._with_fresh_groups(last)
         return dataclasses.replace(
             last,
+            groups=groups,
+            exported=exported,
             timestamp=time.time(),
             monotonic=time.monotonic(),
             duration_seconds=time.perf_counter() - start,
@@ -201,6 +206,16 @@ class Sampler:
             interval_seconds=self.config.interval,
             light=True,
         )
+
+    def _with_fresh_groups(self, last: Sample) -> tuple[tuple[GroupSample, ...], tuple[GroupSample, ...]]:
+        """The last walk's groups, those read since (a group's limit watches it) as they were read."""
+        fresh = self.fresh_groups() if self.fresh_groups is not None else ()
+        if not fresh:
+            return last.groups, last.exported
+        cfg = self.config
+        by_key = {g.key: g for g in last.groups} | {g.key: g for g in fresh}
+        groups = tuple(sorted(by_key.values(), key=lambda g: g.memory_bytes(cfg.memory), reverse=True))
+        return groups, tuple(cap_groups(groups, cfg.groups.max_groups, cfg.groups.min_memory, cfg.memory))
 
     def _tick(self) -> Sample:
         start = time.perf_counter()

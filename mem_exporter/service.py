@@ -54,6 +54,9 @@ class Service:
             self.loop.consumers.append(self.enforcer.on_sample)
             if lean:
                 self.loop.walk_period = self.enforcer.walk_period
+                # between walks the groups the limits watch are exported as the lane last read them, so a
+                # group's gauges and its limit (the alerts' join) stay fresh together
+                self.sampler.fresh_groups = self.enforcer.watched_groups
             collectors.append(self.enforcer.collector)
             from .selfprotect import SelfProtection, SelfProtectionCollector
 
@@ -62,7 +65,7 @@ class Service:
         self.session_log = session_log  # a sessionlog.SessionLog, or None
         if session_log is not None:
             if self.enforcer is not None:
-                session_log.limits = lambda: self.enforcer.limit_series
+                session_log.limits = lambda: self.enforcer.current_limits()
             self.loop.consumers.append(session_log.on_sample)
         self.exposition = Exposition(build_registry(*collectors))
         self.loop.consumers.append(self.exposition.refresh)  # last: after the enforcer has acted on the sample

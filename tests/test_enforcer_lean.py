@@ -138,3 +138,23 @@ def test_walk_interval_0_is_todays_path(lean, tag):
     enf, sampler, loop = lean([rule], walk_interval=0)
     time.sleep(1.5)
     assert sampler.walks >= 4
+
+
+def test_between_slow_walks_a_watched_groups_gauges_and_limit_stay_fresh(lean, tag, spawn_group):
+    """A group born after the only walk, under its limit: its memory (as the lane reads it) and its limit
+    are in every light sample, so the alerts' join of group gauges and limits holds between walks."""
+    rule = {"name": "watch", "match": {"cmdline": f"--tag {tag}"}, "max_rss": "500MB"}
+    enf, sampler, loop = lean([rule], walk_interval="1h")
+    sampler.fresh_groups = enf.watched_groups  # as `enforce` wires it (service.Service)
+    wait_for(lambda: loop.latest, 10, what="the first sample")
+    hog = spawn_group("--mb", "60", "--tag", tag)
+    hog.wait_ready()
+
+    def exported():
+        sample = loop.latest
+        group = next((g for g in sample.exported if g.pgid == hog.pgid), None) if sample.light else None
+        return group if group is not None and group.rss_bytes > 50 * 2**20 else None
+
+    group = wait_for(exported, 10, what="the newcomer's group, all 60 MB of it, in a light sample")
+    assert sampler.walks == 1  # no walk saw it: the lane's reading did
+    assert ("watch", group.label, "rss", 500_000_000) in enf.current_limits()

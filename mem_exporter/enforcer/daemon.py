@@ -225,6 +225,24 @@ class Enforcer:
     def kills_in_progress(self) -> int:
         return len(self._jobs)
 
+    def watched_groups(self) -> list[GroupSample]:
+        """The latest reading of each group in the fast lane (between slow walks: every selected group)."""
+        with self._lock:
+            return list(self.lane.groups().values())
+
+    def current_limits(self) -> list[tuple[str, str, str, int]]:
+        """(rule, group label, memtype, limit) of every group a limit watches: the last walk's; between slow
+        walks the lane keeps every selected group, so its groups (newcomers too) are the ones watched now."""
+        with self._lock:  # the lane changes on the enforcer thread; the session log asks from the sampler's
+            if not self.walk_period_seconds:
+                return self.limit_series
+            condition = {r.name: r.condition for r in self.rules}
+            return [
+                (e.rule, e.group.label, LIMIT_MEMTYPE[condition[e.rule]], e.limit)
+                for e in list(self.lane.entries.values())
+                if e.rule in condition
+            ]
+
     def snapshot(self) -> EnforcerState:
         with self._lock:
             t = self.tally
@@ -232,7 +250,7 @@ class Enforcer:
                 rules=tuple(r.name for r in self.rules),
                 kills=dict(t.kills),
                 actions=dict(t.actions),
-                limits=tuple(self.limit_series),
+                limits=tuple(self.current_limits()),
                 dry_run=self.dry_run,
                 fast_lane_groups=len(self.lane),
                 kills_in_progress=self.kills_in_progress(),

@@ -13,24 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from ..procfs import ProcfsReader
+from ..procfs import ProcfsReader, read_all
 from ..sample import ProcessInfo
 
 
 def links_available(procfs: str, pid: int) -> bool:
     """Whether this kernel lists a thread's children (the main thread's tid is the pid)."""
     return os.path.exists(f"{procfs.rstrip('/')}/{pid}/task/{pid}/children")
-
-
-def _read_all(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 class TreeWalk:
@@ -51,7 +40,7 @@ class TreeWalk:
         out: list[int] = []
         for tid in tids:
             try:
-                out.extend(map(int, _read_all(f"{task}{tid}/children").split()))
+                out.extend(map(int, read_all(f"{task}{tid}/children").split()))
             except (OSError, ValueError):  # the thread exited meanwhile
                 continue
         return out
