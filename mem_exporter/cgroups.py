@@ -198,10 +198,26 @@ class Made:
             return freeze_kill(self.dirs[FREEZER])
         return False
 
+    def populated(self) -> bool | None:
+        """cgroup v2's own word on whether any process is left (`populated` in `cgroup.events`, which counts
+        a process until it has exited, zombies not); None without v2."""
+        if V2 not in self.dirs:
+            return None
+        try:
+            for line in _read(os.path.join(self.dirs[V2], "cgroup.events")).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "populated":
+                    return value.strip() == "1"
+        except OSError:
+            pass
+        return None
+
     def wait_empty(self, timeout: float) -> list[int]:
         """Wait until no process is left in the cgroups; the pids still there."""
         deadline = time.monotonic() + timeout
         while (left := self.pids()) and time.monotonic() < deadline:
+            if self.populated() is False:  # the kernel says so before every cgroup.procs is updated
+                return []
             time.sleep(0.01)
         return left
 
