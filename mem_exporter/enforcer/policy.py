@@ -376,6 +376,12 @@ def _emit(rule: Rule, rs: RuleState, action: Action, cooldown_key: str, out: lis
     return False
 
 
+def _selected_largest_first(rule: Rule, sample: Sample, busy: set[str], ctx: Context) -> list[GroupSample]:
+    """The groups a victim-choosing rule may pick from, largest first (`_choose` then weighs what it may kill)."""
+    selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
+    return sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+
+
 def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Context, full: bool = True) -> list[Action]:
     """Actions for this sample. `full=False`: a partial sample from the fast lane (group limits only)."""
     now = sample.monotonic
@@ -414,11 +420,7 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
             if not _held(rule, rs, "system", now) or _cooling(rule, rs, "system", now):
                 continue
             ceiling = threshold * (1 - rule.hard_ceiling)
-            candidates = sorted(
-                (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name)),
-                key=lambda g: g.memory_bytes(sample.memtype),
-                reverse=True,
-            )
+            candidates = _selected_largest_first(rule, sample, busy, ctx)
             _choose(
                 rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling
             )
@@ -442,8 +444,7 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 continue
             if not _held(rule, rs, "pressure", now) or _cooling(rule, rs, "pressure", now):
                 continue
-            selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
-            candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            candidates = _selected_largest_first(rule, sample, busy, ctx)
             _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
         elif (level := rule.system_pressure_level) is not None:
             # macOS's own verdict (1 normal, 2 warn, 4 critical); None on every other OS: never fires there
@@ -453,8 +454,7 @@ def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Conte
                 continue
             if not _held(rule, rs, "pressure_level", now) or _cooling(rule, rs, "pressure_level", now):
                 continue
-            selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
-            candidates = sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+            candidates = _selected_largest_first(rule, sample, busy, ctx)
             _choose(rule, rs, candidates, sample, ctx, cond, current, need, now, "pressure_level", out, busy)
         elif (share := rule.gpu_memory_above) is not None:
             for card in sample.gpus:
