@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -235,11 +236,25 @@ def test_phase_help_names_the_default_paths():
 def test_a_phase_says_who_set_it_and_when(tmp_path):
     f = tmp_path / "phase"
     before = time.time()
-    assert phase_cli("Model-Active", "--phase-file", str(f)).returncode == 0
-    name, setter = phase.read_phase_info(f)
-    assert name == "Model-Active" and setter is not None
-    assert before <= setter.t <= time.time() and setter.uid == os.geteuid()
-    assert setter.sid == os.getsid(0)  # the test's session set it through the CLI: alive
-    assert setter.session_alive() is True
+    # the CLI runs in a session of its own that outlives it (the test's own session may be led from
+    # outside this pid namespace, where getsid says 0 and no one can tell whether it lives)
+    holder = subprocess.Popen(
+        ["sh", "-c", f'"{sys.executable}" -m mem_exporter phase Model-Active --phase-file "{f}" && exec sleep 60'],
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while phase.read_phase_info(f)[0] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        name, setter = phase.read_phase_info(f)
+        assert name == "Model-Active" and setter is not None
+        assert before <= setter.t <= time.time() and setter.uid == os.geteuid()
+        assert setter.sid == holder.pid and setter.session_alive() is True
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(5)
+    assert setter.session_alive() is False  # its leader is gone
+    assert phase.Setter(t=setter.t, pid=setter.pid, sid=0).session_alive() is None  # led from outside
     f.write_text("Model-Active\n")  # written by something older: its time is the file's
     assert phase.read_phase_info(f)[1] == phase.Setter(t=f.stat().st_mtime)
