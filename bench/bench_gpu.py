@@ -30,12 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # nvml_stub: the pynvml test double
+
+from nvml_stub import GIB, MIB, StubCard, StubNvml  # noqa: E402
 
 from mem_exporter.gpu import GpuSource, open_gpu_source  # noqa: E402
 from mem_exporter.gpu.drm import DrmSource  # noqa: E402
 from mem_exporter.gpu.fake import FakeGpuSource, load_scenario  # noqa: E402
 from mem_exporter.gpu.nvml import NvmlSource  # noqa: E402
-from mem_exporter.gpu.nvml_stub import GIB, MIB, StubCard, StubNvml  # noqa: E402
 
 INTERVAL = 2.0
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pynvml
 import pytest
+from nvml_stub import GIB, MIB, StubCard, StubNvml
 
 from mem_exporter.gpu import GpuReading, open_gpu_source
 from mem_exporter.gpu.nvml import NvmlSource
-from mem_exporter.gpu.nvml_stub import GIB, MIB, StubCard, StubNvml
 
 ROOT = Path(__file__).parents[1]
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 from golden import assert_golden, render
+from nvml_stub import GIB, StubCard, StubNvml
 from procfs_builder import FakeProc
 
 from mem_exporter.config import validate_config
 from mem_exporter.gpu import open_gpu_source
 from mem_exporter.gpu.fake import ScenarioError, parse_scenario
 from mem_exporter.gpu.nvml import THROTTLE_REASONS, NvmlSource
-from mem_exporter.gpu.nvml_stub import GIB, StubCard, StubNvml
 from mem_exporter.sampler import Sampler
 
 FIXTURES = Path(__file__).parent / "fixtures"

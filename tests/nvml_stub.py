@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from .nvml import load_pynvml
+from mem_exporter.gpu.nvml import load_pynvml
 
 GIB = 1024**3
 MIB = 1024**2
