@@ -10,37 +10,21 @@ A source is read once per sampler tick and never raises. The kinds:
 On Windows the NVML source is wrapped by `wddm.WddmProcessMemory`: per-process memory from Windows'
 own counters, which NVML does not give under WDDM.
 
-`open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)` picks one.
+`open_gpu_source(config.gpu.backend, config.gpu.retry_max, paths=config.paths)` picks one; the interface
+they share (`GpuSource`, `GpuReading`) is source.py's.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 from ..sample import GpuCard, GpuProcess
+from .source import GpuReading, GpuSource
 
 __all__ = ["GpuCard", "GpuProcess", "GpuReading", "GpuSource", "NoGpuSource", "open_gpu_source"]
 
 LOG = logging.getLogger("mem_exporter.gpu")
-
-
-@dataclass(frozen=True, slots=True)
-class GpuReading:
-    cards: tuple[GpuCard, ...]
-    up: bool  # the source is working this tick (every card it knows of was read)
-    error: str | None = None  # set when this read counted an error (one per failed read)
-
-
-class GpuSource(Protocol):
-    name: str  # "nvml" | "drm" | "auto" (both) | "fake" | "none"
-
-    def read(self, now: float) -> GpuReading:  # now = time.monotonic(); never raises
-        ...
-
-    def close(self) -> None: ...
 
 
 class NoGpuSource:

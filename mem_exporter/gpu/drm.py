@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..sample import GpuCard, GpuProcess
-from . import GpuReading
+from .source import GpuReading
 
 VENDORS = {"0x1002": "amd", "0x8086": "intel", "0x10de": "nvidia"}
 _VENDOR_NAMES = {"amd": "AMD", "intel": "Intel", "nvidia": "NVIDIA"}

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..sample import GpuCard, GpuMigInstance, GpuProcess
 from ..units import parse_duration, parse_hertz, parse_ratio, parse_size, read_yaml
-from . import GpuReading
+from .source import GpuReading
 
 
 class ScenarioError(ValueError):

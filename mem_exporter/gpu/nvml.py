@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sample import GpuCard, GpuMigInstance, GpuProcess
-from . import GpuReading
+from .source import GpuReading
 
 # NVML's clocks-event (throttle) reason bits, by the names of mem_exporter_gpu_throttle_active{reason}
 THROTTLE_REASONS = {

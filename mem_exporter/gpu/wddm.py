@@ -22,7 +22,7 @@ from typing import Any
 
 from ..platforms import windows
 from ..sample import GpuCard, GpuProcess
-from . import GpuReading, GpuSource
+from .source import GpuReading, GpuSource
 
 LOG = logging.getLogger("mem_exporter.gpu")
 
