@@ -31,6 +31,7 @@ from typing import NamedTuple
 from .config import Groups
 from .grouping import group_key, make_group
 from .procfs import read_all, read_file
+from .reader import Reader
 from .sample import GroupSample, ProcessInfo
 
 CGROUP_KINDS = ("cgroup", "container", "unit")
@@ -174,7 +175,7 @@ class CgroupSampler:
         self._made: dict[str, tuple[tuple[int, ...], GroupSample]] = {}  # key -> (its entries' ids, group)
         self.first_sight_reads = 0  # processes read on first sight (labels)
 
-    def sample(self, reader, cfg: Groups, memtype: str) -> tuple[list[ProcessInfo], list[GroupSample], Counter]:
+    def sample(self, reader: Reader, cfg: Groups, memtype: str) -> tuple[list[ProcessInfo], list[GroupSample], Counter]:
         """Every process (as first seen, or read now where summed) and every group; GPUs are for the caller."""
         skipped: Counter = Counter()
         seen, known = self._seen, self._cgroups
@@ -198,9 +199,7 @@ class CgroupSampler:
             for pid in gone:
                 del seen[pid]
             self._unwatched &= alive
-            forget = getattr(reader, "forget_except", None)
-            if forget is not None:  # the reader never walks in full here: its cache follows the cgroups
-                forget(alive)
+            reader.forget_except(alive)  # the reader never walks in full here: its cache follows the cgroups
         by_key: dict[str, tuple[str, list[ProcessInfo]]] = {}
         charges: dict[str, list[Charge | None]] = {}
         sources: dict[str, list[int]] = {}
@@ -250,7 +249,7 @@ class CgroupSampler:
             procs = list(seen.values())
         return procs, groups, skipped
 
-    def _read_cgroup(self, path: str, raw: bytes, reader, cfg: Groups, skipped: Counter) -> _Cgroup:
+    def _read_cgroup(self, path: str, raw: bytes, reader: Reader, cfg: Groups, skipped: Counter) -> _Cgroup:
         """A cgroup whose processes changed: newcomers read on first sight, members sorted into groups."""
         seen = self._seen
         try:
@@ -263,8 +262,8 @@ class CgroupSampler:
             procs, reasons = reader.read_processes(new)
             skipped += reasons
             self.first_sight_reads += len(new)
-            for p in procs:
-                seen[p.pid] = p._replace(cgroup=path)
+            for proc in procs:
+                seen[proc.pid] = proc._replace(cgroup=path)
             self._unwatched.update(set(new).difference(p.pid for p in procs))
         for pid in entry.pids:
             p = seen.get(pid)

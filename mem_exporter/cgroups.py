@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .cgroupfs_reader import charge_of
+from .facilities import cgroup2_mount
 from .procfs import read_file
 from .signals import SIGKILL
 
@@ -71,10 +72,9 @@ def own_paths(procfs: str = "/proc", pid: int | str = "self") -> dict[str, str]:
 def mounts(root: str = DEFAULT_ROOT) -> dict[str, str]:
     """The hierarchies under `root` that `run` can use: v2 (ROOT itself or ROOT/unified), v1 memory, v1 freezer."""
     out = {}
-    for v2 in (root, os.path.join(root, "unified")):
-        if os.path.isfile(os.path.join(v2, "cgroup.controllers")):
-            out[V2] = v2
-            break
+    v2 = cgroup2_mount(root)
+    if v2 is not None:
+        out[V2] = v2
     memory, freezer = os.path.join(root, MEMORY), os.path.join(root, FREEZER)
     if os.path.isfile(os.path.join(memory, "memory.limit_in_bytes")):
         out[MEMORY] = memory

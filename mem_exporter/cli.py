@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .config import DEFAULT_LISTEN, ConfigError, json_schema_text, load_config
+from .facilities import SOURCE_CHOICES
 from .outbox import install_stderr_logging
 
 ENFORCER_DEFAULT_LISTEN = "0.0.0.0:9714"
@@ -32,7 +33,7 @@ def _add_daemon_options(p: argparse.ArgumentParser, listen_default: str) -> None
 def _add_source_option(p: argparse.ArgumentParser, env: str | None = None) -> None:
     p.add_argument(
         "--source",
-        choices=("auto", "procfs", "psutil"),
+        choices=SOURCE_CHOICES,
         help="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced); "
         f"default: the config's `source`, auto{f' (env {env})' if env else ''}",
     )

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from .facilities import SourceChoice
 from .signals import signal_number
 from .units import parse_duration, parse_ratio, parse_size, read_yaml_lines
 
@@ -414,7 +415,7 @@ class Web(_Strict):
 
 class Config(_Strict):
     interval: Duration = Field(2.0, ge=MIN_INTERVAL, le=3600, description="normal sampling interval")
-    source: Literal["auto", "procfs", "psutil"] = Field(
+    source: SourceChoice = Field(
         "auto",
         description="where process data comes from: procfs (Linux), psutil (macOS, Windows, or forced), "
         "auto: procfs where paths.procfs exists, psutil elsewhere",

@@ -26,6 +26,8 @@ import sys
 import time
 from typing import NamedTuple
 
+from .facilities import PROC_CONNECTOR
+
 log = logging.getLogger(__name__)
 
 NETLINK_CONNECTOR = 11  # include/uapi/linux/netlink.h
@@ -217,7 +219,7 @@ class ProcConnector:
 def unavailable() -> str | None:
     """Why this process cannot listen to process events here before trying, or None when it may try (the
     kernel's acknowledgement of the subscription settles the rest: it ignores other namespaces)."""
-    if sys.platform != "linux":
+    if not PROC_CONNECTOR:
         return "process events are Linux's"
     if os.geteuid() != 0:
         return "not root"

@@ -221,6 +221,7 @@ class ProcfsReader:
         self._open_count = 0
         self._budget = descriptor_budget()
         self._ints: dict[int, int] = {}  # one object per PGID/PPID/SID value, shared by the processes
+        self._own_namespace: bool | None = None  # whether loadavg's newest pid is ours (newest_pid)
 
     def close(self) -> None:
         for known in self._known.values():
@@ -458,3 +459,67 @@ class ProcfsReader:
                 self._forget(pid)
             self._ints = {}  # rebuilt from the live processes' values next walk
         return procs, skipped
+
+    # --- host facts ---------------------------------------------------------
+    def uptime(self) -> float | None:
+        return read_uptime(self.root)
+
+    def newest_pid(self) -> bytes | None:
+        if self._own_namespace is None:
+            self._own_namespace = own_pid_namespace(self.root)
+        return newest_pid(self.root) if self._own_namespace else None
+
+    def ancestors(self, pid: int) -> frozenset[int]:
+        return ancestors(self.root, pid)
+
+
+def read_uptime(root: str) -> float | None:
+    """Seconds since boot (`uptime`), the clock that start times count from; None where unreadable."""
+    try:
+        with open(f"{root}/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def own_pid_namespace(root: str) -> bool:
+    """Whether `root` shows our own pid namespace: the NSpid line of its `self` holds one pid only.
+    (A host's /proc mounted in a container shows an outer namespace, whose pids loadavg does not follow.)"""
+    try:
+        with open(f"{root}/self/status") as f:
+            return next((len(line.split()) == 2 for line in f if line.startswith("NSpid:")), False)
+    except OSError:
+        return False
+
+
+def newest_pid(root: str) -> bytes | None:
+    """The kernel's most recently allocated pid as `loadavg` shows it (its last field); None where unreadable."""
+    try:
+        with open(f"{root}/loadavg", "rb") as f:
+            return f.read().rsplit(None, 1)[-1]
+    except (OSError, IndexError):
+        return None
+
+
+def ancestors(root: str, pid: int) -> frozenset[int]:
+    """The pids above `pid` up to init: from procfs, or through psutil where `root` does not show `pid`
+    (macOS, Windows, a fixture tree)."""
+    if not os.path.isdir(f"{root}/{pid}"):
+        import psutil
+
+        try:
+            return frozenset(p.pid for p in psutil.Process(pid).parents())
+        except psutil.Error:
+            return frozenset()
+    out: set[int] = set()
+    while pid > 1:
+        try:
+            with open(f"{root}/{pid}/stat", "rb") as f:
+                ppid = int(parse_stat(f.read())[1][1])
+        except (OSError, ValueError, IndexError):
+            break
+        if ppid <= 0 or ppid in out:  # a cycle (a fixture, or pids reused mid-walk) ends the walk
+            break
+        out.add(ppid)
+        pid = ppid
+    return frozenset(out)

@@ -18,7 +18,6 @@ Linux), so (pid, start_time) identities agree between sources and with the actua
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -26,15 +25,14 @@ from typing import NamedTuple
 import psutil
 
 from . import platforms
+from .facilities import LINUX, WINDOWS
 from .sample import ProcessInfo, SystemMemory
 
 # `uids` exists only where the OS has numeric users (not Windows): asking psutil for it there is an error.
 _ATTRS = ["pid", "ppid", "name", "cmdline", "create_time", "status", "memory_info"] + (
     ["uids"] if hasattr(psutil.Process, "uids") else []
 )
-IS_WINDOWS = sys.platform == "win32"
-IS_LINUX = sys.platform.startswith("linux")
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and sys.platform.startswith("linux") else 100
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and LINUX else 100
 
 # Windows processes whose children each start a tree of their own: the shells, the desktop, the
 # service control manager and the service host, and the system's own processes (lower case).
@@ -76,7 +74,7 @@ def start_ticks(create_time: float, boot_time: float | None = None) -> int:
 def _group_and_session(pid: int) -> tuple[int, int]:
     """POSIX: the process group and session of a process (psutil has neither). Never called on Windows:
     the reader groups by process trees there."""
-    if sys.platform == "win32":
+    if WINDOWS:
         raise OSError("no process groups on Windows")
     return os.getpgid(pid), os.getsid(pid)
 
@@ -148,6 +146,7 @@ class PsutilReader:
         self.platform = platforms.PLATFORM if platform is None else platform
         # (memtype, reader) of the OS's own per-process number (footprint, private), None where there is none
         self.native = platforms.process_memory(self.platform)
+        self._own_namespace: bool | None = None  # whether /proc's newest pid is ours (newest_pid)
 
     def read_system(self) -> SystemMemory:
         vm = psutil.virtual_memory()
@@ -170,6 +169,31 @@ class PsutilReader:
     def pids(self) -> list[int]:
         return psutil.pids()
 
+    def forget_except(self, live: Iterable[int]) -> None:
+        """Nothing is kept between reads but the trees' roots, which each full read replaces."""
+
+    def close(self) -> None:
+        """No descriptors are kept."""
+
+    # psutil has neither the start times' clock nor the newest pid: this host's /proc answers where it
+    # has one (Linux), as for the procfs source; elsewhere there is no answer (and ancestors come from psutil)
+    def uptime(self) -> float | None:
+        from .procfs import read_uptime
+
+        return read_uptime("/proc")
+
+    def newest_pid(self) -> bytes | None:
+        from .procfs import newest_pid, own_pid_namespace
+
+        if self._own_namespace is None:
+            self._own_namespace = own_pid_namespace("/proc")
+        return newest_pid("/proc") if self._own_namespace else None
+
+    def ancestors(self, pid: int) -> frozenset[int]:
+        from .procfs import ancestors
+
+        return ancestors("/proc", pid)
+
     def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]:
         skipped: Counter = Counter()
         rows: list[tuple[psutil.Process, dict]] = []
@@ -178,11 +202,11 @@ class PsutilReader:
             info = getattr(p, "info", None) or _info(p, self.attrs, skipped)
             if info is None:
                 continue
-            if info["pid"] == 0 or (IS_LINUX and 2 in (info["pid"], info["ppid"])):
+            if info["pid"] == 0 or (LINUX and 2 in (info["pid"], info["ppid"])):
                 skipped["kernel_thread"] += 1  # the idle task / kernel_task, and Linux's kthreadd and its children
                 continue
             if info["status"] == psutil.STATUS_ZOMBIE:
-                info = _through_live_thread(info) if IS_LINUX else None
+                info = _through_live_thread(info) if LINUX else None
                 if info is None:
                     skipped["zombie"] += 1
                     continue

@@ -11,18 +11,18 @@ import ctypes
 import dataclasses
 import gc
 import logging
-import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Protocol
 
 from .cgroupfs_reader import CGROUP_KINDS, CgroupAccounts, CgroupSampler
 from .config import Config
 from .grouping import attach_gpu, cap_groups, group_key, group_processes, make_group
 from .pressure import cgroup_pressure_path, host_pressure_path, read_pressure
+from .reader import Reader
 from .sample import GroupSample, MemoryPressure, ProcessInfo, Sample, SystemMemory
+from .sources import make_reader
 
 log = logging.getLogger(__name__)
 
@@ -53,45 +53,6 @@ def trim_heap() -> None:
     """Hand the heap freed after start-up (config models, imports) back to the system."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-class Reader(Protocol):
-    """What a source gives: the procfs reader (Linux) and the psutil reader (elsewhere) both do."""
-
-    def read_system(self) -> SystemMemory: ...
-
-    def read_cpu_times(self) -> tuple[float, float]: ...
-
-    def pids(self) -> list[int]: ...
-
-    def read_processes(self, pids: Iterable[int] | None = None) -> tuple[list[ProcessInfo], Counter]: ...
-
-
-def resolve_source(config: Config) -> str:
-    """`source: auto` is procfs where the configured procfs root exists (a fixture tree counts), psutil elsewhere."""
-    if config.source != "auto":
-        return config.source
-    return (
-        "procfs"
-        if os.path.exists(os.path.join(config.paths.procfs, "self", "stat")) or config.paths.procfs != "/proc"
-        else "psutil"
-    )
-
-
-def make_reader(config: Config) -> tuple[str, Reader]:
-    needs_exe = (
-        any(g.match.needs_exe for g in config.groups.named)
-        or any(r.match.needs_exe for r in config.enforcer.rules)
-        or any(m.needs_exe for m in config.enforcer.protect)
-    )
-    pss, cgroup = config.memory == "pss", config.groups.by in ("cgroup", "container")
-    if resolve_source(config) == "procfs":
-        from .procfs import ProcfsReader
-
-        return "procfs", ProcfsReader(config.paths.procfs, pss=pss, exe=needs_exe, cgroup=cgroup)
-    from .psutil_source import PsutilReader
-
-    return "psutil", PsutilReader(pss=pss, exe=needs_exe, cgroup=cgroup)
 
 
 def make_cgroup_sampler(config: Config, source_name: str, quiet: bool = False):
@@ -136,13 +97,12 @@ class Sampler:
         source_name, reader = make_reader(config)
         cgroups = make_cgroup_sampler(config, source_name)
         with self._lock:
-            old = getattr(self, "reader", None)
+            old: Reader | None = getattr(self, "reader", None)  # None on the first configure
             self.config, self.source_name, self.reader = config, source_name, reader
             self.cgroups = cgroups
             self._walked = None  # the next tick walks, under the new grouping
-        close = getattr(old, "close", None)
-        if close is not None:
-            close()
+        if old is not None:
+            old.close()
 
     def tick(self, walk: bool = True) -> Sample:
         """A sample. `walk=False` (a light tick) reads system memory, CPU, GPUs and PSI only; its processes
@@ -159,9 +119,7 @@ class Sampler:
         """Close the descriptors a walk keeps for the next one: between walks a minute apart they only
         cost (every listing of this process's descriptors, /metrics' process_open_fds, walks them all)."""
         with self._lock:
-            close = getattr(self.reader, "close", None)
-            if close is not None:
-                close()
+            self.reader.close()
 
     def _light_tick(self) -> Sample:
         start = time.perf_counter()
@@ -344,9 +302,7 @@ class GroupReader:
         `unwatched`, when given, receives the new pids that are no process to watch (kernel threads,
         zombies, gone), so that a caller listing often need not read them again."""
         listing = self.reader.pids()
-        forget = getattr(self.reader, "forget_except", None)
-        if forget is not None:
-            forget(listing)
+        self.reader.forget_except(listing)
         fresh = [pid for pid in listing if pid not in known_pids]
         procs = self.reader.read_processes(fresh)[0] if fresh else []
         if unwatched is not None and fresh:
@@ -367,14 +323,13 @@ class GroupReader:
 
     def forget_except(self, live: Collection[int]) -> None:
         """Drop what the reader keeps about processes not in `live` (for a reader that never lists)."""
-        forget = getattr(self.reader, "forget_except", None)
-        if forget is not None:
-            forget(live)
+        self.reader.forget_except(live)
+
+    def uptime(self) -> float | None:
+        return self.reader.uptime()
 
     def close(self) -> None:
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
+        self.reader.close()
 
 
 class SamplingLoop:

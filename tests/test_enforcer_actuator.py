@@ -7,7 +7,8 @@ import time
 import pytest
 from conftest import pid_alive, wait_for
 
-from mem_exporter.enforcer.actuator import HAVE_PIDFD, Actuator
+from mem_exporter.enforcer.actuator import HAVE_PIDFD
+from mem_exporter.enforcer.actuator import ProcfsActuator as Actuator
 from mem_exporter.procfs import ProcfsReader
 
 

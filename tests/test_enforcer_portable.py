@@ -10,7 +10,8 @@ import time
 import pytest
 from conftest import pid_alive, wait_for
 
-from mem_exporter.enforcer.actuator import Actuator, Delivery
+from mem_exporter.enforcer.actuator import Delivery
+from mem_exporter.enforcer.actuator import ProcfsActuator as Actuator
 from mem_exporter.enforcer.portable import PortableActuator
 from mem_exporter.psutil_source import PsutilReader
 

@@ -49,7 +49,7 @@ def test_signals_still_go_out_when_no_descriptor_is_left(spawn_group, tmp_path):
     script = textwrap.dedent(f"""
         import os, resource, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from mem_exporter.enforcer.actuator import Actuator
+        from mem_exporter.enforcer.actuator import ProcfsActuator as Actuator
         from mem_exporter.procfs import ProcfsReader
         (target,), _ = ProcfsReader("/proc").read_processes([{hog.pid}])
         act = Actuator()
@@ -131,7 +131,7 @@ def test_the_zombie_leader_is_read_through_a_live_thread(tmp_path):
         assert Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         (p,), skipped = ProcfsReader("/proc").read_processes([proc.pid])
         assert p.rss_bytes > 100 * 2**20 and not skipped
-        from mem_exporter.enforcer.actuator import Actuator
+        from mem_exporter.enforcer.actuator import ProcfsActuator as Actuator
 
         assert Actuator().alive(p)
     finally:

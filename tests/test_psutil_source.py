@@ -82,13 +82,11 @@ def test_the_configured_source_is_used_and_reads_a_spawned_group(source, spawn_g
 
 def test_source_auto_follows_procfs_presence(monkeypatch):
     """`auto`: procfs where /proc exists, psutil where it does not (macOS, Windows)."""
-    import mem_exporter.sampler as sampler_module
+    import mem_exporter.facilities as facilities  # where procfs presence is probed
 
     assert Sampler(validate_config({"gpu": {"backend": "none"}})).source_name == "procfs"
     real_exists = os.path.exists
-    monkeypatch.setattr(
-        sampler_module.os.path, "exists", lambda p: False if str(p).startswith("/proc") else real_exists(p)
-    )
+    monkeypatch.setattr(facilities.os.path, "exists", lambda p: False if str(p).startswith("/proc") else real_exists(p))
     s = Sampler(validate_config({"gpu": {"backend": "none"}}))
     assert s.source_name == "psutil"
     sample = s.tick()

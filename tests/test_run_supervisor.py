@@ -19,9 +19,9 @@ from mem_exporter.run.supervisor import (
     PollingSupervisor,
     command_line,
     forwarded_signals,
-    make_supervisor,
     returncode_status,
 )
+from mem_exporter.run.supervisors import make_supervisor
 
 SIGBREAK = 21  # Windows' number; this OS has no such signal
 

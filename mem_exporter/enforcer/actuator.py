@@ -1,5 +1,8 @@
 """Signals, at the edge: identity-checked per process, whole process groups, cgroup v2 `cgroup.kill`.
 
+`Actuator` is what a kill (kill.py) signals through; `ProcfsActuator` here is the one wherever there is
+a procfs, `portable.PortableActuator` (psutil) the one elsewhere; actuators.py picks.
+
 Every signal to a process goes through `signal_process`: a pidfd is opened first, then
 the process's start time is read from /proc and compared with the sample's; only a
 match sends the signal, through the pidfd, so a PID reused in between cannot be hit.
@@ -25,15 +28,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..procfs import parse_stat, task_alive
+from ..facilities import PIDFD
+from ..procfs import ProcfsReader, parse_stat, task_alive
+from ..reader import Reader
 from ..sample import ProcessInfo
 from .policy import Context
 from .trust import Inspector
 
 log = logging.getLogger(__name__)
 
-HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+HAVE_PIDFD = PIDFD
 _NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)
 
 
@@ -85,40 +91,12 @@ class DescriptorReserve:
 RESERVE = DescriptorReserve()  # one for the whole process
 
 
-def make_actuator(config):
-    """The procfs actuator wherever there is a procfs (Linux, whichever source reads); the psutil one elsewhere."""
-    procfs = config.paths.procfs
-    if procfs != "/proc" or os.path.exists(os.path.join(procfs, "self", "stat")):
-        return Actuator(procfs, config.paths.cgroupfs)
-    from .portable import PortableActuator
-
-    return PortableActuator(other_users=any(r.other_users for r in config.enforcer.rules))
-
-
 # --- who the signalling process is, and what it may not touch ----------------------------------
 
 
 def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
     """The pids above `pid` up to init: from procfs, or through psutil where there is none (macOS, Windows)."""
-    if not os.path.isdir(f"{procfs}/{pid}"):
-        import psutil
-
-        try:
-            return frozenset(p.pid for p in psutil.Process(pid).parents())
-        except psutil.Error:
-            return frozenset()
-    out: set[int] = set()
-    while pid > 1:
-        try:
-            with open(f"{procfs}/{pid}/stat", "rb") as f:
-                ppid = int(parse_stat(f.read())[1][1])
-        except (OSError, ValueError, IndexError):
-            break
-        if ppid <= 0 or ppid in out:  # a cycle (a fixture, or pids reused mid-walk) ends the walk
-            break
-        out.add(ppid)
-        pid = ppid
-    return frozenset(out)
+    return ProcfsReader(procfs).ancestors(pid)
 
 
 def _psutil_uid() -> int:
@@ -136,9 +114,11 @@ def own_context(
     dry_run: bool = False,
     builtin: bool = True,
     cgroupfs: str = "/sys/fs/cgroup",
+    reader: Reader | None = None,
 ) -> Context:
     """This process's identity (uid, pid, process group, ancestors), the protect list, and the
-    inspector that protection rests on (trust.py)."""
+    inspector that protection rests on (trust.py). Ancestors are read through `reader` (by default one
+    of `procfs`)."""
     uid = os.geteuid() if hasattr(os, "geteuid") else _psutil_uid()
     pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
     inspector = Inspector(procfs, cgroupfs)
@@ -146,7 +126,7 @@ def own_context(
         uid=uid,
         pid=os.getpid(),
         pgid=pgid,
-        ancestors=ancestors(os.getpid(), procfs),
+        ancestors=(reader or ProcfsReader(procfs)).ancestors(os.getpid()),
         protect=protect,
         dry_run=dry_run,
         builtin=builtin,
@@ -166,7 +146,45 @@ class Delivery:
     unchecked: list[int] = field(default_factory=list)  # no descriptor for the identity check: not signalled
 
 
-class Actuator:
+class Actuator(Protocol):
+    """Identity-checked signals to the processes of a sample, and whether they still run."""
+
+    use_pidfd: bool  # whether a kill may wait on pidfds (PidfdWatch); else it sleeps between re-reads
+    foreign: bool  # the processes read are another PID namespace's: nothing is signalled
+
+    def alive(self, proc: ProcessInfo) -> bool:
+        """The very process of the sample still runs (not gone, not a zombie, not a reused pid)."""
+        ...
+
+    def signal_process(self, proc: ProcessInfo, sig: int) -> tuple[str, int | None]:
+        """("sent" | "gone" | "mismatch" | "denied" | "unchecked", the live pgid when verified)."""
+        ...
+
+    def signal_all(
+        self, procs: Sequence[ProcessInfo], sig: int, pgid: int | None = None, cgroup: str | None = None
+    ) -> Delivery:
+        """Each process (identity-checked), then its whole group where a verified member anchors it."""
+        ...
+
+    def wait_gone(self, procs: Iterable[ProcessInfo], timeout: float) -> list[ProcessInfo]:
+        """Wait up to `timeout` for the processes to exit; the ones still alive."""
+        ...
+
+
+def wait_gone(actuator: Actuator, procs: Iterable[ProcessInfo], timeout: float) -> list[ProcessInfo]:
+    """Wait up to `timeout` for the processes to exit (as `actuator.alive()` tells); the ones still alive."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if actuator.alive(p)]
+    while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(0.01, remaining))
+        left = [p for p in left if actuator.alive(p)]
+    return left
+
+
+class ProcfsActuator:
     def __init__(self, procfs: str = "/proc", cgroupfs: str = "/sys/fs/cgroup", use_pidfd: bool = HAVE_PIDFD):
         self.procfs = procfs.rstrip("/") or "/"
         self.cgroupfs = cgroupfs.rstrip("/") or "/"
@@ -315,16 +333,7 @@ class Actuator:
 
     # --- waiting ----------------------------------------------------------------------------
     def wait_gone(self, procs: Iterable[ProcessInfo], timeout: float) -> list[ProcessInfo]:
-        """Wait up to `timeout` for the processes to exit; the ones still alive."""
-        deadline = time.monotonic() + timeout
-        left = [p for p in procs if self.alive(p)]
-        while left:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            time.sleep(min(0.01, remaining))
-            left = [p for p in left if self.alive(p)]
-        return left
+        return wait_gone(self, procs, timeout)
 
 
 class PidfdWatch:

@@ -34,7 +34,8 @@ from ..procconnector import ProcConnector
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from ..signals import signal_number
-from .actuator import Actuator, make_actuator, own_context
+from .actuator import Actuator, own_context
+from .actuators import make_actuator
 from .events import EventLog, Notifier, make_event
 from .kill import KillOrder, execute
 from .lane import (
@@ -161,7 +162,7 @@ class Enforcer:
                 self.notifier.notify = config.enforcer.notify
             self.actuator = self._actuator or make_actuator(config)
             old, self._reader = getattr(self, "_reader", None), reader
-            self._pids = PidWatch(config.paths.procfs)
+            self._pids = PidWatch(reader.reader)
             self.state.keep_only(r.name for r in self.rules)
             self.lane.clear()
             old_events, self._events = self._events, events
@@ -622,11 +623,7 @@ class Enforcer:
         return self._dispatch(decide(partial, self.rules, self.state, self.ctx, full=False), partial)
 
     def _uptime(self) -> float | None:
-        try:
-            with open(f"{self.config.paths.procfs}/uptime") as f:
-                return float(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self._reader.uptime()
 
     # --- acting -----------------------------------------------------------------------------
     def _dispatch(self, actions: Iterable[Action], sample: Sample) -> list[Kill]:

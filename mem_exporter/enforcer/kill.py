@@ -94,18 +94,87 @@ def execute(
     actuator: Actuator, order: KillOrder, refresh: Refresh, hurry: Callable[[], bool] = lambda: False
 ) -> KillReport:
     """Stop the order's targets (and whatever `refresh` adds); returns what happened."""
-    targets = {p.identity: p for p in order.targets}
-    watch = PidfdWatch(actuator)
-    report = KillReport(time.monotonic(), targets)
-    sigs = list(order.signals)
+    kill = _Kill(actuator, order, refresh, hurry)
+    try:
+        kill.run()
+    finally:
+        kill.watch.close()
+        RESERVE.refill()  # what this kill spent, for the next one
+    kill.report.survivors = [p for p in kill.targets.values() if actuator.alive(p)]
+    return kill.report
 
-    def deliver(sig: int) -> None:
-        live = [p for p in targets.values() if actuator.alive(p)]
-        d = actuator.signal_all(live, sig, order.pgid, order.cgroup)
-        report.signals_sent.append(
+
+class _Kill:
+    """One execute(): its targets (growing as `refresh` finds members), the pidfds it waits on, its report."""
+
+    def __init__(self, actuator: Actuator, order: KillOrder, refresh: Refresh, hurry: Callable[[], bool]):
+        self.actuator, self.order, self.refresh, self.hurry = actuator, order, refresh, hurry
+        self.targets = {p.identity: p for p in order.targets}
+        self.watch = PidfdWatch(actuator)
+        self.report = KillReport(time.monotonic(), self.targets)
+        self.sigs = list(order.signals)
+
+    def run(self) -> None:
+        report = self.report
+        self.deliver(self.sigs[0])  # before anything else: the watch's pidfds are opened after the first signal
+        self.watch.add(self.targets.values())
+        steps = len(self.sigs) - 1
+        if not report.signals_sent[0]["sent"] and not report.signals_sent[0]["group"]:
+            steps = 0  # nothing verified to signal (gone, or a reused pid): no grace, no second signal
+        self.grace(steps)
+        if report.gone_at is None and (steps or report.sent_any):
+            self.confirm_death()
+
+    def grace(self, steps: int) -> None:
+        """The signals after the first, the grace split evenly between them; the last one at once past
+        the hard ceiling or when hurried."""
+        report = self.report
+        i = 1
+        while i <= steps:
+            self.reread_until(report.started + self.order.grace * i / steps)
+            if report.gone_at is not None:
+                break
+            if report.hard_ceiling or self.hurry():
+                i = steps  # straight to the last signal
+            self.deliver(self.sigs[i])
+            i += 1
+
+    def reread_until(self, deadline: float) -> None:
+        """Wait and re-read until `deadline`; sooner when all are gone (gone_at) or the hard ceiling is passed."""
+        report = self.report
+        while not self.hurry() and (left := deadline - time.monotonic()) > 0:
+            self.watch.wait(min(STEP, left))
+            joined, over = self.refresh()
+            self.take(joined)
+            if not self.any_alive():
+                report.gone_at = time.monotonic()
+                return
+            if over and not report.hard_ceiling:
+                report.hard_ceiling = True
+                return
+
+    def confirm_death(self) -> None:
+        for _ in range(3):  # confirm death; catch members that appeared meanwhile
+            deadline = time.monotonic() + DEATH_TIMEOUT
+            while self.any_alive() and (left := deadline - time.monotonic()) > 0:
+                self.watch.wait(min(STEP, left))
+            if self.any_alive():
+                break  # survived the last signal for DEATH_TIMEOUT: reported, not retried forever
+            joined, _ = self.refresh()
+            self.take(joined)
+            if not self.any_alive():
+                break
+            self.deliver(self.sigs[-1])
+        if not self.any_alive():
+            self.report.gone_at = time.monotonic()
+
+    def deliver(self, sig: int) -> None:
+        live = [p for p in self.targets.values() if self.actuator.alive(p)]
+        d = self.actuator.signal_all(live, sig, self.order.pgid, self.order.cgroup)
+        self.report.signals_sent.append(
             {
                 "signal": signal_name(sig),
-                "at_seconds": round(time.monotonic() - report.started, 3),
+                "at_seconds": round(time.monotonic() - self.report.started, 3),
                 "sent": len(d.sent),
                 "mismatch": len(d.mismatch),
                 "denied": len(d.denied),
@@ -113,56 +182,11 @@ def execute(
             }
         )
 
-    def take(procs: Iterable[ProcessInfo]) -> None:
-        fresh = [p for p in procs if p.identity not in targets]
+    def take(self, procs: Iterable[ProcessInfo]) -> None:
+        fresh = [p for p in procs if p.identity not in self.targets]
         for p in fresh:
-            targets[p.identity] = p
-        watch.add(fresh)
+            self.targets[p.identity] = p
+        self.watch.add(fresh)
 
-    def any_alive() -> bool:
-        return any(actuator.alive(p) for p in targets.values())
-
-    try:
-        deliver(sigs[0])  # before anything else: the watch's pidfds are opened after the first signal
-        watch.add(targets.values())
-        steps = len(sigs) - 1
-        if not report.signals_sent[0]["sent"] and not report.signals_sent[0]["group"]:
-            steps = 0  # nothing verified to signal (gone, or a reused pid): no grace, no second signal
-        i = 1
-        while i <= steps:
-            deadline = report.started + order.grace * i / steps
-            while not hurry() and (left := deadline - time.monotonic()) > 0:
-                watch.wait(min(STEP, left))
-                joined, over = refresh()
-                take(joined)
-                if not any_alive():
-                    report.gone_at = time.monotonic()
-                    break
-                if over and not report.hard_ceiling:
-                    report.hard_ceiling = True
-                    break
-            if report.gone_at is not None:
-                break
-            if report.hard_ceiling or hurry():
-                i = steps  # straight to the last signal
-            deliver(sigs[i])
-            i += 1
-        if report.gone_at is None and (steps or report.sent_any):
-            for _ in range(3):  # confirm death; catch members that appeared meanwhile
-                deadline = time.monotonic() + DEATH_TIMEOUT
-                while any_alive() and (left := deadline - time.monotonic()) > 0:
-                    watch.wait(min(STEP, left))
-                if any_alive():
-                    break  # survived the last signal for DEATH_TIMEOUT: reported, not retried forever
-                joined, _ = refresh()
-                take(joined)
-                if not any_alive():
-                    break
-                deliver(sigs[-1])
-            if not any_alive():
-                report.gone_at = time.monotonic()
-    finally:
-        watch.close()
-        RESERVE.refill()  # what this kill spent, for the next one
-    report.survivors = [p for p in targets.values() if actuator.alive(p)]
-    return report
+    def any_alive(self) -> bool:
+        return any(self.actuator.alive(p) for p in self.targets.values())

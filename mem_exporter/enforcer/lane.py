@@ -12,6 +12,8 @@ import os
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
+from ..procfs import ProcfsReader
+from ..reader import Reader
 from ..sample import GroupSample, ProcessInfo
 from .policy import MAX_LANE, Pace, poll_period
 
@@ -41,32 +43,19 @@ def just_started(p: ProcessInfo, uptime: float | None) -> bool:
     return uptime is not None and uptime - p.start_time / CLK_TCK < EXEC_SETTLE
 
 
-def own_pid_namespace(procfs: str) -> bool:
-    """Whether `procfs` shows our own pid namespace: the NSpid line of its `self` holds one pid only.
-    (A host's /proc mounted in a container shows an outer namespace, whose pids loadavg does not follow.)"""
-    try:
-        with open(f"{procfs}/self/status") as f:
-            return next((len(line.split()) == 2 for line in f if line.startswith("NSpid:")), False)
-    except OSError:
-        return False
-
-
 class PidWatch:
     """Whether a process (or thread) may have started since the last look: the kernel's most recently
-    allocated pid, the last field of loadavg, has moved. A look costs one small read instead of a listing
-    of the procfs root; where loadavg cannot tell (another namespace, unreadable), it always says yes."""
+    allocated pid (Reader.newest_pid: the last field of loadavg) has moved. A look costs one small read
+    instead of a listing of all processes; where the reader cannot tell (another pid namespace,
+    unreadable, no procfs), it always says yes."""
 
-    def __init__(self, procfs: str):
-        self._path = f"{procfs}/loadavg" if own_pid_namespace(procfs) else None
+    def __init__(self, reader: Reader | str):
+        self._reader = ProcfsReader(reader) if isinstance(reader, str) else reader  # a str: a procfs root
         self._last: bytes | None = None
 
     def moved(self) -> bool:
-        if self._path is None:
-            return True
-        try:
-            with open(self._path, "rb") as f:
-                last = f.read().rsplit(None, 1)[-1]
-        except (OSError, IndexError):
+        last = self._reader.newest_pid()
+        if last is None:
             return True
         moved, self._last = last != self._last, last
         return moved

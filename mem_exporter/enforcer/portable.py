@@ -1,4 +1,4 @@
-"""Signals through psutil, for the psutil source (macOS, Windows, or forced): the interface of `Actuator`.
+"""Signals through psutil, for the psutil source (macOS, Windows, or forced): an `actuator.Actuator`.
 
 Identity is (pid, start time) as the sample saw it; psutil's create time is converted to the same
 unit (`psutil_source.start_ticks`) and compared right before each signal. psutil has no pidfd, so a
@@ -19,19 +19,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import psutil
 
+from ..facilities import WINDOWS
 from ..psutil_source import start_ticks
 from ..sample import ProcessInfo
-from .actuator import Actuator, Delivery
+from .actuator import Delivery, wait_gone
 
 log = logging.getLogger(__name__)
 
 NEVER = frozenset({0, 1, 4})
-IS_WINDOWS = sys.platform == "win32"
+IS_WINDOWS = WINDOWS  # TerminateProcess for every signal (tests force it)
 _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
@@ -136,7 +136,7 @@ class PortableActuator:
 
     def _shields_in(self, pgid: int) -> bool:
         """Whether the actuator or an ancestor is in this process group (then no killpg)."""
-        if sys.platform == "win32":  # no process groups
+        if WINDOWS:  # no process groups
             return False
         for pid in self.shielded:
             try:
@@ -147,4 +147,5 @@ class PortableActuator:
         return False
 
     # --- waiting ----------------------------------------------------------------------------
-    wait_gone = Actuator.wait_gone  # the same wait: it only asks `alive()`
+    def wait_gone(self, procs: Iterable[ProcessInfo], timeout: float) -> list[ProcessInfo]:
+        return wait_gone(self, procs, timeout)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 
+from ..facilities import cgroup2_mount
 from ..sample import ProcessInfo
 
 DELETED = " (deleted)"
@@ -112,10 +113,7 @@ class Inspector:
 
     def _v2_mount(self) -> str | None:
         """The cgroup2 hierarchy: `cgroupfs` itself (unified hosts) or `cgroupfs/unified` (hybrid ones)."""
-        for mount in (self.cgroupfs, f"{self.cgroupfs}/unified"):
-            if os.path.exists(f"{mount}/cgroup.controllers"):
-                return mount
-        return None
+        return cgroup2_mount(self.cgroupfs)
 
 
 def _dirs_owned_by_root(root: str, path: str) -> bool:

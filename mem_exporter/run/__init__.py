@@ -27,6 +27,7 @@ tree is exempt: it is the user's own command.
     options.py     flags and environment variables
     supervisor.py  the Supervisor interface; the polling supervisor (Windows, and anywhere)
     posix.py       the POSIX supervisor (Linux, macOS): subreaper, self-pipe, terminal, Ctrl-Z
+    supervisors.py which of the two this OS gets
     tree.py        the tree through child links
     statusline.py  `-v` on a terminal: the status on the last row, the output scrolling above it
     adopt.py       which phase a run adopts (one of the present, not a stale one)
@@ -46,7 +47,8 @@ from typing import TYPE_CHECKING
 from .. import platforms
 from ..cgroups import Request
 from ..config import Groups, Notify, Rule, load_config
-from ..enforcer.actuator import make_actuator, own_context
+from ..enforcer.actuator import own_context
+from ..enforcer.actuators import make_actuator
 from ..enforcer.events import Notifier, make_event
 from ..enforcer.kill import KillOrder, execute
 from ..enforcer.lane import Growth
@@ -65,7 +67,8 @@ from ..zones import zone_for
 from .adopt import PhaseAdopter
 from .options import EXIT_MEMORY, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, RunOptions, SetupError, options_from
 from .statusline import StatusLine, usable
-from .supervisor import Supervisor, make_supervisor
+from .supervisor import Supervisor
+from .supervisors import make_supervisor
 from .tree import TreeWalk, links_available
 
 if TYPE_CHECKING:

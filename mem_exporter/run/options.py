@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..facilities import SOURCE_CHOICES
 from ..platforms import native_memtype
 from ..runlog import MB
 from ..units import parse_duration, parse_size
@@ -24,7 +25,6 @@ ENV_MEMORY = "MEM_EXPORTER_MEMORY"
 ENV_NO_CGROUP = "MEM_EXPORTER_NO_CGROUP"
 ENV_CGROUPFS = "MEM_EXPORTER_CGROUPFS"
 YES = ("1", "true", "yes", "on")
-SOURCES = ("auto", "procfs", "psutil")
 MEMTYPES = ("auto", "rss", "footprint", "private")
 
 
@@ -88,8 +88,8 @@ def options_from(args, environ: Mapping[str, str] = os.environ) -> RunOptions:
         raise SetupError(f"--listen: {args.listen!r} is not HOST:PORT (example: 127.0.0.1:9715)")
     verbose = bool(args.verbose) or environ.get(ENV_VERBOSE, "").strip().lower() in ("1", "true", "yes", "on")
     source = getattr(args, "source", None) or environ.get(ENV_SOURCE, "").strip() or "auto"
-    if source not in SOURCES:
-        raise SetupError(f"{ENV_SOURCE}: {source!r} is not one of {', '.join(SOURCES)}")
+    if source not in SOURCE_CHOICES:
+        raise SetupError(f"{ENV_SOURCE}: {source!r} is not one of {', '.join(SOURCE_CHOICES)}")
     memory = getattr(args, "memory", None) or environ.get(ENV_MEMORY, "").strip() or "auto"
     if memory not in MEMTYPES:
         raise SetupError(f"{ENV_MEMORY}: {memory!r} is not one of {', '.join(MEMTYPES)}")

@@ -1,7 +1,7 @@
 """`run`'s supervisor on Linux and macOS: subreaper, self-pipe wakeups, the terminal, Ctrl-Z, and on
 Linux a cgroup of the command's own and its death with the wrapper.
 
-POSIX only (process groups, terminals, waitpid(-1)); supervisor.py picks it where os.name is "posix".
+POSIX only (process groups, terminals, waitpid(-1)); supervisors.py picks it where os.name is "posix".
 
 On Linux the command is started with PR_SET_PDEATHSIG (SIGKILL): when the wrapper dies, even by
 SIGKILL, the kernel kills the command. The signal follows the death of the *thread* that forked
@@ -11,19 +11,16 @@ What the command started stays in its cgroup (cgroups.py), under the kernel limi
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
 import subprocess
-import sys
 from collections.abc import Sequence
 
 from .. import cgroups
+from ..facilities import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from .supervisor import OnSignal, handle_signals, returncode_status
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 SWEEP_TIMEOUT = 5.0  # after the cgroup's kill, how long its members get to be gone
 
 
@@ -32,19 +29,9 @@ def exit_code(status: int) -> int:
     return returncode_status(os.waitstatus_to_exitcode(status), posix=True)
 
 
-def _prctl():
-    """libc's prctl (Linux), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
 def become_subreaper() -> bool:
-    prctl = _prctl()
-    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    call = prctl()
+    return call is not None and call(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def foreground_tty() -> int | None:
@@ -84,7 +71,7 @@ class ChildSetup:
         self.tty = tty
         self.made = made
         self.parent = os.getpid()
-        self.prctl = _prctl()
+        self.prctl = prctl()
 
     def __call__(self) -> None:
         if self.tty is not None:

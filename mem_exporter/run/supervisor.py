@@ -1,6 +1,7 @@
 """Process supervision for `run`: starting the command, learning when it ends, signals, the terminal.
 
-Runner (run/__init__.py) watches the tree, enforces the limit and reports; a Supervisor does the rest:
+Runner (run/__init__.py) watches the tree, enforces the limit and reports; a Supervisor does the rest
+(supervisors.py picks the one for this OS):
 
 - PosixSupervisor (Linux, macOS; posix.py): the wrapper is a child subreaper (Linux), so orphans of the tree
   stay its children and it reaps them; signals and children's exits wake the loop through a
@@ -66,15 +67,6 @@ class Supervisor(Protocol):
     def restore(self) -> None:
         """The terminal back to the wrapper, and the command's cgroup removed, once the command is gone."""
         ...
-
-
-def make_supervisor() -> Supervisor:
-    """The POSIX supervisor on Linux and macOS (posix.py); the polling one elsewhere (Windows)."""
-    if os.name == "posix":
-        from .posix import PosixSupervisor
-
-        return PosixSupervisor()
-    return PollingSupervisor()
 
 
 def forwarded_signals(module: ModuleType) -> list[int]:

@@ -1,0 +1,73 @@
+"""Which platform facilities this host has: the one place that probes for them.
+
+- a process source: `procfs` (Linux's /proc, or any tree laid out like it: a fixture) or `psutil`
+  (macOS, Windows; forced anywhere). `SOURCES` names them for the config, the CLI and `run`.
+- pidfds (`PIDFD`, Linux >= 5.3 with Python >= 3.9): a signal reaches the very process checked.
+- prctl (`prctl()`, Linux): PR_SET_CHILD_SUBREAPER (a wrapper stays the parent of its tree's
+  orphans) and PR_SET_PDEATHSIG (a child dies with the thread that forked it).
+- cgroups (`cgroup2_mount()`, v2 at the root or hybrid's `unified`; v1 hierarchies are looked up by
+  the controller a caller needs, as each needs its own file).
+- the kernel's process events (`PROC_CONNECTOR`, Linux; procconnector.unavailable() says what else
+  it takes).
+- process groups (`PROCESS_GROUPS`, POSIX) and the OS itself (`LINUX`, `WINDOWS`).
+
+Nothing here imports the rest of the project: every layer may ask.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Literal, get_args
+
+LINUX = sys.platform.startswith("linux")
+WINDOWS = sys.platform == "win32"
+PROCESS_GROUPS = hasattr(os, "killpg")
+PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+PROC_CONNECTOR = LINUX
+
+# --- process sources ----------------------------------------------------------------------------
+
+Source = Literal["procfs", "psutil"]
+SourceChoice = Literal["auto", "procfs", "psutil"]  # `auto`: resolved by procfs_at()
+SOURCES: tuple[str, ...] = get_args(Source)
+SOURCE_CHOICES: tuple[str, ...] = get_args(SourceChoice)
+assert SOURCE_CHOICES == ("auto", *SOURCES)
+
+
+def procfs_at(root: str) -> bool:
+    """Whether processes are read from a procfs at `root`: this host's /proc where it has one, and any
+    other root given (a fixture tree, a host's /proc mounted into a container) as it is."""
+    return root != "/proc" or os.path.exists(os.path.join(root, "self", "stat"))
+
+
+# --- prctl: subreaper, death signal -------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@functools.cache
+def prctl() -> Callable[..., int] | None:
+    """libc's prctl (Linux), or None."""
+    if not LINUX:
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# --- cgroups ------------------------------------------------------------------------------------
+
+
+def cgroup2_mount(cgroupfs: str) -> str | None:
+    """The cgroup2 hierarchy: `cgroupfs` itself (unified hosts) or `cgroupfs/unified` (hybrid ones); None."""
+    for mount in (cgroupfs, os.path.join(cgroupfs, "unified")):
+        if os.path.isfile(os.path.join(mount, "cgroup.controllers")):
+            return mount
+    return None
