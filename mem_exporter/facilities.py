@@ -7,11 +7,11 @@
   orphans) and PR_SET_PDEATHSIG (a child dies with the thread that forked it).
 - cgroups (`cgroup2_mount()`, v2 at the root or hybrid's `unified`; v1 hierarchies are looked up by
   the controller a caller needs, as each needs its own file).
-- the kernel's process events (`PROC_CONNECTOR`, Linux; procconnector.unavailable() says what else
-  it takes).
-- process groups (`PROCESS_GROUPS`, POSIX) and the OS itself (`LINUX`, `WINDOWS`).
+- the kernel's process events (`proc_connector_unavailable()`: Linux, root).
 
-Nothing here imports the rest of the project: every layer may ask.
+Nothing here imports the rest of the project: every layer may ask. Where a branch uses what only one
+OS has (os.getpgid, os.geteuid, resource, AF_NETLINK), the code tests `sys.platform` itself: that is
+the form mypy narrows by, so tests/test_portability.py can type-check each OS's branch.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 LINUX = sys.platform.startswith("linux")
-WINDOWS = sys.platform == "win32"
-PROCESS_GROUPS = hasattr(os, "killpg")
 PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
-PROC_CONNECTOR = LINUX
 
 # --- process sources ----------------------------------------------------------------------------
 
@@ -60,6 +57,19 @@ def prctl() -> Callable[..., int] | None:
         return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
+
+
+# --- the kernel's process events ---------------------------------------------------------------
+
+
+def proc_connector_unavailable() -> str | None:
+    """Why this process cannot listen to process events here before trying, or None when it may try (the
+    kernel's acknowledgement of the subscription settles the rest: it ignores other namespaces)."""
+    if sys.platform != "linux":
+        return "process events are Linux's"
+    if os.geteuid() != 0:
+        return "not root"
+    return None
 
 
 # --- cgroups ------------------------------------------------------------------------------------

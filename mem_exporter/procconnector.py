@@ -26,7 +26,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from .facilities import PROC_CONNECTOR
+from .facilities import proc_connector_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,5 @@ class ProcConnector:
 
 
 def unavailable() -> str | None:
-    """Why this process cannot listen to process events here before trying, or None when it may try (the
-    kernel's acknowledgement of the subscription settles the rest: it ignores other namespaces)."""
-    if not PROC_CONNECTOR:
-        return "process events are Linux's"
-    if os.geteuid() != 0:
-        return "not root"
-    return None
+    """Why this process cannot listen to process events here before trying, or None when it may try."""
+    return proc_connector_unavailable()

@@ -18,6 +18,7 @@ Linux), so (pid, start_time) identities agree between sources and with the actua
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -25,14 +26,15 @@ from typing import NamedTuple
 import psutil
 
 from . import platforms
-from .facilities import LINUX, WINDOWS
 from .sample import ProcessInfo, SystemMemory
 
 # `uids` exists only where the OS has numeric users (not Windows): asking psutil for it there is an error.
 _ATTRS = ["pid", "ppid", "name", "cmdline", "create_time", "status", "memory_info"] + (
     ["uids"] if hasattr(psutil.Process, "uids") else []
 )
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and LINUX else 100
+IS_WINDOWS = sys.platform == "win32"
+IS_LINUX = sys.platform.startswith("linux")
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and sys.platform.startswith("linux") else 100
 
 # Windows processes whose children each start a tree of their own: the shells, the desktop, the
 # service control manager and the service host, and the system's own processes (lower case).
@@ -74,7 +76,7 @@ def start_ticks(create_time: float, boot_time: float | None = None) -> int:
 def _group_and_session(pid: int) -> tuple[int, int]:
     """POSIX: the process group and session of a process (psutil has neither). Never called on Windows:
     the reader groups by process trees there."""
-    if WINDOWS:
+    if sys.platform == "win32":
         raise OSError("no process groups on Windows")
     return os.getpgid(pid), os.getsid(pid)
 
@@ -202,11 +204,11 @@ class PsutilReader:
             info = getattr(p, "info", None) or _info(p, self.attrs, skipped)
             if info is None:
                 continue
-            if info["pid"] == 0 or (LINUX and 2 in (info["pid"], info["ppid"])):
+            if info["pid"] == 0 or (IS_LINUX and 2 in (info["pid"], info["ppid"])):
                 skipped["kernel_thread"] += 1  # the idle task / kernel_task, and Linux's kthreadd and its children
                 continue
             if info["status"] == psutil.STATUS_ZOMBIE:
-                info = _through_live_thread(info) if LINUX else None
+                info = _through_live_thread(info) if IS_LINUX else None
                 if info is None:
                     skipped["zombie"] += 1
                     continue

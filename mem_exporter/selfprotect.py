@@ -21,11 +21,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily
-
-from .facilities import LINUX
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class SelfProtection:
         log.warning("self-protection: %s", text)
 
     def _lock_memory(self) -> None:
-        if not LINUX:
+        if not sys.platform.startswith("linux"):
             self._refuse("memory not locked: mlockall is used on Linux only")
             return
         import resource  # Unix only

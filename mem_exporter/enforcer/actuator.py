@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..facilities import PIDFD
-from ..procfs import ProcfsReader, parse_stat, task_alive
+from ..procfs import ancestors as procfs_ancestors
+from ..procfs import parse_stat, task_alive
 from ..reader import Reader
 from ..sample import ProcessInfo
 from .policy import Context
@@ -96,7 +97,7 @@ RESERVE = DescriptorReserve()  # one for the whole process
 
 def ancestors(pid: int, procfs: str = "/proc") -> frozenset[int]:
     """The pids above `pid` up to init: from procfs, or through psutil where there is none (macOS, Windows)."""
-    return ProcfsReader(procfs).ancestors(pid)
+    return procfs_ancestors(procfs, pid)
 
 
 def _psutil_uid() -> int:
@@ -117,8 +118,7 @@ def own_context(
     reader: Reader | None = None,
 ) -> Context:
     """This process's identity (uid, pid, process group, ancestors), the protect list, and the
-    inspector that protection rests on (trust.py). Ancestors are read through `reader` (by default one
-    of `procfs`)."""
+    inspector that protection rests on (trust.py). Ancestors are read through `reader` where one is given."""
     uid = os.geteuid() if hasattr(os, "geteuid") else _psutil_uid()
     pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
     inspector = Inspector(procfs, cgroupfs)
@@ -126,7 +126,7 @@ def own_context(
         uid=uid,
         pid=os.getpid(),
         pgid=pgid,
-        ancestors=(reader or ProcfsReader(procfs)).ancestors(os.getpid()),
+        ancestors=reader.ancestors(os.getpid()) if reader is not None else ancestors(os.getpid(), procfs),
         protect=protect,
         dry_run=dry_run,
         builtin=builtin,

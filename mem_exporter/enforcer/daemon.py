@@ -151,7 +151,11 @@ class Enforcer:
             old_pressure, self.pressure = self.pressure, PressureWatches.from_config(config)
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
             self.ctx = own_context(
-                config.paths.procfs, tuple(config.enforcer.protect), self.dry_run, cgroupfs=config.paths.cgroupfs
+                config.paths.procfs,
+                tuple(config.enforcer.protect),
+                self.dry_run,
+                cgroupfs=config.paths.cgroupfs,
+                reader=reader.reader,
             )
             self.event_log = EventLog(
                 config.enforcer.event_log, config.enforcer.event_log_max_size, config.enforcer.event_log_keep

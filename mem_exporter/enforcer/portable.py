@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterable, Sequence
 
 import psutil
 
-from ..facilities import WINDOWS
 from ..psutil_source import start_ticks
 from ..sample import ProcessInfo
 from .actuator import Delivery, wait_gone
@@ -31,7 +31,7 @@ from .actuator import Delivery, wait_gone
 log = logging.getLogger(__name__)
 
 NEVER = frozenset({0, 1, 4})
-IS_WINDOWS = WINDOWS  # TerminateProcess for every signal (tests force it)
+IS_WINDOWS = sys.platform == "win32"
 _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
@@ -136,7 +136,7 @@ class PortableActuator:
 
     def _shields_in(self, pgid: int) -> bool:
         """Whether the actuator or an ancestor is in this process group (then no killpg)."""
-        if WINDOWS:  # no process groups
+        if sys.platform == "win32":  # no process groups
             return False
         for pid in self.shielded:
             try:
