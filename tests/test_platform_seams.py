@@ -229,3 +229,41 @@ def test_facilities_are_probed_in_one_place():
         found += [f"{path.relative_to(ROOT)}: {p!r}" for p in probes if p in text]
     assert found == []
     assert facilities.SOURCE_CHOICES == ("auto", *facilities.SOURCES) == ("auto", "procfs", "psutil")
+
+
+# --- the enforcer's host facts come through its reader -------------------------------------------------
+
+
+def host_tree(root: Path, uptime: float, newest: int, parent: int) -> Path:
+    """A procfs fixture: our own process under `parent` (under init), the clock, the newest pid."""
+    from procfs_builder import FakeProc
+
+    fake = FakeProc(root)
+    fake.add(os.getpid(), "me", ppid=parent)
+    fake.add(parent, "shell", ppid=1)
+    (fake.root / "uptime").write_text(f"{uptime:.2f} 1.00\n")
+    (fake.root / "loadavg").write_text(f"0.00 0.00 0.00 1/100 {newest}\n")
+    (fake.root / "self" / "status").write_text(f"Name:\tme\nNSpid:\t{os.getpid()}\n")
+    return fake.root
+
+
+def test_the_enforcer_reads_uptime_newcomers_and_its_ancestors_through_its_reader(tmp_path):
+    from mem_exporter.enforcer.daemon import Enforcer
+    from mem_exporter.enforcer.lane import PidWatch
+
+    configured = host_tree(tmp_path / "configured", uptime=100.0, newest=500, parent=4242)
+    other = host_tree(tmp_path / "other", uptime=7.5, newest=600, parent=4343)
+    cfg = validate_config({"paths": {"procfs": str(configured)}, "gpu": {"backend": "none"}})
+    enf = Enforcer(cfg, dry_run=True)
+    try:
+        assert enf.ctx.ancestors == {4242, 1}  # from the configured tree, not this host's
+        assert enf._uptime() == 100.0
+        enf._reader.reader = ProcfsReader(str(other))  # whatever the reader reads, the enforcer follows
+        assert enf._uptime() == 7.5
+    finally:
+        enf.stop(timeout=30)
+    watch = PidWatch(ProcfsReader(str(other)))
+    assert watch.moved() and not watch.moved()  # the first look always says yes; then only a new pid does
+    (other / "loadavg").write_text("0.00 0.00 0.00 1/100 601\n")
+    assert watch.moved() and not watch.moved()
+    assert PidWatch(PsutilReader()).moved()
