@@ -16,7 +16,6 @@ the form mypy narrows by, so tests/test_portability.py can type-check each OS's 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import signal
@@ -53,6 +52,8 @@ def prctl() -> Callable[..., int] | None:
     """libc's prctl (Linux), or None."""
     if not LINUX:
         return None
+    import ctypes  # only where there is a prctl to call
+
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
