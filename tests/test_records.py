@@ -16,10 +16,11 @@ import jsonschema
 import pytest
 
 from mem_exporter.config import Rule
-from mem_exporter.enforcer.events import EventLog, make_event
+from mem_exporter.enforcer.events import EventLog
 from mem_exporter.enforcer.policy import Context, PolicyState, decide
 from mem_exporter.grouping import make_group
-from mem_exporter.records import LINE_SCHEMA, LogFile, LogFileError, line_kind
+from mem_exporter.logfile import LogFile, LogFileError
+from mem_exporter.records import LINE_SCHEMA, line_kind, make_event
 from mem_exporter.runlog import RunLog
 from mem_exporter.sample import ProcessInfo, Sample, SystemMemory
 from mem_exporter.sessionlog import SessionLog
@@ -123,7 +124,7 @@ def test_the_session_header_is_the_same_in_every_rotated_file(tmp_path):
 
 FULL_DISK = """
     import json, resource, signal, sys
-    from mem_exporter.records import LogFile
+    from mem_exporter.logfile import LogFile
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death, as ENOSPC on a full disk
     path, n = sys.argv[1], int(sys.argv[2])
     f = LogFile(path)
@@ -202,7 +203,7 @@ def test_modes_of_created_files_and_directories(tmp_path):
 NO_DESCRIPTORS = """
     import json, os, resource, sys, threading, time
     from pathlib import Path
-    from mem_exporter.records import LogFile
+    from mem_exporter.logfile import LogFile
     path = Path(sys.argv[1])
     f = LogFile(path, max_bytes=1024, keep=2, header=b"# head\\n")
     i = 0
