@@ -31,12 +31,13 @@ from ..grouping import group_key, group_processes, make_group
 from ..outbox import dropped
 from ..pressure import FALLBACK_PERIOD, PressureWatches
 from ..procconnector import ProcConnector
+from ..records import QUIET_ACTIONS, make_event
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from ..signals import signal_number
 from .actuator import Actuator, own_context
 from .actuators import make_actuator
-from .events import EventLog, Notifier, make_event
+from .events import EventLog, Notifier
 from .kill import KillOrder, execute
 from .lane import (
     NEWCOMER_PERIOD,
@@ -70,7 +71,6 @@ __all__ = ["Enforcer"]
 
 log = logging.getLogger(__name__)
 
-QUIET_ACTIONS = ("skipped_protected", "skipped_other_user", "no_victim")  # logged at INFO, not notified
 SYSTEM_CONDITIONS = ("system_available_below",)  # rules the system lane evaluates between full samples
 CANDIDATES = 8  # groups re-read for a fresh victim choice when the system lane fires
 
