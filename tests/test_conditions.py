@@ -194,3 +194,39 @@ def test_a_condition_registered_in_one_class_is_parsed_judged_routed_and_enforce
         except ProcessLookupError:
             pass
         group.wait(10)
+
+
+def test_the_enforcer_routes_the_built_in_conditions_by_their_lanes(tmp_path):
+    from mem_exporter.config import Rule, validate_config
+    from mem_exporter.enforcer import Enforcer, conditions
+
+    every = {"all": True}
+    cfg = validate_config(
+        {
+            "memory": "pss",
+            "gpu": {"backend": "none"},
+            "enforcer": {
+                "dry_run": True,
+                "event_log": str(tmp_path / "events.jsonl"),
+                "rules": [
+                    {"name": "rss", "match": every, "max_rss": "1TB"},
+                    {"name": "pss", "match": every, "max_pss": "1TB"},
+                    {"name": "gpu", "match": every, "max_gpu_memory": "1TB"},
+                    {"name": "card", "match": every, "gpu_memory_above": "99%"},
+                    {"name": "system", "match": every, "system_available_below": 1},
+                    {"name": "psi", "match": every, "memory_pressure_above": "99%"},
+                    {"name": "level", "match": every, "system_pressure_level": "critical"},
+                ],
+            },
+        }
+    )
+    assert Rule.CONDITIONS == tuple(c.field for c in conditions.ALL)
+    assert [r.condition for r in cfg.enforcer.rules] == list(Rule.CONDITIONS)
+    assert [r.name for r in cfg.enforcer.rules if conditions.of(r).per_group] == ["rss", "pss", "gpu"]
+    enf = Enforcer(cfg, start_thread=lambda t: None)
+    try:
+        assert [r.name for r in enf.group_rules] == ["rss", "pss"]
+        assert [r.name for r in enf.system_rules] == ["system"]
+        assert [r.name for r in enf.pressure_rules] == ["psi"]
+    finally:
+        enf.stop(timeout=10)
