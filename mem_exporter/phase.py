@@ -91,7 +91,7 @@ def _open_parent(directory: Path) -> int:
     sticky. Without openat (Windows) the checks are made on the path."""
     uid = _uid()
     if os.open not in getattr(os, "supports_dir_fd", set()):
-        from .records import make_private_dirs
+        from .logfile import make_private_dirs
 
         make_private_dirs(directory)
         return -1

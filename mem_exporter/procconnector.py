@@ -58,9 +58,9 @@ class ProcEvent(NamedTuple):
     parent: int = 0  # fork: the parent process
 
 
-def _subscribe(op: int) -> bytes:
+def _subscribe(op: int, token: int = 0) -> bytes:
     payload = struct.pack("=I", op)
-    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
+    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, token, token, len(payload), 0) + payload
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn
 
 
@@ -98,9 +98,12 @@ def parse(data: bytes, seqs: dict[int, int]) -> tuple[list[ProcEvent], bool]:
 
 
 def _listen(sock: socket.socket, timeout: float) -> str | None:
-    """Subscribe and wait for the kernel's acknowledgement (a PROC_EVENT_NONE with ack 1, ours plus one,
-    and an error code): None when listening, else why not."""
-    sock.send(_subscribe(PROC_CN_MCAST_LISTEN))
+    """Subscribe and wait for the kernel's acknowledgement (a PROC_EVENT_NONE with our ack plus one and an
+    error code; its sequence number is the kernel's own): None when listening, else why not. Every listener
+    gets every acknowledgement, and the kernel sends none to a subscriber outside the host's namespaces: a
+    token of our own tells ours from another listener's, which would otherwise pass for ours."""
+    token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    sock.send(_subscribe(PROC_CN_MCAST_LISTEN, token))
     sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,9 +115,9 @@ def _listen(sock: socket.socket, timeout: float) -> str | None:
         while off + _NLMSGHDR.size + _CN_MSG.size + _EVENT.size + 4 <= len(data):
             length = _NLMSGHDR.unpack_from(data, off)[0]
             body = off + _NLMSGHDR.size
-            _idx, _val, _seq, ack, _len, _ = _CN_MSG.unpack_from(data, body)
+            ack = _CN_MSG.unpack_from(data, body)[3]
             what = _EVENT.unpack_from(data, body + _CN_MSG.size)[0]
-            if what == NONE and ack == 1:
+            if what == NONE and ack == token + 1:
                 err = struct.unpack_from("=I", data, body + _CN_MSG.size + _EVENT.size)[0]
                 return None if err == 0 else f"the kernel refused to listen ({os.strerror(err)})"
             if length < _NLMSGHDR.size:

@@ -3,23 +3,20 @@
 The file is opened (and its directory made) before the command starts, so an unwritable path is
 an error the user sees at once. Each line is one write to the page cache; `flush()`, called once per
 full sample, asks for an fsync on a thread of its own, so a slow disk never costs the command's time;
-`close()` fsyncs before it returns. Record shapes are in `records` and documented in docs/run.md.
+`close()` fsyncs before it returns. Record shapes are in `records` and documented in docs/run.md; the
+writer is `logfile.LogFile`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .records import MB, SCHEMA, LogFile, mb  # the run's API, re-exported (runner.py imports them here)
-from .records import run_sample_record as sample_record
-
-__all__ = ["MB", "SCHEMA", "RunLog", "is_no_log", "mb", "resolve_path", "runs_dir", "sample_record"]
+from .logfile import LogFile, safe_name
 
 APP = "mem-exporter"
 
@@ -43,7 +40,7 @@ def runs_dir(environ: Mapping[str, str] = os.environ) -> Path:
 
 def log_name(command: str, started: float, pid: int) -> str:
     """`<cmd>-<YYYYmmdd-HHMMSS>-<pid>.jsonl`, local time; the wrapper's pid keeps runs in one second apart."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(command)).strip("-.") or "run"
+    name = safe_name(os.path.basename(command), "run")
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}-{pid}.jsonl"
 
 

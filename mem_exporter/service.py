@@ -8,7 +8,8 @@ import threading
 from typing import Any
 
 from .config import Config, ConfigError, load_config
-from .exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
+from .exposition import Exposition, SampleCollector, build_registry
+from .http_server import MetricsServer, sample_health
 from .sampler import Sampler, SamplingLoop, quiet_gc
 from .signals import signal_number
 from .webconfig import load_web_config

@@ -5,7 +5,7 @@ Sample; a writer thread turns it into records and appends them, one write per sa
 so logging never slows sampling. Each file is capped and rotated (`NAME` -> `NAME.1`
 -> ... -> `NAME.<keep>`, the oldest deleted), so a long session never fills the disk;
 the writer thread fsyncs when it has caught up (at most once a second) and at the end.
-Record shapes live in `records`; they are documented in docs/report.md.
+Record shapes live in `records`, documented in docs/report.md; each file is a `logfile.LogFile`.
 """
 
 from __future__ import annotations
@@ -15,25 +15,22 @@ import io
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .records import DEFAULT_SESSION_KEEP as DEFAULT_KEEP
-from .records import DEFAULT_SESSION_MAX_BYTES as DEFAULT_MAX_BYTES
-from .records import (
-    SCHEMA,
-    Limits,
+from .logfile import (
+    DEFAULT_SESSION_KEEP,
+    DEFAULT_SESSION_MAX_BYTES,
     LogFile,
-    dumps,
+    RotatingFile,
     make_private_dirs,
-    session_header,
+    safe_name,
     shared_log,
 )
-from .records import session_sample_record as sample_record
+from .records import Limits, dumps, session_header, session_sample_record
 from .sample import Sample
 
 log = logging.getLogger(__name__)
@@ -42,11 +39,8 @@ __all__ = [
     "FORMATS",
     "GPU_CSV_COLUMNS",
     "MEMORY_CSV_COLUMNS",
-    "SCHEMA",
-    "RotatingFile",
     "SessionLog",
     "csv_rows",
-    "sample_record",
     "session_paths",
 ]
 
@@ -90,17 +84,13 @@ GPU_CSV_COLUMNS = (
 )
 
 
-def safe_session(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "session"
-
-
 def session_paths(directory: str | os.PathLike, session: str, started: float, fmt: str) -> dict[str, Path]:
     """The files of one session: `memory-<session>-<YYYY-MM-DD_HH-mm-ss>.jsonl` (or the two CSVs) and the
     event log; a suffix `-2`, `-3`... when a session of that name started in the same second."""
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: use one of {', '.join(FORMATS)}")
     directory = Path(directory)
-    base = f"{safe_session(session)}-{time.strftime('%Y-%m-%d_%H-%M-%S', time.localtime(started))}"
+    base = f"{safe_name(session, 'session')}-{time.strftime('%Y-%m-%d_%H-%M-%S', time.localtime(started))}"
     for n in range(1, 1000):
         stem = base if n == 1 else f"{base}-{n}"
         if fmt == "jsonl":
@@ -171,16 +161,6 @@ def csv_rows(record: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
     return memory, gpus
 
 
-class RotatingFile(LogFile):
-    """A capped, rotated text file whose every piece starts with `header` (a LogFile taking str)."""
-
-    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP, header: str = ""):
-        super().__init__(path, max_bytes, keep, header.encode())
-
-    def write(self, text: str) -> bool:  # type: ignore[override]
-        return self.write_bytes(text.encode("utf-8", "replace"))
-
-
 def _csv_cell(value: Any) -> Any:
     """A line break inside a cell (a process may name itself so) would make one row two physical lines;
     readers take a row per line, so that a damaged row costs exactly that row."""
@@ -208,8 +188,8 @@ class SessionLog:
         directory: str | os.PathLike,
         session: str = "session",
         fmt: str = "jsonl",
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        keep: int = DEFAULT_KEEP,
+        max_bytes: int = DEFAULT_SESSION_MAX_BYTES,
+        keep: int = DEFAULT_SESSION_KEEP,
         *,
         limits: Callable[[], Limits] | None = None,
         info: dict[str, Any] | None = None,
@@ -294,7 +274,7 @@ class SessionLog:
                     return
             self._events.write(obj)
             return
-        record = sample_record(obj, obj.exported, limits or ())  # the groups capped once, by the sampler
+        record = session_sample_record(obj, obj.exported, limits or ())  # the groups capped once, by the sampler
         if self.fmt == "jsonl":
             self._files["samples"].write(record)
             return

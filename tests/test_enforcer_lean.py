@@ -14,6 +14,7 @@ from conftest import pid_alive, wait_for
 
 from mem_exporter.config import validate_config
 from mem_exporter.enforcer import Enforcer
+from mem_exporter.procconnector import ProcConnector
 from mem_exporter.sampler import Sampler, SamplingLoop
 
 
@@ -74,16 +75,22 @@ def test_a_victim_is_chosen_from_a_fresh_walk(lean, tag, spawn_group):
     assert pid_alive(hog.pid)
 
 
+def connector_works() -> bool:
+    connector = ProcConnector.open()
+    if connector is None:
+        return False
+    connector.close()
+    return True
+
+
 @pytest.mark.parametrize("events", ["auto", "off"])
 def test_one_group_rule_kills_a_newcomer_between_slow_walks(lean, tag, spawn_group, events):
     """A group born after the walk grows past its limit: found by process events (or the listing with
     them off), kept in the lane, killed long before the next walk."""
     rule = {"name": "cap", "max_rss": "150MB", "match": {"cmdline": f"--tag {tag}"}, "grace": "1s"}
     enf, sampler, loop = lean([rule], walk_interval="1h", process_events=events)
-    if events == "off" or os.geteuid() != 0:
-        assert not enf.process_events
-    else:
-        assert enf.process_events
+    # events come where the kernel delivers them (root in the host's namespaces); elsewhere the listing
+    assert enf.process_events == (events == "auto" and connector_works())
     wait_for(lambda: loop.latest, 10, what="the first sample")
     assert enf.walk_period() == 3600
     hog = spawn_group("--mb", "20", "--tag", tag)
@@ -94,7 +101,7 @@ def test_one_group_rule_kills_a_newcomer_between_slow_walks(lean, tag, spawn_gro
     wait_for(lambda: not pid_alive(grower.pid), 20, what="the kill of the growing group")
     assert sampler.walks == 1
     kills = [e for e in enf.events if e["action"] in ("term", "kill") and e.get("pgid") == grower.pgid]
-    assert kills and kills[0]["memory_bytes"] > 150 * 10**6
+    assert kills and kills[0]["memory_bytes"] > 150 * 10**6, f"grower {grower.pgid}: {enf.events}"
     assert pid_alive(hog.pid)  # the small one is spared
 
 

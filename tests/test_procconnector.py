@@ -129,3 +129,31 @@ def test_parse_sequence_gaps_and_truncation():
     assert lost  # seq 9 on CPU 0 never came
     _, lost = parse(fork[:30], seqs)
     assert lost
+
+
+@needs_root
+def test_another_listeners_acknowledgement_is_not_taken_for_ours():
+    """Outside the host's pid namespace the kernel ignores a subscription and acknowledges nothing, while
+    each subscriber's acknowledgement reaches every listener: a process in a pid namespace of its own must
+    not take another's for its own (it would then read the host's pids as its own)."""
+    probe = ProcConnector.open()
+    if probe is None:
+        pytest.skip("no proc connector here")
+    probe.close()
+    code = "from mem_exporter.procconnector import ProcConnector; print(ProcConnector.open(ack_timeout=2) is None)"
+    child = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    others = 0
+    while child.poll() is None:  # the host's listeners come and go, each acknowledged to all
+        other = ProcConnector.open()
+        assert other is not None
+        other.close()
+        others += 1
+        time.sleep(0.02)
+    assert child.communicate(timeout=10)[0].strip() == "True" and child.returncode == 0
+    assert others >= 5

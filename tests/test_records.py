@@ -16,10 +16,11 @@ import jsonschema
 import pytest
 
 from mem_exporter.config import Rule
-from mem_exporter.enforcer.events import EventLog, make_event
+from mem_exporter.enforcer.events import EventLog
 from mem_exporter.enforcer.policy import Context, PolicyState, decide
 from mem_exporter.grouping import make_group
-from mem_exporter.records import LINE_SCHEMA, LogFile, LogFileError, line_kind
+from mem_exporter.logfile import LogFile, LogFileError
+from mem_exporter.records import LINE_SCHEMA, line_kind, make_event
 from mem_exporter.runlog import RunLog
 from mem_exporter.sample import ProcessInfo, Sample, SystemMemory
 from mem_exporter.sessionlog import SessionLog
@@ -123,7 +124,7 @@ def test_the_session_header_is_the_same_in_every_rotated_file(tmp_path):
 
 FULL_DISK = """
     import json, resource, signal, sys
-    from mem_exporter.records import LogFile
+    from mem_exporter.logfile import LogFile
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death, as ENOSPC on a full disk
     path, n = sys.argv[1], int(sys.argv[2])
     f = LogFile(path)
@@ -202,7 +203,7 @@ def test_modes_of_created_files_and_directories(tmp_path):
 NO_DESCRIPTORS = """
     import json, os, resource, sys, threading, time
     from pathlib import Path
-    from mem_exporter.records import LogFile
+    from mem_exporter.logfile import LogFile
     path = Path(sys.argv[1])
     f = LogFile(path, max_bytes=1024, keep=2, header=b"# head\\n")
     i = 0
@@ -264,6 +265,29 @@ def test_a_link_among_the_kept_files_stops_rotation_not_writing(tmp_path):
     f.close()
     assert f.rotations == 0 and len(path.read_text().splitlines()) == 40
     assert outside.read_text() == "keep\n" and (tmp_path / "x.log.2").is_symlink()
+
+
+def test_a_rename_that_fails_halfway_puts_every_kept_file_back(tmp_path, caplog):
+    """x.log.1 immutable (chattr +i; root cannot rename it either): the oldest is parked and x.log.2 moved
+    before the rename of x.log.1 fails; both go back, and writing goes on in x.log."""
+    path = tmp_path / "x.log"
+    kept = {f"x.log.{i}": f"kept {i}\n" for i in (1, 2, 3)}
+    for name, text in kept.items():
+        (tmp_path / name).write_text(text)
+    stuck = tmp_path / "x.log.1"
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and a file system that has it)")
+    try:
+        f = LogFile(path, max_bytes=1024, keep=3)
+        for i in range(40):
+            assert f.write_bytes(f"{i} {'x' * 60}\n".encode())
+        f.close()
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert f.rotations == 0 and "cannot rotate" in caplog.text and "could not undo" not in caplog.text
+    assert {n: (tmp_path / n).read_text() for n in kept} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.log", *kept]  # nothing parked or half-made left
+    assert len(path.read_text().splitlines()) == 40
 
 
 # --- report on damaged files ----------------------------------------------------------------------

@@ -13,9 +13,10 @@ import uuid
 
 from conftest import serve_logging, wait_for
 
+from mem_exporter.logfile import RotatingFile
 from mem_exporter.report import read_logs
 from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory
-from mem_exporter.sessionlog import GPU_CSV_COLUMNS, MEMORY_CSV_COLUMNS, RotatingFile, SessionLog
+from mem_exporter.sessionlog import GPU_CSV_COLUMNS, MEMORY_CSV_COLUMNS, SessionLog
 
 MiB = 2**20
 T0 = 1_700_000_000.0

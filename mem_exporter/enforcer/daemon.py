@@ -31,13 +31,14 @@ from ..grouping import group_key, group_processes, make_group
 from ..outbox import dropped
 from ..pressure import FALLBACK_PERIOD, PressureWatches
 from ..procconnector import ProcConnector
+from ..records import QUIET_ACTIONS, make_event
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from ..signals import signal_number
 from . import conditions
 from .actuator import Actuator, make_actuator, own_context
 from .conditions import FAST, PRESSURE, SAMPLE, SYSTEM, in_lane
-from .events import EventLog, Notifier, make_event
+from .events import EventLog, Notifier
 from .kill import KillOrder, execute
 from .lane import (
     MAX_LANE,
@@ -68,7 +69,6 @@ __all__ = ["Enforcer"]
 
 log = logging.getLogger(__name__)
 
-QUIET_ACTIONS = ("skipped_protected", "skipped_other_user", "no_victim")  # logged at INFO, not notified
 CANDIDATES = 8  # groups re-read for a fresh victim choice when the system lane fires
 
 

@@ -18,24 +18,14 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..logfile import DEFAULT_EVENT_KEEP, DEFAULT_EVENT_MAX_BYTES, LogFile, shared_log
 from ..outbox import Outbox
-from ..records import (
-    DEFAULT_EVENT_KEEP,
-    DEFAULT_EVENT_MAX_BYTES,
-    QUIET_ACTIONS,
-    LogFile,
-    event_member,
-    event_record,
-    shared_log,
-)
+from ..records import QUIET_ACTIONS
 
 log = logging.getLogger(__name__)
 
 ALERTNAME = "MemExporterEnforcerKill"
 TIMEOUT = 3.0
-
-member = event_member  # the shapes live in records; these names stay for callers
-make_event = event_record
 
 
 def _append(item: tuple[LogFile, dict]) -> None:

@@ -47,7 +47,7 @@ from .. import platforms
 from ..cgroups import Request
 from ..config import Groups, Notify, Rule, load_config
 from ..enforcer.actuator import make_actuator, own_context
-from ..enforcer.events import Notifier, make_event
+from ..enforcer.events import Notifier
 from ..enforcer.kill import KillOrder, execute
 from ..enforcer.lane import Growth
 from ..enforcer.metrics import EnforcerCollector, EnforcerState, Tally
@@ -56,8 +56,8 @@ from ..grouping import _sum_optional, descendants
 from ..naming import program_name
 from ..phase import PhaseWatcher
 from ..procfs import ProcfsReader
-from ..records import exit_record, peak_record, session_header
-from ..runlog import MB, RunLog, mb, resolve_path, sample_record
+from ..records import MB, exit_record, make_event, mb, peak_record, run_sample_record, session_header
+from ..runlog import RunLog, resolve_path
 from ..sample import GroupSample, ProcessInfo, Sample, SystemMemory
 from ..sampler import Sampler
 from ..signals import SIGKILL, signal_name
@@ -69,7 +69,8 @@ from .supervisor import Supervisor, make_supervisor
 from .tree import TreeWalk, links_available
 
 if TYPE_CHECKING:
-    from ..exposition import Exposition, MetricsServer
+    from ..exposition import Exposition
+    from ..http_server import MetricsServer
 
 __all__ = ["Runner", "RunOptions", "SetupError", "main", "options_from", "tree_members"]
 
@@ -236,7 +237,8 @@ class Runner:
     # --- set-up -----------------------------------------------------------------------------
     def _open_outputs(self) -> None:
         if self.opts.listen:  # first: a busy port must not leave an empty log behind
-            from ..exposition import Exposition, MetricsServer, SampleCollector, build_registry, sample_health
+            from ..exposition import Exposition, SampleCollector, build_registry
+            from ..http_server import MetricsServer, sample_health
 
             groups = Groups(min_memory=0)  # the tree is the one group: never folded into "other"
             exposition = self.exposition = Exposition(
@@ -437,7 +439,7 @@ class Runner:
         ):
             self._last_logged = now
             self.run_log.write(
-                sample_record(
+                run_sample_record(
                     group,
                     self.opts.threshold,
                     time.time(),

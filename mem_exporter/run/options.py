@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..platforms import native_memtype
-from ..runlog import MB
+from ..records import MB
 from ..units import parse_duration, parse_size
 
 EXIT_SETUP = 2  # bad option or environment variable, unwritable log, busy port: the command never ran
