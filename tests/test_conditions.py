@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # max_processes: a group with more processes than this. Its lane is the fast one, so a group that grows
@@ -230,3 +232,17 @@ def test_the_enforcer_routes_the_built_in_conditions_by_their_lanes(tmp_path):
         assert [r.name for r in enf.pressure_rules] == ["psi"]
     finally:
         enf.stop(timeout=10)
+
+
+def test_a_condition_registered_after_the_config_was_built_is_refused():
+    from mem_exporter.config import Rule
+    from mem_exporter.enforcer import conditions
+
+    class Late(conditions.GroupLimit):
+        field = "max_late"
+        annotation = int | None
+        description = "too late"
+
+    with pytest.raises(RuntimeError, match="max_late.*after config.Rule was built"):
+        conditions.condition(Late)
+    assert "max_late" not in Rule.CONDITIONS and conditions.named("max_late") is None

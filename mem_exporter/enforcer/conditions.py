@@ -21,6 +21,7 @@ from the conditions registered here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -48,9 +49,12 @@ C = TypeVar("C", bound="type[Condition]")
 
 
 def condition(cls: C) -> C:
-    """Register a condition class (one instance of it judges every rule that has its key)."""
+    """Register a condition class (one instance of it judges every rule that has its key). config.Rule
+    is built from the conditions registered when config.py is first imported: register before that."""
     if cls.field in _BY_FIELD:
         raise ValueError(f"a condition named {cls.field!r} is registered already")
+    if getattr(sys.modules.get("mem_exporter.config"), "Rule", None) is not None:
+        raise RuntimeError(f"condition {cls.field!r} registered after config.Rule was built: no rule could have it")
     instance = cls()
     ALL.append(instance)
     _BY_FIELD[cls.field] = instance
