@@ -9,25 +9,26 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
-    WithJsonSchema,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails
 
+from .config_types import Duration, Ratio, Size
+from .enforcer import conditions
 from .facilities import SourceChoice
 from .signals import signal_number
-from .units import parse_duration, parse_ratio, parse_size, read_yaml_lines
+from .units import parse_size, read_yaml_lines
 
 DEFAULT_PORT = 9713
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
@@ -40,15 +41,6 @@ def _regex(value: str) -> str:
     except re.error as e:
         raise ValueError(f"bad regular expression {value!r}: {e}") from None
     return value
-
-
-def _size_or_ratio(value: Any) -> float | int:
-    """`10%` or a float below 1 is a ratio of total memory; anything else is a size in bytes."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        return parse_ratio(value)
-    if isinstance(value, float) and 0 < value < 1:
-        return value
-    return parse_size(value)
 
 
 def _signal_name(value: str) -> str:
@@ -67,29 +59,6 @@ def _listen(value: str) -> str:
     return value
 
 
-_SIZE_SCHEMA = {
-    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"}],
-    "description": "bytes, or a number with a unit: 800MB, 1.5GiB",
-}
-_DURATION_SCHEMA = {
-    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*(ms|s|m|min|h)?\s*$"}],
-    "description": "seconds, or a number with a unit: 500ms, 2s, 1m",
-}
-_RATIO_SCHEMA = {
-    "anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*%\s*$"}],
-    "description": "a ratio 0..1 or a percentage: 0.1, 10%",
-}
-
-Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]
-Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
-Ratio = Annotated[float, BeforeValidator(parse_ratio), WithJsonSchema(_RATIO_SCHEMA)]
-SizeOrRatio = Annotated[
-    float,
-    BeforeValidator(_size_or_ratio),
-    WithJsonSchema(
-        {"anyOf": [_SIZE_SCHEMA, _RATIO_SCHEMA], "description": "a size (800MB) or a share of total memory (10%)"}
-    ),
-]
 Regex = Annotated[str, AfterValidator(_regex)]
 SignalName = Annotated[str, AfterValidator(_signal_name)]
 Listen = Annotated[str, AfterValidator(_listen)]
@@ -221,63 +190,29 @@ class RuleMatch(Matcher):
         return self
 
 
-def _pressure_shorthand(value: Any) -> Any:
-    """`memory_pressure_above: 20%` is short for `{kind: some, avg10: 20%}`."""
-    return value if value is None or isinstance(value, dict) else {"avg10": value}
-
-
-class PressureCondition(_Strict):
-    """Memory pressure (PSI): avg10 above a share, or at least `stall` of stall time within `window`."""
-
-    kind: Literal["some", "full"] = Field("some", description="some: any task stalled on memory; full: all at once")
-    avg10: Ratio | None = Field(None, description="fire when the 10 s average stall share exceeds this")
-    stall: Duration | None = Field(None, description="fire when tasks stalled this long within `window`")
-    window: Duration = Field(1.0, ge=0.5, le=10.0, description="the window for `stall` (the kernel allows 500ms..10s)")
-    cgroup: str | None = Field(
-        None,
-        description="watch this cgroup v2's memory.pressure (a path under paths.cgroupfs, "
-        "or absolute) instead of the host's",
-    )
-
-    @model_validator(mode="after")
-    def _one_threshold(self):
-        if (self.avg10 is None) == (self.stall is None):
-            raise ValueError("memory_pressure_above needs exactly one of avg10, stall")
-        if self.stall is not None and not 0 < self.stall <= self.window:
-            raise ValueError(f"memory_pressure_above.stall must be above 0 and at most window ({self.window}s)")
-        if self.avg10 is not None and self.avg10 <= 0:  # any stall at all would count
-            raise ValueError("memory_pressure_above.avg10 must be above 0")
-        return self
-
-    @property
-    def source(self) -> str:
-        """The key of the reading in a Sample: "host", or the cgroup path."""
-        return self.cgroup or "host"
-
-
-class Rule(_Strict):
+class _RuleHead(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
     match: RuleMatch = Field(
         default_factory=RuleMatch,
         description="which groups the rule watches (required in a config file; `{all: true}` for every group)",
     )
-    max_rss: Size | None = Field(None, description="kill a group whose summed RSS exceeds this")
-    max_pss: Size | None = Field(None, description="kill a group whose summed PSS exceeds this (needs memory: pss)")
-    max_gpu_memory: Size | None = Field(None, description="kill a group whose summed GPU memory exceeds this")
-    gpu_memory_above: Ratio | None = Field(
-        None, description="when a card's used memory exceeds this share, kill its largest selected VRAM user"
+
+
+if TYPE_CHECKING:
+
+    class _RuleConditions(_RuleHead):
+        """What the type checker knows of the conditions' keys: a rule takes them (and a condition's
+        class reads its value: conditions.Condition.value)."""
+
+        model_config = ConfigDict(extra="allow")
+
+else:  # one optional key per rule condition, in enforcer/conditions.py's order (its type, checks, description)
+    _RuleConditions = create_model(
+        "_RuleConditions", __base__=_RuleHead, **{c.field: c.config_field() for c in conditions.ALL}
     )
-    system_available_below: SizeOrRatio | None = Field(
-        None, description="when system available memory is below this, kill the largest selected group"
-    )
-    memory_pressure_above: Annotated[PressureCondition | None, BeforeValidator(_pressure_shorthand)] = Field(
-        None, description="when memory pressure (PSI) crosses this, kill the largest selected group"
-    )
-    system_pressure_level: Literal["warn", "critical"] | None = Field(
-        None,
-        description="macOS: when the kernel's memory pressure level (kern.memorystatus_vm_pressure_level) "
-        "reaches this, kill the largest selected group; never fires where there is no such level",
-    )
+
+
+class Rule(_RuleConditions):
     for_: Duration = Field(0.0, alias="for", description="how long the condition must hold before acting")
     grace: Duration = Field(5.0, description="wait between the first and the last signal")
     signals: list[SignalName] = Field(
@@ -293,26 +228,11 @@ class Rule(_Strict):
     )
     other_users: bool = Field(False, description="may kill processes of users other than the enforcer's own")
 
-    CONDITIONS: ClassVar[tuple[str, ...]] = (
-        "max_rss",
-        "max_pss",
-        "max_gpu_memory",
-        "gpu_memory_above",
-        "system_available_below",
-        "memory_pressure_above",
-        "system_pressure_level",
-    )
+    CONDITIONS: ClassVar[tuple[str, ...]] = tuple(c.field for c in conditions.ALL)
 
     @property
     def condition(self) -> str:
         return next(c for c in self.CONDITIONS if getattr(self, c) is not None)
-
-    @field_validator("max_rss", "max_pss", "max_gpu_memory", "gpu_memory_above", "system_available_below")
-    @classmethod
-    def _positive(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:  # a zero limit would hold every group over it
-            raise ValueError(f"must be above 0, got {v:g}")
-        return v
 
     @model_validator(mode="after")
     def _one_condition(self):
@@ -432,10 +352,11 @@ class Config(_Strict):
     zones: Zones = Field(default_factory=Zones)
 
     @model_validator(mode="after")
-    def _pss_rules_need_pss(self):
+    def _conditions_have_what_they_need(self):
         for i, rule in enumerate(self.enforcer.rules):
-            if rule.max_pss is not None and self.memory != "pss":
-                raise ValueError(f"enforcer.rules[{i}].max_pss: needs `memory: pss`")
+            cond = conditions.of(rule)
+            if (problem := cond.config_problem(self)) is not None:
+                raise ValueError(f"enforcer.rules[{i}].{cond.field}: {problem}")
         return self
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 
 from .cgroupfs_reader import CGROUP_KINDS, CgroupAccounts, CgroupSampler
 from .config import Config
+from .enforcer import conditions
 from .grouping import attach_gpu, cap_groups, group_key, group_processes, make_group
 from .pressure import cgroup_pressure_path, host_pressure_path, read_pressure
 from .reader import Reader
@@ -235,16 +236,16 @@ class Sampler:
         )
 
     def _pressure(self) -> tuple[MemoryPressure | None, dict[str, MemoryPressure]]:
-        """The host's PSI, and that of each cgroup a pressure rule names (a few small reads; None without PSI)."""
+        """The host's PSI, and that of each cgroup a rule's condition needs (a few small reads; None without PSI)."""
         paths = self.config.paths
         host = read_pressure(host_pressure_path(paths.procfs))
         cgroups = {}
         for rule in self.config.enforcer.rules:
-            cond = rule.memory_pressure_above
-            if cond is not None and cond.cgroup is not None and cond.cgroup not in cgroups:
-                reading = read_pressure(cgroup_pressure_path(cond.cgroup, paths.cgroupfs))
-                if reading is not None:
-                    cgroups[cond.cgroup] = reading
+            for cgroup in conditions.of(rule).cgroup_pressure(rule):
+                if cgroup not in cgroups:
+                    reading = read_pressure(cgroup_pressure_path(cgroup, paths.cgroupfs))
+                    if reading is not None:
+                        cgroups[cgroup] = reading
         return host, cgroups
 
     def _cpu_usage(self) -> float | None:

@@ -35,11 +35,14 @@ from ..records import QUIET_ACTIONS, make_event
 from ..sample import GroupSample, ProcessInfo, Sample
 from ..sampler import GroupReader
 from ..signals import signal_number
+from . import conditions
 from .actuator import Actuator, own_context
 from .actuators import make_actuator
+from .conditions import FAST, PRESSURE, SAMPLE, SYSTEM, in_lane
 from .events import EventLog, Notifier
 from .kill import KillOrder, execute
 from .lane import (
+    MAX_LANE,
     NEWCOMER_PERIOD,
     SYSTEM_MIN_PERIOD,
     SYSTEM_RETRY,
@@ -52,26 +55,21 @@ from .lane import (
 )
 from .metrics import EnforcerCollector, EnforcerState, Tally
 from .policy import (
-    GROUP_LIMITS,
-    GROUP_MEMORY,
-    LIMIT_MEMTYPE,
-    MAX_LANE,
     Action,
     PolicyState,
     decide,
     eligible,
     forget_processes,
+    group_limit,
     group_value,
     limits,
     selects,
-    system_threshold,
 )
 
 __all__ = ["Enforcer"]
 
 log = logging.getLogger(__name__)
 
-SYSTEM_CONDITIONS = ("system_available_below",)  # rules the system lane evaluates between full samples
 CANDIDATES = 8  # groups re-read for a fresh victim choice when the system lane fires
 
 
@@ -137,7 +135,7 @@ class Enforcer:
     def configure(self, config: Config) -> None:
         """Take new rules (already validated); per-rule state is kept by rule name."""
         reader = GroupReader(config)  # the fast lane's own reader
-        group_rules = any(r.condition in GROUP_MEMORY for r in config.enforcer.rules)
+        group_rules = bool(in_lane(config.enforcer.rules, FAST))
         want_events = group_rules and config.enforcer.process_events == "auto" and config.source != "psutil"
         events = self._events if want_events and self._events is not None else None
         if want_events and events is None:
@@ -145,9 +143,10 @@ class Enforcer:
         with self._lock:
             self.config = config
             self.rules = list(config.enforcer.rules)
-            self.group_rules = [r for r in self.rules if r.condition in GROUP_MEMORY]
-            self.system_rules = [r for r in self.rules if r.condition in SYSTEM_CONDITIONS]
-            self.pressure_rules = [r for r in self.rules if r.condition == "memory_pressure_above"]
+            # each lane judges the rules whose condition it serves (conditions.py: a condition's lane)
+            self.group_rules = in_lane(self.rules, FAST)
+            self.system_rules = in_lane(self.rules, SYSTEM)
+            self.pressure_rules = in_lane(self.rules, PRESSURE)
             old_pressure, self.pressure = self.pressure, PressureWatches.from_config(config)
             self.dry_run = self._force_dry_run or config.enforcer.dry_run
             self.ctx = own_context(
@@ -191,8 +190,8 @@ class Enforcer:
         slow = config.enforcer.walk_interval
         if not self._lean or slow <= config.interval:
             return 0.0
-        if any(r.condition in GROUP_LIMITS and r.condition not in GROUP_MEMORY for r in self.rules):
-            return 0.0  # a group's GPU memory needs its members' GPU processes: read by each walk
+        if any(c.per_group and c.lane == SAMPLE for c in map(conditions.of, self.rules)):
+            return 0.0  # no lane reads it between walks (a group's GPU memory: its members' GPU processes)
         if selected > MAX_LANE:  # more selected groups than the lane holds: the walk reads them all
             return 0.0
         return slow
@@ -241,11 +240,11 @@ class Enforcer:
         with self._lock:  # the lane changes on the enforcer thread; the session log asks from the sampler's
             if not self.walk_period_seconds:
                 return self.limit_series
-            condition = {r.name: r.condition for r in self.rules}
+            memtype = {r.name: conditions.of(r).memtype for r in self.rules}
             return [
-                (e.rule, e.group.label, LIMIT_MEMTYPE[condition[e.rule]], e.limit)
+                (e.rule, e.group.label, memtype[e.rule], e.limit)
                 for e in list(self.lane.entries.values())
-                if e.rule in condition
+                if e.rule in memtype
             ]
 
     def snapshot(self) -> EnforcerState:
@@ -314,7 +313,7 @@ class Enforcer:
     def _on_full(self, sample: Sample) -> list[Kill]:
         self.latest = sample
         if sample.light:  # processes as of the last walk: only the conditions read afresh are judged
-            rules = [r for r in self.rules if r.condition not in GROUP_LIMITS]
+            rules = [r for r in self.rules if not conditions.of(r).per_group]
             return self._decide_fresh(sample, rules) if rules else []
         self._known = {p.pid for p in sample.processes}
         self._ignored.clear()
@@ -324,12 +323,12 @@ class Enforcer:
         watched = limits(sample, self.rules, self.ctx.user_name)
         exported = {x.label for x in sample.exported if x.kind != "other"}
         self.limit_series = [
-            (r.name, grp.label, LIMIT_MEMTYPE[r.condition], lim) for r, grp, lim in watched if grp.label in exported
+            (r.name, grp.label, conditions.of(r).memtype, lim) for r, grp, lim in watched if grp.label in exported
         ]
         uptime = self._uptime()
         keys = set()
         for rule, grp, lim in watched:
-            if rule.condition not in GROUP_MEMORY:
+            if conditions.of(rule).lane != FAST:
                 continue
             keys.add(grp.key)
             value = group_value(rule, grp)
@@ -401,55 +400,15 @@ class Enforcer:
         group they start or join that a group-memory rule selects goes into the fast lane at once,
         its growth estimated from its age, or is acted on now if it is already over its limit."""
         self._next_scan = now + NEWCOMER_PERIOD
-        unwatched: set[int] = set()
-        fresh_pids = self._event_pids()
-        if fresh_pids is not None:  # from the kernel's events: exactly the processes forked or exec'ed since
-            if not fresh_pids:
-                return []
-            self.newcomer_scans += 1
-            try:
-                newcomers = self._reader.read_pids(sorted(fresh_pids), unwatched)
-            except OSError:
-                return []
-        else:
-            if not self._settling and not self._pids.moved():  # no pid handed out since the last scan
-                return []
-            self.newcomer_scans += 1
-            try:
-                newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored, unwatched)
-            except OSError:
-                self._pids.forget()
-                return []
-        self._ignored |= unwatched  # kernel threads, zombies: not read again until the next full sample
-        self._settling.clear()
+        newcomers = self._read_newcomers()
         if not newcomers:
             return []
-        cfg = self.config
-        by_key = self._by_group(newcomers)
-        # a group in the lane has members that joined since the last walk: start from the lane's reading
-        known_groups = {g.key: g for g in latest.groups} | self.lane.groups()
-        fresh: list[GroupSample] = []
-        for key, (kind, procs) in by_key.items():
-            if key in self.state.busy:
-                continue
-            base = known_groups.get(key)
-            # a group no rule selected at the last walk, joined by newcomers no rule selects, is not re-read
-            joined = make_group(key, kind, list(procs), cfg.memory)
-            if key not in self._selected and not any(
-                selects(r.match, joined, self.ctx.user_name) for r in self.group_rules
-            ):
-                continue
-            try:
-                g = self._reader.refresh_group(base, procs) if base is not None else joined
-            except OSError:
-                continue
-            if g is not None:
-                fresh.append(g)
+        fresh = self._joined_groups(newcomers, latest)
         now = time.monotonic()
         uptime = self._uptime()
         claimed: set[int] = set()
         for rule in self.group_rules:
-            lim = int(getattr(rule, rule.condition))
+            lim = group_limit(rule)
             for g in fresh:
                 if not selects(rule.match, g, self.ctx.user_name):
                     continue
@@ -472,6 +431,57 @@ class Enforcer:
             processes=latest.processes + tuple(newcomers),
         )
         return self._dispatch(decide(partial, self.group_rules, self.state, self.ctx, full=False), partial)
+
+    def _read_newcomers(self) -> list[ProcessInfo]:
+        """The processes started (or exec'ed) since the last scan, read: from process events where they
+        come, else by listing procfs when a pid was handed out since."""
+        unwatched: set[int] = set()
+        fresh_pids = self._event_pids()
+        if fresh_pids is not None:  # from the kernel's events: exactly the processes forked or exec'ed since
+            if not fresh_pids:
+                return []
+            self.newcomer_scans += 1
+            try:
+                newcomers = self._reader.read_pids(sorted(fresh_pids), unwatched)
+            except OSError:
+                return []
+        else:
+            if not self._settling and not self._pids.moved():  # no pid handed out since the last scan
+                return []
+            self.newcomer_scans += 1
+            try:
+                newcomers = self._reader.new_processes(self._known | self.lane.member_pids() | self._ignored, unwatched)
+            except OSError:
+                self._pids.forget()
+                return []
+        self._ignored |= unwatched  # kernel threads, zombies: not read again until the next full sample
+        self._settling.clear()
+        return newcomers
+
+    def _joined_groups(self, newcomers: list[ProcessInfo], latest: Sample) -> list[GroupSample]:
+        """The groups newcomers start or join that a group-memory rule selects (or selected at the last
+        walk), read now; the groups being killed are left to their kill."""
+        cfg = self.config
+        # a group in the lane has members that joined since the last walk: start from the lane's reading
+        known_groups = {g.key: g for g in latest.groups} | self.lane.groups()
+        fresh: list[GroupSample] = []
+        for key, (kind, procs) in self._by_group(newcomers).items():
+            if key in self.state.busy:
+                continue
+            base = known_groups.get(key)
+            # a group no rule selected at the last walk, joined by newcomers no rule selects, is not re-read
+            joined = make_group(key, kind, list(procs), cfg.memory)
+            if key not in self._selected and not any(
+                selects(r.match, joined, self.ctx.user_name) for r in self.group_rules
+            ):
+                continue
+            try:
+                g = self._reader.refresh_group(base, procs) if base is not None else joined
+            except OSError:
+                continue
+            if g is not None:
+                fresh.append(g)
+        return fresh
 
     def _event_pids(self) -> set[int] | None:
         """Pids forked or exec'ed since the last look, from process events; None without events, or after a
@@ -512,7 +522,7 @@ class Enforcer:
         self.system_reads += 1
         now = time.monotonic()
         used_rate = self.growth.observe("system", system.used_bytes, now)
-        headroom = system.available_bytes - max(system_threshold(r, system.total_bytes) for r in self.system_rules)
+        headroom = min(conditions.of(r).headroom(r, system) for r in self.system_rules)
         self._next_system = now + system_period(headroom, used_rate, self.config.interval)
         if headroom >= 0:
             return []
@@ -520,10 +530,10 @@ class Enforcer:
         # otherwise the next read waits for the first rule that could, and the decision only keeps time.
         waits = []
         for r in self.system_rules:
-            rs = self.state.for_rule(r.name)
-            last = rs.last_action.get("system")
+            rs, key = self.state.for_rule(r.name), conditions.of(r).key
+            last = rs.last_action.get(key)
             cooling = 0.0 if last is None else last + r.cooldown - now
-            waits.append(max(cooling, rs.since.get("system", now) + r.for_ - now))
+            waits.append(max(cooling, rs.since.get(key, now) + r.for_ - now))
         if min(waits) > 0:
             self._next_system = now + min(self.config.interval, max(SYSTEM_MIN_PERIOD, min(waits)))
             partial = dataclasses.replace(latest, system=system, groups=(), monotonic=now, timestamp=time.time())
@@ -707,6 +717,7 @@ class Enforcer:
         """Stop the group through the kill engine: members, descendants and newcomers, hard ceiling."""
         action, group, sample = kill
         rule = action.rule
+        measured = conditions.of(rule).lane == FAST  # the group's memory is what the rule limits: its peak is told
         reader = GroupReader(self.config)  # this thread's own reader
         known = {p.pid for p in sample.processes}
         current: GroupSample | None = group
@@ -724,7 +735,7 @@ class Enforcer:
             except OSError:
                 return [], False
             current = g
-            if g is not None and action.condition in GROUP_MEMORY:
+            if g is not None and measured:
                 peak = max(peak, group_value(rule, g))
 
             # new members, and new children of any target (a fork that left the group); a member this rule
@@ -764,7 +775,7 @@ class Enforcer:
             sample.memtype,
             **report.event_fields(),
             ceiling=action.ceiling,
-            peak_bytes=peak if action.condition in GROUP_MEMORY else None,
+            peak_bytes=peak if measured else None,
             dry_run=False,
         )
 
@@ -772,11 +783,4 @@ class Enforcer:
     def _over_ceiling(action: Action, group: GroupSample | None, reader: GroupReader) -> bool:
         if action.ceiling is None:
             return False
-        if action.condition in GROUP_MEMORY:
-            return group is not None and group_value(action.rule, group) > action.ceiling
-        if action.condition == "system_available_below":
-            try:
-                return reader.read_system().available_bytes < action.ceiling
-            except OSError:
-                return False
-        return False
+        return conditions.of(action.rule).past_ceiling(action, group, reader.read_system)

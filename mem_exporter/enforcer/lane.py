@@ -4,6 +4,9 @@
 counts at once, a slow-down halves the rate per reading. A group seen for the first time is
 credited with its average growth since its oldest member started, so a group born between two
 samples is not taken for a still one.
+
+`Pace` says when to read again, for the fast lane's groups (GROUP_PACE) and for system memory
+(SYSTEM_PACE): both are defined here.
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ from dataclasses import dataclass
 from ..procfs import ProcfsReader
 from ..reader import Reader
 from ..sample import GroupSample, ProcessInfo
-from .policy import MAX_LANE, Pace, poll_period
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 NEWCOMER_PERIOD = 0.1  # seconds between listings of the procfs root for processes born since the last sample
 NEW_PROBE = 0.1  # a group first seen between samples is re-read this soon, whatever its estimate, to learn its rate
+# Fast lane: how quickly a group might grow when we have no evidence, the regular shortest
+# re-read period, the most groups re-read fast at once, and the predicted-crossing read.
+FLOOR_RATE = 100 * 1024 * 1024  # bytes/s
+MIN_PERIOD = 0.05
+MAX_LANE = 32
+PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s of sustained growth before crossings are predicted
+PREDICT_LAG = 0.005
+MIN_SPACING = 0.01
 # System lane, like earlyoom's adaptive poll: the headroom at twice the rate memory is being used,
 # but never slower than its fastest fill rate seen (6000 KiB/ms), between 20 ms and the interval.
 SYSTEM_FLOOR_RATE = 6000 * 1024 * 1000  # bytes/s
@@ -29,6 +39,34 @@ SYSTEM_MIN_PERIOD = 0.02
 SYSTEM_PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s
 SYSTEM_PREDICT_LAG = 0.002
 SYSTEM_MIN_SPACING = 0.005
+
+
+@dataclass(frozen=True)
+class Pace:
+    """When to read memory again, like earlyoom's adaptive poll: the headroom at twice the recent
+    growth rate (at least `floor_rate`), clamped to [`min_period`, interval].
+
+    Growing steadily (at least `predict_min_rate`) and predicted to cross before that: one more read
+    just after the predicted crossing (`predict_lag` later, never sooner than `min_spacing`), so the
+    act follows the crossing by milliseconds, not by up to a period.
+    """
+
+    floor_rate: float  # bytes/s
+    min_period: float
+    predict_min_rate: float  # bytes/s
+    predict_lag: float
+    min_spacing: float
+
+    def period(self, headroom: float, rate: float, interval: float) -> float:
+        if headroom <= 0:
+            return self.min_period
+        period = max(self.min_period, min(interval, headroom / max(2 * rate, self.floor_rate)))
+        if rate >= self.predict_min_rate:
+            period = min(period, max(self.min_spacing, headroom / rate + self.predict_lag))
+        return period
+
+
+GROUP_PACE = Pace(FLOOR_RATE, MIN_PERIOD, PREDICT_MIN_RATE, PREDICT_LAG, MIN_SPACING)
 SYSTEM_PACE = Pace(
     SYSTEM_FLOOR_RATE, SYSTEM_MIN_PERIOD, SYSTEM_PREDICT_MIN_RATE, SYSTEM_PREDICT_LAG, SYSTEM_MIN_SPACING
 )
@@ -74,6 +112,11 @@ def first_sight_rate(value: int, members: Iterable[ProcessInfo], uptime: float |
         return 0.0
     age = uptime - min(starts) / CLK_TCK
     return value / max(age, 0.1) if age < YOUNG else 0.0
+
+
+def poll_period(headroom: float, rate: float, interval: float) -> float:
+    """Seconds until a group should be re-read (GROUP_PACE)."""
+    return GROUP_PACE.period(headroom, rate, interval)
 
 
 def system_period(headroom: float, used_rate: float, interval: float) -> float:

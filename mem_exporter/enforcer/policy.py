@@ -4,34 +4,27 @@ Nothing here touches the OS. `decide()` is called on every full sample and, for 
 groups in the fast lane, on partial samples holding just those groups re-read
 (`full=False`: only the per-group limit conditions are evaluated then).
 
-Cooldown keys: a group-limit rule (max_rss, max_pss, max_gpu_memory) cools down per
-group, so a second runaway under the same rule is still stopped at once;
-`gpu_memory_above` per card; `system_available_below`, `memory_pressure_above` and
-`system_pressure_level` per rule
-(memory freed by a kill takes a moment to show, and a second victim must not follow on stale numbers).
-
-`memory_pressure_above` reads the Sample's PSI readings: avg10 as a ratio, or the stall time per
-window estimated from the PSI totals of successive samples (rule state keeps them). A caller woken
-by a `pressure.PressureWatch` between full samples passes the latest sample with fresh readings.
+Each rule's condition (enforcer/conditions.py) judges it through a `Pass`, which holds what every
+condition shares: selection, protection, `for:`, cooldowns, the victim's choice. Cooldown keys are
+the conditions' own.
 """
 
 from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
 from ..grouping import user_name as _user_name
-from ..platforms.macos import LEVEL_OF_NAME
 from ..pressure import StallWindow
 from ..sample import GpuCard, GroupSample, ProcessInfo, Sample
-
-GROUP_MEMORY = ("max_rss", "max_pss")
-GROUP_LIMITS = GROUP_MEMORY + ("max_gpu_memory",)
-LIMIT_MEMTYPE = {"max_rss": "rss", "max_pss": "pss", "max_gpu_memory": "gpu"}
+from . import conditions
+from .lane import FLOOR_RATE as FLOOR_RATE  # the fast lane's pace, here for older importers
+from .lane import MIN_PERIOD as MIN_PERIOD
+from .lane import poll_period as poll_period
 
 # Programs never signalled whatever the config says, recognised by what a user cannot forge
 # (enforcer/trust.py): a process running as root in our user namespace whose executable, owned
@@ -59,16 +52,6 @@ def _nothing_trusted(p: ProcessInfo) -> tuple[str | None, bool | None]:
 
 def _no_cgroup(p: ProcessInfo) -> tuple[str | None, bool | None]:
     return p.cgroup, False
-
-
-# Fast lane: how quickly a group might grow when we have no evidence, the regular shortest
-# re-read period, the most groups re-read fast at once, and the predicted-crossing read.
-FLOOR_RATE = 100 * 1024 * 1024  # bytes/s
-MIN_PERIOD = 0.05
-MAX_LANE = 32
-PREDICT_MIN_RATE = 32 * 1024 * 1024  # bytes/s of sustained growth before crossings are predicted
-PREDICT_LAG = 0.005
-MIN_SPACING = 0.01
 
 
 @dataclass(frozen=True)
@@ -155,7 +138,7 @@ class PolicyState:
 
 def _rule_wide(rule: Rule, key: str) -> bool:
     """A cooldown key of the whole rule (`system`, `pressure`, `gpu:N`), not of a group."""
-    return rule.condition not in GROUP_LIMITS and (key in ("system", "pressure") or key.startswith("gpu:"))
+    return conditions.of(rule).rule_wide(key)
 
 
 # --- selection and limits ---------------------------------------------------------------------
@@ -201,22 +184,11 @@ def selects(match: RuleMatch, group: GroupSample, user_name: Callable[[int], str
 
 
 def group_value(rule: Rule, group: GroupSample) -> int:
-    if rule.max_pss is not None:
-        return group.pss_bytes if group.pss_bytes is not None else group.rss_bytes
-    if rule.max_gpu_memory is not None:
-        return group.gpu_memory_total_bytes
-    return group.rss_bytes
+    return conditions.of(rule).group_value(group)
 
 
 def group_limit(rule: Rule) -> int:
     return int(getattr(rule, rule.condition))
-
-
-def system_threshold(rule: Rule, total_bytes: int) -> float:
-    t = rule.system_available_below
-    if t is None:
-        raise ValueError(f"rule {rule.name} has no system_available_below")
-    return t * total_bytes if t < 1 else t
 
 
 def limits(
@@ -225,7 +197,7 @@ def limits(
     """(rule, group, limit) for every group a group-limit rule watches."""
     out: list[tuple[Rule, GroupSample, int]] = []
     for rule in rules:
-        if rule.condition in GROUP_LIMITS:
+        if conditions.of(rule).per_group:
             lim = group_limit(rule)
             out.extend((rule, g, lim) for g in sample.groups if selects(rule.match, g, user_name))
     return out
@@ -376,108 +348,94 @@ def _emit(rule: Rule, rs: RuleState, action: Action, cooldown_key: str, out: lis
     return False
 
 
-def _selected_largest_first(rule: Rule, sample: Sample, busy: set[str], ctx: Context) -> list[GroupSample]:
-    """The groups a victim-choosing rule may pick from, largest first (`_choose` then weighs what it may kill)."""
-    selected = (g for g in sample.groups if g.key not in busy and selects(rule.match, g, ctx.user_name))
-    return sorted(selected, key=lambda g: g.memory_bytes(sample.memtype), reverse=True)
+@dataclass
+class Pass:
+    """One `decide()`: the sample the conditions judge, and what they share (selection, `for:` and
+    cooldowns, the victim's choice, the actions so far, the groups taken)."""
+
+    sample: Sample
+    ctx: Context
+    full: bool
+    busy: set[str]  # groups being killed, and those acted on earlier in this pass (first rule wins)
+    out: list[Action] = field(default_factory=list)
+
+    @property
+    def now(self) -> float:
+        return self.sample.monotonic
+
+    def selected(self, rule: Rule) -> Iterator[GroupSample]:
+        """The sample's groups the rule's `match` selects."""
+        return (g for g in self.sample.groups if selects(rule.match, g, self.ctx.user_name))
+
+    def ready(self, rule: Rule, rs: RuleState, key: str) -> bool:
+        """The condition holds under `key`: whether it has held for `for:` and the key is not cooling down."""
+        return _held(rule, rs, key, self.now) and not _cooling(rule, rs, key, self.now)
+
+    def emit(self, rule: Rule, rs: RuleState, action: Action, cooldown_key: str) -> bool:
+        return _emit(rule, rs, action, cooldown_key, self.out)
+
+    def victim(
+        self, rule: Rule, group: GroupSample, condition: str, value: float, limit: float, ceiling: float | None = None
+    ) -> Action:
+        return victim(rule, group, self.sample, self.ctx, condition, value, limit, self.now, ceiling=ceiling)
+
+    def largest_first(self, rule: Rule) -> list[GroupSample]:
+        """The groups a victim-choosing rule may pick from, largest first (`choose` then weighs what it may kill)."""
+        free = (g for g in self.selected(rule) if g.key not in self.busy)
+        return sorted(free, key=lambda g: g.memory_bytes(self.sample.memtype), reverse=True)
+
+    def choose(
+        self,
+        rule: Rule,
+        rs: RuleState,
+        candidates: Iterable[GroupSample],
+        condition: str,
+        value: float,
+        limit: float,
+        key: str,
+        card: GpuCard | None = None,
+        ceiling: float | None = None,
+    ) -> None:
+        """Victim-choosing conditions: the group whose killable members hold the most, since a protected
+        member's memory is not freed by killing its group; a group with nothing the rule may signal is
+        passed over. `candidates` come largest first by their whole memory, so the search ends at the
+        first group whose whole memory cannot beat the best killable share found."""
+        sample, ctx, now = self.sample, self.ctx, self.now
+        total, each = _weights(sample, card)
+        gpu = None if card is None else card.index
+
+        def act(g: GroupSample, parts: Split) -> bool:
+            return self.emit(
+                rule, rs, victim(rule, g, sample, ctx, condition, value, limit, now, gpu, ceiling, parts), key
+            )
+
+        best: tuple[int, GroupSample, Split] | None = None
+        for g in candidates:
+            if best is not None and total(g) <= best[0]:
+                break
+            parts = split(g, rule, ctx)
+            if not parts.killable:
+                act(g, parts)
+                continue
+            freed = sum(map(each, parts.killable))
+            if best is None or freed > best[0]:
+                best = (freed, g, parts)
+        if best is not None and act(best[1], best[2]):
+            self.busy.add(best[1].key)
+            return
+        none = Action("no_victim", rule, None, condition, value, limit, now, reason="no eligible group", gpu=gpu)
+        self.emit(rule, rs, none, key)
 
 
 def decide(sample: Sample, rules: Sequence[Rule], state: PolicyState, ctx: Context, full: bool = True) -> list[Action]:
     """Actions for this sample. `full=False`: a partial sample from the fast lane (group limits only)."""
-    now = sample.monotonic
-    out: list[Action] = []
-    busy = set(state.busy)  # groups being killed, and those acted on earlier in this pass (first rule wins)
+    judging = Pass(sample, ctx, full, set(state.busy))
     for rule in rules:
         rs = state.for_rule(rule.name)
-        cond = rule.condition
-        if cond in GROUP_LIMITS:
-            lim = group_limit(rule)
-            seen = set()
-            for g in sample.groups:
-                if not selects(rule.match, g, ctx.user_name):
-                    continue
-                seen.add(g.key)
-                value = group_value(rule, g)
-                if value <= lim:
-                    rs.since.pop(g.key, None)
-                    continue
-                if not _held(rule, rs, g.key, now) or g.key in busy or _cooling(rule, rs, g.key, now):
-                    continue
-                ceiling = lim * (1 + rule.hard_ceiling) if cond in GROUP_MEMORY else None
-                if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, lim, now, ceiling=ceiling), g.key, out):
-                    busy.add(g.key)
-            if full:
-                for key in [k for k in rs.since if k not in seen]:
-                    del rs.since[key]
-        elif not full:
-            continue
-        elif cond == "system_available_below":
-            threshold = system_threshold(rule, sample.system.total_bytes)
-            avail = sample.system.available_bytes
-            if not sample.system.total_bytes or avail >= threshold:
-                rs.since.pop("system", None)
-                continue
-            if not _held(rule, rs, "system", now) or _cooling(rule, rs, "system", now):
-                continue
-            ceiling = threshold * (1 - rule.hard_ceiling)
-            candidates = _selected_largest_first(rule, sample, busy, ctx)
-            _choose(
-                rule, rs, candidates, sample, ctx, cond, avail, threshold, now, "system", out, busy, ceiling=ceiling
-            )
-        elif (pc := rule.memory_pressure_above) is not None:
-            reading = sample.pressure if pc.cgroup is None else sample.cgroup_pressure.get(pc.cgroup)
-            line = reading.line(pc.kind) if reading is not None else None
-            if line is None:  # no PSI here (or the cgroup is gone): nothing to judge
-                rs.since.pop("pressure", None)
-                continue
-            pressure: float | None
-            if pc.avg10 is not None:
-                pressure, above = line.avg10, pc.avg10
-            else:
-                assert pc.stall is not None  # the config takes exactly one of avg10, stall
-                window = rs.stall.get(pc.source)
-                if window is None or window.window != pc.window:
-                    window = rs.stall[pc.source] = StallWindow(pc.window)
-                pressure, above = window.add(now, line.total_seconds), pc.stall
-            if pressure is None or pressure < above or (pc.avg10 is not None and pressure == above):
-                rs.since.pop("pressure", None)
-                continue
-            if not _held(rule, rs, "pressure", now) or _cooling(rule, rs, "pressure", now):
-                continue
-            candidates = _selected_largest_first(rule, sample, busy, ctx)
-            _choose(rule, rs, candidates, sample, ctx, cond, pressure, above, now, "pressure", out, busy)
-        elif (level := rule.system_pressure_level) is not None:
-            # macOS's own verdict (1 normal, 2 warn, 4 critical); None on every other OS: never fires there
-            current, need = sample.system.pressure_level, LEVEL_OF_NAME[level]
-            if current is None or current < need:
-                rs.since.pop("pressure_level", None)
-                continue
-            if not _held(rule, rs, "pressure_level", now) or _cooling(rule, rs, "pressure_level", now):
-                continue
-            candidates = _selected_largest_first(rule, sample, busy, ctx)
-            _choose(rule, rs, candidates, sample, ctx, cond, current, need, now, "pressure_level", out, busy)
-        elif (share := rule.gpu_memory_above) is not None:
-            for card in sample.gpus:
-                key = f"gpu:{card.index}"
-                ratio = card.memory_used_ratio
-                if ratio is None or ratio <= share:
-                    rs.since.pop(key, None)
-                    continue
-                if not _held(rule, rs, key, now) or _cooling(rule, rs, key, now):
-                    continue
-                candidates = sorted(
-                    (
-                        g
-                        for g in sample.groups
-                        if g.gpu_memory_bytes.get(card.index, 0) > 0
-                        and g.key not in busy
-                        and selects(rule.match, g, ctx.user_name)
-                    ),
-                    key=lambda g: g.gpu_memory_bytes[card.index],
-                    reverse=True,
-                )
-                _choose(rule, rs, candidates, sample, ctx, cond, ratio, share, now, key, out, busy, card=card)
-    return out
+        cond = conditions.of(rule)
+        if full or cond.per_group:
+            cond.decide(rule, rs, judging)
+    return judging.out
 
 
 def _weights(sample: Sample, card: GpuCard | None) -> tuple[Callable[[GroupSample], int], Callable[[ProcessInfo], int]]:
@@ -488,73 +446,3 @@ def _weights(sample: Sample, card: GpuCard | None) -> tuple[Callable[[GroupSampl
     if sample.memtype == "pss":
         return (lambda g: g.memory_bytes("pss")), (lambda p: p.pss_bytes if p.pss_bytes is not None else p.rss_bytes)
     return (lambda g: g.rss_bytes), (lambda p: p.rss_bytes)
-
-
-def _choose(
-    rule, rs, candidates, sample, ctx, cond, value, limit, now, key, out, busy, card=None, ceiling=None
-) -> None:
-    """Victim-choosing conditions: the group whose killable members hold the most, since a protected
-    member's memory is not freed by killing its group; a group with nothing the rule may signal is
-    passed over. `candidates` come largest first by their whole memory, so the search ends at the first
-    group whose whole memory cannot beat the best killable share found."""
-    total, each = _weights(sample, card)
-    gpu = None if card is None else card.index
-    best: tuple[int, GroupSample, Split] | None = None
-    for g in candidates:
-        if best is not None and total(g) <= best[0]:
-            break
-        parts = split(g, rule, ctx)
-        if not parts.killable:
-            _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling, parts), key, out)
-            continue
-        freed = sum(map(each, parts.killable))
-        if best is None or freed > best[0]:
-            best = (freed, g, parts)
-    if best is not None:
-        _, g, parts = best
-        if _emit(rule, rs, victim(rule, g, sample, ctx, cond, value, limit, now, gpu, ceiling, parts), key, out):
-            busy.add(g.key)
-            return
-    _emit(
-        rule,
-        rs,
-        Action("no_victim", rule, None, cond, value, limit, now, reason="no eligible group", gpu=gpu),
-        key,
-        out,
-    )
-
-
-# --- the fast lane ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pace:
-    """When to read memory again, like earlyoom's adaptive poll: the headroom at twice the recent
-    growth rate (at least `floor_rate`), clamped to [`min_period`, interval].
-
-    Growing steadily (at least `predict_min_rate`) and predicted to cross before that: one more read
-    just after the predicted crossing (`predict_lag` later, never sooner than `min_spacing`), so the
-    act follows the crossing by milliseconds, not by up to a period.
-    """
-
-    floor_rate: float  # bytes/s
-    min_period: float
-    predict_min_rate: float  # bytes/s
-    predict_lag: float
-    min_spacing: float
-
-    def period(self, headroom: float, rate: float, interval: float) -> float:
-        if headroom <= 0:
-            return self.min_period
-        period = max(self.min_period, min(interval, headroom / max(2 * rate, self.floor_rate)))
-        if rate >= self.predict_min_rate:
-            period = min(period, max(self.min_spacing, headroom / rate + self.predict_lag))
-        return period
-
-
-GROUP_PACE = Pace(FLOOR_RATE, MIN_PERIOD, PREDICT_MIN_RATE, PREDICT_LAG, MIN_SPACING)
-
-
-def poll_period(headroom: float, rate: float, interval: float) -> float:
-    """Seconds until a group should be re-read (GROUP_PACE)."""
-    return GROUP_PACE.period(headroom, rate, interval)

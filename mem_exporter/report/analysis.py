@@ -16,6 +16,7 @@ from itertools import pairwise
 from typing import Any
 
 from ..config import Zones
+from ..enforcer import conditions
 from ..units import format_bytes
 from ..zones import DEFAULT_ZONES, ZONE_NAMES, Kind, zone_for
 from .model import Run, RunRecord, Series
@@ -358,6 +359,12 @@ def format_rate(bytes_per_second: float) -> str:
     return f"{format_bytes(bytes_per_second * 60)}/min"
 
 
+def _per_group(event: dict) -> bool:
+    """Whether the event's condition holds each group to a limit of its own (max_rss, max_pss, ...)."""
+    cond = conditions.named(str(event.get("condition", "")))
+    return cond is not None and cond.per_group
+
+
 def recommendations(a: Analysis) -> list[str]:
     """Concrete advice from the numbers, most urgent first."""
     run, out = a.run, []
@@ -382,7 +389,7 @@ def recommendations(a: Analysis) -> list[str]:
         text = f"**{group}** was killed {len(evs)}× by rule `{rule}`"
         if held:
             text += f" holding {format_bytes(held)}"
-        if limit and str(evs[0].get("condition", "")).startswith("max_"):  # gpu_memory_above's limit is a ratio
+        if limit and _per_group(evs[0]):  # a group's own limit, in bytes (gpu_memory_above's is a ratio)
             text += f" (limit {format_bytes(limit)})"
         out.append(
             text + ": if it really needs that much, raise the limit to about 25 % above that; "

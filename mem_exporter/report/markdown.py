@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..config import Zones
+from ..enforcer import conditions
 from ..units import format_bytes
 from .analysis import (
     LEAK_MIN_GROWTH_BYTES,
@@ -308,8 +309,5 @@ def _limit(e: dict, a: Analysis) -> str:
     limit = e.get("limit")
     if limit is None:
         return "-"
-    if str(e.get("condition", "")) == "gpu_memory_above":
-        return f"{float(limit):.0%} of the card"
-    if str(e.get("condition", "")) == "system_available_below":
-        return f"{format_bytes(limit)} available"
-    return format_bytes(limit)
+    cond = conditions.named(str(e.get("condition", "")))  # None for `run`'s own and for unknown ones
+    return cond.limit_text(limit, format_bytes) if cond is not None else format_bytes(limit)
