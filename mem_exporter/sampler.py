@@ -118,8 +118,10 @@ def make_cgroup_sampler(config: Config, source_name: str, quiet: bool = False):
 
 
 class Sampler:
-    def __init__(self, config: Config, gpu=None, phase_watcher=None):
+    def __init__(self, config: Config, gpu=None, phase_watcher=None, scope: Callable[[Reader], Reader] | None = None):
         self.gpu = gpu
+        # wraps the source's reader to narrow what a tick reads: `run`'s sampler reads one process tree (run/tree.py)
+        self.scope = scope
         self.errors_total: Counter = Counter()
         self._cpu_prev: tuple[float, float] | None = None
         self._last_system = _EMPTY_SYSTEM
@@ -134,6 +136,8 @@ class Sampler:
 
     def configure(self, config: Config) -> None:
         source_name, reader = make_reader(config)
+        if self.scope is not None:
+            reader = self.scope(reader)
         cgroups = make_cgroup_sampler(config, source_name)
         with self._lock:
             old = getattr(self, "reader", None)
@@ -154,6 +158,13 @@ class Sampler:
             self._walked = sample
             self.walks += 1
             return sample
+
+    def read(self) -> Sample:
+        """A full sample read outside the walk schedule: neither counted as a walk nor kept for light ticks.
+        For a scoped reader whose processes are a few files away (`run`'s tree through child links), where
+        every reading is a full one and none lists the host."""
+        with self._lock:
+            return self._tick()
 
     def release_descriptors(self) -> None:
         """Close the descriptors a walk keeps for the next one: between walks a minute apart they only

@@ -22,7 +22,7 @@ MB = 1000**2
 # `mem-exporter run ARGS`, with counters; argv: counts file, links | listing, then run's arguments
 COUNTED_RUN = textwrap.dedent("""
     import json, os, sys
-    import mem_exporter.run as run
+    import mem_exporter.run.tree as run
     from mem_exporter.cli import main
     from mem_exporter.sampler import Sampler
 
