@@ -118,10 +118,20 @@ def make_cgroup_sampler(config: Config, source_name: str, quiet: bool = False):
 
 
 class Sampler:
-    def __init__(self, config: Config, gpu=None, phase_watcher=None, scope: Callable[[Reader], Reader] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        gpu=None,
+        phase_watcher=None,
+        scope: Callable[[Reader], Reader] | None = None,
+        host_load: bool = True,
+    ):
         self.gpu = gpu
         # wraps the source's reader to narrow what a tick reads: `run`'s sampler reads one process tree (run/tree.py)
         self.scope = scope
+        # the host's CPU share and PSI in each sample: two more reads of procfs a tick, which `run` makes only
+        # when it serves /metrics
+        self.host_load = host_load
         self.errors_total: Counter = Counter()
         self._cpu_prev: tuple[float, float] | None = None
         self._last_system = _EMPTY_SYSTEM
@@ -289,6 +299,8 @@ class Sampler:
 
     def _pressure(self) -> tuple[MemoryPressure | None, dict[str, MemoryPressure]]:
         """The host's PSI, and that of each cgroup a pressure rule names (a few small reads; None without PSI)."""
+        if not self.host_load:
+            return None, {}
         paths = self.config.paths
         host = read_pressure(host_pressure_path(paths.procfs))
         cgroups = {}
@@ -301,6 +313,8 @@ class Sampler:
         return host, cgroups
 
     def _cpu_usage(self) -> float | None:
+        if not self.host_load:
+            return None
         busy, total = self.reader.read_cpu_times()
         prev, self._cpu_prev = self._cpu_prev, (busy, total)
         if prev is None or total <= prev[1]:

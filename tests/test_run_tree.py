@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HOG, ROOT, pid_alive, run_to_the_kill, wait_for
+from conftest import HOG, ROOT, free_port, pid_alive, run_to_the_kill, wait_for
 from procfs_builder import FakeProc
 
 MB = 1000**2
@@ -260,7 +260,8 @@ def test_a_consumer_attached_to_run_gets_every_reading_of_the_tree(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEM_EXPORTER_")}
     env["PYTHONPATH"] = str(ROOT)
     command = [sys.executable, HOG, "--mb", "20", "--exit", "0", "--sleep", "2"]
-    observed_run = [sys.executable, "-c", OBSERVED_RUN, str(out), "-i", "0.3", "-l", str(log)]
+    listen = f"127.0.0.1:{free_port()}"  # what it serves carries the host's CPU share: the sample reads it
+    observed_run = [sys.executable, "-c", OBSERVED_RUN, str(out), "-i", "0.3", "-l", str(log), "--listen", listen]
     done = subprocess.run(
         [*observed_run, "--", *command], env=env, capture_output=True, text=True, timeout=60, start_new_session=True
     )

@@ -113,7 +113,9 @@ class Runner:
         self.config = load_config(None, {"interval": opts.interval, "source": opts.source})
         self.tree: TreeReader | None = None  # the Sampler's reader: the tree under the wrapper, as tree.py reads it
         # `mem-exporter phase NAME` marks samples
-        self.sampler = Sampler(self.config, phase_watcher=PhaseWatcher(), scope=self._scoped)
+        self.sampler = Sampler(
+            self.config, phase_watcher=PhaseWatcher(), scope=self._scoped, host_load=bool(opts.listen)
+        )
         self.actuator = make_actuator(self.config)
         # nothing in the user's own tree is exempt, not even a member that joined the wrapper's process group
         self.ctx = dataclasses.replace(own_context(self.config.paths.procfs, builtin=False), pgid=-1)
