@@ -80,8 +80,20 @@ def make_cgroup_sampler(config: Config, source_name: str, quiet: bool = False):
 
 
 class Sampler:
-    def __init__(self, config: Config, gpu=None, phase_watcher=None):
+    def __init__(
+        self,
+        config: Config,
+        gpu=None,
+        phase_watcher=None,
+        scope: Callable[[Reader], Reader] | None = None,
+        host_load: bool = True,
+    ):
         self.gpu = gpu
+        # wraps the source's reader to narrow what a tick reads: `run`'s sampler reads one process tree (run/tree.py)
+        self.scope = scope
+        # the host's CPU share and PSI in each sample: two more reads of procfs a tick, which `run` makes only
+        # when it serves /metrics
+        self.host_load = host_load
         self.errors_total: Counter = Counter()
         self._cpu_prev: tuple[float, float] | None = None
         self._last_system = _EMPTY_SYSTEM
@@ -96,6 +108,8 @@ class Sampler:
 
     def configure(self, config: Config) -> None:
         source_name, reader = make_reader(config)
+        if self.scope is not None:
+            reader = self.scope(reader)
         cgroups = make_cgroup_sampler(config, source_name)
         with self._lock:
             old: Reader | None = getattr(self, "reader", None)  # None on the first configure
@@ -115,6 +129,13 @@ class Sampler:
             self._walked = sample
             self.walks += 1
             return sample
+
+    def read(self) -> Sample:
+        """A full sample read outside the walk schedule: neither counted as a walk nor kept for light ticks.
+        For a scoped reader whose processes are a few files away (`run`'s tree through child links), where
+        every reading is a full one and none lists the host."""
+        with self._lock:
+            return self._tick()
 
     def release_descriptors(self) -> None:
         """Close the descriptors a walk keeps for the next one: between walks a minute apart they only
@@ -237,6 +258,8 @@ class Sampler:
 
     def _pressure(self) -> tuple[MemoryPressure | None, dict[str, MemoryPressure]]:
         """The host's PSI, and that of each cgroup a rule's condition needs (a few small reads; None without PSI)."""
+        if not self.host_load:
+            return None, {}
         paths = self.config.paths
         host = read_pressure(host_pressure_path(paths.procfs))
         cgroups = {}
@@ -249,6 +272,8 @@ class Sampler:
         return host, cgroups
 
     def _cpu_usage(self) -> float | None:
+        if not self.host_load:
+            return None
         busy, total = self.reader.read_cpu_times()
         prev, self._cpu_prev = self._cpu_prev, (busy, total)
         if prev is None or total <= prev[1]:

@@ -70,7 +70,8 @@ for module, names in GONE.items():
 for name in ("pwd", "grp", "resource", "termios"):
     sys.modules[name] = None  # `import pwd` raises ImportError, as on Windows
 
-from mem_exporter import cli, run, service
+from mem_exporter import cli, service
+from mem_exporter.run import runner as run
 from mem_exporter.enforcer import daemon, portable
 from mem_exporter.run.supervisor import PollingSupervisor
 

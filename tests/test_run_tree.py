@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HOG, ROOT, pid_alive, run_to_the_kill, wait_for
+from conftest import HOG, ROOT, free_port, pid_alive, run_to_the_kill, wait_for
 from procfs_builder import FakeProc
 
 MB = 1000**2
@@ -22,7 +23,7 @@ MB = 1000**2
 # `mem-exporter run ARGS`, with counters; argv: counts file, links | listing, then run's arguments
 COUNTED_RUN = textwrap.dedent("""
     import json, os, sys
-    import mem_exporter.run as run
+    import mem_exporter.run.tree as run
     from mem_exporter.cli import main
     from mem_exporter.sampler import Sampler
 
@@ -168,3 +169,109 @@ def test_child_links_are_detected(tmp_path):
     children(fake, 100, {100: []})
     assert links_available(str(fake.root), 100) and links_available(f"{fake.root}/", 100)
     assert links_available("/proc", os.getpid()) == Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+# --- the Sampler over a reader scoped to the tree ------------------------------------------------
+
+
+def tree_sampler(fake: FakeProc, root: int = 100):
+    """A Sampler as `run` makes one: over the fixture tree's reader, narrowed to the tree under `root`."""
+    from mem_exporter.config import load_config
+    from mem_exporter.run.tree import TreeReader
+    from mem_exporter.sampler import Sampler
+
+    config = load_config(None, {"paths.procfs": str(fake.root), "interval": 0.5})
+    sampler = Sampler(config, scope=lambda reader: TreeReader(reader, config.paths.procfs, root))
+    return sampler, sampler.reader
+
+
+def test_a_sampler_over_the_tree_reader_samples_only_the_tree(tmp_path):
+    fake = FakeProc(tmp_path, total_kb=8_000_000, available_kb=6_000_000)
+    fake.add(100, "run", ppid=1)
+    children(fake, 100, {100: [101]})
+    fake.add(101, "sh", ppid=100, rss_kb=2048)
+    children(fake, 101, {101: [102]})
+    fake.add(102, "worker", ppid=101, sid=102, rss_kb=4096)
+    children(fake, 102, {102: []})
+    fake.add(200, "stranger", ppid=1, rss_kb=999_999)
+    sampler, tree = tree_sampler(fake)
+    assert not tree.lists_host  # the fixture has child links: the tree is read through them
+    first = sampler.read()
+    assert sorted(p.pid for p in first.processes) == [101, 102] and first.process_count == 2
+    assert sum(g.rss_bytes for g in first.groups) == (2048 + 4096) * 1024  # the stranger is in no group
+    assert first.system.total_bytes == 8_000_000 * 1024 and first.sources_up == {"procfs": True}
+    assert first.cpu_usage_ratio is None  # a share needs two readings of the CPU times
+    (fake.root / "stat").write_text("cpu  150 0 150 900 0 0 0 0 0 0\ncpu0 150 0 150 900 0 0 0 0 0 0\n")
+    second = sampler.read()
+    assert second.cpu_usage_ratio == 0.5  # (100 busy) / (200 total) since the last reading, as for any sample
+    assert sampler.walks == 0  # a reading of the tree is no walk of the host
+    assert sorted(tree.members) == [101, 102]
+
+
+def test_without_child_links_the_tree_comes_from_parent_links(tmp_path):
+    fake = FakeProc(tmp_path)
+    fake.add(100, "run", ppid=1)
+    fake.add(101, "sh", ppid=100)
+    fake.add(102, "worker", ppid=101, sid=102)
+    fake.add(200, "stranger", ppid=1)
+    sampler, tree = tree_sampler(fake)
+    assert tree.lists_host
+    sample = sampler.tick()  # lists and reads the host: a walk
+    assert sorted(p.pid for p in sample.processes) == [101, 102] and sampler.walks == 1
+    fake.add(103, "newcomer", ppid=102)  # forked between two full readings
+    fake.add(201, "outsider", ppid=1)
+    tree.read_members()
+    assert sorted(tree.members) == [101, 102, 103]
+    fake.add(202, "late", ppid=201)  # the child of a process outside the tree stays out
+    tree.read_members()
+    assert sorted(tree.members) == [101, 102, 103]
+
+
+# `run` with one more consumer of its readings; argv: output file, then run's arguments
+OBSERVED_RUN = textwrap.dedent("""
+    import json, os, sys
+    from mem_exporter.cli import build_parser
+    from mem_exporter.run import Runner, options_from
+
+    out, args = sys.argv[1], sys.argv[2:]
+    runner = Runner(options_from(build_parser().parse_args(["run", *args]), os.environ))
+    seen = []
+
+    def observe(reading):
+        sample = reading.sample
+        seen.append({
+            "full": reading.full,
+            "members": sorted(p.pid for p in reading.group.members),
+            "sampled": None if sample is None else sorted(p.pid for p in sample.processes),
+            "cpu": None if sample is None else sample.cpu_usage_ratio,
+            "total": None if sample is None else sample.system.total_bytes,
+        })
+
+    runner.consumers.append(observe)
+    status = runner.run()
+    with open(out, "w") as f:
+        json.dump({"status": status, "command_pid": runner.cmd_pid, "seen": seen}, f)
+    sys.exit(status)
+""")
+
+
+def test_a_consumer_attached_to_run_gets_every_reading_of_the_tree(tmp_path):
+    out, log = tmp_path / "seen.json", tmp_path / "run.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEM_EXPORTER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, HOG, "--mb", "20", "--exit", "0", "--sleep", "2"]
+    listen = f"127.0.0.1:{free_port()}"  # what it serves carries the host's CPU share: the sample reads it
+    observed_run = [sys.executable, "-c", OBSERVED_RUN, str(out), "-i", "0.3", "-l", str(log), "--listen", listen]
+    done = subprocess.run(
+        [*observed_run, "--", *command], env=env, capture_output=True, text=True, timeout=60, start_new_session=True
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    full = [r for r in result["seen"] if r["full"]]
+    assert result["status"] == 0 and len(full) >= 4
+    # each full reading is a sample of the tree (the hog), from the one Sampler: system memory and CPU share too
+    assert all(r["sampled"] == r["members"] for r in full)
+    assert any(r["members"] == [result["command_pid"]] for r in full)
+    assert all(r["total"] > 0 for r in full) and any(r["cpu"] is not None for r in full)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len([r for r in logged if r["type"] == "sample" and not r["fast"]]) == len(full)  # the log saw the same
