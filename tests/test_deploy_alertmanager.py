@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 import yaml
-from conftest import free_port
-from deploy_helpers import DEPLOY, run
-from tools import ALERTMANAGER, AMTOOL
+from helpers.deploy import DEPLOY, run
+from helpers.net import free_port
+from helpers.tools import ALERTMANAGER, AMTOOL
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 

@@ -20,9 +20,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from conftest import Daemon, metric_value, wait_for
-from deploy_helpers import DEPLOY, ROOT, load_yaml, run
-from tools import DOCKER_COMPOSE, HADOLINT
+from helpers.daemons import Daemon
+from helpers.deploy import DEPLOY, ROOT, load_yaml, run
+from helpers.metrics import metric_value
+from helpers.tools import DOCKER_COMPOSE, HADOLINT
+from helpers.waiting import wait_for
 
 from mem_exporter.config import load_config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from deploy_helpers import (
+from helpers.deploy import (
     DEPLOY,
     METRICS,
     RULE_FILES,
@@ -20,7 +20,7 @@ from deploy_helpers import (
     run,
     runbook_anchors,
 )
-from tools import PROMTOOL
+from helpers.tools import PROMTOOL
 
 from mem_exporter.zones import DEFAULT_ZONES
 

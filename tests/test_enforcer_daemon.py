@@ -6,8 +6,10 @@ import json
 import signal
 import uuid
 
-from alertmanager_helpers import Alertmanager, WebhookReceiver
-from conftest import metric_value, pid_alive, wait_for
+from helpers.alertmanager import Alertmanager, WebhookReceiver
+from helpers.metrics import metric_value
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 
 def test_enforce_daemon_kills_logs_counts_and_notifies(daemon, spawn_group, tmp_path):

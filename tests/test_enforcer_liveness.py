@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, free_port, http_get, metric_value, pid_alive, wait_for
+from helpers.metrics import metric_value
+from helpers.net import free_port, http_get
+from helpers.paths import ROOT
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.outbox import QUEUE_SIZE
 

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, pid_alive, wait_for
+from helpers.paths import ROOT
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.procfs import ProcfsReader
 

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import metric_value, wait_for
-from procfs_builder import FakeProc
-from sysfs_builder import FakeSys, add_fd, add_plain_fds
+from helpers.metrics import metric_value
+from helpers.procfs_builder import FakeProc
+from helpers.sysfs_builder import FakeSys, add_fd, add_plain_fds
+from helpers.waiting import wait_for
 
 GIB = 1024**3
 GAME, TRAIN = 5_000_100, 5_000_200  # never live PIDs

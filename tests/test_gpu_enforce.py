@@ -4,7 +4,8 @@ enforcer kills the right process group. Only this test's own hogs are selected (
 import json
 import uuid
 
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 GIB = 1024**3
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
-from conftest import wait_for
+from helpers.waiting import wait_for
 
 MiB = 2**20
 CLIENTS = 100  # web.max_connections' default: every slot taken

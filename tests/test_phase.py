@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import metric_value, wait_for
+from helpers.metrics import metric_value
+from helpers.waiting import wait_for
 
 from mem_exporter import phase
 from mem_exporter.phase import ENV, PhaseWatcher, default_path, read_phase, write_phase

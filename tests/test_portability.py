@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HOG
-from tools import tool
+from helpers.paths import HOG
+from helpers.tools import tool
 
 ROOT = Path(__file__).parents[1]
 # Modules that run on Linux only (the procfs source, PSI, DRM, the POSIX supervisor, child links) or, for

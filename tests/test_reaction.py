@@ -5,7 +5,8 @@ every rule selects only this test's own hogs by a unique tag."""
 
 import signal
 
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 MB = 1024 * 1024
 
@@ -99,7 +100,7 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
 
 
 def test_new_processes_reports_the_pids_it_will_never_watch(tmp_path):
-    from procfs_builder import FakeProc
+    from helpers.procfs_builder import FakeProc
 
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import GroupReader

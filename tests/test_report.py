@@ -13,8 +13,10 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import ROTATING_GPUS, free_port, http_get, serve_logging, wait_for
-from tools import PROMETHEUS
+from helpers.daemons import ROTATING_GPUS, serve_logging
+from helpers.net import free_port, http_get
+from helpers.tools import PROMETHEUS
+from helpers.waiting import wait_for
 
 from mem_exporter.config import Zone, Zones
 from mem_exporter.report import Run, analyse, write_report

@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HOG, free_port, http_get, is_hog, metric_value, pid_alive, wait_for
+from helpers.metrics import metric_value
+from helpers.net import free_port, http_get
+from helpers.paths import HOG
+from helpers.processes import is_hog, pid_alive
+from helpers.tools import PROMTOOL
+from helpers.waiting import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from tools import PROMTOOL
 
 ROOT = Path(__file__).parents[1]
 RUN = [sys.executable, "-m", "mem_exporter", "run"]

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_to_the_kill
+from helpers.daemons import run_to_the_kill
+from helpers.paths import ROOT
 
 from mem_exporter.cli import build_parser
 from mem_exporter.report.load import read_logs

@@ -14,8 +14,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HOG, ROOT, pid_alive, run_to_the_kill, wait_for
-from procfs_builder import FakeProc
+from helpers.daemons import run_to_the_kill
+from helpers.paths import HOG, ROOT
+from helpers.processes import pid_alive
+from helpers.procfs_builder import FakeProc
+from helpers.waiting import wait_for
 
 MB = 1000**2
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOG, wait_for
+from helpers.paths import HOG
+from helpers.waiting import wait_for
 
 from mem_exporter.phase import Setter, this_setter
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import metric_value, wait_for
+from helpers.metrics import metric_value
+from helpers.waiting import wait_for
 
 from mem_exporter.selfprotect import CAP_IPC_LOCK, CAP_SYS_RESOURCE, has_capability, should_write_oom_score_adj
 

@@ -6,7 +6,10 @@ import subprocess
 import time
 import uuid
 
-from conftest import MB, http_get, metric_value, wait_for
+from helpers.metrics import metric_value
+from helpers.net import http_get
+from helpers.processes import MB
+from helpers.waiting import wait_for
 
 
 def group_label_for_pgid(text: str, pgid: int) -> str | None:

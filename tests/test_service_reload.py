@@ -3,7 +3,8 @@
 import os
 import signal
 
-from conftest import free_port, wait_for
+from helpers.net import free_port
+from helpers.waiting import wait_for
 
 from mem_exporter.service import Service
 

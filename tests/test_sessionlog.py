@@ -11,7 +11,8 @@ import threading
 import time
 import uuid
 
-from conftest import serve_logging, wait_for
+from helpers.daemons import serve_logging
+from helpers.waiting import wait_for
 
 from mem_exporter.report import read_logs
 from mem_exporter.sample import GpuCard, GroupSample, ProcessInfo, Sample, SystemMemory

@@ -15,8 +15,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import free_port, metric_value, wait_for
-from tools import OPENSSL, PROMETHEUS, have
+from helpers.metrics import metric_value
+from helpers.net import free_port
+from helpers.tools import OPENSSL, PROMETHEUS, have
+from helpers.waiting import wait_for
 
 from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
