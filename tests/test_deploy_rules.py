@@ -56,6 +56,7 @@ def test_every_recording_rule_has_a_unit_test_and_uses_published_metrics(rule):
     assert not unknown, f"{rule['record']}: unknown metrics {sorted(unknown)}"
 
 
+@pytest.mark.slow
 def test_rule_unit_tests_pass_promtool_test_rules():
     assert RULE_TESTS, "no deploy/prometheus/tests/*.test.yml"
     result = run(PROMTOOL, "test", "rules", *map(str, RULE_TESTS))

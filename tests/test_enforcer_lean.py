@@ -46,6 +46,7 @@ def lean(tmp_path):
         enf.stop(timeout=30)
 
 
+@pytest.mark.slow
 def test_no_group_rule_walks_only_at_the_walk_interval(lean, tag):
     """A system rule that never fires: ticks every 0.2 s read /proc/meminfo, not every process."""
     rule = {"name": "low", "system_available_below": "1MB", "match": {"cmdline": tag}}
@@ -75,6 +76,7 @@ def test_a_victim_is_chosen_from_a_fresh_walk(lean, tag, spawn_group):
     assert pid_alive(hog.pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("events", ["auto", "off"])
 def test_one_group_rule_kills_a_newcomer_between_slow_walks(lean, tag, spawn_group, events):
     """A group born after the walk grows past its limit: found by process events (or the listing with

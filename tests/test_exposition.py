@@ -68,6 +68,7 @@ def test_golden_metrics_with_two_fake_gpus(tmp_path):
     assert 'mem_exporter_gpu_temperature_celsius{gpu="1"} 35.0' in text
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["none", "auto", f"fake:{GPU_SCENARIO}"])
 def test_a_real_scrape_passes_promtool(daemon, backend, source):
     d = daemon("serve", "--interval", "0.5s", "--gpu-backend", backend, "--source", source).wait_healthy()
@@ -85,6 +86,7 @@ def test_a_real_scrape_passes_promtool(daemon, backend, source):
         assert 'mem_exporter_gpu_info{driver_version="550.54.15",gpu="1",name="Tesla T4"' in text
 
 
+@pytest.mark.integration
 def test_serve_reports_a_spawned_group_within_ten_percent(daemon, spawn_group, source):
     from helpers.metrics import metric_value
     from helpers.waiting import wait_for

@@ -39,6 +39,7 @@ def events_of(path: Path, action: str) -> list[dict]:
     return [e for e in map(json.loads, path.read_text().splitlines()) if e["action"] == action]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("condition", ["max_gpu_memory: 4GiB", "gpu_memory_above: 30%"])
 def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp_path, condition):
     proc, sys_ = amd_box(tmp_path)
@@ -61,6 +62,7 @@ def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp
     assert all(e["group"] != f"game-{GAME}" for e in events_of(events, "dry_run"))
 
 
+@pytest.mark.integration
 def test_serve_on_fixture_trees_shows_the_amd_card_and_group_vram(daemon, tmp_path):
     proc, sys_ = amd_box(tmp_path)
     d = daemon("serve", "--interval", "0.3s", "--path.procfs", str(proc), "--path.sysfs", str(sys_)).wait_healthy()

@@ -184,6 +184,8 @@ enforcer:
             daemons["enforcer"].stop()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
     prom, hook = stack["prom"], stack["hook"]
     subprocess.run(

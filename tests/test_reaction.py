@@ -5,6 +5,7 @@ every rule selects only this test's own hogs by a unique tag."""
 
 import signal
 
+import pytest
 from helpers.processes import pid_alive
 from helpers.waiting import wait_for
 
@@ -38,6 +39,7 @@ def kills_seen(enf) -> list[tuple[dict, float]]:
     return seen
 
 
+@pytest.mark.slow
 def test_group_born_after_a_full_sample_dies_before_the_next(enforcer, spawn_group, tag):
     enf = enforcer(
         [{"name": "newborn", "match": {"cmdline": f"--tag {tag}"}, "max_rss": "150MB", "grace": "1s"}], interval="5s"
@@ -53,6 +55,7 @@ def test_group_born_after_a_full_sample_dies_before_the_next(enforcer, spawn_gro
     assert all(p.pid != hog.pid for p in enf.latest.processes)
 
 
+@pytest.mark.slow
 def test_system_rule_kills_the_largest_matching_group_between_full_samples(enforcer, spawn_group, tag):
     from mem_exporter.config import validate_config
 

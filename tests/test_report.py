@@ -62,6 +62,8 @@ def assert_png(path: Path) -> None:
     assert image.shape[0] > 100 and image.shape[1] > 100
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
     flat = spawn_group("--mb", "150", "--comm", "flathog")
     grow = spawn_group("--mb", "20", "--grow", "12", "--max-mb", "900", "--comm", "growhog")
@@ -116,6 +118,8 @@ def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
         assert_png(png)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs Debian's prometheus")
 def test_report_from_prometheus(daemon, tmp_path):
     phase_file = tmp_path / "phase"

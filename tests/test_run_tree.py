@@ -77,6 +77,7 @@ FORKING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["links", "listing"])
 def test_a_grandchild_past_the_limit_is_killed_with_the_tree(tmp_path, mode):
     counts, log, pid_file = tmp_path / "counts.json", tmp_path / "run.jsonl", tmp_path / "grandchild"

@@ -112,6 +112,7 @@ def _status(pid: int, key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not has_capability(CAP_IPC_LOCK), reason="needs CAP_IPC_LOCK")
 def test_enforce_locks_itself_and_plain_serve_does_not(daemon, tmp_path):
     cfg = tmp_path / "c.yaml"
