@@ -9,7 +9,7 @@ Rows:
 - real NVML: only where a driver answers; this includes the driver's own time.
 
 The DRM table times the fdinfo scan (the expensive part of the DRM source) over a fixture /proc of
-`--drm-processes` processes (default 1000) built in a temporary directory by tests/sysfs_builder.py:
+`--drm-processes` processes (default 1000) built in a temporary directory by tests/helpers/sysfs_builder.py:
 descriptors per process cycle through 8, 12, 20, 30, 45, 64, 120 and 250 (62 on average; a desktop
 or a server with browsers, databases and language servers), and one process in 20 holds a DRM client
 on the fixture's AMD card. Rows: the first read (every descriptor resolved), a steady read (the
@@ -30,9 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # nvml_stub: the pynvml test double
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.nvml_stub: the pynvml test double
 
-from nvml_stub import GIB, MIB, StubCard, StubNvml  # noqa: E402
+from helpers.nvml_stub import GIB, MIB, StubCard, StubNvml  # noqa: E402
 
 from mem_exporter.gpu import GpuSource, open_gpu_source  # noqa: E402
 from mem_exporter.gpu.drm import DrmSource  # noqa: E402
@@ -81,8 +81,8 @@ FD_COUNTS = (8, 12, 20, 30, 45, 64, 120, 250)
 def drm_tree(root: Path, processes: int) -> int:
     """A fixture /proc and /sys with `processes` processes; returns the number of descriptors."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from procfs_builder import FakeProc
-    from sysfs_builder import FakeSys, add_fd, add_plain_fds
+    from helpers.procfs_builder import FakeProc
+    from helpers.sysfs_builder import FakeSys, add_fd, add_plain_fds
 
     FakeSys(root / "sys").add_card("amd-discrete")
     fp = FakeProc(root / "proc")

@@ -41,7 +41,7 @@ while time.time() < end:
 
 
 def wait_dead(pids, timeout=20.0) -> bool:
-    from conftest import pid_alive
+    from helpers.processes import pid_alive
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -52,7 +52,7 @@ def wait_dead(pids, timeout=20.0) -> bool:
 
 
 def enforce_case(tmp: Path, name: str, cmd: list[str], limit: str) -> dict:
-    from conftest import metric_value
+    from helpers.metrics import metric_value
 
     events = tmp / f"{name}.jsonl"
     tag = f"busy{name}{os.getpid()}"

@@ -303,6 +303,84 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def system_trials(rates: list[float], phases: int, tmp: Path) -> dict:
+    """(a): per (side, rate), the trials at phases k/N of the interval."""
+    system: dict = {}
+    for rate in rates:
+        for k in range(phases):
+            for who in ("mem-exporter", "earlyoom"):
+                r = system_trial(who, rate, k / phases, tmp)
+                system.setdefault((who, rate), []).append(r)
+                print(f"(a) {who:12} {rate:4.0f} MiB/s phase {k}/{phases}: {r}", flush=True)
+    return system
+
+
+def print_system(system: dict, rates: list[float], phases: int, eo_version: str) -> None:
+    """(a)'s table."""
+    print(
+        f"(a) system_available_below vs {eo_version}, same MemAvailable point ({THRESHOLD_GAP // MIB} MiB below "
+        f"MemAvailable at the trial's start), {phases} phase-stratified trials per cell; median (max)"
+    )
+    print()
+    print(
+        "| rate MiB/s | mem-exporter overshoot MiB | earlyoom overshoot MiB "
+        "| ratio of medians (target <= 1, aim 0.5) "
+        "| mem-exporter crossing->death s | earlyoom crossing->death s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for rate in rates:
+        ours, theirs = system.get(("mem-exporter", rate), []), system.get(("earlyoom", rate), [])
+        o_med, t_med = med([x.get("overshoot_mib") for x in ours]), med([x.get("overshoot_mib") for x in theirs])
+        ratio = max(o_med, 0) / t_med if o_med is not None and t_med and t_med > 0 else None
+        errors = sum("error" in x for x in ours + theirs)
+        print(
+            f"| {rate:.0f} | {fmt(o_med)} ({fmt(top([x.get('overshoot_mib') for x in ours]))}) "
+            f"| {fmt(t_med)} ({fmt(top([x.get('overshoot_mib') for x in theirs]))}) | {fmt(ratio, '.2f')} "
+            f"| {fmt(med([x.get('cross_to_death_s') for x in ours]), '.3f')} "
+            f"({fmt(top([x.get('cross_to_death_s') for x in ours]), '.3f')}) "
+            f"| {fmt(med([x.get('cross_to_death_s') for x in theirs]), '.3f')} "
+            f"({fmt(top([x.get('cross_to_death_s') for x in theirs]), '.3f')}) |"
+            + (f" {errors} trial(s) failed" if errors else "")
+        )
+    print()
+
+
+def print_newborn(newborn: list[dict], phases: int) -> None:
+    """(b)'s table and its verdict."""
+    print(
+        f"(b) groups born at phase k/{phases} of the 2 s interval after a full sample, growing at "
+        f"200 MB/s past max_rss 300 MB (target: every trial within 10 %)"
+    )
+    print()
+    print("| born at (share of the interval) | peak MB | over the limit | birth->death s |")
+    print("| ---: | ---: | ---: | ---: |")
+    for r in newborn:
+        print(
+            f"| {fmt(r.get('phase'), '.2f')} | {fmt(r.get('peak_mb'))} | {fmt(r.get('over_pct'), '.1f')} % "
+            f"| {fmt(r.get('birth_to_death_s'), '.2f')} |" + (f" {r['error']}" if "error" in r else "")
+        )
+    worst = top([r.get("over_pct") for r in newborn])
+    ok = worst is not None and worst <= 10 and all("error" not in r for r in newborn)
+    print(f"\nworst {fmt(worst, '.1f')} % over (target <= 10 %: {'yes' if ok else 'no'})")
+    print()
+
+
+def print_cpu(cpu: dict, seconds: float) -> None:
+    """(c)'s table."""
+    print(
+        f"(c) CPU of `mem-exporter enforce` (interval 2 s) over {seconds:.0f} s, % of one core "
+        f"(target < 2 % at 1000 with the default config)"
+    )
+    print()
+    names = list(dict.fromkeys(name for _, name in cpu))
+    counts = list(dict.fromkeys(n for n, _ in cpu))
+    print("| config | " + " | ".join(f"+{n} processes" for n in counts) + " |")
+    print("| --- | " + " | ".join("---:" for _ in counts) + " |")
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{cpu[(n, name)] * 100:.2f} %" for n in counts) + " |")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="200,500", help="MiB/s for (a), comma separated")
@@ -323,12 +401,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-reaction-") as d:
         tmp = Path(d)
         if "a" not in skip:
-            for rate in rates:
-                for k in range(a.phases):
-                    for who in ("mem-exporter", "earlyoom"):
-                        r = system_trial(who, rate, k / a.phases, tmp)
-                        system.setdefault((who, rate), []).append(r)
-                        print(f"(a) {who:12} {rate:4.0f} MiB/s phase {k}/{a.phases}: {r}", flush=True)
+            system = system_trials(rates, a.phases, tmp)
         if "b" not in skip:
             tag = "new" + uuid.uuid4().hex[:10]
             enf = Enforcer([{"name": "newborn", "match": {"cmdline": f"--tag {tag}"}, "max_rss": NEWBORN_LIMIT}], tmp)
@@ -361,62 +434,11 @@ def main() -> int:
     eo_version = (eo.stdout + eo.stderr).strip()
     print()
     if system:
-        print(
-            f"(a) system_available_below vs {eo_version}, same MemAvailable point ({THRESHOLD_GAP // MIB} MiB below "
-            f"MemAvailable at the trial's start), {a.phases} phase-stratified trials per cell; median (max)"
-        )
-        print()
-        print(
-            "| rate MiB/s | mem-exporter overshoot MiB | earlyoom overshoot MiB "
-            "| ratio of medians (target <= 1, aim 0.5) "
-            "| mem-exporter crossing->death s | earlyoom crossing->death s |"
-        )
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        for rate in rates:
-            ours, theirs = system.get(("mem-exporter", rate), []), system.get(("earlyoom", rate), [])
-            o_med, t_med = med([x.get("overshoot_mib") for x in ours]), med([x.get("overshoot_mib") for x in theirs])
-            ratio = max(o_med, 0) / t_med if o_med is not None and t_med and t_med > 0 else None
-            errors = sum("error" in x for x in ours + theirs)
-            print(
-                f"| {rate:.0f} | {fmt(o_med)} ({fmt(top([x.get('overshoot_mib') for x in ours]))}) "
-                f"| {fmt(t_med)} ({fmt(top([x.get('overshoot_mib') for x in theirs]))}) | {fmt(ratio, '.2f')} "
-                f"| {fmt(med([x.get('cross_to_death_s') for x in ours]), '.3f')} "
-                f"({fmt(top([x.get('cross_to_death_s') for x in ours]), '.3f')}) "
-                f"| {fmt(med([x.get('cross_to_death_s') for x in theirs]), '.3f')} "
-                f"({fmt(top([x.get('cross_to_death_s') for x in theirs]), '.3f')}) |"
-                + (f" {errors} trial(s) failed" if errors else "")
-            )
-        print()
+        print_system(system, rates, a.phases, eo_version)
     if newborn:
-        print(
-            f"(b) groups born at phase k/{a.newborn_phases} of the 2 s interval after a full sample, growing at "
-            f"200 MB/s past max_rss 300 MB (target: every trial within 10 %)"
-        )
-        print()
-        print("| born at (share of the interval) | peak MB | over the limit | birth->death s |")
-        print("| ---: | ---: | ---: | ---: |")
-        for r in newborn:
-            print(
-                f"| {fmt(r.get('phase'), '.2f')} | {fmt(r.get('peak_mb'))} | {fmt(r.get('over_pct'), '.1f')} % "
-                f"| {fmt(r.get('birth_to_death_s'), '.2f')} |" + (f" {r['error']}" if "error" in r else "")
-            )
-        worst = top([r.get("over_pct") for r in newborn])
-        ok = worst is not None and worst <= 10 and all("error" not in r for r in newborn)
-        print(f"\nworst {fmt(worst, '.1f')} % over (target <= 10 %: {'yes' if ok else 'no'})")
-        print()
+        print_newborn(newborn, a.newborn_phases)
     if cpu:
-        print(
-            f"(c) CPU of `mem-exporter enforce` (interval 2 s) over {a.cpu_seconds:.0f} s, % of one core "
-            f"(target < 2 % at 1000 with the default config)"
-        )
-        print()
-        names = list(dict.fromkeys(name for _, name in cpu))
-        counts = list(dict.fromkeys(n for n, _ in cpu))
-        print("| config | " + " | ".join(f"+{n} processes" for n in counts) + " |")
-        print("| --- | " + " | ".join("---:" for _ in counts) + " |")
-        for name in names:
-            print(f"| {name} | " + " | ".join(f"{cpu[(n, name)] * 100:.2f} %" for n in counts) + " |")
-        print()
+        print_cpu(cpu, a.cpu_seconds)
     print(f"bench took {time.monotonic() - began:.0f} s")
     return 0
 

@@ -178,19 +178,8 @@ class CgroupSampler:
     def sample(self, reader: Reader, cfg: Groups, memtype: str) -> tuple[list[ProcessInfo], list[GroupSample], Counter]:
         """Every process (as first seen, or read now where summed) and every group; GPUs are for the caller."""
         skipped: Counter = Counter()
-        seen, known = self._seen, self._cgroups
-        current: dict[str, _Cgroup] = {}
-        self._ticks += 1
-        self._tree = self.accounts.tree(None if self._ticks % RESCAN == 1 else self._tree)
-        for path in self._tree:
-            raw = self.accounts.procs_raw(path)
-            if not raw:
-                continue
-            entry = known.get(path)
-            if entry is None or entry.raw != raw:
-                entry = self._read_cgroup(path, raw, reader, cfg, skipped)
-            current[path] = entry
-        self._cgroups = current
+        seen = self._seen
+        current = self._cgroups = self._walk(reader, cfg, skipped)
         alive: set[int] = set()
         for entry in current.values():
             alive.update(entry.pids)
@@ -248,6 +237,22 @@ class CgroupSampler:
         else:
             procs = list(seen.values())
         return procs, groups, skipped
+
+    def _walk(self, reader: Reader, cfg: Groups, skipped: Counter) -> dict[str, _Cgroup]:
+        """Every cgroup with processes in it; one whose cgroup.procs reads as before is the entry kept from then."""
+        known = self._cgroups
+        current: dict[str, _Cgroup] = {}
+        self._ticks += 1
+        self._tree = self.accounts.tree(None if self._ticks % RESCAN == 1 else self._tree)
+        for path in self._tree:
+            raw = self.accounts.procs_raw(path)
+            if not raw:
+                continue
+            entry = known.get(path)
+            if entry is None or entry.raw != raw:
+                entry = self._read_cgroup(path, raw, reader, cfg, skipped)
+            current[path] = entry
+        return current
 
     def _read_cgroup(self, path: str, raw: bytes, reader: Reader, cfg: Groups, skipped: Counter) -> _Cgroup:
         """A cgroup whose processes changed: newcomers read on first sight, members sorted into groups."""

@@ -28,6 +28,7 @@ _STATES = {s.encode(): s for s in "RSDTtWPIZX"}
 # stat's last 8 fields (start_data end_data start_brk arg_start arg_end env_start env_end exit_code)
 # as a reader without ptrace access to the process sees them
 _HIDDEN_EXEC_FIELDS = b" 0 0 0 0 0 0 0 0\n"
+_NO_ROLLUP: tuple[None, None, None] = (None, None, None)  # pss, swap, why incomplete: not read
 
 
 class DescriptorBudget:
@@ -322,19 +323,10 @@ class ProcfsReader:
             state = f[0]
             identity_base = base
             if state == b"Z" or state == b"X":
-                task = live_task(base, pid) if state == b"Z" and int(f[17]) > 1 else None
-                if task is None:
+                if (through := self._through_live_thread(pid, base, state, f, opened)) is None:
                     return None, "zombie"  # `opened` is closed below: a zombie is not worth keeping
-                # the leader exited, its threads run on: their memory and identity (command line, exe,
-                # cgroup: the leader's read empty) are read through a live thread, every time
-                statm, state, identity_base, reading = read_file(task + "statm"), b"S", task, None
-                if opened:
-                    self._budget.give()
-                    _close(opened)
-                    opened = None
-                if known is not None:
-                    self._forget(pid)
-                    known = None
+                identity_base, statm = through
+                state, reading, opened, known = b"S", None, None, None
             if int(f[6]) & PF_KTHREAD:
                 if opened:
                     self._keep(pid, known, opened)
@@ -362,32 +354,13 @@ class ProcfsReader:
             if opened:
                 self._keep(pid, known, opened)
                 opened = None
-        except _GONE:
-            self._forget(pid)
-            return None, "vanished"
-        except PermissionError:
-            self._forget(pid)
-            return None, "permission"
-        except (IndexError, ValueError):
-            self._forget(pid)
-            return None, "vanished"  # a truncated read of an exiting process
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):  # the process ran out: skipped, counted, not fatal
-                return None, "no_descriptor"
-            raise
+        except (OSError, IndexError, ValueError) as e:
+            return None, self._skip_reason(pid, e)
         finally:
             if opened:  # opened but not kept
                 _close(opened)
                 self._budget.give()
-        pss = swap = None
-        incomplete = None
-        if self.pss:  # smaps_rollup needs ptrace access: without it the process still counts, by RSS
-            try:
-                pss, swap = parse_smaps_rollup(read_file(base + "smaps_rollup"))
-            except PermissionError:
-                incomplete = "permission"
-            except OSError:
-                pass  # gone since, or a kernel before 4.14
+        pss, swap, incomplete = self._read_rollup(base) if self.pss else _NO_ROLLUP
         ints = self._ints
         ppid, pgid, sid = int(f[1]), int(f[2]), int(f[3])
         proc = ProcessInfo(
@@ -408,14 +381,53 @@ class ProcfsReader:
         )
         if known.last == proc:
             proc = known.last  # unchanged since the last walk: share it, so two samples cost one record
-        elif keep_open:
-            known.last = proc
         if keep_open:
+            known.last = proc
             # the next walk returns `last` as it is if stat and statm read the same (a 64-bit hash: to
             # match a given one takes about 2^64 tries): such a process has not exec'd either, since an
             # exec faults pages in and stat counts those (minflt). Not with PSS, read every walk.
             known.reading = None if self.pss else reading
         return proc, incomplete
+
+    def _through_live_thread(
+        self, pid: int, base: str, state: bytes, f: list[bytes], opened: tuple[int, int] | None
+    ) -> tuple[str, bytes] | None:
+        """A zombie (or dead) leader: None, or, while its threads run on, (a live thread's base, its statm).
+
+        Their memory and identity (command line, exe, cgroup: the leader's read empty) are read through a live
+        thread, every time: what is kept for the pid is forgotten, and `opened` closed."""
+        task = live_task(base, pid) if state == b"Z" and int(f[17]) > 1 else None
+        if task is None:
+            return None
+        statm = read_file(task + "statm")
+        if opened:
+            self._budget.give()
+            _close(opened)
+        self._forget(pid)
+        return task, statm
+
+    def _skip_reason(self, pid: int, e: Exception) -> str:
+        """Why a read that raised `e` skips the process; an error that is not the process's is raised again."""
+        if isinstance(e, OSError) and not isinstance(e, (*_GONE, PermissionError)):
+            if e.errno in (errno.EMFILE, errno.ENFILE):  # the process ran out: skipped, counted, not fatal
+                return "no_descriptor"
+            raise e
+        self._forget(pid)
+        if isinstance(e, PermissionError):
+            return "permission"
+        return "vanished"  # gone, or a truncated read of an exiting process (IndexError, ValueError)
+
+    @staticmethod
+    def _read_rollup(base: str) -> tuple[int | None, int | None, str | None]:
+        """(pss, swap, why incomplete) from smaps_rollup, which needs ptrace access: without it the process
+        still counts, by RSS."""
+        try:
+            pss, swap = parse_smaps_rollup(read_file(base + "smaps_rollup"))
+        except PermissionError:
+            return None, None, "permission"
+        except OSError:
+            return None, None, None  # gone since, or a kernel before 4.14
+        return pss, swap, None
 
     @staticmethod
     def _read_cmdline(base: str) -> str:

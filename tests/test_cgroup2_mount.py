@@ -10,7 +10,8 @@ import sys
 import uuid
 
 import pytest
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter import cgroups
 

@@ -12,8 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HOG, wait_for
-from procfs_builder import FakeProc
+from helpers.paths import HOG
+from helpers.procfs_builder import FakeProc
+from helpers.waiting import wait_for
 
 from mem_exporter.cgroupfs_reader import CgroupAccounts
 from mem_exporter.config import validate_config

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from procfs_builder import FakeProc
+from helpers.procfs_builder import FakeProc
 from prometheus_client.parser import text_string_to_metric_families
 
 from mem_exporter.config import Groups, RuleMatch, load_config

@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 import yaml
-from conftest import free_port
-from deploy_helpers import DEPLOY, run
-from tools import ALERTMANAGER, AMTOOL
+from helpers.deploy import DEPLOY, run
+from helpers.net import free_port
+from helpers.tools import ALERTMANAGER, AMTOOL
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 
@@ -100,6 +100,7 @@ def _alert(name, severity, **labels):
     return {"labels": {"alertname": name, "severity": severity, **labels}, "annotations": {"summary": name}}
 
 
+@pytest.mark.integration
 def test_critical_inhibits_the_warning_of_the_same_alert_and_host_only(alertmanager):
     _post(
         f"{alertmanager}/api/v2/alerts",
@@ -132,6 +133,7 @@ def test_critical_inhibits_the_warning_of_the_same_alert_and_host_only(alertmana
     }
 
 
+@pytest.mark.integration
 def test_a_down_target_inhibits_its_stale_samples_alert(alertmanager):
     _post(
         f"{alertmanager}/api/v2/alerts",

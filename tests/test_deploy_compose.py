@@ -20,9 +20,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from conftest import Daemon, metric_value, wait_for
-from deploy_helpers import DEPLOY, ROOT, load_yaml, run
-from tools import DOCKER_COMPOSE, HADOLINT
+from helpers.daemons import Daemon
+from helpers.deploy import DEPLOY, ROOT, load_yaml, run
+from helpers.metrics import metric_value
+from helpers.tools import DOCKER_COMPOSE, HADOLINT
+from helpers.waiting import wait_for
 
 from mem_exporter.config import load_config
 
@@ -124,6 +126,8 @@ def test_demo_service_runs_the_demo_workload_with_the_marker():
     assert not re.search(rule.match.cmdline, "python3 /lab/demo-workload.py")  # without the marker: not selected
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_lab_enforcer_kills_the_demo_workload_for_real(tmp_path):
     """The lab's config, rule and workload outside Docker: the workload grows (fast here), `mem-exporter enforce`
     with the lab's config kills it. The rule gets a second marker so it selects this run's workload alone."""

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import yaml
-from deploy_helpers import (
+from helpers.deploy import (
     DASHBOARDS,
     METRICS,
     ROOT,
@@ -18,7 +18,7 @@ from deploy_helpers import (
     recorded_names,
     run,
 )
-from tools import PROMTOOL
+from helpers.tools import PROMTOOL
 
 from mem_exporter.zones import DEFAULT_ZONES
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, load_yaml, rule_groups, run
-from tools import KUBERNETES_VALIDATE, PROMTOOL
+from helpers.deploy import DEPLOY, load_yaml, rule_groups, run
+from helpers.tools import KUBERNETES_VALIDATE, PROMTOOL
 
 from mem_exporter.config import load_config
 

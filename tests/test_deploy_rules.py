@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from deploy_helpers import (
+from helpers.deploy import (
     DEPLOY,
     METRICS,
     RULE_FILES,
@@ -20,7 +20,7 @@ from deploy_helpers import (
     run,
     runbook_anchors,
 )
-from tools import PROMTOOL
+from helpers.tools import PROMTOOL
 
 from mem_exporter.zones import DEFAULT_ZONES
 
@@ -56,6 +56,7 @@ def test_every_recording_rule_has_a_unit_test_and_uses_published_metrics(rule):
     assert not unknown, f"{rule['record']}: unknown metrics {sorted(unknown)}"
 
 
+@pytest.mark.slow
 def test_rule_unit_tests_pass_promtool_test_rules():
     assert RULE_TESTS, "no deploy/prometheus/tests/*.test.yml"
     result = run(PROMTOOL, "test", "rules", *map(str, RULE_TESTS))

@@ -5,7 +5,8 @@ import signal
 import time
 
 import pytest
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.enforcer.actuator import HAVE_PIDFD
 from mem_exporter.enforcer.actuator import ProcfsActuator as Actuator
@@ -117,7 +118,7 @@ def test_a_procfs_of_another_pid_namespace_is_never_signalled(tmp_path, spawn_gr
 
 def test_ancestors_are_the_whole_chain_up_to_init_and_a_cycle_ends_the_walk(tmp_path):
     """Every ancestor is protected, not only the parent: the enforcer's shell, its terminal, its session."""
-    from procfs_builder import FakeProc
+    from helpers.procfs_builder import FakeProc
 
     from mem_exporter.enforcer.actuator import ancestors
 

@@ -6,10 +6,15 @@ import json
 import signal
 import uuid
 
-from alertmanager_helpers import Alertmanager, WebhookReceiver
-from conftest import metric_value, pid_alive, wait_for
+import pytest
+from helpers.alertmanager import Alertmanager, WebhookReceiver
+from helpers.metrics import metric_value
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_enforce_daemon_kills_logs_counts_and_notifies(daemon, spawn_group, tmp_path):
     tag = "d" + uuid.uuid4().hex[:12]
     events = tmp_path / "events.jsonl"

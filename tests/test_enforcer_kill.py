@@ -9,7 +9,8 @@ import os
 import time
 
 import pytest
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.config import validate_config
 
@@ -77,6 +78,7 @@ def test_a_member_ignoring_sigterm_gets_sigkill_after_the_grace_period(enforcer,
     wait_for(lambda: not any(pid_alive(p) for p in [hog.pid, *kids]), 10, what="the group gone")
 
 
+@pytest.mark.slow
 def test_hard_ceiling_kills_a_sigterm_ignoring_grower_during_the_grace_period(enforcer, spawn_group, tag):
     hog = spawn_group("--grow", "200", "--max-mb", "3000", "--ignore", "SIGTERM", "--tag", tag)
     hog.wait_ready()
@@ -111,6 +113,7 @@ def test_dry_run_kills_nothing_and_logs_the_would_be_victim(enforcer, spawn_grou
     assert [x["action"] for x in written(tmp_path, hog.pgid)] == ["dry_run"]  # once, then the cooldown
 
 
+@pytest.mark.slow
 def test_stop_waits_for_a_kill_in_progress(enforcer, spawn_group, tag):
     hog = spawn_group("--mb", "150", "--ignore", "SIGTERM", "--tag", tag)
     hog.wait_ready()

@@ -10,7 +10,8 @@ import os
 import time
 
 import pytest
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.config import validate_config
 from mem_exporter.enforcer import Enforcer
@@ -46,6 +47,7 @@ def lean(tmp_path):
         enf.stop(timeout=30)
 
 
+@pytest.mark.slow
 def test_no_group_rule_walks_only_at_the_walk_interval(lean, tag):
     """A system rule that never fires: ticks every 0.2 s read /proc/meminfo, not every process."""
     rule = {"name": "low", "system_available_below": "1MB", "match": {"cmdline": tag}}
@@ -83,6 +85,7 @@ def connector_works() -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("events", ["auto", "off"])
 def test_one_group_rule_kills_a_newcomer_between_slow_walks(lean, tag, spawn_group, events):
     """A group born after the walk grows past its limit: found by process events (or the listing with

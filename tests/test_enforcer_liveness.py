@@ -9,7 +9,12 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, free_port, http_get, metric_value, pid_alive, wait_for
+import pytest
+from helpers.metrics import metric_value
+from helpers.net import free_port, http_get
+from helpers.paths import ROOT
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.outbox import QUEUE_SIZE
 
@@ -31,6 +36,8 @@ def fill(fd: int) -> int:
     return total
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_stderr_nobody_reads_stops_no_kill(tmp_path, spawn_group, tag):
     """stderr is a pipe, full, never read. A system rule with no victim logs a line every second from the
     enforcer's thread: that write used to block the thread, and the hog after it lived on."""
@@ -124,6 +131,8 @@ def _rss(pid: int) -> int:
         return 0
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_out_of_descriptors_a_kill_of_many_sigterm_ignoring_processes_still_reaches_sigkill(tmp_path, tag):
     """`ulimit -n 330`, 30 idle HTTP connections held open, a group of 300 processes ignoring SIGTERM: the
     kill spent the descriptors on pidfds, then failed for want of one and never sent SIGKILL; all lived."""

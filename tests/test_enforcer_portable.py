@@ -8,7 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.enforcer.actuator import Delivery
 from mem_exporter.enforcer.actuator import ProcfsActuator as Actuator

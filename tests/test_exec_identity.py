@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, pid_alive, wait_for
+from helpers.paths import ROOT
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.procfs import ProcfsReader
 
@@ -160,6 +162,7 @@ def test_a_reader_that_may_not_see_the_exec_fields_still_sees_the_new_command_li
         reader.wait()
 
 
+@pytest.mark.slow
 def test_a_cmdline_rule_selects_a_hog_that_exec_d_into_a_matching_command_line(execer, enforcer, tag, source):
     e = execer(150)
     enf = enforcer(

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from golden import assert_golden, promtool_check, render
-from procfs_builder import FakeProc
+from helpers.golden import assert_golden, promtool_check, render
+from helpers.procfs_builder import FakeProc
 
 from mem_exporter.config import validate_config
 from mem_exporter.gpu import open_gpu_source
@@ -68,16 +68,17 @@ def test_golden_metrics_with_two_fake_gpus(tmp_path):
     assert 'mem_exporter_gpu_temperature_celsius{gpu="1"} 35.0' in text
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["none", "auto", f"fake:{GPU_SCENARIO}"])
 def test_a_real_scrape_passes_promtool(daemon, backend, source):
     d = daemon("serve", "--interval", "0.5s", "--gpu-backend", backend, "--source", source).wait_healthy()
     text = d.metrics()
     assert promtool_check(text) == ""
-    from conftest import metric_value
+    from helpers.metrics import metric_value
 
     assert metric_value(text, "mem_exporter_source_up", source=source) == 1
     if backend == "auto":  # no NVIDIA driver on this machine: the GPU source is down, and says so
-        from conftest import metric_value
+        from helpers.metrics import metric_value
 
         assert metric_value(text, "mem_exporter_source_up", source="gpu") == 0
         assert "mem_exporter_gpu_info" not in text
@@ -85,8 +86,10 @@ def test_a_real_scrape_passes_promtool(daemon, backend, source):
         assert 'mem_exporter_gpu_info{driver_version="550.54.15",gpu="1",name="Tesla T4"' in text
 
 
+@pytest.mark.integration
 def test_serve_reports_a_spawned_group_within_ten_percent(daemon, spawn_group, source):
-    from conftest import metric_value, wait_for
+    from helpers.metrics import metric_value
+    from helpers.waiting import wait_for
 
     hog = spawn_group("--mb", "200", "--children", "1", "--child-mb", "10")
     members = (hog.pid, *hog.wait_ready())

@@ -1,6 +1,6 @@
 """DRM cards (AMD, Intel) from fixture /sys and /proc trees: parsing, counting, caching, and /metrics.
 
-The trees are built by tests/sysfs_builder.py from tests/fixtures/drm (kernel-documented formats; the
+The trees are built by tests/helpers/sysfs_builder.py from tests/fixtures/drm (kernel-documented formats; the
 README there names the source of every line). /metrics is diffed against golden files and linted by
 promtool.
 """
@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from golden import assert_golden, render
-from procfs_builder import FakeProc
-from sysfs_builder import FakeSys, add_fd, add_plain_fds
+from helpers.golden import assert_golden, render
+from helpers.procfs_builder import FakeProc
+from helpers.sysfs_builder import FakeSys, add_fd, add_plain_fds
 
 from mem_exporter.config import validate_config
 from mem_exporter.gpu import CombinedSource, open_gpu_source

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import metric_value, wait_for
-from procfs_builder import FakeProc
-from sysfs_builder import FakeSys, add_fd, add_plain_fds
+from helpers.metrics import metric_value
+from helpers.procfs_builder import FakeProc
+from helpers.sysfs_builder import FakeSys, add_fd, add_plain_fds
+from helpers.waiting import wait_for
 
 GIB = 1024**3
 GAME, TRAIN = 5_000_100, 5_000_200  # never live PIDs
@@ -38,6 +39,7 @@ def events_of(path: Path, action: str) -> list[dict]:
     return [e for e in map(json.loads, path.read_text().splitlines()) if e["action"] == action]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("condition", ["max_gpu_memory: 4GiB", "gpu_memory_above: 30%"])
 def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp_path, condition):
     proc, sys_ = amd_box(tmp_path)
@@ -60,6 +62,7 @@ def test_a_vram_rule_on_an_amd_card_names_the_group_holding_the_vram(daemon, tmp
     assert all(e["group"] != f"game-{GAME}" for e in events_of(events, "dry_run"))
 
 
+@pytest.mark.integration
 def test_serve_on_fixture_trees_shows_the_amd_card_and_group_vram(daemon, tmp_path):
     proc, sys_ = amd_box(tmp_path)
     d = daemon("serve", "--interval", "0.3s", "--path.procfs", str(proc), "--path.sysfs", str(sys_)).wait_healthy()

@@ -4,7 +4,9 @@ enforcer kills the right process group. Only this test's own hogs are selected (
 import json
 import uuid
 
-from conftest import pid_alive, wait_for
+import pytest
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 GIB = 1024**3
 
@@ -39,6 +41,7 @@ def kills(events):
     return [e for e in map(json.loads, events.read_text().splitlines()) if e["action"] in ("term", "kill")]
 
 
+@pytest.mark.integration
 def test_a_group_over_its_vram_limit_is_killed(daemon, spawn_group, tmp_path):
     tag = "g" + uuid.uuid4().hex[:10]
     hog = spawn_group("--mb", "5", "--children", "1", "--tag", tag)
@@ -56,6 +59,7 @@ def test_a_group_over_its_vram_limit_is_killed(daemon, spawn_group, tmp_path):
     assert pid_alive(small.pid)  # 1 GiB: under the limit
 
 
+@pytest.mark.integration
 def test_a_full_card_loses_its_largest_vram_user(daemon, spawn_group, tmp_path):
     tag = "g" + uuid.uuid4().hex[:10]
     big = spawn_group("--mb", "5", "--tag", tag)

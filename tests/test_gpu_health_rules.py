@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_helpers import github_anchor, metric_names
+from helpers.deploy import github_anchor, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "mem-exporter-gpu-health.rules.yml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pynvml
 import pytest
-from nvml_stub import GIB, MIB, StubCard, StubNvml
+from helpers.nvml_stub import GIB, MIB, StubCard, StubNvml
 
 from mem_exporter.gpu import GpuReading, open_gpu_source
 from mem_exporter.gpu.nvml import NvmlSource

@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from golden import assert_golden, render
-from nvml_stub import GIB, StubCard, StubNvml
-from procfs_builder import FakeProc
+from helpers.golden import assert_golden, render
+from helpers.nvml_stub import GIB, StubCard, StubNvml
+from helpers.procfs_builder import FakeProc
 
 from mem_exporter.config import validate_config
 from mem_exporter.gpu import open_gpu_source

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 from test_platforms import DEDICATED, SHARED, Pdh
 
 from mem_exporter import platforms

@@ -6,7 +6,8 @@ from __future__ import annotations
 import socket
 import time
 
-from conftest import wait_for
+import pytest
+from helpers.waiting import wait_for
 
 MiB = 2**20
 CLIENTS = 100  # web.max_connections' default: every slot taken
@@ -27,6 +28,7 @@ def connect(port: int) -> socket.socket:
     return s
 
 
+@pytest.mark.integration
 def test_oversized_headers_get_431(daemon):
     d = daemon("serve", "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
     with connect(d.port) as s:
@@ -42,6 +44,8 @@ def test_oversized_headers_get_431(daemon):
         assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_hundred_slow_and_oversized_clients_stay_far_below_the_container_limit(daemon):
     d = daemon("serve", "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
     for _ in range(5):

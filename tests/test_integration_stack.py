@@ -28,10 +28,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from alertmanager_helpers import Alertmanager, WebhookReceiver
-from conftest import Daemon, free_port, pid_alive, wait_for
-from deploy_helpers import DEPLOY, dashboard_queries, iter_panels, load_dashboard, substitute
-from tools import PROMETHEUS
+from helpers.alertmanager import Alertmanager, WebhookReceiver
+from helpers.daemons import Daemon
+from helpers.deploy import DEPLOY, dashboard_queries, iter_panels, load_dashboard, substitute
+from helpers.net import free_port
+from helpers.processes import pid_alive
+from helpers.tools import PROMETHEUS
+from helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_GPU = ROOT / "mem_exporter" / "gpu" / "scenarios" / "demo-12gb.yaml"
@@ -181,6 +184,8 @@ enforcer:
             daemons["enforcer"].stop()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_kill_alerts_counters_and_every_dashboard_query(stack, spawn_group):
     prom, hook = stack["prom"], stack["hook"]
     subprocess.run(

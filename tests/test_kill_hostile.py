@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOG, ROOT, RUN, pid_alive, run_to_the_kill, wait_for
+from helpers.daemons import RUN, run_to_the_kill
+from helpers.paths import HOG, ROOT
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 
 def event_for(enf, pgid, actions=("term", "kill")):
@@ -156,7 +159,8 @@ def test_a_kill_thread_that_cannot_start_still_kills(enforcer, spawn_group, tag)
 @pytest.mark.parametrize("flag", ["--listen"])
 def test_run_listen_exports_the_enforcer_contract(tmp_path, flag):
     """`run --listen` limit series carry memtype, as the alert rules join on; counters start at 0."""
-    from conftest import free_port, http_get, metric_value
+    from helpers.metrics import metric_value
+    from helpers.net import free_port, http_get
 
     port = free_port()
     ready = tmp_path / "ready"

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_load  # noqa: E402
 
@@ -16,6 +18,8 @@ INTERVAL = 1.0
 GRACE = 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_scrape_flood_delays_neither_sampling_nor_a_kill(tmp_path):
     r = bench_load.run(
         tmp_path, scrapers=50, seconds=SECONDS, interval=INTERVAL, limit_mib=200, grow_mib=100, grace=GRACE

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import metric_value, wait_for
+from helpers.metrics import metric_value
+from helpers.waiting import wait_for
 
 from mem_exporter import phase
 from mem_exporter.phase import ENV, PhaseWatcher, default_path, read_phase, write_phase
@@ -117,6 +118,7 @@ def test_phase_command_on_a_planted_file_answers_at_once(tmp_path, kind):
     assert r.stderr.startswith(f"mem-exporter: {tmp_path / 'phase'}: ")
 
 
+@pytest.mark.integration
 def test_serve_keeps_sampling_with_a_fifo_as_phase_file(daemon, tmp_path):
     fifo = _planted(tmp_path, "fifo")
     d = daemon("serve", "--interval", "0.2s", "--gpu-backend", "none", "--phase-file", str(fifo)).wait_healthy()
@@ -164,6 +166,7 @@ def test_watcher_rereads_only_on_change(tmp_path, monkeypatch):
     assert read_phase(f) is None
 
 
+@pytest.mark.integration
 def test_serve_exports_the_phase(daemon, tmp_path):
     f = str(tmp_path / "phase")
     d = daemon("serve", "--interval", "0.2s", "--gpu-backend", "none", "--phase-file", f).wait_healthy()

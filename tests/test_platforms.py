@@ -9,7 +9,7 @@ import os
 import struct
 
 import pytest
-from golden import assert_golden, render
+from helpers.golden import assert_golden, render
 
 from mem_exporter import platforms
 from mem_exporter.config import validate_config

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HOG
-from tools import tool
+from helpers.paths import HOG
+from helpers.tools import tool
 
 ROOT = Path(__file__).parents[1]
 # Modules that run on Linux only (the procfs source, PSI, DRM, the POSIX supervisor, child links) or, for
@@ -30,6 +30,7 @@ LINUX_ONLY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["win32", "darwin"])
 def test_portable_modules_type_check_on_windows_and_macos(platform, tmp_path):
     """mypy with the other OS's view of the standard library: an unguarded os.killpg, signal.SIGHUP or
@@ -129,6 +130,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_serve_run_and_enforce_work_without_what_windows_lacks(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", WINDOWS_ABSENCES, str(tmp_path), HOG],

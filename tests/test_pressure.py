@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for
-from procfs_builder import FakeProc
+from helpers.procfs_builder import FakeProc
+from helpers.waiting import wait_for
 
 from mem_exporter.config import ConfigError, validate_config
 from mem_exporter.enforcer.policy import Context, PolicyState, decide

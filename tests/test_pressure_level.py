@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 from test_enforcer_policy import GB, ME, group, kinds, proc, rule
 
 from mem_exporter import platforms

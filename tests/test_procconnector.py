@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from helpers.paths import ROOT
 
 from mem_exporter import procconnector
 from mem_exporter.procconnector import ProcConnector, ProcEvent, parse

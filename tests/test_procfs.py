@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procfs_builder import FakeProc
+from helpers.procfs_builder import FakeProc
 
 from mem_exporter.procfs import PAGE_SIZE, ProcfsReader, parse_cgroup, parse_smaps_rollup, parse_stat
 

@@ -18,7 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HOG, free_port, pid_alive, wait_for
+from helpers.net import free_port
+from helpers.paths import HOG
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 from mem_exporter.enforcer.trust import Inspector
 from mem_exporter.procfs import ProcfsReader

@@ -5,7 +5,9 @@ every rule selects only this test's own hogs by a unique tag."""
 
 import signal
 
-from conftest import pid_alive, wait_for
+import pytest
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 
 MB = 1024 * 1024
 
@@ -37,6 +39,7 @@ def kills_seen(enf) -> list[tuple[dict, float]]:
     return seen
 
 
+@pytest.mark.slow
 def test_group_born_after_a_full_sample_dies_before_the_next(enforcer, spawn_group, tag):
     enf = enforcer(
         [{"name": "newborn", "match": {"cmdline": f"--tag {tag}"}, "max_rss": "150MB", "grace": "1s"}], interval="5s"
@@ -52,6 +55,7 @@ def test_group_born_after_a_full_sample_dies_before_the_next(enforcer, spawn_gro
     assert all(p.pid != hog.pid for p in enf.latest.processes)
 
 
+@pytest.mark.slow
 def test_system_rule_kills_the_largest_matching_group_between_full_samples(enforcer, spawn_group, tag):
     from mem_exporter.config import validate_config
 
@@ -99,7 +103,7 @@ def test_system_rule_kills_the_largest_matching_group_between_full_samples(enfor
 
 
 def test_new_processes_reports_the_pids_it_will_never_watch(tmp_path):
-    from procfs_builder import FakeProc
+    from helpers.procfs_builder import FakeProc
 
     from mem_exporter.config import validate_config
     from mem_exporter.sampler import GroupReader

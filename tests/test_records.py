@@ -366,7 +366,7 @@ def test_event_log_fsync_never_runs_on_the_callers_thread(tmp_path, monkeypatch)
         for i in range(40):  # rotations included
             log.write({"rule": "r", "action": "kill", "i": i, "pad": "x" * 60})
     assert threading.current_thread().name not in synced_on
-    from conftest import wait_for
+    from helpers.waiting import wait_for
 
     wait_for(lambda: "log-sync" in synced_on, 10, what="an fsync on the log's own thread")
     log.close()  # the caller asked: fsync here

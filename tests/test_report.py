@@ -13,8 +13,10 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import ROTATING_GPUS, free_port, http_get, serve_logging, wait_for
-from tools import PROMETHEUS
+from helpers.daemons import ROTATING_GPUS, serve_logging
+from helpers.net import free_port, http_get
+from helpers.tools import PROMETHEUS
+from helpers.waiting import wait_for
 
 from mem_exporter.config import Zone, Zones
 from mem_exporter.report import Run, analyse, write_report
@@ -60,6 +62,8 @@ def assert_png(path: Path) -> None:
     assert image.shape[0] > 100 and image.shape[1] > 100
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
     flat = spawn_group("--mb", "150", "--comm", "flathog")
     grow = spawn_group("--mb", "20", "--grow", "12", "--max-mb", "900", "--comm", "growhog")
@@ -114,6 +118,8 @@ def test_report_of_a_real_session(daemon, spawn_group, tmp_path):
         assert_png(png)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs Debian's prometheus")
 def test_report_from_prometheus(daemon, tmp_path):
     phase_file = tmp_path / "phase"

@@ -110,6 +110,7 @@ def test_the_charts_of_several_runs_break_between_runs_and_mark_each_kill(tmp_pa
     assert (tmp_path / "r-groups.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_section_with_nothing_to_say_prints_no_empty_table(tmp_path):
     """One phase all along (set before the run, kept): no change of phase, so no table of releases."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), MEM_EXPORTER_PHASE_FILE=str(tmp_path / "phase"))

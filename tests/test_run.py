@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HOG, free_port, http_get, is_hog, metric_value, pid_alive, wait_for
+from helpers.metrics import metric_value
+from helpers.net import free_port, http_get
+from helpers.paths import HOG
+from helpers.processes import is_hog, pid_alive
+from helpers.tools import PROMTOOL
+from helpers.waiting import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from tools import PROMTOOL
 
 ROOT = Path(__file__).parents[1]
 RUN = [sys.executable, "-m", "mem_exporter", "run"]
@@ -124,6 +128,7 @@ def wait_ready(path: Path, w: Wrapped, timeout: float = 30.0) -> list[int]:
 # --- the tree and its memory -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shell_children_count_in_the_tree_memory(wrap, tmp_path):
     log = tmp_path / "run.jsonl"
     script = f"{HOG} --mb 30 --sleep 2 & {HOG} --mb 30 --sleep 2 & wait"
@@ -239,6 +244,7 @@ def test_sigint_reaches_the_whole_tree_even_where_ignored(wrap, tmp_path):
     assert "got SIGINT" in w.stderr()
 
 
+@pytest.mark.integration
 def test_listen_serves_the_tree_and_its_limit(wrap, tmp_path):
     ready, port = tmp_path / "ready", free_port()
     w = wrap(

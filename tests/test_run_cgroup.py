@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import test_run
-from conftest import pid_alive, wait_for
+from helpers.processes import pid_alive
+from helpers.waiting import wait_for
 from test_run import POLLING, clean_env, hog, records, wait_ready
 
 from mem_exporter import cgroups

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_to_the_kill
+from helpers.daemons import run_to_the_kill
+from helpers.paths import ROOT
 
 from mem_exporter.cli import build_parser
 from mem_exporter.report.load import read_logs
@@ -100,6 +101,7 @@ def test_run_on_the_os_kills_at_its_own_number(tmp_path, platform, memtype, how)
     assert run.memtype == memtype and max(series.values) == max(s["memory_bytes"] for s in samples)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform,how", [("darwin", "file"), ("win32", "file")])
 def test_memory_the_os_does_not_count_as_its_own_is_not_limited(tmp_path, platform, how):
     """250 MB of clean file pages: RSS, but neither footprint nor commit. Under -t 150 the run ends by itself."""
@@ -110,6 +112,7 @@ def test_memory_the_os_does_not_count_as_its_own_is_not_limited(tmp_path, platfo
     assert peak > 200 * MB, records  # RSS did pass the threshold
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["darwin", "win32"])
 def test_memory_rss_keeps_todays_meaning(tmp_path, platform):
     records = run_to_the_kill(

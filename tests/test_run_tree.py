@@ -15,8 +15,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HOG, ROOT, free_port, pid_alive, run_to_the_kill, wait_for
-from procfs_builder import FakeProc
+from helpers.daemons import run_to_the_kill
+from helpers.net import free_port
+from helpers.paths import HOG, ROOT
+from helpers.processes import pid_alive
+from helpers.procfs_builder import FakeProc
+from helpers.waiting import wait_for
 
 MB = 1000**2
 
@@ -75,6 +79,7 @@ FORKING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["links", "listing"])
 def test_a_grandchild_past_the_limit_is_killed_with_the_tree(tmp_path, mode):
     counts, log, pid_file = tmp_path / "counts.json", tmp_path / "run.jsonl", tmp_path / "grandchild"

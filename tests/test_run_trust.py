@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import test_run
-from conftest import HOG, is_hog, pid_alive, wait_for
+from helpers.paths import HOG
+from helpers.processes import is_hog, pid_alive
+from helpers.waiting import wait_for
 from test_run import POLLING, Wrapped, clean_env, hog, records, wait_ready
 from test_run_cgroup import remove_leftover_cgroups
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOG, wait_for
+from helpers.paths import HOG
+from helpers.waiting import wait_for
 
 from mem_exporter.phase import Setter, this_setter
 
@@ -83,6 +84,7 @@ def test_a_symlink_to_dev_null_or_a_fifo_is_still_refused(tmp_path):
 # --- 2. short runs and the peak -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_short_run_is_sampled_fast_and_logs_the_moment_of_its_peak(tmp_path):
     log = tmp_path / "run.jsonl"
     r = run(tmp_path, "-t", "2000", "-l", str(log), "--", sys.executable, "-c", SPIKE)
@@ -99,6 +101,7 @@ def test_a_short_run_is_sampled_fast_and_logs_the_moment_of_its_peak(tmp_path):
     assert samples[0]["t"] <= peak["t"] <= end["t"]
 
 
+@pytest.mark.slow
 def test_after_its_young_seconds_a_run_samples_at_the_interval(tmp_path):
     log = tmp_path / "run.jsonl"
     r = run(tmp_path, "-i", "2s", "-l", str(log), "--", "sleep", "9")
@@ -121,6 +124,7 @@ def phases(log: Path) -> set:
     return {x["phase"] for x in records(log) if x["type"] == "sample"}
 
 
+@pytest.mark.slow
 def test_a_phase_set_before_the_run_is_not_adopted_and_the_log_says_so(tmp_path):
     log = tmp_path / "run.jsonl"
     hours_ago = Setter(**{**this_setter().__dict__, "t": time.time() - 3 * 3600})
@@ -147,6 +151,7 @@ def test_a_phase_whose_setters_session_has_ended_is_never_adopted(tmp_path):
     assert "has ended" in records(log)[-1]["phase_ignored"]["why"]
 
 
+@pytest.mark.slow
 def test_a_phase_set_during_the_run_is_adopted_and_shown(tmp_path):
     log = tmp_path / "run.jsonl"
     script = f"sleep 0.5; {sys.executable} -m mem_exporter phase Loading; sleep 1"
@@ -269,6 +274,7 @@ def assert_restored(out: bytes) -> None:
     assert b"mem-exporter: peak" in out[last_reset:]
 
 
+@pytest.mark.slow
 def test_the_status_keeps_the_last_row_and_the_terminal_is_restored_at_exit(terminal):
     lines = "; ".join(f"echo line-{i}; sleep 0.05" for i in range(40))
     t = terminal("-v", "-l", "/dev/null", "--", "sh", "-c", lines)

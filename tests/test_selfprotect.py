@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import metric_value, wait_for
+from helpers.metrics import metric_value
+from helpers.waiting import wait_for
 
 from mem_exporter.selfprotect import CAP_IPC_LOCK, CAP_SYS_RESOURCE, has_capability, should_write_oom_score_adj
 
@@ -111,6 +112,7 @@ def _status(pid: int, key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not has_capability(CAP_IPC_LOCK), reason="needs CAP_IPC_LOCK")
 def test_enforce_locks_itself_and_plain_serve_does_not(daemon, tmp_path):
     cfg = tmp_path / "c.yaml"

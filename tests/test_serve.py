@@ -6,7 +6,11 @@ import subprocess
 import time
 import uuid
 
-from conftest import MB, http_get, metric_value, wait_for
+import pytest
+from helpers.metrics import metric_value
+from helpers.net import http_get
+from helpers.processes import MB
+from helpers.waiting import wait_for
 
 
 def group_label_for_pgid(text: str, pgid: int) -> str | None:
@@ -20,6 +24,7 @@ def group_label_for_pgid(text: str, pgid: int) -> str | None:
     return None
 
 
+@pytest.mark.integration
 def test_a_spawned_group_appears_with_its_summed_rss(daemon, spawn_group):
     baseline = spawn_group()  # an idle hog: what the interpreter alone costs
     baseline.wait_ready()
@@ -45,6 +50,7 @@ def test_a_spawned_group_appears_with_its_summed_rss(daemon, spawn_group):
     assert abs(rss - expected) <= 0.10 * expected, f"rss {rss / MB:.1f} MiB vs expected {expected / MB:.1f} MiB"
 
 
+@pytest.mark.integration
 def test_landing_page_and_health(daemon):
     d = daemon("serve", "--interval", "0.5s", "--gpu-backend", "none").wait_healthy()
     status, body = http_get(d.url + "/")
@@ -58,6 +64,7 @@ def test_landing_page_and_health(daemon):
     assert metric_value(text, "process_resident_memory_bytes") > 0
 
 
+@pytest.mark.integration
 def test_sigterm_stops_within_a_second(daemon):
     d = daemon("serve", "--interval", "5s", "--gpu-backend", "none").wait_healthy()
     began = time.monotonic()
@@ -66,12 +73,14 @@ def test_sigterm_stops_within_a_second(daemon):
     assert time.monotonic() - began < 1.0
 
 
+@pytest.mark.integration
 def test_sigint_stops_cleanly(daemon):
     d = daemon("serve", "--gpu-backend", "none").wait_healthy()
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(5) == 0
 
 
+@pytest.mark.integration
 def test_sighup_reloads_and_a_bad_reload_keeps_the_last_good_config(daemon, tmp_path, spawn_group):
     tag = "reload-" + uuid.uuid4().hex[:10]  # a match no other hog on this machine has
     hog = spawn_group("--mb", "20", "--tag", tag)
@@ -101,6 +110,7 @@ def test_sighup_reloads_and_a_bad_reload_keeps_the_last_good_config(daemon, tmp_
     assert metric_value(d.metrics(), "mem_exporter_group_processes", group="the-hog") == 1
 
 
+@pytest.mark.integration
 def test_cannot_listen_is_one_line(tmp_path):
     import socket
     import sys

@@ -3,7 +3,9 @@
 import os
 import signal
 
-from conftest import free_port, wait_for
+import pytest
+from helpers.net import free_port
+from helpers.waiting import wait_for
 
 from mem_exporter.service import Service
 
@@ -17,6 +19,7 @@ def start(path, **overrides) -> Service:
     return Service(path, {"listen": f"127.0.0.1:{free_port()}", **overrides}, enforce=True).start()
 
 
+@pytest.mark.integration
 def test_a_files_dry_run_can_be_turned_off_by_a_reload(tmp_path):
     svc = start(config(tmp_path / "c.yaml", True))
     try:
@@ -28,6 +31,7 @@ def test_a_files_dry_run_can_be_turned_off_by_a_reload(tmp_path):
         svc.stop()
 
 
+@pytest.mark.integration
 def test_the_dry_run_flag_holds_across_reloads(tmp_path):
     svc = start(config(tmp_path / "c.yaml", False), **{"enforcer.dry_run": True})  # what `--dry-run` sets
     try:
@@ -38,6 +42,7 @@ def test_the_dry_run_flag_holds_across_reloads(tmp_path):
         svc.stop()
 
 
+@pytest.mark.integration
 def test_a_reload_with_an_infinite_limit_is_refused_and_the_running_rules_still_kill(
     tmp_path, daemon, spawn_group, tag
 ):

@@ -11,7 +11,9 @@ import threading
 import time
 import uuid
 
-from conftest import serve_logging, wait_for
+import pytest
+from helpers.daemons import serve_logging
+from helpers.waiting import wait_for
 
 from mem_exporter.logfile import RotatingFile
 from mem_exporter.report import read_logs
@@ -173,6 +175,8 @@ def test_csv_opens_in_a_spreadsheet_and_old_csv_still_reads(tmp_path):
     assert a.gpus["0"].values == b.gpus["0"].values
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_serve_writes_csv_session_logs(daemon, tmp_path):
     logs = tmp_path / "logs"
     d = serve_logging(daemon, logs, tmp_path / "phase", "--log-format", "csv", "--session", "stress test")
@@ -195,6 +199,7 @@ def test_serve_writes_csv_session_logs(daemon, tmp_path):
     assert run.gpus["0"].capacity == 12 * 2**30
 
 
+@pytest.mark.integration
 def test_enforce_session_keeps_kills_and_limits_with_the_samples(daemon, spawn_group, tmp_path):
     tag = "s" + uuid.uuid4().hex[:12]
     cfg = tmp_path / "enforce.yaml"

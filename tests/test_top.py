@@ -13,7 +13,7 @@ import termios
 import time
 from pathlib import Path
 
-from conftest import wait_for
+from helpers.waiting import wait_for
 
 from mem_exporter.config import Zone, Zones
 from mem_exporter.phase import write_phase

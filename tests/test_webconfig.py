@@ -15,8 +15,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import free_port, metric_value, wait_for
-from tools import OPENSSL, PROMETHEUS, have
+from helpers.metrics import metric_value
+from helpers.net import free_port
+from helpers.tools import OPENSSL, PROMETHEUS, have
+from helpers.waiting import wait_for
 
 from mem_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
@@ -184,6 +186,7 @@ def test_auth_checks_bcrypt_once_then_caches_and_accepts_htpasswd_hashes():
         assert not web.authorized(bad)
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_bad_web_config_with_exit_2(tmp_path):
     f = tmp_path / "web.yml"
     f.write_text("basic_auth_users: {prometheus: plain}\n")
@@ -229,6 +232,7 @@ def start_tls_daemon(daemon, tmp_path, cert, users, *extra):
     return d, url, web
 
 
+@pytest.mark.integration
 def test_tls_and_basic_auth_scrape(daemon, tmp_path, cert):
     d, url, _ = start_tls_daemon(daemon, tmp_path, cert, {"prom": hashed(PASSWORD)})
     status, body, headers = get(url + "/metrics", cert[0], ("prom", PASSWORD))
@@ -244,6 +248,7 @@ def test_tls_and_basic_auth_scrape(daemon, tmp_path, cert):
         urllib.request.urlopen(url + "/metrics", timeout=5)
 
 
+@pytest.mark.integration
 def test_sighup_rereads_the_web_config_and_keeps_it_when_bad(daemon, tmp_path, cert):
     d, url, web = start_tls_daemon(daemon, tmp_path, cert, {"prom": hashed(PASSWORD)})
     web.write_text("basic_auth_users: {prom: not-a-hash}\n")
@@ -256,6 +261,8 @@ def test_sighup_rereads_the_web_config_and_keeps_it_when_bad(daemon, tmp_path, c
     assert get(url + "/metrics", cert[0], ("prom", PASSWORD))[0] == 401
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not have("prometheus"), reason="needs prometheus (Debian package)")
 def test_real_prometheus_scrapes_through_tls_and_basic_auth(daemon, tmp_path, cert):
     d, _, _ = start_tls_daemon(daemon, tmp_path, cert, {"prom": hashed(PASSWORD)})
@@ -312,6 +319,8 @@ def test_real_prometheus_scrapes_through_tls_and_basic_auth(daemon, tmp_path, ce
 
 
 # --- connections -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.integration
 def test_connections_are_capped_with_503_and_silent_clients_dropped(daemon, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("web: {max_connections: 2, timeout: 3s}\n")
@@ -334,6 +343,7 @@ def test_connections_are_capped_with_503_and_silent_clients_dropped(daemon, tmp_
             s.close()
 
 
+@pytest.mark.integration
 def test_sigterm_does_not_wait_for_open_connections(daemon, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("web: {timeout: 60s}\n")

@@ -406,7 +406,6 @@ class DrmSource:
         procfs = self.procfs
         if self._counted is None:
             self._counted = fd_dir_size_is_count(procfs)
-        counted = self._counted
         pids = sorted(int(d) for d in os.listdir(procfs) if d.isdigit())  # lowest PID first: it owns shared clients
         for pid in pids:
             cost["stat"] += 1
@@ -415,49 +414,11 @@ class DrmSource:
                 continue  # gone, or a kernel thread
             alive.add(ident)
             fd_dir = f"{procfs}/{pid}/fd"
-            proc = self._procs.get(ident)
-            if proc is None:
-                # the first recheck is staggered by PID so that rechecks spread over ticks instead of
-                # every process started together being resolved again on one tick
-                proc = self._procs[ident] = _Proc(resolved_at=now - (pid % 61) / 61 * self.recheck)
-            elif now - proc.resolved_at >= self.recheck:
-                proc.fds, proc.listed, proc.size = {}, [], -1
-                proc.resolved_at = now
-            size = 0
-            if counted:
-                try:
-                    size = os.stat(fd_dir).st_size
-                except OSError:
-                    continue  # exited
-            if size and size == proc.size:
-                listed = proc.listed  # as many descriptors as at the last listing: the same ones (see above)
-            else:
-                try:
-                    cost["listdir"] += 1
-                    listed = os.listdir(fd_dir)
-                except PermissionError:
-                    unreadable += 1
-                    continue
-                except OSError:
-                    continue  # exited
-                proc.size = size
-            fds = proc.fds
-            if listed != proc.listed:  # one C-level comparison; listdir order is stable
-                proc.listed = listed
-                fresh = {}
-                for n in listed:
-                    known = fds.get(n)
-                    if known is None:
-                        cost["readlink"] += 1
-                        try:
-                            known = os.readlink(f"{fd_dir}/{n}").startswith("/dev/dri/")
-                        except PermissionError:
-                            known = False
-                        except OSError:
-                            continue
-                    fresh[n] = known
-                proc.fds = fresh
-                proc.drm = [n for n, is_drm in fresh.items() if is_drm]
+            proc = self._proc(ident, now)
+            skipped = self._resolve_fds(proc, fd_dir, cost)
+            if skipped:
+                unreadable += skipped == "unreadable"
+                continue
             denied = False
             for n in proc.drm:
                 cost["fdinfo"] += 1
@@ -471,10 +432,7 @@ class DrmSource:
                     continue
                 if client is None:
                     continue
-                key = slots.get(client.pdev or "")
-                if key is None:
-                    target = self._node_of(fd_dir, n)
-                    key = nodes.get(target) if target else None
+                key = slots.get(client.pdev or "") or self._card_of_node(fd_dir, n, nodes)
                 if key is None or key not in cards:
                     continue  # a card this source leaves to another (NVIDIA under auto) or does not know
                 if client.client_id is not None:
@@ -482,10 +440,7 @@ class DrmSource:
                     if ck in seen_clients:
                         continue  # another descriptor (or a lower PID) holds this client: counted once
                     seen_clients.add(ck)
-                per_pid = usage.setdefault(key, {}).setdefault(pid, [None, None])
-                for i, value in enumerate((client.vram_bytes, client.gtt_bytes)):
-                    if value is not None:
-                        per_pid[i] = (per_pid[i] or 0) + value
+                _add_usage(usage.setdefault(key, {}).setdefault(pid, [None, None]), client)
             if denied:
                 unreadable += 1
         for ident in [i for i in self._procs if i not in alive]:
@@ -496,6 +451,43 @@ class DrmSource:
             for key, per_pid in usage.items()
         }
         return out, unreadable
+
+    def _proc(self, ident: tuple[int, int], now: float) -> _Proc:
+        """What is kept about the process `ident` (pid, start time); forgotten each `recheck` seconds."""
+        proc = self._procs.get(ident)
+        if proc is None:
+            # the first recheck is staggered by PID so that rechecks spread over ticks instead of
+            # every process started together being resolved again on one tick
+            proc = self._procs[ident] = _Proc(resolved_at=now - (ident[0] % 61) / 61 * self.recheck)
+        elif now - proc.resolved_at >= self.recheck:
+            proc.fds, proc.listed, proc.size = {}, [], -1
+            proc.resolved_at = now
+        return proc
+
+    def _resolve_fds(self, proc: _Proc, fd_dir: str, cost: dict[str, int]) -> str | None:
+        """Brings `proc.drm` up to date with fd/; None, or why the process is skipped: "exited" or "unreadable"."""
+        size = 0
+        if self._counted:
+            try:
+                size = os.stat(fd_dir).st_size
+            except OSError:
+                return "exited"
+        if size and size == proc.size:
+            listed = proc.listed  # as many descriptors as at the last listing: the same ones (see above)
+        else:
+            try:
+                cost["listdir"] += 1
+                listed = os.listdir(fd_dir)
+            except PermissionError:
+                return "unreadable"
+            except OSError:
+                return "exited"
+            proc.size = size
+        if listed != proc.listed:  # one C-level comparison; listdir order is stable
+            proc.listed = listed
+            proc.fds = _resolve_links(proc.fds, listed, fd_dir, cost)
+            proc.drm = [n for n, is_drm in proc.fds.items() if is_drm]
+        return None
 
     def _identity(self, pid: int) -> tuple[int, int] | None:
         """(pid, start time) from stat; None for a process that is gone or a kernel thread."""
@@ -513,11 +505,37 @@ class DrmSource:
             return None
 
     @staticmethod
-    def _node_of(fd_dir: str, n: str) -> str | None:
+    def _card_of_node(fd_dir: str, n: str, nodes: dict[str, str]) -> str | None:
+        """The card key of the DRM node descriptor `n` points to (a client whose fdinfo names no PCI device)."""
         try:
-            return os.path.basename(os.readlink(f"{fd_dir}/{n}"))
+            target = os.path.basename(os.readlink(f"{fd_dir}/{n}"))
         except OSError:
             return None
+        return nodes.get(target) if target else None
+
+
+def _resolve_links(fds: dict[str, bool], listed: list[str], fd_dir: str, cost: dict[str, int]) -> dict[str, bool]:
+    """Descriptor number -> whether it points into /dev/dri/, for the `listed` ones; `fds` holds those known."""
+    fresh = {}
+    for n in listed:
+        known = fds.get(n)
+        if known is None:
+            cost["readlink"] += 1
+            try:
+                known = os.readlink(f"{fd_dir}/{n}").startswith("/dev/dri/")
+            except PermissionError:
+                known = False
+            except OSError:
+                continue
+        fresh[n] = known
+    return fresh
+
+
+def _add_usage(per_pid: list[int | None], client: DrmClient) -> None:
+    """Adds a client's [vram, gtt] to its process's; a size the client does not report leaves the sum as it is."""
+    for i, value in enumerate((client.vram_bytes, client.gtt_bytes)):
+        if value is not None:
+            per_pid[i] = (per_pid[i] or 0) + value
 
 
 def fd_dir_size_is_count(procfs: str) -> bool:

@@ -367,9 +367,26 @@ def _per_group(event: dict) -> bool:
 
 def recommendations(a: Analysis) -> list[str]:
     """Concrete advice from the numbers, most urgent first."""
-    run, out = a.run, []
+    out = [
+        *_kill_advice(a),
+        *_near_miss_advice(a),
+        *_leak_advice(a),
+        *_zone_advice(a),
+        *_release_advice(a),
+        *_swap_advice(a),
+    ]
+    if not out:
+        out.append(
+            "Nothing to change: every peak stayed out of the critical zone, no group came near a limit, "
+            "and no group grew steadily."
+        )
+    return out
+
+
+def _kill_advice(a: Analysis) -> list[str]:
+    """Per group and rule that killed: what to do about the limit."""
+    out: list[str] = []
     format_bytes = a.fmt  # every size below in the logs' own unit (MB for run logs)
-    killed = {e.get("group") for e in a.kills}  # no "time to the limit" for a group already killed
     by_group: dict[tuple[str, str], list[dict]] = {}
     for e in a.kills:
         by_group.setdefault((str(e.get("group") or "a group"), str(e.get("rule"))), []).append(e)
@@ -395,6 +412,13 @@ def recommendations(a: Analysis) -> list[str]:
             text + ": if it really needs that much, raise the limit to about 25 % above that; "
             "otherwise cut its memory (smaller batches, fewer workers), since the limit did its job."
         )
+    return out
+
+
+def _near_miss_advice(a: Analysis) -> list[str]:
+    """Per group that came near its limit, without a kill."""
+    out: list[str] = []
+    format_bytes = a.fmt
     for nm in a.near_misses:
         if nm.rule is None:
             continue
@@ -411,6 +435,14 @@ def recommendations(a: Analysis) -> list[str]:
             f"limit of rule `{nm.rule}`: raise the limit to at least {format_bytes(nm.peak * 1.25)} "
             "(peak + 25 %) or reduce its memory; one larger spike and the enforcer kills it."
         )
+    return out
+
+
+def _leak_advice(a: Analysis) -> list[str]:
+    """Per group that grew steadily: look for a leak, and when it reaches its limit at this rate."""
+    run, out = a.run, []
+    format_bytes = a.fmt
+    killed = {e.get("group") for e in a.kills}  # no "time to the limit" for a group already killed
     for lk in (lk for lk in a.leaks if lk.flagged):
         series = run.groups[lk.group]
         text = (
@@ -425,6 +457,13 @@ def recommendations(a: Analysis) -> list[str]:
                 f"{format_seconds((ceiling - series.values[-1]) / lk.slope)}"
             )
         out.append(text + ".")
+    return out
+
+
+def _zone_advice(a: Analysis) -> list[str]:
+    """For the host and each GPU: time in the critical zone, or much of the run in the caution zone."""
+    run, out = a.run, []
+    format_bytes = a.fmt
     for st in [a.system, *a.gpus]:
         if st is None or not st.zones:
             continue
@@ -455,6 +494,13 @@ def recommendations(a: Analysis) -> list[str]:
                 f"(peak {format_bytes(st.peak)}, {st.peak_ratio:.0%}){during}: little headroom is left "
                 "for a bigger input or one more job."
             )
+    return out
+
+
+def _release_advice(a: Analysis) -> list[str]:
+    """Memory a phase gained and did not give back when the run moved on to an idle phase."""
+    out: list[str] = []
+    format_bytes = a.fmt
     for tr in a.transitions:
         if (
             tr.gained >= RELEASE_MIN_BYTES
@@ -467,14 +513,16 @@ def recommendations(a: Analysis) -> list[str]:
                 f"'{tr.after}': free it before the next phase (drop references, `gc.collect()`, "
                 "`torch.cuda.empty_cache()`, unload the model)."
             )
+    return out
+
+
+def _swap_advice(a: Analysis) -> list[str]:
+    """Swap that was used in earnest."""
+    out: list[str] = []
+    format_bytes = a.fmt
     if a.swap and a.swap.peak >= max(RELEASE_MIN_BYTES, 0.1 * (a.swap.capacity or 0)):
         out.append(
             f"**Swap** peaked at {format_bytes(a.swap.peak)}: the host ran short of RAM and paged out; "
             "expect slowdowns, and treat the RAM numbers above as a floor."
-        )
-    if not out:
-        out.append(
-            "Nothing to change: every peak stayed out of the critical zone, no group came near a limit, "
-            "and no group grew steadily."
         )
     return out

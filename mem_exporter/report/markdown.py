@@ -111,12 +111,26 @@ STATS_HEADER = ["Resource", "Capacity", "Peak", "Peak share", "Mean", "p95", "Sa
 def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     run = a.run
     names = sorted({name for s in run.sessions if (name := s.get("session"))})
-    hosts = sorted({host for s in run.sessions if (host := s.get("host"))})
     lines = [f"# Memory report{': ' + ', '.join(names) if names else ''}", ""]
     if not run.times:
         return "\n".join(lines + ["No samples found in: " + ", ".join(run.sources), ""])
+    lines += _facts(a, note)
+    lines += _runs(a)
+    lines += _summary(a, charts)
+    lines += _groups(a, charts)
+    lines += _phases(a)
+    lines += _leaks(a)
+    lines += _kills(a)
+    lines += _recommendations(a)
+    return "\n".join(lines)
+
+
+def _facts(a: Analysis, note: str) -> list[str]:
+    """The table of facts: sources, the run's command and limit, the time span, the samples, the host."""
+    run = a.run
+    hosts = sorted({host for s in run.sessions if (host := s.get("host"))})
     fmt = a.fmt
-    format_bytes = fmt  # every size in the logs' own unit: MB for `run` logs, as `run` prints them
+    lines: list[str] = []
     start, end = run.start, run.end
     if run.only_runs:  # a run's own start and end, not its first and last sample
         start, end = min(r.started for r in run.runs), max(r.end for r in run.runs)
@@ -137,7 +151,14 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
     lines += _table(["", ""], facts)
     if note:
         lines += [note, ""]
+    return lines
 
+
+def _runs(a: Analysis) -> list[str]:
+    """`run`'s runs, one row each, and who was largest at the highest peak."""
+    run = a.run
+    fmt = a.fmt
+    lines: list[str] = []
     if run.runs:
         lines += ["## Runs", ""]
         lines += _table(["#", "Command", "Started", "Duration", "Limit", "Peak", "Exit", "Killed"], _run_rows(run, fmt))
@@ -147,15 +168,26 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
                 f"{m.get('comm')}[{m.get('pid')}] {fmt(m.get('memory_bytes'))}" for m in peak_run.peak_members[:5]
             )
             lines += [f"Largest at the peak of {fmt(peak_run.peak_bytes)}: {who}.", ""]
+    return lines
 
-    lines += ["## Summary", ""]
+
+def _summary(a: Analysis, charts: dict[str, Path]) -> list[str]:
+    """System RAM, swap and each GPU: peaks, means, time per zone."""
+    fmt = a.fmt
+    lines = ["## Summary", ""]
     rows = [_stats_row(st, fmt) for st in [a.system, a.swap, *a.gpus] if st]
     lines += _table(STATS_HEADER, rows)
     for key, title in (("system", "System memory"), ("gpus", "GPU memory")):
         if key in charts:
             lines += [f"![{title}]({charts[key].name})", ""]
+    return lines
 
-    lines += ["## Largest groups", ""]
+
+def _groups(a: Analysis, charts: dict[str, Path]) -> list[str]:
+    """The largest groups, each measured against its tightest limit, else the host's RAM."""
+    run = a.run
+    fmt = format_bytes = a.fmt  # every size in the logs' own unit: MB for `run` logs, as `run` prints them
+    lines = ["## Largest groups", ""]
     if a.groups:
         rows = []
         for st in a.groups:
@@ -177,8 +209,14 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
             lines += [f"![Largest groups]({charts['groups'].name})", ""]
     else:
         lines += ["No groups were logged.", ""]
+    return lines
 
-    lines += ["## Phases", ""]
+
+def _phases(a: Analysis) -> list[str]:
+    """Per phase: time, RAM and GPU peaks and means, the largest group; what each change of phase released."""
+    run = a.run
+    format_bytes = a.fmt  # every size in the logs' own unit: MB for `run` logs, as `run` prints them
+    lines = ["## Phases", ""]
     if any(row["phase"] for row in a.phases):
         gpu_keys = sorted(run.gpus)
         header = ["Phase", "Time", "RAM peak", "RAM mean"]
@@ -220,8 +258,13 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         lines += _table(["At", "Change", "Resource", "Gained before", "At the end", "Lowest after", "Released"], rows)
     if not any(row["phase"] for row in a.phases):
         lines += ["No phases were set (`mem-exporter phase NAME` marks them).", ""]
+    return lines
 
-    lines += [
+
+def _leaks(a: Analysis) -> list[str]:
+    """The leak check's rule, and its fit for the flagged and the largest groups."""
+    fmt = format_bytes = a.fmt  # every size in the logs' own unit: MB for `run` logs, as `run` prints them
+    lines = [
         "## Leak check",
         "",
         f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
@@ -247,8 +290,13 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         lines += _table(["Group", "Slope", "R²", "Growth", "Over", "Leak?"], rows)
     else:
         lines += ["No group had enough samples to check.", ""]
+    return lines
 
-    lines += ["## Kills and near misses", ""]
+
+def _kills(a: Analysis) -> list[str]:
+    """Kills, dry-run kills and near misses."""
+    format_bytes = a.fmt  # every size in the logs' own unit: MB for `run` logs, as `run` prints them
+    lines = ["## Kills and near misses", ""]
     if a.kills:
         rows = [
             [
@@ -286,8 +334,12 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         lines += _table(["What", "Peak", "Limit", "Share", "Limit from"], rows)
     else:
         lines += [f"No near misses (no peak reached {NEAR_MISS:.0%} of a limit or of a card).", ""]
+    return lines
 
-    lines += ["## Recommendations", ""]
+
+def _recommendations(a: Analysis) -> list[str]:
+    """The advice, numbered, and the footnote on zones and measures."""
+    lines = ["## Recommendations", ""]
     lines += [f"{i}. {text}" for i, text in enumerate(a.recommendations, 1)] + [""]
     lines += [
         "---",
@@ -298,7 +350,7 @@ def render(a: Analysis, charts: dict[str, Path], note: str = "") -> str:
         "Mean and p95 are over samples. Details: docs/report.md.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _limit(e: dict, a: Analysis) -> str:

@@ -6,6 +6,7 @@ import json
 import math
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
 
@@ -75,6 +76,15 @@ def read_prometheus(
         value = metric.get(label, "")
         return f"{value}@{metric.get('instance')}" if len(instances) > 1 else value
 
+    _add_system(run, data)
+    _add_gpus(run, data, name)
+    _add_groups(run, data, name)
+    _add_kills(run, data)
+    return run.finish()
+
+
+def _add_system(run: Run, data: dict[str, list[dict]]) -> None:
+    """The samples, their phases, system RAM and swap."""
     # a sample is a time at which the exporter reported its system memory
     totals = {t: v for s in data["total"] for t, v in _points(s)}
     phases = {t: s["metric"].get("phase") for s in data["phase"] for t, _ in _points(s)}
@@ -89,6 +99,10 @@ def read_prometheus(
     for s in data["swap_used"]:
         for t, v in _points(s):
             run.swap.add(t, v)
+
+
+def _add_gpus(run: Run, data: dict[str, list[dict]], name: Callable[[dict, str], str]) -> None:
+    """Each card: its size and its memory in use."""
     gpu_names = {name(s["metric"], "gpu"): s["metric"].get("name") for s in data["gpu_info"]}
     for s in data["gpu_total"]:
         idx = name(s["metric"], "gpu")
@@ -98,6 +112,10 @@ def read_prometheus(
         series = run.gpu(idx, gpu_names.get(idx), None)
         for t, v in _points(s):
             series.add(t, v)
+
+
+def _add_groups(run: Run, data: dict[str, list[dict]], name: Callable[[dict, str], str]) -> None:
+    """Each group: its memory, its GPU memory at the most, the enforcer's limits on it."""
     for s in data["groups"]:
         series = run.group(name(s["metric"], "group"))
         for t, v in _points(s):
@@ -109,12 +127,15 @@ def read_prometheus(
         points = _points(s)
         if points:
             run.group(name(s["metric"], "group")).limits[s["metric"].get("rule", "")] = points[-1][1]
+
+
+def _add_kills(run: Run, data: dict[str, list[dict]]) -> None:
+    """The enforcer's kills."""
     for s in data["kills"]:  # no event log here: a counter step is a kill, with the time and the rule
         points = _points(s)
         for (_, a), (t, b) in pairwise(points):
             if b > a:
                 run.events.append(_kill(t, s["metric"].get("rule", ""), int(b - a)))
-    return run.finish()
 
 
 def _kill(t: float, rule: str, count: int) -> dict[str, Any]:

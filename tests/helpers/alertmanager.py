@@ -20,8 +20,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from conftest import free_port
-from tools import ALERTMANAGER
+from helpers.net import free_port
+from helpers.tools import ALERTMANAGER
 
 
 class WebhookReceiver:

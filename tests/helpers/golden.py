@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
-from tools import PROMTOOL
 
+from helpers.paths import FIXTURES
+from helpers.tools import PROMTOOL
 from mem_exporter.exposition import SampleCollector
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+GOLDEN = FIXTURES / "golden"
 
 
 def render(sample, config) -> str:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-DRM_FIXTURES = Path(__file__).parent / "fixtures" / "drm"
+from helpers.paths import FIXTURES
+
+DRM_FIXTURES = FIXTURES / "drm"
 
 
 class FakeSys:
