@@ -145,9 +145,22 @@ def test_mypy_checks_each_implementation_against_its_protocol(tmp_path):
 # --- imports: no module imports one that imports it back ---------------------------------------------
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:`."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def import_graph() -> dict[str, set[str]]:
-    """module -> the project modules it imports, at the top or inside functions. Importing a submodule
-    runs its package's __init__ first: that is not counted as an import of the package."""
+    """module -> the project modules it imports at run time, at the top or inside functions (imports under
+    `if TYPE_CHECKING:` are for the type checker only: no cycle at run time). Importing a submodule runs
+    its package's __init__ first: that is not counted as an import of the package."""
     modules = {}
     for path in PACKAGE.rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -157,7 +170,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, (path, is_package) in modules.items():
         package = name if is_package else name.rpartition(".")[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
                 module = ".".join(base + ([node.module] if node.module else []))
@@ -236,7 +249,7 @@ def test_facilities_are_probed_in_one_place():
 
 def host_tree(root: Path, uptime: float, newest: int, parent: int) -> Path:
     """A procfs fixture: our own process under `parent` (under init), the clock, the newest pid."""
-    from procfs_builder import FakeProc
+    from helpers.procfs_builder import FakeProc
 
     fake = FakeProc(root)
     fake.add(os.getpid(), "me", ppid=parent)
