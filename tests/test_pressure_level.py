@@ -114,3 +114,16 @@ def test_a_critical_level_kills_the_selected_group_for_real(enforcer, spawn_grou
         4,
     )
     wait_for(lambda: not pid_alive(hog.pid) and not any(pid_alive(k) for k in kids), 10, what="the group gone")
+
+
+def test_the_cooldown_outlives_the_full_samples_between_kills():
+    """The level's cooldown is the rule's, like `system_available_below`'s: the enforcer's bounding of
+    per-group state after each full sample must not drop it, or a second group dies within `cooldown`."""
+    r = [rule(system_pressure_level="warn", match={"comm": "python"}, cooldown="30s")]
+    st = PolicyState()
+    (a,) = decide(at(JOB, SMALL, level=2, t=100), r, st, ME)
+    assert a.group.label == "python3-2000"
+    later = at(SMALL, level=2, t=105)
+    st.forget_gone({g.key for g in later.groups}, now=105, rules=r, started=104.9)
+    assert decide(later, r, st, ME) == []  # still cooling down
+    assert [a.group.label for a in decide(at(SMALL, level=2, t=131), r, st, ME)] == ["python3-1000"]

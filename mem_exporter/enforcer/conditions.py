@@ -389,9 +389,6 @@ class SystemPressureLevel(VictimChoice):
     )
     key = "pressure_level"
 
-    def rule_wide(self, key: str) -> bool:
-        return False  # as it has always been: this key's cooldown is bounded like a group's
-
     def reading(self, rule: Rule, rs: RuleState, p: Pass) -> tuple[float, float] | None:
         current, need = p.sample.system.pressure_level, LEVEL_OF_NAME[self.value(rule)]
         if current is None or current < need:
