@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 
 _SIZE_UNITS = {
     "": 1,
@@ -142,11 +144,7 @@ def read_yaml_lines(path) -> tuple[object, dict[tuple, int]]:
     import yaml
 
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ValueError(f"{source}: cannot read: {e.strerror or e}") from None
+    raw = _read_config_bytes(path, source)
     try:
         text = raw.decode()
     except UnicodeDecodeError as e:
@@ -172,6 +170,42 @@ def read_yaml_lines(path) -> tuple[object, dict[tuple, int]]:
         if loader is not None:
             loader.dispose()
     return data, lines
+
+
+CONFIG_MAX_BYTES = 4 << 20  # far above any real config; /dev/zero or a runaway file must not fill memory
+
+
+def _read_config_bytes(path, source: str) -> bytes:
+    """A config file's bytes. Only a regular file (a symlink to one, as a Kubernetes ConfigMap mounts it,
+    is fine): a FIFO would block a check or a reload until someone writes, a device may never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ValueError(f"{source}: cannot read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{source}: cannot read: not a regular file ({_file_kind(mode)})")
+        try:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+        except OSError as e:
+            raise ValueError(f"{source}: cannot read: {e.strerror or e}") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ValueError(f"{source}: larger than {CONFIG_MAX_BYTES >> 20} MiB: not a config file")
+    return raw
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _key_lines(node, path: tuple, out: dict[tuple, int]) -> None:

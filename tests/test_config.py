@@ -1,6 +1,7 @@
 """Config: units, validation errors (one line naming file and key), check-config, the shipped schema."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -240,6 +241,38 @@ def test_a_binary_file_is_named_in_its_error(tmp_path, content, problem):
     r = run_cli("check-config", str(f))
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert r.stdout.splitlines() == [f"{f}: {problem}"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_config_that_is_not_a_small_regular_file_is_one_line_at_once(tmp_path, kind):
+    """A FIFO blocked check-config (and a reload) until someone wrote to it; /dev/zero read until memory
+    ran out. Both are refused on sight, as is a file far larger than any config."""
+    if kind == "fifo":
+        f = tmp_path / "config.yaml"
+        os.mkfifo(f)
+        problem = "cannot read: not a regular file (a FIFO)"
+    elif kind == "device":
+        f = Path("/dev/zero")
+        problem = "cannot read: not a regular file (a character device)"
+    else:
+        f = tmp_path / "config.yaml"
+        with open(f, "wb") as out:
+            out.write(b"interval: 2s\n" + b"#" * (5 << 20) + b"\n")
+        problem = "larger than 4 MiB: not a config file"
+    r = subprocess.run(
+        [sys.executable, "-m", "mem_exporter", "check-config", str(f)], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"{f}: {problem}"]
+
+
+def test_a_config_behind_a_symlink_is_read(tmp_path):
+    """A Kubernetes ConfigMap mounts the file as a chain of symlinks to a regular file."""
+    real = tmp_path / "data" / "config.yaml"
+    real.parent.mkdir()
+    real.write_text("interval: 3s\n")
+    (tmp_path / "config.yaml").symlink_to(real)
+    assert load_config(tmp_path / "config.yaml").interval == 3
 
 
 def test_check_config_turns_any_validation_failure_into_one_line(tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 
 import pytest
 from helpers.net import free_port
@@ -70,3 +71,24 @@ def test_a_reload_with_an_infinite_limit_is_refused_and_the_running_rules_still_
     hog = spawn_group("--mb", "250", "--tag", tag)
     wait_for(lambda: hog.proc.poll() is not None, 20, what="the hog killed under the running rules")
     assert hog.proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.integration
+def test_a_reload_from_a_fifo_is_refused_at_once_and_the_config_stays(tmp_path):
+    """A FIFO where the config was blocked reload() (and with it the next reload and shutdown) until a
+    writer came; now it is a rejected reload like any unreadable file."""
+    path = tmp_path / "c.yaml"
+    svc = start(config(path, True))
+    try:
+        path.unlink()
+        os.mkfifo(path)
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(svc.reload()), daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():  # free the blocked reader before failing, so the service can stop
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        assert result == [False]
+        assert svc.enforcer.dry_run
+    finally:
+        svc.stop()
