@@ -255,6 +255,7 @@ _STR = {"type": "string"}
 _OPT_STR = {"type": ["string", "null"]}
 _OPT_INT = {"type": ["integer", "null"]}
 _OPT_NUM = {"type": ["number", "null"]}
+_MEMTYPE = {"enum": ["rss", "pss", "footprint", "private"]}  # which memory a log's byte counts are
 _GROUP = {
     "type": "object",
     "required": ["group", "key", "kind", "processes", "rss_bytes"],
@@ -293,7 +294,7 @@ LINE_SCHEMAS: dict[str, dict[str, Any]] = {
             "host": _STR,
             "pid": _INT,
             "format": _STR,
-            "memtype": {"enum": ["rss", "pss", "footprint", "private"]},
+            "memtype": _MEMTYPE,
             "interval": _NUM,
         },
     },
@@ -305,7 +306,7 @@ LINE_SCHEMAS: dict[str, dict[str, Any]] = {
             "t": _NUM,
             "timestamp": _STR,
             "phase": _OPT_STR,
-            "memtype": {"enum": ["rss", "pss", "footprint", "private"]},
+            "memtype": _MEMTYPE,
             "processes": _INT,
             "cpu_ratio": _OPT_NUM,
             "groups": {"type": "array", "items": _GROUP},
