@@ -4,6 +4,7 @@ enforcer, the source to run under. Plain helpers live in tests/helpers/."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,16 @@ from helpers.processes import Spawned
 def _private_phase_file(tmp_path_factory):
     """A phase someone set on this machine must not leak into the daemons the tests start."""
     os.environ["MEM_EXPORTER_PHASE_FILE"] = str(tmp_path_factory.mktemp("phase") / "phase")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _signals_as_a_terminal_gives_them():
+    """A suite started as a background job of a script (`cmd &`) inherits SIGINT and SIGQUIT ignored, and
+    every `run` it starts keeps them ignored, as a program started under nohup should. The tests that send
+    Ctrl-C want what a terminal gives: a handler here is reset to the default in each child at exec."""
+    for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGQUIT, signal.SIG_DFL)):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, handler)
 
 
 SOURCES = ("procfs", "psutil")
