@@ -50,6 +50,21 @@ def _sum_optional(values: Iterable[int | None]) -> int | None:
     return total if seen else None
 
 
+def sum_os_memory(parts: Sequence[ProcessInfo] | Sequence[GroupSample], memtype: str) -> int | None:
+    """macOS footprint or Windows private commit summed over processes (or groups): a part whose number
+    could not be read (another user's process) counts with its RSS; None where no part has the number
+    (another OS), so the group's own fallback to RSS applies."""
+    field, total, seen = f"{memtype}_bytes", 0, False
+    for part in parts:
+        value = getattr(part, field)
+        if value is None:
+            value = part.rss_bytes
+        else:
+            seen = True
+        total += value
+    return total if seen else None
+
+
 def make_group(
     key: str,
     kind: str,
@@ -80,8 +95,8 @@ def make_group(
         pss_bytes=_sum_optional(p.pss_bytes for p in members),
         swap_bytes=_sum_optional(p.swap_bytes for p in members),
         pgid=pgid,
-        footprint_bytes=_sum_optional(p.footprint_bytes for p in members),
-        private_bytes=_sum_optional(p.private_bytes for p in members),
+        footprint_bytes=sum_os_memory(members, "footprint"),
+        private_bytes=sum_os_memory(members, "private"),
         gpu_memory_bytes=gpu_memory or {},
         gpu_gtt_memory_bytes=gtt_memory or {},
     )
@@ -180,8 +195,8 @@ def cap_groups(
                 pss_bytes=_sum_optional(g.pss_bytes for g in rest),
                 swap_bytes=_sum_optional(g.swap_bytes for g in rest),
                 gpu_memory_bytes=gpu,
-                footprint_bytes=_sum_optional(g.footprint_bytes for g in rest),
-                private_bytes=_sum_optional(g.private_bytes for g in rest),
+                footprint_bytes=sum_os_memory(rest, "footprint"),
+                private_bytes=sum_os_memory(rest, "private"),
                 gpu_gtt_memory_bytes=gtt,
             )
         )

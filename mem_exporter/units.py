@@ -173,13 +173,14 @@ def read_yaml_lines(path) -> tuple[object, dict[tuple, int]]:
 
 
 CONFIG_MAX_BYTES = 4 << 20  # far above any real config; /dev/zero or a runaway file must not fill memory
+_OPEN_FLAGS = sum(getattr(os, name, 0) for name in ("O_NONBLOCK", "O_CLOEXEC", "O_BINARY"))  # each OS has some
 
 
 def _read_config_bytes(path, source: str) -> bytes:
     """A config file's bytes. Only a regular file (a symlink to one, as a Kubernetes ConfigMap mounts it,
     is fine): a FIFO would block a check or a reload until someone writes, a device may never end."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except OSError as e:
         raise ValueError(f"{source}: cannot read: {e.strerror or e}") from None
     with os.fdopen(fd, "rb") as f:

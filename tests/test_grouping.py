@@ -108,3 +108,21 @@ def test_pss_ranks_groups_when_configured():
     procs = [proc(1, "a", rss_mb=100, pss_mb=10), proc(2, "b", rss_mb=50, pss_mb=40)]
     assert [g.label for g in group_processes(procs, Groups(), memtype="pss")] == ["b-2", "a-1"]
     assert group_processes(procs, Groups(), memtype="pss")[0].pss_bytes == 40 * MB
+
+
+def test_a_member_whose_footprint_or_commit_is_unreadable_counts_with_its_rss():
+    """macOS gives no footprint of another user's process: it counts with its RSS, as docs/run.md says,
+    not as nothing (300 MB of footprint beside a 500 MB unreadable process is 800 MB, not 300)."""
+    from mem_exporter.run.tree import tree_group
+
+    mine = proc(100, "bun", rss_mb=120)._replace(footprint_bytes=300 * MB, private_bytes=310 * MB)
+    other = proc(101, "ollama", pgid=100, rss_mb=500)
+    for group in (group_processes([mine, other], Groups())[0], tree_group([mine, other], 100, "bun", "footprint")):
+        assert group.memory_bytes("footprint") == 800 * MB
+        assert group.memory_bytes("private") == 810 * MB
+    big, small = proc(200, "llama", rss_mb=2000), proc(300, "sh", rss_mb=7)
+    capped = cap_groups(group_processes([mine, other, big, small], Groups()), 1, 0)
+    assert [g.label for g in capped] == ["llama-200", "other"]
+    assert capped[1].memory_bytes("footprint") == 807 * MB  # groups summed alike: one without the number by RSS
+    plain = group_processes([proc(400, "linux", rss_mb=40)], Groups())[0]
+    assert (plain.footprint_bytes, plain.memory_bytes("footprint")) == (None, 40 * MB)  # another OS: RSS

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from ..grouping import _sum_optional, descendants
+from ..grouping import descendants, sum_os_memory
 from ..procfs import ProcfsReader, read_all
 from ..reader import Reader
 from ..sample import GroupSample, ProcessInfo, SystemMemory
@@ -104,8 +104,8 @@ def tree_group(members: Iterable[ProcessInfo], pid: int, label: str, memtype: st
         processes=len(ordered),
         members=tuple(ordered),
         pgid=pid,
-        footprint_bytes=_sum_optional(p.footprint_bytes for p in ordered),
-        private_bytes=_sum_optional(p.private_bytes for p in ordered),
+        footprint_bytes=sum_os_memory(ordered, "footprint"),
+        private_bytes=sum_os_memory(ordered, "private"),
     )
 
 
