@@ -1,6 +1,6 @@
 """The repository as a place to work in: conftest.py holds fixtures only (plain helpers are in tests/helpers/),
 the pre-commit hooks run README's checks as README gives them, the markers the tests use are registered, and
-the modules split to stay under the complexity limit stay under it."""
+the modules split to stay under the complexity limit stay under it, and the architecture map names every module."""
 
 from __future__ import annotations
 
@@ -60,3 +60,19 @@ def test_no_function_is_above_the_complexity_limit():
     every = [tool("ruff"), "check", "--select", "C901", "mem_exporter", "bench", "tests"]
     r = subprocess.run(every, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/architecture.md is where a newcomer looks a concern up: a module it does not name is one nobody finds."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "mem_exporter"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if path.name == "__init__.py":
+            named = rel == "__init__.py" or f"{path.parent.relative_to(package).as_posix()}/" in text
+        else:
+            named = f"`{rel}`" in text or f"`{path.name}`" in text or f"{rel}" in text
+        if not named:
+            missing.append(rel)
+    assert missing == []
