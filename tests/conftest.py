@@ -14,6 +14,8 @@ from helpers.daemons import Daemon
 from helpers.paths import HOG
 from helpers.processes import Spawned
 
+from mem_exporter.facilities import SOURCES
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_phase_file(tmp_path_factory):
@@ -29,9 +31,6 @@ def _signals_as_a_terminal_gives_them():
     for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGQUIT, signal.SIG_DFL)):
         if signal.getsignal(sig) == signal.SIG_IGN:
             signal.signal(sig, handler)
-
-
-SOURCES = ("procfs", "psutil")
 
 
 @pytest.fixture(params=SOURCES)
