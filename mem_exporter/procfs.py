@@ -494,6 +494,18 @@ def read_uptime(root: str) -> float | None:
         return None
 
 
+def kthreadd_pid(root: str = "/proc") -> int | None:
+    """2 where pid 2 is the kernel's thread starter (kthreadd), parent of every kernel thread: Linux, in the
+    host's pid namespace. None elsewhere: a pid namespace of its own (a container, `unshare -p`) shows no
+    kernel thread, and its pid 2 is an ordinary process whose children must not pass for kernel threads."""
+    try:
+        with open(f"{root}/2/stat", "rb") as f:
+            data = f.read()
+        return 2 if int(data[data.rfind(b")") + 2 :].split(None, 7)[6]) & PF_KTHREAD else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def own_pid_namespace(root: str) -> bool:
     """Whether `root` shows our own pid namespace: the NSpid line of its `self` holds one pid only.
     (A host's /proc mounted in a container shows an outer namespace, whose pids loadavg does not follow.)"""

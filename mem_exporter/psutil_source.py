@@ -146,6 +146,11 @@ class PsutilReader:
         self.is_host = is_host
         self._roots: dict[int, int] = {}  # pid -> tree root, from the last full read (trees only)
         self.platform = platforms.PLATFORM if platform is None else platform
+        self.kthreadd: int | None = None  # Linux's kernel threads' parent; none in a pid namespace of its own
+        if IS_LINUX:
+            from .procfs import kthreadd_pid
+
+            self.kthreadd = kthreadd_pid()
         # (memtype, reader) of the OS's own per-process number (footprint, private), None where there is none
         self.native = platforms.process_memory(self.platform)
         self._own_namespace: bool | None = None  # whether /proc's newest pid is ours (newest_pid)
@@ -204,7 +209,7 @@ class PsutilReader:
             info = getattr(p, "info", None) or _info(p, self.attrs, skipped)
             if info is None:
                 continue
-            if info["pid"] == 0 or (IS_LINUX and 2 in (info["pid"], info["ppid"])):
+            if info["pid"] == 0 or (self.kthreadd is not None and self.kthreadd in (info["pid"], info["ppid"])):
                 skipped["kernel_thread"] += 1  # the idle task / kernel_task, and Linux's kthreadd and its children
                 continue
             if info["status"] == psutil.STATUS_ZOMBIE:

@@ -6,6 +6,7 @@ this test's groups by a unique tag. The enforcer runs in this process, as root, 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers.net import free_port
-from helpers.paths import HOG
+from helpers.paths import HOG, ROOT
 from helpers.processes import pid_alive
 from helpers.waiting import wait_for
 
@@ -258,6 +259,59 @@ def test_root_is_uid_0_in_our_own_user_namespace(groups):
     inspect = Inspector()
     assert [inspect.is_root(read(g.pid)) for g in (plain, user, nested)] == [True, False, False]
     assert inspect.exe(read(plain.pid)) == ("/usr/bin/systemd-socket-activate", True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a pid namespace needs root")
+def test_in_a_pid_namespace_of_its_own_a_child_of_pid_2_is_no_kernel_thread():
+    """Pid 2 is the kernel threads' parent only in the host's pid namespace. In a container's (or under
+    `unshare -p`) it is an ordinary process, and its children were taken for kernel threads: exempt from
+    every rule, and left out by the psutil source."""
+    code = textwrap.dedent(
+        """
+        import json, os, time
+        from mem_exporter.enforcer.actuator import own_context
+        from mem_exporter.enforcer.policy import protection
+        from mem_exporter.procfs import ProcfsReader
+        from mem_exporter.psutil_source import PsutilReader
+        r, w = os.pipe()
+        if os.fork() == 0:  # pid 2 here
+            if os.fork() == 0:  # its child, a group of its own: ppid 2
+                os.setsid()
+                os.write(w, str(os.getpid()).encode()); os.close(w); time.sleep(30); os._exit(0)
+            os.wait(); os._exit(0)
+        os.close(w)
+        child = int(os.read(r, 20))
+        ctx = own_context()
+        (p,), _ = ProcfsReader("/proc").read_processes([child])
+        portable, skipped = PsutilReader().read_processes([child])
+        print(json.dumps({"pid": os.getpid(), "ppid": p.ppid, "kthreadd": ctx.kthreadd,
+                          "why": protection(p, ctx), "psutil": [q.pid for q in portable] == [child]}))
+        os.kill(child, 9)
+        """
+    )
+    out = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"pid": 1, "ppid": 2, "kthreadd": None, "why": None, "psutil": True}
+
+
+def test_kthreadd_is_pid_2_only_where_pid_2_is_a_kernel_thread(tmp_path):
+    from helpers.procfs_builder import FakeProc
+
+    from mem_exporter.procfs import kthreadd_pid
+
+    host, container, bare = FakeProc(tmp_path / "host"), FakeProc(tmp_path / "container"), FakeProc(tmp_path / "b")
+    host.add(2, "kthreadd", ppid=0, flags=0x00208040)  # PF_KTHREAD
+    container.add(2, "python3", ppid=1)
+    assert [kthreadd_pid(str(f.root)) for f in (host, container, bare)] == [2, None, None]
+    here = Path("/proc/2/comm")
+    assert kthreadd_pid() == (2 if here.exists() and here.read_text() == "kthreadd\n" else None)
 
 
 # --- 3. the exporter is known by pid, never by its command line ----------------------------------

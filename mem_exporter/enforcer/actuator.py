@@ -32,7 +32,7 @@ from typing import Protocol
 
 from ..facilities import PIDFD
 from ..procfs import ancestors as procfs_ancestors
-from ..procfs import parse_stat, task_alive
+from ..procfs import kthreadd_pid, parse_stat, task_alive
 from ..reader import Reader
 from ..sample import ProcessInfo
 from .policy import Context
@@ -130,6 +130,7 @@ def own_context(
         protect=protect,
         dry_run=dry_run,
         builtin=builtin,
+        kthreadd=kthreadd_pid(procfs),
         is_root=inspector.is_root,
         inspect_exe=inspector.exe,
         inspect_cgroup=inspector.cgroup,

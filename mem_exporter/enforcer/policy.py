@@ -66,6 +66,7 @@ class Context:
     dry_run: bool = False
     user_name: Callable[[int], str] = _user_name
     builtin: bool = True  # False for `run`: its tree is the user's own command, nothing in it is exempt
+    kthreadd: int | None = 2  # the kernel threads' parent; None in a pid namespace of its own (procfs.kthreadd_pid)
     # What trust.Inspector verifies of a process; None: the enforcer may not look.
     is_root: Callable[[ProcessInfo], bool | None] = _not_root  # real and effective uid 0, our user namespace
     inspect_exe: Callable[[ProcessInfo], tuple[str | None, bool | None]] = _nothing_trusted  # (path, root's alone)
@@ -210,7 +211,7 @@ def protection(p: ProcessInfo, ctx: Context) -> str | None:
     """Why this process must never be signalled, or None."""
     if p.pid == 1:
         return "pid 1"
-    if p.pid == 2 or p.ppid == 2 or p.pid <= 0:
+    if p.pid <= 0 or (ctx.kthreadd is not None and ctx.kthreadd in (p.pid, p.ppid)):
         return "kernel thread"
     if p.pid == ctx.pid:
         return "the enforcer itself"
