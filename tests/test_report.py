@@ -209,6 +209,23 @@ def test_leak_needs_a_steady_and_large_enough_rise():
     assert steady_leak.r2 == pytest.approx(1.0)
 
 
+def test_a_short_run_growing_until_it_ends_is_starting_up_not_leaking():
+    """A 3 s `bun test`, sampled every 0.25 s while young, grows from start to end: twelve samples on a
+    straight line. That is a suite starting up; the same line over 12 s is a leak."""
+    from mem_exporter.report.analysis import leak
+    from mem_exporter.report.model import Series
+
+    def rising(step: float) -> Series:
+        s = Series("bun")
+        for i in range(12):
+            s.add(i * step, 100 * MiB + i * 20 * MiB)
+        return s
+
+    short, longer = leak(rising(0.25), 3.0), leak(rising(1.0), 12.0)
+    assert short is not None and short.r2 == pytest.approx(1.0) and not short.flagged
+    assert longer is not None and longer.flagged
+
+
 def test_fit_percentile_and_zones():
     slope, start, r2 = fit([0, 1, 2, 3], [1, 3, 5, 7])
     assert (slope, start, r2) == (2, 1, 1)

@@ -29,6 +29,7 @@ LEAK_MIN_R2 = 0.80
 LEAK_MIN_GROWTH_BYTES = 16 * 2**20
 LEAK_MIN_GROWTH_RATIO = 0.10  # of the fitted starting size
 LEAK_MIN_SHARE_OF_RUN = 0.25  # sustained: a process that lived two seconds of an hour is not a leak
+LEAK_MIN_SECONDS = 5.0  # a test suite that grows until it ends a few seconds in is starting up, not leaking
 # A phase that gained memory should give at least half of it back by the low point of the next one.
 RELEASE_MIN_SHARE = 0.5
 RELEASE_MIN_BYTES = 256 * 2**20
@@ -174,6 +175,7 @@ def leak(series: Series, run_seconds: float) -> Leak | None:
         r2 >= LEAK_MIN_R2
         and growth >= LEAK_MIN_GROWTH_BYTES
         and seconds >= LEAK_MIN_SHARE_OF_RUN * run_seconds
+        and seconds >= LEAK_MIN_SECONDS
         and growth >= LEAK_MIN_GROWTH_RATIO * max(start, 1.0)
     )
     return Leak(series.name, slope, r2, growth, seconds, start, flagged)

@@ -14,6 +14,7 @@ from .analysis import (
     LEAK_MIN_GROWTH_RATIO,
     LEAK_MIN_R2,
     LEAK_MIN_SAMPLES,
+    LEAK_MIN_SECONDS,
     LEAK_MIN_SHARE_OF_RUN,
     NEAR_MISS,
     ZONES,
@@ -270,7 +271,7 @@ def _leaks(a: Analysis) -> list[str]:
         f"A group is flagged when a least-squares line over its samples (at least {LEAK_MIN_SAMPLES}) fits with "
         f"R² ≥ {LEAK_MIN_R2} and rises by at least {format_bytes(LEAK_MIN_GROWTH_BYTES)} and "
         f"{LEAK_MIN_GROWTH_RATIO:.0%} of its starting size, "
-        f"over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run.",
+        f"over at least {LEAK_MIN_SHARE_OF_RUN:.0%} of the run and {format_seconds(LEAK_MIN_SECONDS)}.",
         "",
     ]
     top_groups = {st.name for st in a.groups}
