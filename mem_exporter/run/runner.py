@@ -122,7 +122,9 @@ class Runner:
         )
         self.actuator = make_actuator(self.config)
         # nothing in the user's own tree is exempt, not even a member that joined the wrapper's process group
-        self.ctx = dataclasses.replace(own_context(self.config.paths.procfs, builtin=False), pgid=-1)
+        self.ctx = dataclasses.replace(
+            own_context(self.config.paths.procfs, builtin=False, reader=self.reader), pgid=-1
+        )  # ancestors read through the tree's reader, which asks the source it narrows
         self.rule = Rule(name=RULE, max_rss=opts.threshold, grace=opts.grace, hard_ceiling=HARD_CEILING)
         self.memtype = opts.memory  # rss | footprint | private: the number the threshold limits
         self.group: GroupSample | None = None
