@@ -282,7 +282,7 @@ class EnforcerConfig(_Strict):
         le=86400,
         description="`enforce` reads every process this often when its rules do not need it each interval "
         "(docs/enforcer.md: what it reads instead); its group metrics are this old at most. "
-        "0: every interval, as `serve` does",
+        "0: every interval, as `serve` does (so do group rules without process events)",
     )
     process_events: Literal["auto", "off"] = Field(
         "auto",

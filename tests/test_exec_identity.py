@@ -176,6 +176,46 @@ def test_a_cmdline_rule_selects_a_hog_that_exec_d_into_a_matching_command_line(e
     wait_for(lambda: not pid_alive(e.pid), 10, what="the hog gone")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("events", ["auto", "off"])
+def test_enforce_between_slow_walks_sees_an_exec_in_place_within_an_interval(execer, tmp_path, tag, events):
+    """`enforce` reads every process only at walk_interval. The exec in place keeps pid, start time and
+    comm, so only the kernel's exec event tells between walks; without events (off, or not root in the
+    host's namespaces) a group rule walks every interval instead, as `serve` does."""
+    from mem_exporter.config import validate_config
+    from mem_exporter.enforcer import Enforcer
+    from mem_exporter.sampler import Sampler, SamplingLoop
+
+    e = execer(150)
+    rule = {"name": "exec", "match": {"cmdline": rf"--tag {tag}"}, "max_rss": "100MiB", "grace": "1s"}
+    cfg = validate_config(
+        {
+            "interval": "0.3s",
+            "gpu": {"backend": "none"},
+            "enforcer": {
+                "event_log": str(tmp_path / "events.jsonl"),
+                "rules": [rule],
+                "walk_interval": "1h",
+                "process_events": events,
+            },
+        }
+    )
+    loop = SamplingLoop(Sampler(cfg))
+    enf = Enforcer(cfg, lean=True)
+    loop.walk_period = enf.walk_period
+    loop.consumers.append(enf.on_sample)
+    loop.start()
+    try:
+        time.sleep(1.5)  # several samples of the first program: over the limit, not selected
+        assert event_for(enf, e.pid) is None
+        e.exec(wait=False)
+        ev = wait_for(lambda: event_for(enf, e.pid), 10, what="the exec'd hog selected between walks")
+        assert ev["outcome"] == "dead", ev
+    finally:
+        loop.stop()
+        enf.stop(timeout=30)
+
+
 @pytest.fixture
 def main_thread_exited(tmp_path, tag):
     """A process group whose leader's main thread called pthread_exit() while a worker holds 150 MB."""

@@ -190,6 +190,8 @@ class Enforcer:
         slow = config.enforcer.walk_interval
         if not self._lean or slow <= config.interval:
             return 0.0
+        if self.group_rules and self._events is None:
+            return 0.0  # without process events only a walk sees a program exec in place (same pid, new command line)
         if any(c.per_group and c.lane == SAMPLE for c in map(conditions.of, self.rules)):
             return 0.0  # no lane reads it between walks (a group's GPU memory: its members' GPU processes)
         if selected > MAX_LANE:  # more selected groups than the lane holds: the walk reads them all
@@ -381,8 +383,7 @@ class Enforcer:
             light=False,
             timestamp=time.time(),
         )
-        self.latest = fresh
-        self._known = {p.pid for p in procs}
+        self.latest = fresh  # `_known` stays: a process born since the last walk is still a newcomer for the lane
         return fresh
 
     def _schedule(
