@@ -89,6 +89,53 @@ def test_a_member_in_the_wrappers_own_group_is_killed_with_the_tree(wrap, tmp_pa
         assert escapee in {p["pid"] for p in event["signalled"]}
 
 
+# --- 20.11: what survived is said -------------------------------------------------------------------
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+SURVIVOR = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not FREEZER.is_dir(), reason="needs root and the cgroup v1 freezer")
+def test_a_member_no_signal_can_end_is_reported_as_a_survivor(wrap, tmp_path, variant):
+    """A member frozen in a cgroup of the test's own holds SIGKILL pending and lives on (as a process in
+    uninterruptible sleep on a dead disk would): `run` waits for its death, then says it survived, in the
+    kill event and on stderr, instead of reporting the tree killed."""
+    if variant != "procfs":
+        pytest.skip("the kill engine that reports survivors is one for every source and supervisor")
+    ready, go, log = tmp_path / "ready", tmp_path / "go", tmp_path / "run.jsonl"
+    frozen = FREEZER / f"mem-exporter-test-{os.getpid()}-{tmp_path.name}"
+    frozen.mkdir()
+    script = (
+        f'{sys.executable} -c "$SURVIVOR" {ready} & '
+        f"while [ ! -e {go} ]; do sleep 0.05; done; exec {sys.executable} {HOG} --mb 10 --grow 200"
+    )
+    survivor = None
+    try:
+        w = wrap(
+            "--no-cgroup", "-t", "100", "--grace", "1", "-l", str(log), "--", "sh", "-c", script,
+            env=clean_env(tmp_path, SURVIVOR=SURVIVOR),
+        )  # fmt: skip
+        wait_for(lambda: ready.exists() and ready.read_text(), 20, what="the member to freeze")
+        survivor = int(ready.read_text())
+        (frozen / "cgroup.procs").write_text(str(survivor))
+        (frozen / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (frozen / "freezer.state").read_text().strip() == "FROZEN", 10, what="frozen")
+        go.touch()
+        assert w.wait(60) == 1, w.stderr()  # 137 says the tree was killed: it was not, all of it
+        event = next(r for r in records(log) if r.get("type") == "event")
+        assert (event["outcome"], event["survivors"]) == ("survived", [survivor])
+        assert "mem-exporter: could not kill `sh -c" in w.stderr()
+        assert f"mem-exporter: warning: still alive after SIGKILL: {survivor}\n" in w.stderr()
+        assert pid_alive(survivor)
+    finally:
+        (frozen / "freezer.state").write_text("THAWED")  # its pending SIGKILL ends it
+        if survivor is not None:
+            wait_for(lambda: not pid_alive(survivor), 10, what="the survivor gone once thawed")
+        wait_for(lambda: not (frozen / "cgroup.procs").read_text().split(), 10, what="the test's cgroup empty")
+        frozen.rmdir()
+
+
 # --- 20.12: descriptors inherited past 1023 -----------------------------------------------------------
 
 # the wrapper starts with 1100 descriptors open: its own are numbered above 1023, where select() fails
