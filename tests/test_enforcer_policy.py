@@ -1,5 +1,7 @@
 """The enforcer's policy is pure: Samples built from dataclasses in, actions out. No processes here."""
 
+import dataclasses
+
 import pytest
 
 from mem_exporter.config import Matcher, ProtectMatcher, Rule
@@ -412,6 +414,17 @@ def test_safety_table(what, member, expected, signalled):
     assert {p.pid for p in a.spared} == {member.pid, 7001} - signalled
     if a.spared:
         assert a.reason
+
+
+def test_an_ancestors_pid_taken_by_a_later_process_protects_nothing():
+    """The enforcer's ancestors are known by pid. One that exits frees its pid; a process that gets it
+    later started after the enforcer did, which no ancestor can have."""
+    ctx = dataclasses.replace(ME, started=5000)
+    ancestor, taker = proc(400, pgid=7000, comm="bash", start=4000), proc(400, pgid=7000, comm="bash", start=6000)
+    for member, spared in ((ancestor, {400}), (taker, set())):
+        g = group(member, proc(7001, pgid=7000, rss=3 * GB))
+        (a,) = decide(sample(g), [rule(max_rss="1GiB", other_users=True)], PolicyState(), ctx)
+        assert {p.pid for p in a.spared} == spared and 7001 in {p.pid for p in a.targets}
 
 
 def test_another_users_member_is_spared_unless_the_rule_asks_for_other_users():

@@ -317,6 +317,16 @@ def test_kthreadd_is_pid_2_only_where_pid_2_is_a_kernel_thread(tmp_path):
 # --- 3. the exporter is known by pid, never by its command line ----------------------------------
 
 
+def test_the_enforcer_knows_its_own_start_time_in_its_readers_unit():
+    """What tells an ancestor from a later process that took its pid (test_enforcer_policy.py)."""
+    from mem_exporter.enforcer.actuator import own_context
+    from mem_exporter.psutil_source import PsutilReader
+
+    for reader in (ProcfsReader("/proc"), PsutilReader()):
+        (me,), _ = reader.read_processes([os.getpid()])
+        assert own_context(reader=reader).started == me.start_time
+
+
 def test_roots_shell_naming_the_exporter_does_not_shield_its_group(enforcer, groups, tag):
     """The README's phase pattern: `bash -c "mem-exporter phase Loading; python3 hog.py"` run by root."""
     phase = f"{sys.executable} -m mem_exporter phase Loading"

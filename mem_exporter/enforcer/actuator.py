@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..facilities import PIDFD
+from ..procfs import ProcfsReader, kthreadd_pid, parse_stat, task_alive
 from ..procfs import ancestors as procfs_ancestors
-from ..procfs import kthreadd_pid, parse_stat, task_alive
 from ..reader import Reader
 from ..sample import ProcessInfo
 from .policy import Context
@@ -127,6 +127,7 @@ def own_context(
         pid=os.getpid(),
         pgid=pgid,
         ancestors=reader.ancestors(os.getpid()) if reader is not None else ancestors(os.getpid(), procfs),
+        started=_own_start_time(reader if reader is not None else ProcfsReader(procfs)),
         protect=protect,
         dry_run=dry_run,
         builtin=builtin,
@@ -135,6 +136,15 @@ def own_context(
         inspect_exe=inspector.exe,
         inspect_cgroup=inspector.cgroup,
     )
+
+
+def _own_start_time(reader: Reader) -> int | None:
+    """This process's start time as `reader` reads processes; None where it cannot (a fixture tree)."""
+    try:
+        procs, _ = reader.read_processes([os.getpid()])
+    except OSError:
+        return None
+    return procs[0].start_time if procs else None
 
 
 @dataclass

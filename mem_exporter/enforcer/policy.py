@@ -62,6 +62,7 @@ class Context:
     pid: int
     pgid: int
     ancestors: frozenset[int] = frozenset()
+    started: int | None = None  # the enforcer's start time (ProcessInfo.start_time's unit), where it was read
     protect: tuple[Matcher, ...] = ()
     dry_run: bool = False
     user_name: Callable[[int], str] = _user_name
@@ -215,8 +216,8 @@ def protection(p: ProcessInfo, ctx: Context) -> str | None:
         return "kernel thread"
     if p.pid == ctx.pid:
         return "the enforcer itself"
-    if p.pid in ctx.ancestors:
-        return "an ancestor of the enforcer"
+    if p.pid in ctx.ancestors and (ctx.started is None or p.start_time <= ctx.started):
+        return "an ancestor of the enforcer"  # started before it: not a later process that took a dead one's pid
     if p.pgid == ctx.pgid:
         return "the enforcer's process group"
     if ctx.builtin:
