@@ -85,12 +85,14 @@ BAD = [
     ),
     (
         "enforcer: {rules: [{name: r}]}\n",
-        "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
+        "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_footprint, "
+        "max_private, max_gpu_memory, gpu_memory_above, "
         "system_available_below, memory_pressure_above, system_pressure_level; got none",
     ),
     (
         "enforcer: {rules: [{name: r, max_rss: 1GB, max_gpu_memory: 1GB}]}\n",
-        "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_gpu_memory, gpu_memory_above, "
+        "enforcer.rules[0]: a rule needs exactly one condition of max_rss, max_pss, max_footprint, "
+        "max_private, max_gpu_memory, gpu_memory_above, "
         "system_available_below, memory_pressure_above, system_pressure_level; got max_rss, max_gpu_memory",
     ),
     (

@@ -90,6 +90,7 @@ def test_run_on_the_os_kills_at_its_own_number(tmp_path, platform, memtype, how)
     assert header["memtype"] == memtype
     event = killed_event(records)
     assert event["memory_bytes"] > 200e6  # the tree's footprint / commit
+    assert event["condition"] == f"max_{memtype}"  # the rule condition that limits this number in `enforce`
     samples = [r for r in records if r.get("type") == "sample"]
     assert all(s["memtype"] == memtype for s in samples)
     if how == "reserve":  # the working set never came near the limit: only the commit charge did

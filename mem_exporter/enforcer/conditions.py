@@ -197,6 +197,39 @@ class MaxPss(GroupMemory):
         return group.pss_bytes if group.pss_bytes is not None else group.rss_bytes
 
 
+class NativeMemory(GroupMemory):
+    """The number a desktop OS shows its users per process, summed over the group: read by the psutil
+    source on that OS only (platforms/), so a rule on another OS would judge RSS under this name."""
+
+    os_name: ClassVar[str]
+
+    def config_problem(self, config: Config) -> str | None:
+        from .. import platforms
+
+        if platforms.native_memtype() != self.memtype:
+            return f"is read on {self.os_name} only; use max_rss here"
+        return None
+
+    def group_value(self, group: GroupSample) -> int:
+        return group.memory_bytes(self.memtype)
+
+
+@condition
+class MaxFootprint(NativeMemory):
+    field = "max_footprint"
+    description = "macOS: kill a group whose summed memory footprint (Activity Monitor's Memory column) exceeds this"
+    memtype = "footprint"
+    os_name = "macOS"
+
+
+@condition
+class MaxPrivate(NativeMemory):
+    field = "max_private"
+    description = "Windows: kill a group whose summed private commit (Task Manager's Commit size) exceeds this"
+    memtype = "private"
+    os_name = "Windows"
+
+
 @condition
 class MaxGpuMemory(GroupLimit):
     """A group's GPU memory: its members' GPU processes are read by each walk (no lane reads them between)."""

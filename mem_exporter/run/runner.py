@@ -73,7 +73,7 @@ YOUNG_EVERY = 0.25
 COLOURS = {"safe": "32", "caution": "33", "critical": "31"}  # green, yellow, red
 
 MEMORY_WORDS = {"rss": "memory", "footprint": "memory footprint", "private": "private commit"}
-CONDITIONS = {"memory": "max_rss", "signal": "signal", "exited": "command_exited", "error": "error"}
+CONDITIONS = {"signal": "signal", "exited": "command_exited", "error": "error"}  # and memory: max_<memtype>
 
 
 def processes(n: int) -> str:
@@ -505,7 +505,7 @@ class Runner:
             kind=report.kind,
             rule=self.rule,
             group=group,
-            condition=CONDITIONS[cause],
+            condition=f"max_{self.memtype}" if cause == "memory" else CONDITIONS[cause],
             value=group.memory_bytes(self.memtype),
             limit=self.opts.threshold,
             at=report.started,
