@@ -50,6 +50,17 @@ def test_the_level_against_the_rule(wanted, level, expected):
     assert kinds(decide(at(SMALL, JOB, level=level), r, PolicyState(), ME)) == expected
 
 
+@pytest.mark.parametrize("platform,victim", [("darwin", "python3-4000"), ("linux", "python3-3000")])
+def test_on_macos_the_victim_is_the_largest_by_footprint(monkeypatch, platform, victim):
+    """A hog whose memory the compressor holds has a small RSS and a large footprint: on macOS the level's
+    victim is chosen by the footprint, the number Activity Monitor shows; elsewhere by RSS."""
+    monkeypatch.setattr(platforms, "PLATFORM", platform)
+    resident = group(proc(3000, rss=2 * GB)._replace(footprint_bytes=GB // 2))
+    compressed = group(proc(4000, rss=GB // 2)._replace(footprint_bytes=3 * GB))
+    r = [rule(system_pressure_level="warn", match={"all": True})]
+    assert kinds(decide(at(resident, compressed, level=2), r, PolicyState(), ME)) == [("kill", "r", victim)]
+
+
 def test_value_limit_for_cooldown_and_only_selected_groups():
     r = [rule(system_pressure_level="warn", match={"comm": "python"}, **{"for": "2s"}, cooldown="30s")]
     db = group(proc(3000, rss=5 * GB, comm="postgres", cmdline="postgres"))

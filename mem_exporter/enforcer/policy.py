@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .. import platforms
 from ..config import Matcher, Rule, RuleMatch
 from ..grouping import descendants as descendants_of
 from ..grouping import user_name as _user_name
@@ -384,7 +385,8 @@ class Pass:
     def largest_first(self, rule: Rule) -> list[GroupSample]:
         """The groups a victim-choosing rule may pick from, largest first (`choose` then weighs what it may kill)."""
         free = (g for g in self.selected(rule) if g.key not in self.busy)
-        return sorted(free, key=lambda g: g.memory_bytes(self.sample.memtype), reverse=True)
+        memtype = weighed_memtype(self.sample)
+        return sorted(free, key=lambda g: g.memory_bytes(memtype), reverse=True)
 
     def choose(
         self,
@@ -445,6 +447,14 @@ def _weights(sample: Sample, card: GpuCard | None) -> tuple[Callable[[GroupSampl
     if card is not None:
         on_card = {q.pid: q.gpu_memory_bytes or 0 for q in card.processes}
         return (lambda g: g.gpu_memory_bytes.get(card.index, 0)), (lambda p: on_card.get(p.pid, 0))
-    if sample.memtype == "pss":
-        return (lambda g: g.memory_bytes("pss")), (lambda p: p.pss_bytes if p.pss_bytes is not None else p.rss_bytes)
-    return (lambda g: g.rss_bytes), (lambda p: p.rss_bytes)
+    memtype = weighed_memtype(sample)
+    if memtype == "rss":  # the common case, kept to plain attribute reads
+        return (lambda g: g.rss_bytes), (lambda p: p.rss_bytes)
+    return (lambda g: g.memory_bytes(memtype)), (lambda p: p.memory_bytes(memtype))
+
+
+def weighed_memtype(sample: Sample) -> str:
+    """The memory a victim is chosen by: PSS where the config reads it, else the number this OS shows its
+    users (macOS footprint, Windows private commit: a hog's compressed or committed memory is not in
+    its RSS), else RSS. Each falls back to RSS where it was not read."""
+    return "pss" if sample.memtype == "pss" else platforms.native_memtype()
