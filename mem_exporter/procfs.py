@@ -501,7 +501,7 @@ def kthreadd_pid(root: str = "/proc") -> int | None:
     try:
         with open(f"{root}/2/stat", "rb") as f:
             data = f.read()
-        return 2 if int(data[data.rfind(b")") + 2 :].split(None, 7)[6]) & PF_KTHREAD else None
+        return 2 if int(parse_stat(data)[1][6]) & PF_KTHREAD else None
     except (OSError, ValueError, IndexError):
         return None
 

@@ -122,12 +122,13 @@ def own_context(
     uid = os.geteuid() if hasattr(os, "geteuid") else _psutil_uid()
     pgid = os.getpgrp() if hasattr(os, "getpgrp") else os.getpid()
     inspector = Inspector(procfs, cgroupfs)
+    reader = reader if reader is not None else ProcfsReader(procfs)
     return Context(
         uid=uid,
         pid=os.getpid(),
         pgid=pgid,
-        ancestors=reader.ancestors(os.getpid()) if reader is not None else ancestors(os.getpid(), procfs),
-        started=_own_start_time(reader if reader is not None else ProcfsReader(procfs)),
+        ancestors=reader.ancestors(os.getpid()),
+        started=_own_start_time(reader),
         protect=protect,
         dry_run=dry_run,
         builtin=builtin,
